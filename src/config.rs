@@ -1,0 +1,433 @@
+//! Process configuration: command-line flags (each also read from the
+//! environment) and the LVM device classes.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use serde::Deserialize;
+
+/// Topology key every Lodestone LVM node reports; its value is the node id.
+pub const TOPOLOGY_NODE_KEY: &str = "topology.lodestone.dev/node";
+
+/// Longest node id we accept: a Kubernetes label value (the topology value).
+pub const MAX_NODE_ID_LEN: usize = 63;
+
+/// Longest device class name (keeps every volume id under 128 bytes).
+pub const MAX_CLASS_NAME_LEN: usize = 24;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DriverKind {
+    Lvm,
+    Rbd,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// Controller, node and LVM agent in one process (single node, csi-sanity).
+    All,
+    /// Controller service only.
+    Controller,
+    /// Node service (and, for LVM, the node's agent) only.
+    Node,
+}
+
+impl Mode {
+    pub fn runs_controller(self) -> bool {
+        matches!(self, Mode::All | Mode::Controller)
+    }
+    pub fn runs_node(self) -> bool {
+        matches!(self, Mode::All | Mode::Node)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Parser)]
+#[command(name = "lodestone", version, about = "Lodestone CSI driver (LVM and Ceph RBD)")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the CSI driver (the default when no subcommand is given).
+    Serve,
+    /// Walk one volume through its whole life on a throw-away loop-file
+    /// volume group, printing each step. Needs root and device-mapper.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct DemoArgs {
+    /// Directory for the demo's backing file, socket and mount points.
+    #[arg(long, env = "LODESTONE_DEMO_DIR", default_value = "/tmp/lodestone-demo")]
+    pub dir: PathBuf,
+    /// Size of the demo volume group's backing file, in MiB.
+    #[arg(long, default_value_t = 1024)]
+    pub vg_mib: u64,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    /// Storage backend this process serves.
+    #[arg(long, env = "LODESTONE_DRIVER", value_enum, default_value = "lvm", global = true)]
+    pub driver: DriverKind,
+
+    /// CSI endpoint: a unix socket path or a unix:// URL.
+    #[arg(
+        long,
+        env = "CSI_ENDPOINT",
+        default_value = "unix:///run/lodestone/csi.sock",
+        global = true
+    )]
+    pub endpoint: String,
+
+    /// This node's id (defaults to the host name). At most 63 characters,
+    /// a valid Kubernetes label value.
+    #[arg(long, env = "LODESTONE_NODE_ID", global = true)]
+    pub node_id: Option<String>,
+
+    /// CSI driver name (default: lvm.lodestone.dev or rbd.lodestone.dev).
+    #[arg(long, env = "LODESTONE_DRIVER_NAME", global = true)]
+    pub driver_name: Option<String>,
+
+    /// Which CSI services this process serves.
+    #[arg(long, env = "LODESTONE_MODE", value_enum, default_value = "all", global = true)]
+    pub mode: Mode,
+
+    /// LVM device classes as a JSON file (see docs/lvm-config.md).
+    #[arg(long, env = "LODESTONE_LVM_CONFIG", global = true)]
+    pub lvm_config: Option<PathBuf>,
+
+    /// A device class given inline: NAME=VG or NAME=VG/THINPOOL. Repeatable;
+    /// the first is the default unless the config file names one.
+    #[arg(long = "device-class", env = "LODESTONE_DEVICE_CLASSES", value_delimiter = ';',
+          global = true)]
+    pub device_classes: Vec<String>,
+
+    /// Let udev manage device nodes (default: LVM creates them itself, which
+    /// is what works inside containers and minimal hosts).
+    #[arg(long, env = "LODESTONE_LVM_UDEV", global = true)]
+    pub lvm_udev: bool,
+
+    /// Seconds between background LVM reports (picks up thin pool usage and
+    /// changes made outside the driver). 0 disables.
+    #[arg(long, env = "LODESTONE_LVM_REFRESH_SECONDS", default_value_t = 30, global = true)]
+    pub lvm_refresh_seconds: u64,
+
+    /// Timeout for one external command, in seconds.
+    #[arg(long, env = "LODESTONE_COMMAND_TIMEOUT_SECONDS", default_value_t = 120, global = true)]
+    pub command_timeout_seconds: u64,
+
+    /// Maximum number of volumes on this node reported to the orchestrator
+    /// (0: no limit).
+    #[arg(long, env = "LODESTONE_MAX_VOLUMES_PER_NODE", default_value_t = 0, global = true)]
+    pub max_volumes_per_node: i64,
+
+    /// Log format.
+    #[arg(long, env = "LODESTONE_LOG_FORMAT", value_enum, default_value = "text", global = true)]
+    pub log_format: LogFormat,
+}
+
+impl RunArgs {
+    pub fn command_timeout(&self) -> Duration {
+        Duration::from_secs(self.command_timeout_seconds.max(1))
+    }
+
+    pub fn driver_name(&self) -> String {
+        self.driver_name.clone().unwrap_or_else(|| match self.driver {
+            DriverKind::Lvm => "lvm.lodestone.dev".to_string(),
+            DriverKind::Rbd => "rbd.lodestone.dev".to_string(),
+        })
+    }
+
+    /// The node id, checked: a valid label value of at most 63 characters.
+    pub fn node_id(&self) -> Result<String, String> {
+        let id = match &self.node_id {
+            Some(id) => id.clone(),
+            None => nix::unistd::gethostname()
+                .map_err(|e| format!("cannot read the host name for --node-id: {e}"))?
+                .to_string_lossy()
+                .into_owned(),
+        };
+        validate_node_id(&id)?;
+        Ok(id)
+    }
+
+    /// The socket path from `--endpoint`.
+    pub fn socket_path(&self) -> Result<PathBuf, String> {
+        socket_path(&self.endpoint)
+    }
+}
+
+pub fn socket_path(endpoint: &str) -> Result<PathBuf, String> {
+    let path = endpoint.strip_prefix("unix://").unwrap_or(endpoint);
+    // unix:///abs/path leaves "/abs/path"; unix://rel is not accepted.
+    if !path.starts_with('/') {
+        return Err(format!(
+            "--endpoint {endpoint:?}: expected an absolute unix socket path or unix:///path"
+        ));
+    }
+    Ok(PathBuf::from(path))
+}
+
+pub fn validate_node_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > MAX_NODE_ID_LEN {
+        return Err(format!(
+            "node id {id:?} must be 1 to {MAX_NODE_ID_LEN} characters (it is the value of \
+             the {TOPOLOGY_NODE_KEY} topology label); set --node-id"
+        ));
+    }
+    let ok_chars = id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    let ends_ok = id.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && id.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if !ok_chars || !ends_ok {
+        return Err(format!(
+            "node id {id:?} is not a valid Kubernetes label value (letters, digits, '-', '_', \
+             '.', starting and ending with a letter or digit); set --node-id"
+        ));
+    }
+    Ok(())
+}
+
+/// One device class: a volume group, optionally a thin pool inside it.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DeviceClass {
+    pub name: String,
+    pub volume_group: String,
+    #[serde(default)]
+    pub thin_pool: Option<String>,
+    #[serde(default)]
+    pub default: bool,
+    /// Thin only: how many times the pool's size may be promised to volumes.
+    #[serde(default = "default_overprovision")]
+    pub overprovision_ratio: f64,
+    /// Bytes kept free and never handed out (thick: in the VG; thin: in the pool).
+    #[serde(default)]
+    pub spare_bytes: u64,
+    /// Thin only: pool data usage (percent) at and above which new volumes are refused.
+    #[serde(default = "default_full_threshold")]
+    pub pool_full_threshold_percent: f64,
+    /// Size of a volume whose request names no capacity.
+    #[serde(default = "default_volume_size")]
+    pub default_size_bytes: u64,
+}
+
+fn default_overprovision() -> f64 {
+    5.0
+}
+fn default_full_threshold() -> f64 {
+    90.0
+}
+fn default_volume_size() -> u64 {
+    1 << 30
+}
+
+impl DeviceClass {
+    pub fn is_thin(&self) -> bool {
+        self.thin_pool.is_some()
+    }
+
+    fn inline(spec: &str) -> Result<Self, String> {
+        let (name, target) = spec
+            .split_once('=')
+            .ok_or_else(|| format!("--device-class {spec:?}: expected NAME=VG or NAME=VG/POOL"))?;
+        let (vg, pool) = match target.split_once('/') {
+            Some((vg, pool)) => (vg, Some(pool.to_string())),
+            None => (target, None),
+        };
+        Ok(DeviceClass {
+            name: name.to_string(),
+            volume_group: vg.to_string(),
+            thin_pool: pool,
+            default: false,
+            overprovision_ratio: default_overprovision(),
+            spare_bytes: 0,
+            pool_full_threshold_percent: default_full_threshold(),
+            default_size_bytes: default_volume_size(),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct LvmConfigFile {
+    #[serde(default)]
+    device_classes: Vec<DeviceClass>,
+}
+
+/// The validated LVM configuration: at least one class, exactly one default.
+#[derive(Debug, Clone)]
+pub struct LvmConfig {
+    pub classes: Vec<DeviceClass>,
+}
+
+impl LvmConfig {
+    pub fn load(file: Option<&std::path::Path>, inline: &[String]) -> Result<Self, String> {
+        let mut classes = Vec::new();
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read LVM config {}: {e}", path.display()))?;
+            let parsed: LvmConfigFile = serde_json::from_str(&text)
+                .map_err(|e| format!("LVM config {}: {e}", path.display()))?;
+            classes.extend(parsed.device_classes);
+        }
+        for spec in inline.iter().filter(|s| !s.trim().is_empty()) {
+            classes.push(DeviceClass::inline(spec.trim())?);
+        }
+        Self::new(classes)
+    }
+
+    pub fn new(mut classes: Vec<DeviceClass>) -> Result<Self, String> {
+        if classes.is_empty() {
+            return Err("no LVM device class configured: pass --device-class NAME=VG[/POOL] \
+                        or --lvm-config FILE"
+                .into());
+        }
+        let defaults = classes.iter().filter(|c| c.default).count();
+        if defaults > 1 {
+            return Err("more than one device class is marked default".into());
+        }
+        if defaults == 0 {
+            classes[0].default = true;
+        }
+        for (i, c) in classes.iter().enumerate() {
+            validate_class_name(&c.name)?;
+            validate_lvm_name(&c.volume_group, "volumeGroup")?;
+            if let Some(pool) = &c.thin_pool {
+                validate_lvm_name(pool, "thinPool")?;
+            }
+            if classes[..i].iter().any(|o| o.name == c.name) {
+                return Err(format!("device class {:?} is defined twice", c.name));
+            }
+            if !(c.overprovision_ratio >= 1.0 && c.overprovision_ratio <= 1000.0) {
+                return Err(format!(
+                    "device class {:?}: overprovisionRatio must be between 1 and 1000",
+                    c.name
+                ));
+            }
+            if !(c.pool_full_threshold_percent > 0.0 && c.pool_full_threshold_percent <= 100.0) {
+                return Err(format!(
+                    "device class {:?}: poolFullThresholdPercent must be in (0, 100]",
+                    c.name
+                ));
+            }
+        }
+        Ok(LvmConfig { classes })
+    }
+
+    pub fn default_class(&self) -> &DeviceClass {
+        self.classes.iter().find(|c| c.default).expect("validated: one default")
+    }
+
+    pub fn class(&self, name: &str) -> Option<&DeviceClass> {
+        self.classes.iter().find(|c| c.name == name)
+    }
+
+    /// Distinct volume groups, in configuration order.
+    pub fn volume_groups(&self) -> Vec<String> {
+        let mut vgs: Vec<String> = Vec::new();
+        for c in &self.classes {
+            if !vgs.contains(&c.volume_group) {
+                vgs.push(c.volume_group.clone());
+            }
+        }
+        vgs
+    }
+}
+
+pub fn validate_class_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_CLASS_NAME_LEN
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "device class name {name:?} must be 1 to {MAX_CLASS_NAME_LEN} lowercase letters, \
+             digits or '-', not starting or ending with '-'"
+        ))
+    }
+}
+
+/// LVM's own rules for VG and LV names, minus anything that could read as a flag.
+pub fn validate_lvm_name(name: &str, what: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 127
+        && !name.starts_with('-')
+        && name != "."
+        && name != ".."
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "+_.-".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} {name:?} is not a valid LVM name (letters, digits, '+', '_', '.', '-'; \
+             not starting with '-')"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inline_classes_and_default() {
+        let cfg = LvmConfig::load(None, &["thin=vg0/pool0".into(), "thick=vg1".into()]).unwrap();
+        assert_eq!(cfg.default_class().name, "thin");
+        assert_eq!(cfg.class("thin").unwrap().thin_pool.as_deref(), Some("pool0"));
+        assert!(!cfg.class("thick").unwrap().is_thin());
+        assert_eq!(cfg.volume_groups(), vec!["vg0", "vg1"]);
+    }
+
+    #[test]
+    fn rejects_bad_names_and_duplicates() {
+        assert!(LvmConfig::load(None, &["Bad=vg0".into()]).is_err());
+        assert!(LvmConfig::load(None, &["a=-vg".into()]).is_err());
+        assert!(LvmConfig::load(None, &["a=vg;rm".into()]).is_err());
+        assert!(LvmConfig::load(None, &["a=vg".into(), "a=vg2".into()]).is_err());
+        assert!(LvmConfig::load(None, &[]).is_err());
+        let long = format!("{}=vg", "a".repeat(MAX_CLASS_NAME_LEN + 1));
+        assert!(LvmConfig::load(None, &[long]).is_err());
+    }
+
+    #[test]
+    fn node_ids() {
+        assert!(validate_node_id("node-1.example").is_ok());
+        assert!(validate_node_id(&"n".repeat(63)).is_ok());
+        assert!(validate_node_id(&"n".repeat(64)).is_err());
+        assert!(validate_node_id("-x").is_err());
+        assert!(validate_node_id("a:b").is_err());
+        assert!(validate_node_id("").is_err());
+    }
+
+    #[test]
+    fn endpoints() {
+        assert_eq!(socket_path("unix:///run/x.sock").unwrap(), PathBuf::from("/run/x.sock"));
+        assert_eq!(socket_path("/run/x.sock").unwrap(), PathBuf::from("/run/x.sock"));
+        assert!(socket_path("unix://x.sock").is_err());
+        assert!(socket_path("tcp://1.2.3.4:5").is_err());
+    }
+
+    #[test]
+    fn config_file_rejects_unknown_fields() {
+        let text = r#"{"deviceClasses":[{"name":"a","volumeGroup":"vg","thinpool":"p"}]}"#;
+        assert!(serde_json::from_str::<LvmConfigFile>(text).is_err());
+        let text = r#"{"deviceClasses":[{"name":"a","volumeGroup":"vg","thinPool":"p",
+            "overprovisionRatio":2.5,"spareBytes":1024}]}"#;
+        let f: LvmConfigFile = serde_json::from_str(text).unwrap();
+        assert_eq!(f.device_classes[0].overprovision_ratio, 2.5);
+    }
+}

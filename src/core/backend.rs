@@ -1,0 +1,83 @@
+//! What the CSI layer needs from a storage backend. The CSI services validate
+//! requests and map errors; backends (LVM, RBD) implement these traits.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use crate::core::capacity::Range;
+use crate::core::request::Capability;
+use crate::csi;
+use crate::error::Result;
+
+/// A validated CreateVolume request.
+#[derive(Debug, Clone)]
+pub struct CreateVolume {
+    pub name: String,
+    pub range: Range,
+    /// StorageClass parameters of ours (sidecar metadata dropped).
+    pub params: BTreeMap<String, String>,
+    pub capabilities: Vec<Capability>,
+    pub requirement: Option<csi::TopologyRequirement>,
+}
+
+/// A volume as the CSI layer reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VolumeInfo {
+    pub id: String,
+    pub capacity: u64,
+    /// Topology segments the volume is reachable from.
+    pub topology: Vec<BTreeMap<String, String>>,
+    pub context: BTreeMap<String, String>,
+    /// Set when the backend knows the volume is unhealthy.
+    pub abnormal: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Capacity {
+    pub available: u64,
+    pub maximum_volume: u64,
+    pub minimum_volume: u64,
+}
+
+#[tonic::async_trait]
+pub trait ControllerBackend: Send + Sync + 'static {
+    /// StorageClass parameter keys this backend accepts.
+    fn parameter_keys(&self) -> &'static [&'static str];
+    /// Whether `id` is well-formed for this backend (used for page tokens).
+    fn is_valid_id(&self, id: &str) -> bool;
+    /// None when ready; otherwise why not (served by Probe, spawns nothing).
+    fn not_ready(&self) -> Option<String>;
+    async fn create_volume(&self, req: &CreateVolume) -> Result<VolumeInfo>;
+    /// Deleting what does not exist is success.
+    async fn delete_volume(&self, id: &str) -> Result<()>;
+    async fn get_volume(&self, id: &str) -> Result<Option<VolumeInfo>>;
+    /// All volumes, sorted by id.
+    async fn list_volumes(&self) -> Result<Vec<VolumeInfo>>;
+    /// Grows the volume to satisfy `range`; returns the new size.
+    async fn expand_volume(&self, id: &str, range: Range) -> Result<u64>;
+    async fn capacity(
+        &self,
+        params: &BTreeMap<String, String>,
+        topology: Option<&csi::Topology>,
+    ) -> Result<Capacity>;
+}
+
+/// The backend's view of a volume on this node, without running anything.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NodeVolume {
+    Missing,
+    Present { device: PathBuf, abnormal: Option<String> },
+}
+
+#[tonic::async_trait]
+pub trait NodeBackend: Send + Sync + 'static {
+    fn node_id(&self) -> &str;
+    fn topology(&self) -> BTreeMap<String, String>;
+    fn not_ready(&self) -> Option<String>;
+    /// Makes the volume's block device usable here and returns its path.
+    /// NOT_FOUND when the volume does not exist on this node.
+    async fn attach(&self, id: &str) -> Result<PathBuf>;
+    /// Undoes `attach` (unmap a network device; nothing for LVM).
+    async fn detach(&self, id: &str) -> Result<()>;
+    async fn volume(&self, id: &str) -> Result<NodeVolume>;
+}

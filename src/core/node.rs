@@ -1,0 +1,302 @@
+//! Node-side volume work shared by every backend: format only blank devices,
+//! mount at the staging path, bind-mount to each target, grow filesystems,
+//! and report usage and health. The backend only finds the block device.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::core::backend::{NodeBackend, NodeVolume};
+use crate::core::request::{Access, Capability, FsType};
+use crate::error::{Error, Result};
+use crate::host::{blockdev, fs, mount};
+use crate::runner::Runner;
+
+pub struct NodeOps {
+    pub backend: Arc<dyn NodeBackend>,
+    pub runner: Arc<Runner>,
+}
+
+/// Usage and health of a published or staged volume.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stats {
+    pub usage: Option<fs::Usage>,
+    pub block_bytes: Option<u64>,
+    pub abnormal: Option<String>,
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Internal(format!("blocking task failed: {e}")))?
+}
+
+fn is_dir(p: &Path) -> bool {
+    std::fs::symlink_metadata(p).map(|m| m.is_dir()).unwrap_or(false)
+}
+
+/// Whether a mount shows `device`: a filesystem on it, or (for a raw block
+/// publish) a bind of its device node, which mountinfo lists as a file of
+/// devtmpfs.
+fn mounted_device(entry: &mount::MountEntry, device: &Path) -> Result<bool> {
+    if mount::device_numbers(device)? == (entry.major, entry.minor) {
+        return Ok(true);
+    }
+    let node = std::fs::canonicalize(device).unwrap_or_else(|_| device.to_path_buf());
+    Ok(entry.fs_type == "devtmpfs"
+        && node.strip_prefix("/dev").map(|p| Path::new("/").join(p)).ok().as_deref()
+            == Some(Path::new(&entry.root)))
+}
+
+impl NodeOps {
+    pub fn new(backend: Arc<dyn NodeBackend>, runner: Arc<Runner>) -> Self {
+        NodeOps { backend, runner }
+    }
+
+    /// NodeStageVolume. Block volumes need nothing at the staging path; mount
+    /// volumes get a filesystem (made only on a blank device) mounted there.
+    pub async fn stage(&self, id: &str, staging: &Path, cap: &Capability) -> Result<()> {
+        let device = self.backend.attach(id).await?;
+        let Access::Mount { fs: wanted, flags } = &cap.access else {
+            return Ok(());
+        };
+        if let Some(existing) = mount::mount_at(staging)? {
+            if mounted_device(&existing, &device)? {
+                if let Some(w) = wanted {
+                    if existing.fs_type != w.as_str() {
+                        return Err(Error::AlreadyExists(format!(
+                            "volume {id} is staged at {} as {}, not {}",
+                            staging.display(),
+                            existing.fs_type,
+                            w.as_str()
+                        )));
+                    }
+                }
+                return Ok(());
+            }
+            return Err(Error::AlreadyExists(format!(
+                "another device ({}) is mounted at staging path {}",
+                existing.source,
+                staging.display()
+            )));
+        }
+        if !is_dir(staging) {
+            std::fs::create_dir_all(staging).map_err(|e| {
+                Error::Internal(format!("cannot create staging path {}: {e}", staging.display()))
+            })?;
+        }
+        let fs_type = match fs::probe(&self.runner, &device).await? {
+            fs::Content::Blank => {
+                let fs = wanted.unwrap_or(FsType::Ext4);
+                tracing::info!(volume = id, fs = fs.as_str(), "formatting blank volume");
+                fs::mkfs(&self.runner, fs, &device).await?;
+                fs.as_str().to_string()
+            }
+            fs::Content::Filesystem(found) => {
+                if let Some(w) = wanted {
+                    if found != w.as_str() {
+                        return Err(Error::FailedPrecondition(format!(
+                            "volume {id} holds a {found} filesystem but {} was requested; \
+                             Lodestone never reformats a volume that has data",
+                            w.as_str()
+                        )));
+                    }
+                }
+                FsType::parse_named(&found).map_err(|_| {
+                    Error::FailedPrecondition(format!(
+                        "volume {id} holds a {found} filesystem, which Lodestone does not mount"
+                    ))
+                })?;
+                found
+            }
+            fs::Content::Other(what) => {
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {id} holds a {what}; refusing to format it"
+                )))
+            }
+        };
+        // XFS refuses a second mount of the same filesystem UUID (a clone or
+        // a snapshot beside its source) unless told not to check.
+        let extra: &[&str] = if fs_type == "xfs" { &["nouuid"] } else { &[] };
+        let (device2, staging2, flags, fs2) =
+            (device.clone(), staging.to_path_buf(), flags.clone(), fs_type.clone());
+        blocking(move || mount::mount_device(&device2, &staging2, &fs2, &flags, extra)).await
+    }
+
+    /// NodeUnstageVolume: unmount the staging path (if mounted) and detach.
+    pub async fn unstage(&self, id: &str, staging: &Path) -> Result<()> {
+        let staging = staging.to_path_buf();
+        blocking(move || mount::unmount_all(&staging).map(|_| ())).await?;
+        self.backend.detach(id).await
+    }
+
+    /// NodePublishVolume: bind the staged filesystem (or the device node, for
+    /// block) to the target, read-only when asked.
+    pub async fn publish(
+        &self,
+        id: &str,
+        staging: &Path,
+        target: &Path,
+        cap: &Capability,
+        read_only: bool,
+    ) -> Result<()> {
+        let read_only = read_only || cap.read_only_mode();
+        let (source, flags, device) = match &cap.access {
+            Access::Block => {
+                let device = self.backend.attach(id).await?;
+                (device.clone(), Vec::new(), device)
+            }
+            Access::Mount { flags, .. } => {
+                let device = match self.backend.volume(id).await? {
+                    NodeVolume::Present { device, .. } => device,
+                    NodeVolume::Missing => {
+                        return Err(Error::NotFound(format!("volume {id} does not exist")))
+                    }
+                };
+                match mount::mount_at(staging)? {
+                    Some(m) if mounted_device(&m, &device)? => {}
+                    _ => {
+                        return Err(Error::FailedPrecondition(format!(
+                            "volume {id} is not staged at {}; call NodeStageVolume first",
+                            staging.display()
+                        )))
+                    }
+                }
+                (staging.to_path_buf(), flags.clone(), device)
+            }
+        };
+        if let Some(existing) = mount::mount_at(target)? {
+            if mounted_device(&existing, &device)? && existing.read_only() == read_only {
+                return Ok(());
+            }
+            return Err(Error::AlreadyExists(format!(
+                "{} is already a mount point with another volume or another read-only setting",
+                target.display()
+            )));
+        }
+        let target = target.to_path_buf();
+        let block = cap.is_block();
+        blocking(move || {
+            if block {
+                if let Some(parent) = target.parent() {
+                    std::fs::create_dir_all(parent).map_err(|e| {
+                        Error::Internal(format!("cannot create {}: {e}", parent.display()))
+                    })?;
+                }
+                if is_dir(&target) {
+                    return Err(Error::FailedPrecondition(format!(
+                        "target path {} of a block volume is a directory; it must be a file \
+                         or absent",
+                        target.display()
+                    )));
+                }
+                if !target.exists() {
+                    std::fs::File::create(&target).map_err(|e| {
+                        Error::Internal(format!("cannot create {}: {e}", target.display()))
+                    })?;
+                }
+            } else {
+                std::fs::create_dir_all(&target).map_err(|e| {
+                    Error::Internal(format!("cannot create {}: {e}", target.display()))
+                })?;
+            }
+            mount::bind(&source, &target, read_only, &flags)
+        })
+        .await
+    }
+
+    /// NodeUnpublishVolume: unmount the target and remove what publish made.
+    pub async fn unpublish(&self, target: &Path) -> Result<()> {
+        let target = target.to_path_buf();
+        blocking(move || {
+            mount::unmount_all(&target)?;
+            match std::fs::symlink_metadata(&target) {
+                Err(_) => Ok(()),
+                Ok(m) if m.is_dir() => std::fs::remove_dir(&target).map_err(|e| {
+                    Error::Internal(format!("cannot remove {}: {e}", target.display()))
+                }),
+                Ok(_) => std::fs::remove_file(&target).map_err(|e| {
+                    Error::Internal(format!("cannot remove {}: {e}", target.display()))
+                }),
+            }
+        })
+        .await
+    }
+
+    /// NodeGetVolumeStats: NOT_FOUND when neither the path nor the volume
+    /// exists; otherwise usage, with an abnormal condition when something is off.
+    pub async fn stats(&self, id: &str, path: &Path) -> Result<Stats> {
+        if std::fs::symlink_metadata(path).is_err() {
+            return Err(Error::NotFound(format!("volume path {} does not exist", path.display())));
+        }
+        let volume = self.backend.volume(id).await?;
+        let entry = mount::mount_at(path)?;
+        let mut abnormal;
+        let device = match &volume {
+            NodeVolume::Missing if entry.is_none() => {
+                return Err(Error::NotFound(format!("volume {id} does not exist")));
+            }
+            NodeVolume::Missing => {
+                abnormal = Some("the volume's backing storage no longer exists".to_string());
+                None
+            }
+            NodeVolume::Present { device, abnormal: a } => {
+                abnormal = a.clone();
+                Some(device.clone())
+            }
+        };
+        match &entry {
+            None => {
+                abnormal.get_or_insert_with(|| format!("{} is not mounted", path.display()));
+            }
+            Some(m) => {
+                if let Some(dev) = &device {
+                    if !mounted_device(m, dev).unwrap_or(false) {
+                        abnormal.get_or_insert_with(|| {
+                            format!("{} holds another device than the volume", path.display())
+                        });
+                    }
+                }
+            }
+        }
+        let path = path.to_path_buf();
+        let is_block = !is_dir(&path);
+        let (usage, block_bytes) = blocking(move || {
+            if is_block {
+                Ok((None, blockdev::size(&path).ok()))
+            } else {
+                Ok((fs::usage(&path).ok(), None))
+            }
+        })
+        .await?;
+        Ok(Stats { usage, block_bytes, abnormal })
+    }
+
+    /// NodeExpandVolume: grow the filesystem mounted at `path` to its device's
+    /// size; a block volume needs nothing. Returns the device size.
+    pub async fn expand(&self, id: &str, path: &Path, block_hint: bool) -> Result<u64> {
+        let device = match self.backend.volume(id).await? {
+            NodeVolume::Present { device, .. } => device,
+            NodeVolume::Missing => return Err(Error::NotFound(format!("volume {id} does not exist"))),
+        };
+        if std::fs::symlink_metadata(path).is_err() {
+            return Err(Error::NotFound(format!("volume path {} does not exist", path.display())));
+        }
+        let dev = device.clone();
+        let size = blocking(move || blockdev::size(&dev)).await?;
+        if block_hint || !is_dir(path) {
+            return Ok(size);
+        }
+        let entry = mount::mount_at(path)?.ok_or_else(|| {
+            Error::FailedPrecondition(format!("{} is not mounted", path.display()))
+        })?;
+        if !mounted_device(&entry, &device)? {
+            return Err(Error::FailedPrecondition(format!(
+                "{} does not hold volume {id}",
+                path.display()
+            )));
+        }
+        fs::grow(&self.runner, &entry.fs_type, &device, path).await?;
+        Ok(size)
+    }
+}
+

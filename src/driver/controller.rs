@@ -1,0 +1,352 @@
+//! CSI Controller service over a [`ControllerBackend`].
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use crate::core::backend::{ControllerBackend, CreateVolume, VolumeInfo};
+use crate::core::capacity::Range;
+use crate::core::locks::OpLocks;
+use crate::core::request::{
+    parse_capabilities, parse_capability, require_id, storage_params, validate_name,
+};
+use crate::csi::controller_server::Controller;
+use crate::csi::controller_service_capability::{self, rpc};
+use crate::csi::*;
+use crate::driver::traced;
+use crate::error::{Error, Result};
+use crate::invalid;
+
+pub struct ControllerService {
+    pub backend: Arc<dyn ControllerBackend>,
+    pub locks: OpLocks,
+}
+
+fn to_volume(v: &VolumeInfo) -> Volume {
+    Volume {
+        capacity_bytes: v.capacity as i64,
+        volume_id: v.id.clone(),
+        volume_context: v.context.clone().into_iter().collect(),
+        content_source: None,
+        accessible_topology: v
+            .topology
+            .iter()
+            .map(|s| Topology { segments: s.clone().into_iter().collect() })
+            .collect(),
+    }
+}
+
+fn range_of(r: Option<&CapacityRange>) -> Result<Range> {
+    match r {
+        None => Ok(Range::default()),
+        Some(r) => Range::new(r.required_bytes, r.limit_bytes),
+    }
+}
+
+const CAPABILITIES: &[rpc::Type] = &[
+    rpc::Type::CreateDeleteVolume,
+    rpc::Type::ListVolumes,
+    rpc::Type::GetCapacity,
+    rpc::Type::ExpandVolume,
+    rpc::Type::GetVolume,
+    rpc::Type::SingleNodeMultiWriter,
+];
+
+fn unimplemented<T>(what: &str) -> Result<Response<T>, Status> {
+    Err(Status::unimplemented(format!("{what} is not supported by this driver")))
+}
+
+#[tonic::async_trait]
+impl Controller for ControllerService {
+    /// Creates a volume, or returns the one an earlier call with the same
+    /// name made. Same name with incompatible parameters: ALREADY_EXISTS.
+    async fn create_volume(
+        &self,
+        req: Request<CreateVolumeRequest>,
+    ) -> Result<Response<CreateVolumeResponse>, Status> {
+        let req = req.into_inner();
+        traced("CreateVolume", &req.name, async {
+            validate_name(&req.name, "name")?;
+            let capabilities = parse_capabilities(&req.volume_capabilities)?;
+            let range = range_of(req.capacity_range.as_ref())?;
+            let params = storage_params(&req.parameters, self.backend.parameter_keys())?;
+            if req.volume_content_source.is_some() {
+                return Err(invalid!(
+                    "volume_content_source is not supported yet (no CLONE_VOLUME capability)"
+                ));
+            }
+            let _guard = self.locks.try_lock([format!("name:{}", req.name)])?;
+            let create = CreateVolume {
+                name: req.name.clone(),
+                range,
+                params,
+                capabilities,
+                requirement: req.accessibility_requirements.clone(),
+            };
+            let v = self.backend.create_volume(&create).await?;
+            Ok(CreateVolumeResponse { volume: Some(to_volume(&v)) })
+        })
+        .await
+    }
+
+    /// Deletes a volume; an unknown or malformed id is success.
+    async fn delete_volume(
+        &self,
+        req: Request<DeleteVolumeRequest>,
+    ) -> Result<Response<DeleteVolumeResponse>, Status> {
+        let req = req.into_inner();
+        traced("DeleteVolume", &req.volume_id, async {
+            require_id(&req.volume_id, "volume_id")?;
+            let _guard = self.locks.try_lock([format!("vol:{}", req.volume_id)])?;
+            self.backend.delete_volume(&req.volume_id).await?;
+            Ok(DeleteVolumeResponse {})
+        })
+        .await
+    }
+
+    async fn controller_publish_volume(
+        &self,
+        _: Request<ControllerPublishVolumeRequest>,
+    ) -> Result<Response<ControllerPublishVolumeResponse>, Status> {
+        unimplemented("ControllerPublishVolume")
+    }
+
+    async fn controller_unpublish_volume(
+        &self,
+        _: Request<ControllerUnpublishVolumeRequest>,
+    ) -> Result<Response<ControllerUnpublishVolumeResponse>, Status> {
+        unimplemented("ControllerUnpublishVolume")
+    }
+
+    /// Confirms the capabilities if the volume exists and supports them all;
+    /// otherwise leaves `confirmed` empty and says why.
+    async fn validate_volume_capabilities(
+        &self,
+        req: Request<ValidateVolumeCapabilitiesRequest>,
+    ) -> Result<Response<ValidateVolumeCapabilitiesResponse>, Status> {
+        let req = req.into_inner();
+        traced("ValidateVolumeCapabilities", &req.volume_id, async {
+            require_id(&req.volume_id, "volume_id")?;
+            if req.volume_capabilities.is_empty() {
+                return Err(invalid!("volume_capabilities is required"));
+            }
+            for c in &req.volume_capabilities {
+                if c.access_type.is_none() || c.access_mode.is_none() {
+                    return Err(invalid!("each volume capability needs access_type and access_mode"));
+                }
+            }
+            if self.backend.get_volume(&req.volume_id).await?.is_none() {
+                return Err(Error::NotFound(format!("volume {} does not exist", req.volume_id)));
+            }
+            let unsupported: Vec<String> = req
+                .volume_capabilities
+                .iter()
+                .filter_map(|c| parse_capability(c).err().map(|e| e.to_string()))
+                .collect();
+            if !unsupported.is_empty() {
+                return Ok(ValidateVolumeCapabilitiesResponse {
+                    confirmed: None,
+                    message: unsupported.join("; "),
+                });
+            }
+            Ok(ValidateVolumeCapabilitiesResponse {
+                confirmed: Some(validate_volume_capabilities_response::Confirmed {
+                    volume_context: req.volume_context.clone(),
+                    volume_capabilities: req.volume_capabilities.clone(),
+                    parameters: req.parameters.clone(),
+                    mutable_parameters: Default::default(),
+                }),
+                message: String::new(),
+            })
+        })
+        .await
+    }
+
+    /// Lists volumes in id order. The page token is the last id returned, so
+    /// a page stays valid when volumes come and go between calls.
+    async fn list_volumes(
+        &self,
+        req: Request<ListVolumesRequest>,
+    ) -> Result<Response<ListVolumesResponse>, Status> {
+        let req = req.into_inner();
+        traced("ListVolumes", &req.starting_token, async {
+            if req.max_entries < 0 {
+                return Err(invalid!("max_entries must not be negative"));
+            }
+            if !req.starting_token.is_empty() && !self.backend.is_valid_id(&req.starting_token) {
+                return Err(Error::Aborted(format!(
+                    "starting_token {:?} is not a token this driver issued",
+                    req.starting_token
+                )));
+            }
+            let all = self.backend.list_volumes().await?;
+            let (entries, next_token) =
+                page(&all, &req.starting_token, req.max_entries as usize, |v| &v.id);
+            Ok(ListVolumesResponse {
+                entries: entries
+                    .iter()
+                    .map(|v| list_volumes_response::Entry {
+                        volume: Some(to_volume(v)),
+                        status: None,
+                    })
+                    .collect(),
+                next_token,
+            })
+        })
+        .await
+    }
+
+    /// Capacity for the class the parameters name, within the topology given.
+    async fn get_capacity(
+        &self,
+        req: Request<GetCapacityRequest>,
+    ) -> Result<Response<GetCapacityResponse>, Status> {
+        let req = req.into_inner();
+        traced("GetCapacity", "", async {
+            if !req.volume_capabilities.is_empty() {
+                parse_capabilities(&req.volume_capabilities)?;
+            }
+            let params = storage_params(&req.parameters, self.backend.parameter_keys())?;
+            let cap = self.backend.capacity(&params, req.accessible_topology.as_ref()).await?;
+            Ok(GetCapacityResponse {
+                available_capacity: cap.available as i64,
+                maximum_volume_size: Some(cap.maximum_volume as i64),
+                minimum_volume_size: Some(cap.minimum_volume as i64),
+            })
+        })
+        .await
+    }
+
+    async fn controller_get_capabilities(
+        &self,
+        _: Request<ControllerGetCapabilitiesRequest>,
+    ) -> Result<Response<ControllerGetCapabilitiesResponse>, Status> {
+        let capabilities = CAPABILITIES
+            .iter()
+            .map(|t| ControllerServiceCapability {
+                r#type: Some(controller_service_capability::Type::Rpc(
+                    controller_service_capability::Rpc { r#type: *t as i32 },
+                )),
+            })
+            .collect();
+        Ok(Response::new(ControllerGetCapabilitiesResponse { capabilities }))
+    }
+
+    async fn create_snapshot(
+        &self,
+        _: Request<CreateSnapshotRequest>,
+    ) -> Result<Response<CreateSnapshotResponse>, Status> {
+        unimplemented("CreateSnapshot")
+    }
+
+    async fn delete_snapshot(
+        &self,
+        _: Request<DeleteSnapshotRequest>,
+    ) -> Result<Response<DeleteSnapshotResponse>, Status> {
+        unimplemented("DeleteSnapshot")
+    }
+
+    async fn list_snapshots(
+        &self,
+        _: Request<ListSnapshotsRequest>,
+    ) -> Result<Response<ListSnapshotsResponse>, Status> {
+        unimplemented("ListSnapshots")
+    }
+
+    async fn get_snapshot(
+        &self,
+        _: Request<GetSnapshotRequest>,
+    ) -> Result<Response<GetSnapshotResponse>, Status> {
+        unimplemented("GetSnapshot")
+    }
+
+    /// Grows the volume; filesystem volumes then need NodeExpandVolume.
+    async fn controller_expand_volume(
+        &self,
+        req: Request<ControllerExpandVolumeRequest>,
+    ) -> Result<Response<ControllerExpandVolumeResponse>, Status> {
+        let req = req.into_inner();
+        traced("ControllerExpandVolume", &req.volume_id, async {
+            require_id(&req.volume_id, "volume_id")?;
+            let range = range_of(Some(
+                req.capacity_range.as_ref().ok_or_else(|| invalid!("capacity_range is required"))?,
+            ))?;
+            let block = match &req.volume_capability {
+                Some(c) => parse_capability(c)?.is_block(),
+                None => false,
+            };
+            let _guard = self.locks.try_lock([format!("vol:{}", req.volume_id)])?;
+            let size = self.backend.expand_volume(&req.volume_id, range).await?;
+            Ok(ControllerExpandVolumeResponse {
+                capacity_bytes: size as i64,
+                node_expansion_required: !block,
+            })
+        })
+        .await
+    }
+
+    async fn controller_get_volume(
+        &self,
+        req: Request<ControllerGetVolumeRequest>,
+    ) -> Result<Response<ControllerGetVolumeResponse>, Status> {
+        let req = req.into_inner();
+        traced("ControllerGetVolume", &req.volume_id, async {
+            require_id(&req.volume_id, "volume_id")?;
+            let v = self
+                .backend
+                .get_volume(&req.volume_id)
+                .await?
+                .ok_or_else(|| Error::NotFound(format!("volume {} does not exist", req.volume_id)))?;
+            Ok(ControllerGetVolumeResponse {
+                volume: Some(to_volume(&v)),
+                status: Some(controller_get_volume_response::VolumeStatus {
+                    published_node_ids: Vec::new(),
+                    volume_condition: None,
+                }),
+            })
+        })
+        .await
+    }
+
+    async fn controller_modify_volume(
+        &self,
+        _: Request<ControllerModifyVolumeRequest>,
+    ) -> Result<Response<ControllerModifyVolumeResponse>, Status> {
+        unimplemented("ControllerModifyVolume")
+    }
+}
+
+/// One page of `items` (sorted by key) after `token`; the next token is the
+/// last key of the page when more items follow.
+pub fn page<'a, T>(
+    items: &'a [T],
+    token: &str,
+    max: usize,
+    key: impl Fn(&T) -> &str,
+) -> (&'a [T], String) {
+    let start = if token.is_empty() { 0 } else { items.partition_point(|i| key(i) <= token) };
+    let rest = &items[start..];
+    let n = if max == 0 { rest.len() } else { max.min(rest.len()) };
+    let next = if n < rest.len() { key(&rest[n - 1]).to_string() } else { String::new() };
+    (&rest[..n], next)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_by_last_key() {
+        let items = vec!["a", "b", "c", "d", "e"];
+        let (p, next) = page(&items, "", 2, |s| s);
+        assert_eq!((p, next.as_str()), (&["a", "b"][..], "b"));
+        let (p, next) = page(&items, &next, 2, |s| s);
+        assert_eq!((p, next.as_str()), (&["c", "d"][..], "d"));
+        let (p, next) = page(&items, &next, 2, |s| s);
+        assert_eq!((p, next.as_str()), (&["e"][..], ""));
+        // The token's own item is gone: the page starts after where it was.
+        let items = vec!["a", "c", "d"];
+        assert_eq!(page(&items, "b", 0, |s| s).0, &["c", "d"][..]);
+        assert_eq!(page(&items, "", 0, |s| s), (&items[..], String::new()));
+    }
+}

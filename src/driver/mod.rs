@@ -1,0 +1,29 @@
+//! The CSI services: validate each request, take the operation lock, call
+//! the core or backend, map the result to CSI messages and gRPC codes.
+
+pub mod controller;
+pub mod identity;
+pub mod node;
+
+use std::future::Future;
+use std::time::Instant;
+
+use tonic::{Response, Status};
+
+use crate::error::Result;
+
+/// Runs one RPC body, logs its outcome and latency, and maps its error.
+pub(crate) async fn traced<T>(
+    method: &'static str,
+    subject: &str,
+    body: impl Future<Output = Result<T>>,
+) -> Result<Response<T>, Status> {
+    let started = Instant::now();
+    let result = body.await;
+    let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+    match &result {
+        Ok(_) => tracing::info!(method, subject, elapsed_ms, "ok"),
+        Err(e) => tracing::warn!(method, subject, elapsed_ms, code = ?e.code(), error = %e, "failed"),
+    }
+    result.map(Response::new).map_err(Status::from)
+}

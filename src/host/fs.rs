@@ -1,0 +1,150 @@
+//! Filesystems on block devices: detect (blkid), format (mkfs, only when the
+//! device is blank), grow, and usage statistics (statvfs, no process).
+
+use std::path::Path;
+
+use crate::core::request::FsType;
+use crate::error::{Error, Result};
+use crate::runner::{Cmd, Runner};
+
+/// What a low-level probe found on a device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Content {
+    Blank,
+    Filesystem(String),
+    /// A partition table or other signature that is not a filesystem.
+    Other(String),
+}
+
+/// Parses `blkid -p -o export` output.
+pub fn parse_blkid(stdout: &str) -> Content {
+    let mut fs = None;
+    let mut other = None;
+    for line in stdout.lines() {
+        if let Some(v) = line.strip_prefix("TYPE=") {
+            fs = Some(v.to_string());
+        } else if let Some(v) = line.strip_prefix("PTTYPE=") {
+            other = Some(format!("partition table {v}"));
+        }
+    }
+    match (fs, other) {
+        (Some(t), _) => Content::Filesystem(t),
+        (None, Some(o)) => Content::Other(o),
+        (None, None) => Content::Blank,
+    }
+}
+
+/// Probes the device directly (no blkid cache). Exit code 2 means blank.
+pub async fn probe(runner: &Runner, device: &Path) -> Result<Content> {
+    let cmd = Cmd::new("blkid").args(["-p", "-o", "export"]).arg(device);
+    let out = runner.run_unchecked(&cmd).await?;
+    match out.code {
+        0 => Ok(parse_blkid(&out.stdout)),
+        2 => Ok(Content::Blank),
+        code => Err(Error::Internal(format!(
+            "blkid on {} failed ({code}): {}",
+            device.display(),
+            out.stderr.trim()
+        ))),
+    }
+}
+
+/// mkfs arguments: quiet, and no discard (new volumes are already blank:
+/// thin blocks are unallocated, thick LVs were zeroed on delete).
+pub fn mkfs_command(fs: FsType, device: &Path) -> Cmd {
+    match fs {
+        FsType::Ext4 => Cmd::new("mkfs.ext4")
+            .args(["-q", "-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1"])
+            .arg(device),
+        FsType::Xfs => Cmd::new("mkfs.xfs").args(["-q", "-K"]).arg(device),
+        FsType::Btrfs => Cmd::new("mkfs.btrfs").args(["-q", "-K"]).arg(device),
+    }
+}
+
+pub async fn mkfs(runner: &Runner, fs: FsType, device: &Path) -> Result<()> {
+    runner.run(&mkfs_command(fs, device)).await?;
+    Ok(())
+}
+
+/// The command that grows a mounted filesystem to its device's size.
+pub fn grow_command(fs_type: &str, device: &Path, mount_point: &Path) -> Result<Cmd> {
+    Ok(match fs_type {
+        "ext4" | "ext3" | "ext2" => Cmd::new("resize2fs").arg(device),
+        "xfs" => Cmd::new("xfs_growfs").arg("-d").arg(mount_point),
+        "btrfs" => Cmd::new("btrfs").args(["filesystem", "resize", "max"]).arg(mount_point),
+        other => {
+            return Err(Error::FailedPrecondition(format!(
+                "cannot grow a {other} filesystem online"
+            )))
+        }
+    })
+}
+
+pub async fn grow(runner: &Runner, fs_type: &str, device: &Path, mount_point: &Path) -> Result<()> {
+    runner.run(&grow_command(fs_type, device, mount_point)?).await?;
+    Ok(())
+}
+
+/// Usage of a mounted filesystem.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    pub total_bytes: u64,
+    pub available_bytes: u64,
+    pub used_bytes: u64,
+    pub total_inodes: u64,
+    pub free_inodes: u64,
+    pub used_inodes: u64,
+}
+
+pub fn usage(path: &Path) -> Result<Usage> {
+    let st = nix::sys::statvfs::statvfs(path)
+        .map_err(|e| Error::Internal(format!("statvfs {}: {e}", path.display())))?;
+    let frsize = st.fragment_size() as u64;
+    let blocks = st.blocks() as u64;
+    let files = st.files() as u64;
+    let ffree = st.files_free() as u64;
+    Ok(Usage {
+        total_bytes: blocks * frsize,
+        available_bytes: st.blocks_available() as u64 * frsize,
+        used_bytes: blocks.saturating_sub(st.blocks_free() as u64) * frsize,
+        total_inodes: files,
+        free_inodes: ffree,
+        used_inodes: files.saturating_sub(ffree),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blkid_output() {
+        assert_eq!(
+            parse_blkid("DEVNAME=/dev/x\nUUID=1\nTYPE=xfs\nUSAGE=filesystem\n"),
+            Content::Filesystem("xfs".into())
+        );
+        assert_eq!(parse_blkid("DEVNAME=/dev/x\nPTTYPE=gpt\n"), Content::Other("partition table gpt".into()));
+        assert_eq!(parse_blkid(""), Content::Blank);
+    }
+
+    #[test]
+    fn commands() {
+        let dev = Path::new("/dev/vg/lv");
+        assert_eq!(
+            mkfs_command(FsType::Xfs, dev).display(),
+            "mkfs.xfs -q -K /dev/vg/lv"
+        );
+        assert_eq!(
+            grow_command("xfs", dev, Path::new("/mnt/x")).unwrap().display(),
+            "xfs_growfs -d /mnt/x"
+        );
+        assert_eq!(grow_command("ext4", dev, Path::new("/m")).unwrap().display(), "resize2fs /dev/vg/lv");
+        assert!(grow_command("vfat", dev, Path::new("/m")).is_err());
+    }
+
+    #[test]
+    fn statvfs_of_root() {
+        let u = usage(Path::new("/")).unwrap();
+        assert!(u.total_bytes > 0 && u.used_bytes <= u.total_bytes);
+    }
+}

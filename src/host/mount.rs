@@ -1,0 +1,222 @@
+//! Mounts: reading /proc/self/mountinfo, and mount/bind/unmount syscalls
+//! (through sys-mount; no mount(8) process).
+
+use std::path::{Path, PathBuf};
+
+use sys_mount::{FilesystemType, Mount, MountFlags, UnmountFlags};
+
+use crate::error::{Error, Result};
+
+/// One line of /proc/self/mountinfo.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountEntry {
+    pub major: u32,
+    pub minor: u32,
+    /// Root of the mount within its filesystem ("/" unless a bind of a subdir).
+    pub root: String,
+    pub mount_point: PathBuf,
+    pub options: Vec<String>,
+    pub fs_type: String,
+    pub source: String,
+}
+
+impl MountEntry {
+    pub fn read_only(&self) -> bool {
+        self.options.iter().any(|o| o == "ro")
+    }
+}
+
+/// Undo mountinfo's octal escapes (\040 for space and so on).
+fn unescape(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = |b: &u8| (b'0'..=b'7').contains(b);
+        if bytes[i] == b'\\' && i + 4 <= bytes.len() && bytes[i + 1..i + 4].iter().all(octal) {
+            let v = bytes[i + 1..i + 4].iter().fold(0u32, |acc, b| acc * 8 + (b - b'0') as u32);
+            out.push(v as u8);
+            i += 4;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
+    text.lines().filter_map(parse_line).collect()
+}
+
+fn parse_line(line: &str) -> Option<MountEntry> {
+    let (left, right) = line.split_once(" - ")?;
+    let l: Vec<&str> = left.split(' ').collect();
+    let r: Vec<&str> = right.split(' ').collect();
+    if l.len() < 6 || r.len() < 2 {
+        return None;
+    }
+    let (major, minor) = l[2].split_once(':')?;
+    Some(MountEntry {
+        major: major.parse().ok()?,
+        minor: minor.parse().ok()?,
+        root: unescape(l[3]),
+        mount_point: PathBuf::from(unescape(l[4])),
+        options: l[5].split(',').map(String::from).collect(),
+        fs_type: r[0].to_string(),
+        source: unescape(r[1]),
+    })
+}
+
+pub fn read_mounts() -> Result<Vec<MountEntry>> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| Error::Internal(format!("cannot read /proc/self/mountinfo: {e}")))?;
+    Ok(parse_mountinfo(&text))
+}
+
+/// The mounts at `path`, bottom first (the last one is what a lookup sees).
+pub fn mounts_at(path: &Path) -> Result<Vec<MountEntry>> {
+    Ok(read_mounts()?.into_iter().filter(|m| m.mount_point == path).collect())
+}
+
+/// The top mount at `path`, if any.
+pub fn mount_at(path: &Path) -> Result<Option<MountEntry>> {
+    Ok(mounts_at(path)?.pop())
+}
+
+/// major:minor of a block device node.
+pub fn device_numbers(dev: &Path) -> Result<(u32, u32)> {
+    let st = nix::sys::stat::stat(dev)
+        .map_err(|e| Error::Internal(format!("cannot stat {}: {e}", dev.display())))?;
+    Ok((nix::sys::stat::major(st.st_rdev) as u32, nix::sys::stat::minor(st.st_rdev) as u32))
+}
+
+/// Splits CSI mount flags into kernel flags and filesystem data options.
+pub fn split_flags(flags: &[String]) -> (MountFlags, Vec<String>) {
+    let mut kernel = MountFlags::empty();
+    let mut data = Vec::new();
+    for f in flags.iter().flat_map(|f| f.split(',')) {
+        match f {
+            "" | "defaults" | "rw" => {}
+            "ro" => kernel |= MountFlags::RDONLY,
+            "noatime" => kernel |= MountFlags::NOATIME,
+            "nodiratime" => kernel |= MountFlags::NODIRATIME,
+            "relatime" => kernel |= MountFlags::RELATIME,
+            "strictatime" => kernel |= MountFlags::STRICTATIME,
+            "nosuid" => kernel |= MountFlags::NOSUID,
+            "nodev" => kernel |= MountFlags::NODEV,
+            "noexec" => kernel |= MountFlags::NOEXEC,
+            "sync" => kernel |= MountFlags::SYNCHRONOUS,
+            "dirsync" => kernel |= MountFlags::DIRSYNC,
+            other => data.push(other.to_string()),
+        }
+    }
+    (kernel, data)
+}
+
+fn mount_error(what: &str, target: &Path, e: std::io::Error) -> Error {
+    Error::Internal(format!("{what} at {} failed: {e}", target.display()))
+}
+
+/// Mounts a filesystem from a block device.
+pub fn mount_device(
+    device: &Path,
+    target: &Path,
+    fs_type: &str,
+    flags: &[String],
+    extra_data: &[&str],
+) -> Result<()> {
+    let (kernel, mut data) = split_flags(flags);
+    data.extend(extra_data.iter().map(|s| s.to_string()));
+    let data = data.join(",");
+    let mut builder = Mount::builder().fstype(FilesystemType::Manual(fs_type)).flags(kernel);
+    if !data.is_empty() {
+        builder = builder.data(&data);
+    }
+    builder.mount(device, target).map(|_| ()).map_err(|e| mount_error("mount", target, e))
+}
+
+/// Bind-mounts `source` on `target`, then applies read-only and the other
+/// per-mount flags with a remount (the kernel ignores them on the bind itself).
+pub fn bind(source: &Path, target: &Path, read_only: bool, flags: &[String]) -> Result<()> {
+    Mount::builder()
+        .fstype(FilesystemType::Manual("none"))
+        .flags(MountFlags::BIND)
+        .mount(source, target)
+        .map_err(|e| mount_error("bind mount", target, e))?;
+    let (mut kernel, _data) = split_flags(flags);
+    if read_only {
+        kernel |= MountFlags::RDONLY;
+    }
+    if !kernel.is_empty() {
+        let remount = Mount::builder()
+            .fstype(FilesystemType::Manual("none"))
+            .flags(MountFlags::BIND | MountFlags::REMOUNT | kernel)
+            .mount("", target);
+        if let Err(e) = remount {
+            let _ = unmount(target);
+            return Err(mount_error("read-only/flags remount", target, e));
+        }
+    }
+    Ok(())
+}
+
+/// Unmounts `target`. EBUSY becomes FAILED_PRECONDITION with a hint.
+pub fn unmount(target: &Path) -> Result<()> {
+    sys_mount::unmount(target, UnmountFlags::empty()).map_err(|e| {
+        if e.raw_os_error() == Some(nix::libc::EBUSY) {
+            Error::FailedPrecondition(format!(
+                "{} is busy (a process still uses it); stop it and retry",
+                target.display()
+            ))
+        } else {
+            mount_error("unmount", target, e)
+        }
+    })
+}
+
+/// Unmounts every mount stacked at `target`; true if anything was unmounted.
+pub fn unmount_all(target: &Path) -> Result<bool> {
+    let mut any = false;
+    while mount_at(target)?.is_some() {
+        unmount(target)?;
+        any = true;
+    }
+    Ok(any)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = "\
+22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
+98 22 253:3 / /var/lib/kubelet/staging\\040dir rw,noatime shared:40 - xfs /dev/mapper/vg-lv rw,attr2
+99 22 253:3 / /var/lib/kubelet/pods/x/mount ro,relatime shared:40 - xfs /dev/mapper/vg-lv rw
+100 22 0:5 /dm-3 /var/lib/kubelet/pods/x/dev/block rw,nosuid master:2 - devtmpfs udev rw";
+
+    #[test]
+    fn parses_mountinfo() {
+        let m = parse_mountinfo(SAMPLE);
+        assert_eq!(m.len(), 4);
+        assert_eq!(m[1].mount_point, PathBuf::from("/var/lib/kubelet/staging dir"));
+        assert_eq!((m[1].major, m[1].minor), (253, 3));
+        assert_eq!(m[1].fs_type, "xfs");
+        assert!(m[2].read_only());
+        assert_eq!(m[3].root, "/dm-3");
+        assert_eq!(m[3].source, "udev");
+    }
+
+    #[test]
+    fn splits_flags() {
+        let (k, d) = split_flags(&["ro".into(), "noatime,discard".into(), "data=ordered".into()]);
+        assert!(k.contains(MountFlags::RDONLY | MountFlags::NOATIME));
+        assert_eq!(d, vec!["discard", "data=ordered"]);
+    }
+
+    #[test]
+    fn unescapes() {
+        assert_eq!(unescape("a\\040b\\134c"), "a b\\c");
+        assert_eq!(unescape("plain\\"), "plain\\");
+    }
+}

@@ -1,0 +1,574 @@
+//! The LVM agent: the only code that runs LVM on a node.
+//!
+//! It keeps an in-memory copy of the node's LVM state, filled by one
+//! `lvm fullreport` at start (and on a slow background timer), and kept
+//! right after each mutation from the mutation's own result. So a create,
+//! remove or extend costs exactly the one lvm process it needs, and reads
+//! cost none. A mutation whose outcome is unknown (timeout, odd failure)
+//! marks the copy dirty; the next read refreshes it once.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::config::{DeviceClass, LvmConfig};
+use crate::error::{Error, Result};
+use crate::host::blockdev;
+use crate::lvm::report::{self, FullReport, Lv, Vg};
+use crate::runner::{Cmd, RunError, Runner};
+
+/// What the controller asks a node to create.
+#[derive(Debug, Clone)]
+pub struct LvSpec {
+    pub class: String,
+    pub name: String,
+    pub size: u64,
+    pub tags: Vec<String>,
+}
+
+/// Space a device class can still hand out.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClassCapacity {
+    /// Bytes a new volume may take now.
+    pub available: u64,
+    /// Allocation unit (the VG's extent size).
+    pub extent_size: u64,
+    /// Thin only: the pool is at or past its full threshold.
+    pub pool_full: bool,
+    /// Total bytes of the VG (thick) or pool (thin).
+    pub total: u64,
+    /// Thin: pool data usage in percent; thick: share of the VG allocated.
+    pub used_percent: f64,
+}
+
+/// The narrow API a controller uses to reach a node's LVM. In one process
+/// it is a direct call; across nodes it is the agent's gRPC service.
+#[tonic::async_trait]
+pub trait Agent: Send + Sync + 'static {
+    fn node(&self) -> &str;
+    async fn create(&self, spec: &LvSpec) -> Result<Lv>;
+    async fn remove(&self, class: &str, lv: &str) -> Result<()>;
+    async fn extend(&self, class: &str, lv: &str, size: u64) -> Result<Lv>;
+    async fn find(&self, class: &str, lv: &str) -> Result<Option<Lv>>;
+    /// Every LV that belongs to a configured class, as (class, LV).
+    async fn list(&self) -> Result<Vec<(String, Lv)>>;
+    async fn capacity(&self, class: &str) -> Result<ClassCapacity>;
+}
+
+#[derive(Debug, Default)]
+struct State {
+    vgs: BTreeMap<String, Vg>,
+    lvs: BTreeMap<(String, String), Lv>,
+    /// What the last report found wrong with the configuration.
+    problems: Vec<String>,
+    refreshed: Option<Instant>,
+    dirty: bool,
+}
+
+pub struct LocalAgent {
+    node: String,
+    config: LvmConfig,
+    runner: Arc<Runner>,
+    lvm_config_arg: String,
+    state: RwLock<State>,
+    refreshing: tokio::sync::Mutex<()>,
+}
+
+const NO_UDEV: &str = "activation { udev_sync = 0 udev_rules = 0 } \
+                       devices { obtain_device_list_from_udev = 0 }";
+const REPORT_TIME: &str = "report { time_format = \"%s\" }";
+
+impl LocalAgent {
+    pub fn new(node: String, config: LvmConfig, runner: Arc<Runner>, udev: bool) -> Self {
+        let lvm_config_arg =
+            if udev { REPORT_TIME.to_string() } else { format!("{NO_UDEV} {REPORT_TIME}") };
+        LocalAgent {
+            node,
+            config,
+            runner,
+            lvm_config_arg,
+            state: RwLock::new(State { dirty: true, ..State::default() }),
+            refreshing: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    pub fn config(&self) -> &LvmConfig {
+        &self.config
+    }
+
+    fn lvm(&self, sub: &str) -> Cmd {
+        Cmd::new("lvm")
+            .arg(sub)
+            .arg("--config")
+            .arg(&self.lvm_config_arg)
+            .env("LVM_SUPPRESS_FD_WARNINGS", "1")
+    }
+
+    fn class(&self, name: &str) -> Result<&DeviceClass> {
+        self.config
+            .class(name)
+            .ok_or_else(|| Error::NotFound(format!("device class {name:?} is not configured")))
+    }
+
+    /// Readiness from the last report, without running anything: every
+    /// configured VG and thin pool was seen.
+    pub fn readiness(&self) -> std::result::Result<(), String> {
+        let st = self.state.read().expect("state poisoned");
+        if st.refreshed.is_none() {
+            return Err("no LVM report yet".into());
+        }
+        if st.problems.is_empty() {
+            Ok(())
+        } else {
+            Err(st.problems.join("; "))
+        }
+    }
+
+    /// Device node of an LV.
+    pub fn device_path(vg: &str, lv: &str) -> PathBuf {
+        PathBuf::from(format!("/dev/{vg}/{lv}"))
+    }
+
+    /// Runs one report and replaces the in-memory state with it.
+    pub async fn refresh(&self) -> Result<()> {
+        let _one_at_a_time = self.refreshing.lock().await;
+        let cmd = self
+            .lvm("fullreport")
+            .args(["--reportformat", "json", "--units", "b", "--nosuffix"])
+            .args(["--configreport", "vg", "-o", report::VG_FIELDS])
+            .args(["--configreport", "lv", "-o", report::LV_FIELDS])
+            .args(["--configreport", "pv", "-o", "pv_name"])
+            .args(["--configreport", "pvseg", "-o", "pvseg_start"])
+            .args(["--configreport", "seg", "-o", "segtype"])
+            .args(self.config.volume_groups());
+        // A missing VG makes lvm exit non-zero but still report the others.
+        let out = self.runner.run_unchecked(&cmd).await?;
+        let parsed: FullReport = match crate::runner::parse_json(&cmd, &out.stdout) {
+            Ok(p) => p,
+            Err(e) if out.code != 0 => {
+                self.record_problems(vec![format!("lvm report failed: {}", out.stderr.trim())]);
+                return Err(Error::Unavailable(format!("{e}; lvm said: {}", out.stderr.trim())));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let (vgs, lvs) = report::parse(parsed).map_err(|e| Error::Internal(e.to_string()))?;
+        let mut st = State {
+            vgs: vgs.into_iter().map(|v| (v.name.clone(), v)).collect(),
+            lvs: lvs.into_iter().map(|l| ((l.vg.clone(), l.name.clone()), l)).collect(),
+            problems: Vec::new(),
+            refreshed: Some(Instant::now()),
+            dirty: false,
+        };
+        st.problems = self.check_config(&st);
+        if !st.problems.is_empty() {
+            tracing::warn!(problems = ?st.problems, "LVM configuration problems");
+        }
+        *self.state.write().expect("state poisoned") = st;
+        Ok(())
+    }
+
+    fn record_problems(&self, problems: Vec<String>) {
+        let mut st = self.state.write().expect("state poisoned");
+        st.problems = problems;
+        st.refreshed.get_or_insert_with(Instant::now);
+    }
+
+    fn check_config(&self, st: &State) -> Vec<String> {
+        let mut problems = Vec::new();
+        for c in &self.config.classes {
+            if !st.vgs.contains_key(&c.volume_group) {
+                problems.push(format!(
+                    "device class {}: volume group {} not found",
+                    c.name, c.volume_group
+                ));
+                continue;
+            }
+            if let Some(pool) = &c.thin_pool {
+                match st.lvs.get(&(c.volume_group.clone(), pool.clone())) {
+                    Some(lv) if lv.is_thin_pool() => {}
+                    _ => problems.push(format!(
+                        "device class {}: thin pool {}/{} not found",
+                        c.name, c.volume_group, pool
+                    )),
+                }
+            }
+        }
+        problems
+    }
+
+    /// At start: one report, then make every thin pool fail writes fast when
+    /// full (instead of queueing I/O until hung) and zero new blocks.
+    pub async fn start(&self) -> Result<()> {
+        self.refresh().await?;
+        let pools: Vec<(String, String, bool, bool)> = {
+            let st = self.state.read().expect("state poisoned");
+            self.config
+                .classes
+                .iter()
+                .filter_map(|c| {
+                    let pool = c.thin_pool.as_ref()?;
+                    let lv = st.lvs.get(&(c.volume_group.clone(), pool.clone()))?;
+                    Some((c.volume_group.clone(), pool.clone(), lv.when_full == "error", lv.zeroing))
+                })
+                .collect()
+        };
+        for (vg, pool, errors_when_full, zeroing) in pools {
+            let mut cmd = self.lvm("lvchange");
+            if !errors_when_full {
+                cmd = cmd.args(["--errorwhenfull", "y"]);
+            }
+            if !zeroing {
+                cmd = cmd.args(["--zero", "y"]);
+            }
+            if errors_when_full && zeroing {
+                continue;
+            }
+            tracing::info!(vg, pool, "setting thin pool to error when full and zero new blocks");
+            self.runner.run(&cmd.arg(format!("{vg}/{pool}"))).await.map_err(lvm_error)?;
+            self.mark_dirty();
+        }
+        if self.state.read().expect("state poisoned").dirty {
+            self.refresh().await?;
+        }
+        Ok(())
+    }
+
+    /// Refreshes periodically until the process ends.
+    pub fn spawn_refresher(self: &Arc<Self>, every: Duration) {
+        if every.is_zero() {
+            return;
+        }
+        let agent = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(agent) = agent.upgrade() else { return };
+                if let Err(e) = agent.refresh().await {
+                    tracing::warn!(error = %e, "background LVM refresh failed");
+                }
+            }
+        });
+    }
+
+    fn mark_dirty(&self) {
+        self.state.write().expect("state poisoned").dirty = true;
+    }
+
+    async fn ensure_fresh(&self) -> Result<()> {
+        let dirty = self.state.read().expect("state poisoned").dirty;
+        if dirty {
+            self.refresh().await?;
+        }
+        Ok(())
+    }
+
+    /// The LV, from the in-memory state (refreshed first only if dirty).
+    pub async fn lookup(&self, vg: &str, lv: &str) -> Result<Option<Lv>> {
+        self.ensure_fresh().await?;
+        let st = self.state.read().expect("state poisoned");
+        Ok(st.lvs.get(&(vg.to_string(), lv.to_string())).cloned())
+    }
+
+    /// Activates an LV that is not active (after a reboot, or a thin
+    /// snapshot). One lvm process, only when needed.
+    pub async fn activate(&self, vg: &str, lv: &str) -> Result<()> {
+        let cmd = self.lvm("lvchange").args(["--activate", "y", "--ignoreactivationskip"]);
+        self.runner.run(&cmd.arg(format!("{vg}/{lv}"))).await.map_err(|e| {
+            self.mark_dirty();
+            lvm_error(e)
+        })?;
+        let mut st = self.state.write().expect("state poisoned");
+        if let Some(l) = st.lvs.get_mut(&(vg.to_string(), lv.to_string())) {
+            let mut attr: Vec<char> = l.attr.chars().collect();
+            if attr.len() > 4 {
+                attr[4] = 'a';
+                l.attr = attr.into_iter().collect();
+            }
+        }
+        Ok(())
+    }
+
+    fn extent_size(&self, vg: &str) -> Result<u64> {
+        let st = self.state.read().expect("state poisoned");
+        st.vgs
+            .get(vg)
+            .map(|v| v.extent_size)
+            .ok_or_else(|| Error::Unavailable(format!("volume group {vg} is not available")))
+    }
+
+    fn class_of(&self, lv: &Lv) -> Option<&DeviceClass> {
+        if lv.is_thin_pool() || crate::lvm::ids::key_of_lv(&lv.name).is_none() {
+            return None;
+        }
+        self.config
+            .classes
+            .iter()
+            .find(|c| c.volume_group == lv.vg && c.thin_pool.as_deref() == lv.pool.as_deref())
+    }
+
+    fn capacity_now(&self, class: &DeviceClass) -> Result<ClassCapacity> {
+        let st = self.state.read().expect("state poisoned");
+        let vg = st.vgs.get(&class.volume_group).ok_or_else(|| {
+            Error::Unavailable(format!(
+                "volume group {} of device class {} is not available",
+                class.volume_group, class.name
+            ))
+        })?;
+        let Some(pool_name) = &class.thin_pool else {
+            return Ok(ClassCapacity {
+                available: vg.free.saturating_sub(class.spare_bytes),
+                extent_size: vg.extent_size,
+                pool_full: false,
+                total: vg.size,
+                used_percent: percent(vg.size - vg.free.min(vg.size), vg.size),
+            });
+        };
+        let pool = st.lvs.get(&(vg.name.clone(), pool_name.clone())).ok_or_else(|| {
+            Error::Unavailable(format!("thin pool {}/{pool_name} is not available", vg.name))
+        })?;
+        let promised: u64 = st
+            .lvs
+            .values()
+            .filter(|l| l.vg == vg.name && l.pool.as_deref() == Some(pool_name))
+            .map(|l| l.size)
+            .sum();
+        let used_percent = pool.data_percent.unwrap_or(0.0);
+        let pool_full = used_percent >= class.pool_full_threshold_percent;
+        let limit = (pool.size.saturating_sub(class.spare_bytes) as f64 * class.overprovision_ratio)
+            as u64;
+        Ok(ClassCapacity {
+            available: if pool_full { 0 } else { limit.saturating_sub(promised) },
+            extent_size: vg.extent_size,
+            pool_full,
+            total: pool.size,
+            used_percent,
+        })
+    }
+}
+
+fn percent(part: u64, whole: u64) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        part as f64 * 100.0 / whole as f64
+    }
+}
+
+fn now_epoch() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+/// Maps an lvm failure to the gRPC code an orchestrator can act on.
+pub fn lvm_error(e: RunError) -> Error {
+    let stderr = e.stderr().to_string();
+    let lower = stderr.to_lowercase();
+    let has = |s: &str| lower.contains(s);
+    if has("insufficient free space")
+        || has("insufficient suitable")
+        || has("free space in thin pool")
+        || has("cannot create new thin volume")
+    {
+        Error::ResourceExhausted(format!("not enough space: {stderr}"))
+    } else if has("already exists") {
+        Error::AlreadyExists(stderr)
+    } else if has("in use") || has("is open") || has("is used by") {
+        Error::FailedPrecondition(format!(
+            "the volume is in use (mounted or open); unpublish and unstage it first: {stderr}"
+        ))
+    } else if has("not found") || has("failed to find logical volume") {
+        Error::NotFound(stderr)
+    } else {
+        e.into()
+    }
+}
+
+#[tonic::async_trait]
+impl Agent for LocalAgent {
+    fn node(&self) -> &str {
+        &self.node
+    }
+
+    async fn create(&self, spec: &LvSpec) -> Result<Lv> {
+        let class = self.class(&spec.class)?.clone();
+        let extent = self.extent_size(&class.volume_group)?;
+        if spec.size == 0 || spec.size % extent != 0 {
+            return Err(Error::Internal(format!(
+                "size {} is not a whole number of {extent}-byte extents",
+                spec.size
+            )));
+        }
+        let mut cmd = self.lvm("lvcreate").args(["--name", &spec.name, "--yes"]);
+        for tag in &spec.tags {
+            cmd = cmd.args(["--addtag", tag]);
+        }
+        let size = format!("{}b", spec.size);
+        cmd = match &class.thin_pool {
+            Some(pool) => cmd
+                .args(["--virtualsize", &size, "--thinpool"])
+                .arg(format!("{}/{pool}", class.volume_group)),
+            // Thick: wipe any old signature and zero the start, so a leftover
+            // filesystem can never be adopted. Old data is zeroed on delete.
+            None => cmd
+                .args(["--size", &size, "--wipesignatures", "y", "--zero", "y"])
+                .arg(&class.volume_group),
+        };
+        if let Err(e) = self.runner.run(&cmd).await {
+            let err = lvm_error(e);
+            self.mark_dirty();
+            if let Error::AlreadyExists(_) = err {
+                // Made by an earlier attempt we did not see: report what is there.
+                if let Some(lv) = self.lookup(&class.volume_group, &spec.name).await? {
+                    return Ok(lv);
+                }
+            }
+            return Err(err);
+        }
+        let lv = Lv {
+            vg: class.volume_group.clone(),
+            name: spec.name.clone(),
+            size: spec.size,
+            attr: if class.is_thin() { "Vwi-a-tz--" } else { "-wi-a-----" }.to_string(),
+            tags: spec.tags.clone(),
+            pool: class.thin_pool.clone(),
+            data_percent: class.is_thin().then_some(0.0),
+            metadata_percent: None,
+            when_full: String::new(),
+            zeroing: false,
+            created: Some(now_epoch()),
+        };
+        let mut st = self.state.write().expect("state poisoned");
+        if !class.is_thin() {
+            if let Some(vg) = st.vgs.get_mut(&class.volume_group) {
+                vg.free = vg.free.saturating_sub(spec.size);
+            }
+        }
+        st.lvs.insert((lv.vg.clone(), lv.name.clone()), lv.clone());
+        Ok(lv)
+    }
+
+    async fn remove(&self, class: &str, lv_name: &str) -> Result<()> {
+        let class = self.class(class)?.clone();
+        let Some(lv) = self.lookup(&class.volume_group, lv_name).await? else {
+            return Ok(());
+        };
+        if !class.is_thin() {
+            // Zero the data before the extents go back to the VG. O_EXCL
+            // fails while the volume is mounted, so this never zeroes a
+            // volume in use. A crash midway is harmless: the retry zeroes again.
+            if !lv.is_active() {
+                self.activate(&lv.vg, &lv.name).await?;
+            }
+            let dev = Self::device_path(&lv.vg, &lv.name);
+            let started = Instant::now();
+            let zeroed = tokio::task::spawn_blocking(move || {
+                let f = blockdev::open_exclusive(&dev)?;
+                blockdev::zero_all(&f, &dev)
+            })
+            .await
+            .map_err(|e| Error::Internal(format!("zeroing task failed: {e}")))??;
+            tracing::debug!(lv = lv_name, zeroed, elapsed = ?started.elapsed(), "zeroed thick LV");
+        }
+        let cmd = self.lvm("lvremove").arg("--yes").arg(format!("{}/{}", lv.vg, lv.name));
+        match self.runner.run(&cmd).await.map_err(lvm_error) {
+            Ok(_) | Err(Error::NotFound(_)) => {}
+            Err(e) => {
+                self.mark_dirty();
+                return Err(e);
+            }
+        }
+        let mut st = self.state.write().expect("state poisoned");
+        if st.lvs.remove(&(lv.vg.clone(), lv.name.clone())).is_some() && !class.is_thin() {
+            if let Some(vg) = st.vgs.get_mut(&lv.vg) {
+                vg.free += lv.size;
+            }
+        }
+        Ok(())
+    }
+
+    async fn extend(&self, class: &str, lv_name: &str, size: u64) -> Result<Lv> {
+        let class = self.class(class)?.clone();
+        let lv = self
+            .lookup(&class.volume_group, lv_name)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("volume {lv_name} does not exist")))?;
+        if size <= lv.size {
+            return Ok(lv);
+        }
+        let cmd = self
+            .lvm("lvextend")
+            .args(["--size", &format!("{size}b")])
+            .arg(format!("{}/{}", lv.vg, lv.name));
+        self.runner.run(&cmd).await.map_err(|e| {
+            self.mark_dirty();
+            lvm_error(e)
+        })?;
+        let mut st = self.state.write().expect("state poisoned");
+        if !class.is_thin() {
+            if let Some(vg) = st.vgs.get_mut(&lv.vg) {
+                vg.free = vg.free.saturating_sub(size - lv.size);
+            }
+        }
+        let entry = st.lvs.entry((lv.vg.clone(), lv.name.clone())).or_insert(lv);
+        entry.size = size;
+        Ok(entry.clone())
+    }
+
+    async fn find(&self, class: &str, lv: &str) -> Result<Option<Lv>> {
+        let class = self.class(class)?;
+        let found = self.lookup(&class.volume_group, lv).await?;
+        Ok(found.filter(|l| l.pool.as_deref() == class.thin_pool.as_deref()))
+    }
+
+    async fn list(&self) -> Result<Vec<(String, Lv)>> {
+        self.ensure_fresh().await?;
+        let st = self.state.read().expect("state poisoned");
+        Ok(st
+            .lvs
+            .values()
+            .filter_map(|lv| self.class_of(lv).map(|c| (c.name.clone(), lv.clone())))
+            .collect())
+    }
+
+    async fn capacity(&self, class: &str) -> Result<ClassCapacity> {
+        let class = self.class(class)?;
+        self.ensure_fresh().await?;
+        self.capacity_now(class)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_lvm_errors() {
+        let failed = |stderr: &str| RunError::Failed {
+            command: "lvm".into(),
+            code: 5,
+            stderr: stderr.into(),
+            stdout: String::new(),
+        };
+        let cases = [
+            ("  Volume group \"vg\" has insufficient free space (1 extents): 25 required.", "RE"),
+            ("  Insufficient suitable allocatable extents for logical volume", "RE"),
+            ("  Logical volume \"x\" already exists in volume group \"vg\"", "AE"),
+            ("  Logical volume vg/x contains a filesystem in use.", "FP"),
+            ("  Failed to find logical volume \"vg/x\"", "NF"),
+            ("  Something odd", "IN"),
+        ];
+        for (stderr, want) in cases {
+            let got = match lvm_error(failed(stderr)) {
+                Error::ResourceExhausted(_) => "RE",
+                Error::AlreadyExists(_) => "AE",
+                Error::FailedPrecondition(_) => "FP",
+                Error::NotFound(_) => "NF",
+                Error::Internal(_) => "IN",
+                other => panic!("{other:?}"),
+            };
+            assert_eq!(got, want, "{stderr}");
+        }
+    }
+}

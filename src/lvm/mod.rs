@@ -1,0 +1,9 @@
+//! The LVM backend: the node agent (the only code that runs LVM), the
+//! controller logic that places and manages volumes through agents, and the
+//! node logic that finds a volume's device.
+
+pub mod agent;
+pub mod controller;
+pub mod ids;
+pub mod node;
+pub mod report;

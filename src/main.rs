@@ -1,0 +1,41 @@
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use lodestone::config::{Cli, Command, LogFormat};
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.compact().init(),
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let cli = Cli::parse();
+    init_logging(cli.run.log_format);
+    let result = match cli.command {
+        None | Some(Command::Serve) => serve(cli.run).await,
+        Some(Command::Demo(demo)) => lodestone::demo::run(&demo).await,
+    };
+    if let Err(e) = result {
+        tracing::error!("{e}");
+        eprintln!("lodestone: {e}");
+        std::process::exit(1);
+    }
+}
+
+async fn serve(args: lodestone::config::RunArgs) -> Result<(), String> {
+    let socket = args.socket_path()?;
+    let services = lodestone::server::build(&args).await?;
+    let listener = lodestone::server::bind(&socket)?;
+    tracing::info!(
+        driver = %args.driver_name(), mode = ?args.mode, socket = %socket.display(),
+        version = env!("CARGO_PKG_VERSION"), "serving CSI"
+    );
+    lodestone::server::serve(services, listener, lodestone::server::termination()).await?;
+    let _ = std::fs::remove_file(&socket);
+    Ok(())
+}

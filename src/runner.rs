@@ -1,0 +1,249 @@
+//! The one way Lodestone runs an external program.
+//!
+//! Argument vectors only (never a shell), stdin closed, stdout and stderr
+//! captured, a timeout per call with the child killed when it expires (or
+//! when the caller's future is dropped), and a count of spawns per program so
+//! benchmarks and metrics can show what each CSI call cost.
+
+use std::collections::BTreeMap;
+use std::ffi::{OsStr, OsString};
+use std::process::Stdio;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::de::DeserializeOwned;
+use tokio::process::Command;
+
+/// A program invocation: program name or path, arguments, extra environment.
+#[derive(Debug, Clone)]
+pub struct Cmd {
+    pub program: String,
+    pub args: Vec<OsString>,
+    pub env: Vec<(String, String)>,
+    pub timeout: Option<Duration>,
+}
+
+impl Cmd {
+    pub fn new(program: impl Into<String>) -> Self {
+        Cmd { program: program.into(), args: Vec::new(), env: Vec::new(), timeout: None }
+    }
+
+    pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Self {
+        self.args.push(arg.as_ref().to_owned());
+        self
+    }
+
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        self.args.extend(args.into_iter().map(|a| a.as_ref().to_owned()));
+        self
+    }
+
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// The command line for logs and error messages. Callers never put
+    /// secrets in argv, so this is safe to print.
+    pub fn display(&self) -> String {
+        let mut s = self.program.clone();
+        for a in &self.args {
+            s.push(' ');
+            s.push_str(&a.to_string_lossy());
+        }
+        s
+    }
+}
+
+/// What a finished program left behind.
+#[derive(Debug, Clone)]
+pub struct Output {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot start {program}: {source}")]
+    Spawn { program: String, source: std::io::Error },
+    #[error("{command} timed out after {seconds}s and was killed")]
+    Timeout { command: String, seconds: u64 },
+    #[error("{command} failed with exit code {code}: {stderr}")]
+    Failed { command: String, code: i32, stderr: String, stdout: String },
+    #[error("{command} printed output that could not be parsed: {reason}")]
+    Parse { command: String, reason: String },
+}
+
+impl RunError {
+    /// Standard error of a failed command (empty for other errors).
+    pub fn stderr(&self) -> &str {
+        match self {
+            RunError::Failed { stderr, .. } => stderr,
+            _ => "",
+        }
+    }
+
+    pub fn exit_code(&self) -> Option<i32> {
+        match self {
+            RunError::Failed { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+/// Runs commands with a default timeout and counts them.
+#[derive(Debug)]
+pub struct Runner {
+    default_timeout: Duration,
+    spawned: Mutex<BTreeMap<String, u64>>,
+}
+
+impl Runner {
+    pub fn new(default_timeout: Duration) -> Self {
+        Runner { default_timeout, spawned: Mutex::new(BTreeMap::new()) }
+    }
+
+    /// How many processes of each program this runner has started.
+    pub fn spawn_counts(&self) -> BTreeMap<String, u64> {
+        self.spawned.lock().expect("spawn counter poisoned").clone()
+    }
+
+    /// Runs the command; a non-zero exit is an error.
+    pub async fn run(&self, cmd: &Cmd) -> Result<Output, RunError> {
+        let out = self.run_unchecked(cmd).await?;
+        if out.code != 0 {
+            return Err(RunError::Failed {
+                command: cmd.display(),
+                code: out.code,
+                stderr: out.stderr.trim().to_string(),
+                stdout: out.stdout,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Runs the command and parses its standard output as JSON.
+    pub async fn run_json<T: DeserializeOwned>(&self, cmd: &Cmd) -> Result<T, RunError> {
+        let out = self.run(cmd).await?;
+        parse_json(cmd, &out.stdout)
+    }
+
+    /// Runs the command and returns its output whatever the exit code.
+    pub async fn run_unchecked(&self, cmd: &Cmd) -> Result<Output, RunError> {
+        let timeout = cmd.timeout.unwrap_or(self.default_timeout);
+        let mut command = Command::new(&cmd.program);
+        command
+            .args(&cmd.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        for (k, v) in &cmd.env {
+            command.env(k, v);
+        }
+        let started = Instant::now();
+        let child = command
+            .spawn()
+            .map_err(|source| RunError::Spawn { program: cmd.program.clone(), source })?;
+        *self
+            .spawned
+            .lock()
+            .expect("spawn counter poisoned")
+            .entry(program_name(&cmd.program))
+            .or_default() += 1;
+        // Dropping the wait future on timeout drops the child, and
+        // kill_on_drop sends it SIGKILL.
+        let result = tokio::time::timeout(timeout, child.wait_with_output()).await;
+        let elapsed = started.elapsed();
+        let output = match result {
+            Err(_) => {
+                tracing::warn!(command = %cmd.display(), ?timeout, "command timed out; killed");
+                return Err(RunError::Timeout {
+                    command: cmd.display(),
+                    seconds: timeout.as_secs(),
+                });
+            }
+            Ok(Err(source)) => {
+                return Err(RunError::Spawn { program: cmd.program.clone(), source });
+            }
+            Ok(Ok(output)) => output,
+        };
+        let code = output.status.code().unwrap_or(-1);
+        tracing::debug!(
+            target: "lodestone::runner",
+            command = %cmd.display(),
+            code,
+            elapsed_ms = elapsed.as_secs_f64() * 1000.0,
+            "ran command"
+        );
+        Ok(Output {
+            code,
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        })
+    }
+}
+
+pub fn parse_json<T: DeserializeOwned>(cmd: &Cmd, text: &str) -> Result<T, RunError> {
+    serde_json::from_str(text)
+        .map_err(|e| RunError::Parse { command: cmd.display(), reason: e.to_string() })
+}
+
+fn program_name(program: &str) -> String {
+    program.rsplit('/').next().unwrap_or(program).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn captures_output_and_exit_codes() {
+        let r = Runner::new(Duration::from_secs(5));
+        let out = r.run(&Cmd::new("sh").args(["-c", "echo out; echo err >&2"])).await.unwrap();
+        assert_eq!(out.stdout, "out\n");
+        assert_eq!(out.stderr, "err\n");
+        let err = r.run(&Cmd::new("sh").args(["-c", "echo boom >&2; exit 3"])).await.unwrap_err();
+        assert_eq!(err.exit_code(), Some(3));
+        assert_eq!(err.stderr(), "boom");
+        assert_eq!(r.spawn_counts().get("sh"), Some(&2));
+    }
+
+    #[tokio::test]
+    async fn arguments_never_reach_a_shell() {
+        let r = Runner::new(Duration::from_secs(5));
+        let out = r.run(&Cmd::new("echo").arg("$(id); `id` | ;")).await.unwrap();
+        assert_eq!(out.stdout, "$(id); `id` | ;\n");
+    }
+
+    #[tokio::test]
+    async fn kills_on_timeout() {
+        let r = Runner::new(Duration::from_secs(5));
+        let started = Instant::now();
+        let err = r
+            .run(&Cmd::new("sleep").arg("30").timeout(Duration::from_millis(200)))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, RunError::Timeout { .. }));
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn missing_program_and_bad_json() {
+        let r = Runner::new(Duration::from_secs(5));
+        let err = r.run(&Cmd::new("/nonexistent/lodestone-x")).await.unwrap_err();
+        assert!(matches!(err, RunError::Spawn { .. }));
+        let err = r.run_json::<serde_json::Value>(&Cmd::new("echo").arg("{nope")).await;
+        assert!(matches!(err, Err(RunError::Parse { .. })));
+    }
+}
