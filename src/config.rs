@@ -48,7 +48,11 @@ pub enum LogFormat {
 }
 
 #[derive(Debug, Parser)]
-#[command(name = "lodestone", version, about = "Lodestone CSI driver (LVM and Ceph RBD)")]
+#[command(
+    name = "lodestone",
+    version,
+    about = "Lodestone CSI driver (LVM and Ceph RBD)"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -68,7 +72,11 @@ pub enum Command {
 #[derive(Debug, Clone, clap::Args)]
 pub struct DemoArgs {
     /// Directory for the demo's backing file, socket and mount points.
-    #[arg(long, env = "LODESTONE_DEMO_DIR", default_value = "/tmp/lodestone-demo")]
+    #[arg(
+        long,
+        env = "LODESTONE_DEMO_DIR",
+        default_value = "/tmp/lodestone-demo"
+    )]
     pub dir: PathBuf,
     /// Size of the demo volume group's backing file, in MiB.
     #[arg(long, default_value_t = 1024)]
@@ -78,7 +86,13 @@ pub struct DemoArgs {
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunArgs {
     /// Storage backend this process serves.
-    #[arg(long, env = "LODESTONE_DRIVER", value_enum, default_value = "lvm", global = true)]
+    #[arg(
+        long,
+        env = "LODESTONE_DRIVER",
+        value_enum,
+        default_value = "lvm",
+        global = true
+    )]
     pub driver: DriverKind,
 
     /// CSI endpoint: a unix socket path or a unix:// URL.
@@ -100,7 +114,13 @@ pub struct RunArgs {
     pub driver_name: Option<String>,
 
     /// Which CSI services this process serves.
-    #[arg(long, env = "LODESTONE_MODE", value_enum, default_value = "all", global = true)]
+    #[arg(
+        long,
+        env = "LODESTONE_MODE",
+        value_enum,
+        default_value = "all",
+        global = true
+    )]
     pub mode: Mode,
 
     /// LVM device classes as a JSON file (see docs/lvm-config.md).
@@ -109,8 +129,12 @@ pub struct RunArgs {
 
     /// A device class given inline: NAME=VG or NAME=VG/THINPOOL. Repeatable;
     /// the first is the default unless the config file names one.
-    #[arg(long = "device-class", env = "LODESTONE_DEVICE_CLASSES", value_delimiter = ';',
-          global = true)]
+    #[arg(
+        long = "device-class",
+        env = "LODESTONE_DEVICE_CLASSES",
+        value_delimiter = ';',
+        global = true
+    )]
     pub device_classes: Vec<String>,
 
     /// Let udev manage device nodes (default: LVM creates them itself, which
@@ -120,20 +144,41 @@ pub struct RunArgs {
 
     /// Seconds between background LVM reports (picks up thin pool usage and
     /// changes made outside the driver). 0 disables.
-    #[arg(long, env = "LODESTONE_LVM_REFRESH_SECONDS", default_value_t = 30, global = true)]
+    #[arg(
+        long,
+        env = "LODESTONE_LVM_REFRESH_SECONDS",
+        default_value_t = 30,
+        global = true
+    )]
     pub lvm_refresh_seconds: u64,
 
     /// Timeout for one external command, in seconds.
-    #[arg(long, env = "LODESTONE_COMMAND_TIMEOUT_SECONDS", default_value_t = 120, global = true)]
+    #[arg(
+        long,
+        env = "LODESTONE_COMMAND_TIMEOUT_SECONDS",
+        default_value_t = 120,
+        global = true
+    )]
     pub command_timeout_seconds: u64,
 
     /// Maximum number of volumes on this node reported to the orchestrator
     /// (0: no limit).
-    #[arg(long, env = "LODESTONE_MAX_VOLUMES_PER_NODE", default_value_t = 0, global = true)]
+    #[arg(
+        long,
+        env = "LODESTONE_MAX_VOLUMES_PER_NODE",
+        default_value_t = 0,
+        global = true
+    )]
     pub max_volumes_per_node: i64,
 
     /// Log format.
-    #[arg(long, env = "LODESTONE_LOG_FORMAT", value_enum, default_value = "text", global = true)]
+    #[arg(
+        long,
+        env = "LODESTONE_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
     pub log_format: LogFormat,
 }
 
@@ -143,10 +188,12 @@ impl RunArgs {
     }
 
     pub fn driver_name(&self) -> String {
-        self.driver_name.clone().unwrap_or_else(|| match self.driver {
-            DriverKind::Lvm => "lvm.lodestone.dev".to_string(),
-            DriverKind::Rbd => "rbd.lodestone.dev".to_string(),
-        })
+        self.driver_name
+            .clone()
+            .unwrap_or_else(|| match self.driver {
+                DriverKind::Lvm => "lvm.lodestone.dev".to_string(),
+                DriverKind::Rbd => "rbd.lodestone.dev".to_string(),
+            })
     }
 
     /// The node id, checked: a valid label value of at most 63 characters.
@@ -186,7 +233,9 @@ pub fn validate_node_id(id: &str) -> Result<(), String> {
              the {TOPOLOGY_NODE_KEY} topology label); set --node-id"
         ));
     }
-    let ok_chars = id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    let ok_chars = id
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
     let ends_ok = id.starts_with(|c: char| c.is_ascii_alphanumeric())
         && id.ends_with(|c: char| c.is_ascii_alphanumeric());
     if !ok_chars || !ends_ok {
@@ -289,9 +338,11 @@ impl LvmConfig {
 
     pub fn new(mut classes: Vec<DeviceClass>) -> Result<Self, String> {
         if classes.is_empty() {
-            return Err("no LVM device class configured: pass --device-class NAME=VG[/POOL] \
+            return Err(
+                "no LVM device class configured: pass --device-class NAME=VG[/POOL] \
                         or --lvm-config FILE"
-                .into());
+                    .into(),
+            );
         }
         let defaults = classes.iter().filter(|c| c.default).count();
         if defaults > 1 {
@@ -326,7 +377,10 @@ impl LvmConfig {
     }
 
     pub fn default_class(&self) -> &DeviceClass {
-        self.classes.iter().find(|c| c.default).expect("validated: one default")
+        self.classes
+            .iter()
+            .find(|c| c.default)
+            .expect("validated: one default")
     }
 
     pub fn class(&self, name: &str) -> Option<&DeviceClass> {
@@ -348,7 +402,9 @@ impl LvmConfig {
 pub fn validate_class_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= MAX_CLASS_NAME_LEN
-        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
         && !name.starts_with('-')
         && !name.ends_with('-');
     if ok {
@@ -368,7 +424,9 @@ pub fn validate_lvm_name(name: &str, what: &str) -> Result<(), String> {
         && !name.starts_with('-')
         && name != "."
         && name != ".."
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || "+_.-".contains(c));
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "+_.-".contains(c));
     if ok {
         Ok(())
     } else {
@@ -387,7 +445,10 @@ mod tests {
     fn inline_classes_and_default() {
         let cfg = LvmConfig::load(None, &["thin=vg0/pool0".into(), "thick=vg1".into()]).unwrap();
         assert_eq!(cfg.default_class().name, "thin");
-        assert_eq!(cfg.class("thin").unwrap().thin_pool.as_deref(), Some("pool0"));
+        assert_eq!(
+            cfg.class("thin").unwrap().thin_pool.as_deref(),
+            Some("pool0")
+        );
         assert!(!cfg.class("thick").unwrap().is_thin());
         assert_eq!(cfg.volume_groups(), vec!["vg0", "vg1"]);
     }
@@ -415,8 +476,14 @@ mod tests {
 
     #[test]
     fn endpoints() {
-        assert_eq!(socket_path("unix:///run/x.sock").unwrap(), PathBuf::from("/run/x.sock"));
-        assert_eq!(socket_path("/run/x.sock").unwrap(), PathBuf::from("/run/x.sock"));
+        assert_eq!(
+            socket_path("unix:///run/x.sock").unwrap(),
+            PathBuf::from("/run/x.sock")
+        );
+        assert_eq!(
+            socket_path("/run/x.sock").unwrap(),
+            PathBuf::from("/run/x.sock")
+        );
         assert!(socket_path("unix://x.sock").is_err());
         assert!(socket_path("tcp://1.2.3.4:5").is_err());
     }

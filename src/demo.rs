@@ -20,7 +20,10 @@ const LVM_NO_UDEV: &str = "activation { udev_sync = 0 udev_rules = 0 } \
                            devices { obtain_device_list_from_udev = 0 }";
 
 fn lvm(sub: &str) -> Cmd {
-    Cmd::new("lvm").arg(sub).args(["--config", LVM_NO_UDEV]).env("LVM_SUPPRESS_FD_WARNINGS", "1")
+    Cmd::new("lvm")
+        .arg(sub)
+        .args(["--config", LVM_NO_UDEV])
+        .env("LVM_SUPPRESS_FD_WARNINGS", "1")
 }
 
 struct Steps {
@@ -55,11 +58,15 @@ fn err(e: impl std::fmt::Display) -> String {
 }
 
 async fn teardown(runner: &Runner, image: &Path) {
-    let _ = runner.run(&lvm("vgremove").args(["--force", "--yes", VG])).await;
+    let _ = runner
+        .run(&lvm("vgremove").args(["--force", "--yes", VG]))
+        .await;
     if let Ok(out) = runner.run(&Cmd::new("losetup").arg("-j").arg(image)).await {
         for line in out.stdout.lines() {
             if let Some((dev, _)) = line.split_once(':') {
-                let _ = runner.run(&lvm("pvremove").args(["--force", "--yes", dev])).await;
+                let _ = runner
+                    .run(&lvm("pvremove").args(["--force", "--yes", dev]))
+                    .await;
                 let _ = runner.run(&Cmd::new("losetup").args(["-d", dev])).await;
             }
         }
@@ -69,9 +76,11 @@ async fn teardown(runner: &Runner, image: &Path) {
 
 pub async fn run(args: &DemoArgs) -> Result<(), String> {
     if !Path::new("/dev/mapper/control").exists() {
-        return Err("this kernel has no device-mapper (/dev/mapper/control); run the demo \
+        return Err(
+            "this kernel has no device-mapper (/dev/mapper/control); run the demo \
                     through scripts/demo.sh, which uses a VM when needed"
-            .into());
+                .into(),
+        );
     }
     let runner = Runner::new(Duration::from_secs(120));
     let dir = &args.dir;
@@ -84,29 +93,49 @@ pub async fn run(args: &DemoArgs) -> Result<(), String> {
 }
 
 async fn walk(args: &DemoArgs, runner: &Runner, dir: &Path, image: &Path) -> Result<(), String> {
-    let mut s = Steps { started: Instant::now(), n: 0 };
+    let mut s = Steps {
+        started: Instant::now(),
+        n: 0,
+    };
     println!("Lodestone demo: one volume, end to end, on a loop-file volume group\n");
 
-    let loopdev = step!(s, format!("make a {} MiB loop-file VG with a thin pool", args.vg_mib), {
-        let f = std::fs::File::create(image).map_err(err)?;
-        f.set_len(args.vg_mib << 20).map_err(err)?;
-        let out = runner
-            .run(&Cmd::new("losetup").args(["--find", "--show"]).arg(image))
-            .await
-            .map_err(err)?;
-        let dev = out.stdout.trim().to_string();
-        runner.run(&lvm("pvcreate").args(["--yes", &dev])).await.map_err(err)?;
-        runner.run(&lvm("vgcreate").args([VG, &dev])).await.map_err(err)?;
-        let pool_size = format!("{}m", args.vg_mib * 3 / 4);
-        runner
-            .run(&lvm("lvcreate").args([
-                "--type", "thin-pool", "--size", &pool_size, "--name", "pool0", "--zero", "y",
-                "--errorwhenfull", "y", VG,
-            ]))
-            .await
-            .map_err(err)?;
-        dev
-    });
+    let loopdev = step!(
+        s,
+        format!("make a {} MiB loop-file VG with a thin pool", args.vg_mib),
+        {
+            let f = std::fs::File::create(image).map_err(err)?;
+            f.set_len(args.vg_mib << 20).map_err(err)?;
+            let out = runner
+                .run(&Cmd::new("losetup").args(["--find", "--show"]).arg(image))
+                .await
+                .map_err(err)?;
+            let dev = out.stdout.trim().to_string();
+            runner
+                .run(&lvm("pvcreate").args(["--yes", &dev]))
+                .await
+                .map_err(err)?;
+            runner
+                .run(&lvm("vgcreate").args([VG, &dev]))
+                .await
+                .map_err(err)?;
+            let pool_size = format!("{}m", args.vg_mib * 3 / 4);
+            runner
+                .run(&lvm("lvcreate").args([
+                    "--type",
+                    "thin-pool",
+                    "--size",
+                    &pool_size,
+                    "--name",
+                    "pool0",
+                    "--zero",
+                    "y",
+                    VG,
+                ]))
+                .await
+                .map_err(err)?;
+            dev
+        }
+    );
     println!("     backing device {loopdev}, VG {VG}, thin pool {VG}/pool0");
 
     let socket = dir.join("csi.sock");
@@ -125,16 +154,28 @@ async fn walk(args: &DemoArgs, runner: &Runner, dir: &Path, image: &Path) -> Res
         log_format: LogFormat::Text,
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = step!(s, "start the driver (controller + node) on a Unix socket", {
-        let services = crate::server::build(&run_args).await?;
-        let listener = crate::server::bind(&socket)?;
-        tokio::spawn(crate::server::serve(services, listener, async {
-            let _ = stop_rx.await;
-        }))
-    });
+    let server = step!(
+        s,
+        "start the driver (controller + node) on a Unix socket",
+        {
+            let services = crate::server::build(&run_args).await?;
+            let listener = crate::server::bind(&socket)?;
+            tokio::spawn(crate::server::serve(services, listener, async {
+                let _ = stop_rx.await;
+            }))
+        }
+    );
     let mut c = client::connect(&socket).await.map_err(err)?;
-    let info = c.identity.get_plugin_info(GetPluginInfoRequest {}).await.map_err(err)?;
-    println!("     plugin {} {}", info.get_ref().name, info.get_ref().vendor_version);
+    let info = c
+        .identity
+        .get_plugin_info(GetPluginInfoRequest {})
+        .await
+        .map_err(err)?;
+    println!(
+        "     plugin {} {}",
+        info.get_ref().name,
+        info.get_ref().vendor_version
+    );
 
     let cap = VolumeCapability {
         access_type: Some(AccessType::Mount(MountVolume {
@@ -142,13 +183,18 @@ async fn walk(args: &DemoArgs, runner: &Runner, dir: &Path, image: &Path) -> Res
             mount_flags: vec![],
             volume_mount_group: String::new(),
         })),
-        access_mode: Some(AccessMode { mode: access_mode::Mode::SingleNodeWriter as i32 }),
+        access_mode: Some(AccessMode {
+            mode: access_mode::Mode::SingleNodeWriter as i32,
+        }),
     };
     let volume = step!(s, "CreateVolume demo-volume (64 MiB, thin)", {
         c.controller
             .create_volume(CreateVolumeRequest {
                 name: "demo-volume".into(),
-                capacity_range: Some(CapacityRange { required_bytes: 64 << 20, limit_bytes: 0 }),
+                capacity_range: Some(CapacityRange {
+                    required_bytes: 64 << 20,
+                    limit_bytes: 0,
+                }),
                 volume_capabilities: vec![cap.clone()],
                 parameters: HashMap::new(),
                 ..Default::default()
@@ -159,7 +205,10 @@ async fn walk(args: &DemoArgs, runner: &Runner, dir: &Path, image: &Path) -> Res
             .volume
             .ok_or("CreateVolume returned no volume")?
     });
-    println!("     volume id {}, {} bytes", volume.volume_id, volume.capacity_bytes);
+    println!(
+        "     volume id {}, {} bytes",
+        volume.volume_id, volume.capacity_bytes
+    );
     let id = volume.volume_id.clone();
     let staging: PathBuf = dir.join("staging");
     let target: PathBuf = dir.join("target");
@@ -184,7 +233,10 @@ async fn walk(args: &DemoArgs, runner: &Runner, dir: &Path, image: &Path) -> Res
         ..Default::default()
     };
     step!(s, "NodePublishVolume (bind mount to the target)", {
-        c.node.node_publish_volume(publish.clone()).await.map_err(err)?
+        c.node
+            .node_publish_volume(publish.clone())
+            .await
+            .map_err(err)?
     });
     let file = target.join("hello.txt");
     let text = "data written through a Lodestone volume\n";
@@ -200,8 +252,14 @@ async fn walk(args: &DemoArgs, runner: &Runner, dir: &Path, image: &Path) -> Res
         staging_target_path: staging.display().to_string(),
     };
     step!(s, "NodeUnpublishVolume + NodeUnstageVolume", {
-        c.node.node_unpublish_volume(unpublish.clone()).await.map_err(err)?;
-        c.node.node_unstage_volume(unstage.clone()).await.map_err(err)?
+        c.node
+            .node_unpublish_volume(unpublish.clone())
+            .await
+            .map_err(err)?;
+        c.node
+            .node_unstage_volume(unstage.clone())
+            .await
+            .map_err(err)?
     });
     step!(s, "NodeStageVolume + NodePublishVolume again (no mkfs)", {
         c.node
@@ -213,9 +271,16 @@ async fn walk(args: &DemoArgs, runner: &Runner, dir: &Path, image: &Path) -> Res
             })
             .await
             .map_err(err)?;
-        c.node.node_publish_volume(publish.clone()).await.map_err(err)?
+        c.node
+            .node_publish_volume(publish.clone())
+            .await
+            .map_err(err)?
     });
-    let back = step!(s, "read the file back", std::fs::read_to_string(&file).map_err(err)?);
+    let back = step!(
+        s,
+        "read the file back",
+        std::fs::read_to_string(&file).map_err(err)?
+    );
     if back != text {
         return Err(format!("read back {back:?}, wrote {text:?}"));
     }
@@ -231,7 +296,10 @@ async fn walk(args: &DemoArgs, runner: &Runner, dir: &Path, image: &Path) -> Res
         .map_err(err)?
         .into_inner();
     if let Some(u) = stats.usage.first() {
-        println!("     filesystem: {} bytes, {} used, {} available", u.total, u.used, u.available);
+        println!(
+            "     filesystem: {} bytes, {} used, {} available",
+            u.total, u.used, u.available
+        );
     }
     step!(s, "NodeUnpublishVolume + NodeUnstageVolume", {
         c.node.node_unpublish_volume(unpublish).await.map_err(err)?;
@@ -239,13 +307,19 @@ async fn walk(args: &DemoArgs, runner: &Runner, dir: &Path, image: &Path) -> Res
     });
     step!(s, "DeleteVolume", {
         c.controller
-            .delete_volume(DeleteVolumeRequest { volume_id: id, secrets: HashMap::new() })
+            .delete_volume(DeleteVolumeRequest {
+                volume_id: id,
+                secrets: HashMap::new(),
+            })
             .await
             .map_err(err)?
     });
     let _ = stop_tx.send(());
     let _ = server.await;
     println!("\nDone: the volume was created, formatted, mounted, written, read back after a");
-    println!("full unstage/stage cycle, and deleted. Total {:.1}s.", s.started.elapsed().as_secs_f64());
+    println!(
+        "full unstage/stage cycle, and deleted. Total {:.1}s.",
+        s.started.elapsed().as_secs_f64()
+    );
     Ok(())
 }

@@ -88,8 +88,15 @@ mod tests {
         let s: Status = Error::OutOfRange("too big".into()).into();
         assert_eq!(s.code(), Code::OutOfRange);
         assert_eq!(s.message(), "too big");
-        let e: Error = RunError::Timeout { command: "lvm".into(), seconds: 3 }.into();
+        let e: Error = RunError::Timeout {
+            command: "lvm".into(),
+            seconds: 3,
+        }
+        .into();
         assert_eq!(e.code(), Code::DeadlineExceeded);
-        assert_eq!(Status::from(invalid!("x {}", 1)).code(), Code::InvalidArgument);
+        assert_eq!(
+            Status::from(invalid!("x {}", 1)).code(),
+            Code::InvalidArgument
+        );
     }
 }

@@ -3,9 +3,14 @@ use tracing_subscriber::EnvFilter;
 
 use lodestone::config::{Cli, Command, LogFormat};
 
-fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+fn init_logging(format: LogFormat, default_filter: &str) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.compact().init(),
@@ -15,7 +20,13 @@ fn init_logging(format: LogFormat) {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let cli = Cli::parse();
-    init_logging(cli.run.log_format);
+    // The demo prints its own steps; only warnings and errors interleave.
+    let default_filter = if matches!(cli.command, Some(Command::Demo(_))) {
+        "warn"
+    } else {
+        "info"
+    };
+    init_logging(cli.run.log_format, default_filter);
     let result = match cli.command {
         None | Some(Command::Serve) => serve(cli.run).await,
         Some(Command::Demo(demo)) => lodestone::demo::run(&demo).await,

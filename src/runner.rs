@@ -25,7 +25,12 @@ pub struct Cmd {
 
 impl Cmd {
     pub fn new(program: impl Into<String>) -> Self {
-        Cmd { program: program.into(), args: Vec::new(), env: Vec::new(), timeout: None }
+        Cmd {
+            program: program.into(),
+            args: Vec::new(),
+            env: Vec::new(),
+            timeout: None,
+        }
     }
 
     pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Self {
@@ -38,7 +43,8 @@ impl Cmd {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        self.args.extend(args.into_iter().map(|a| a.as_ref().to_owned()));
+        self.args
+            .extend(args.into_iter().map(|a| a.as_ref().to_owned()));
         self
     }
 
@@ -75,11 +81,19 @@ pub struct Output {
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error("cannot start {program}: {source}")]
-    Spawn { program: String, source: std::io::Error },
+    Spawn {
+        program: String,
+        source: std::io::Error,
+    },
     #[error("{command} timed out after {seconds}s and was killed")]
     Timeout { command: String, seconds: u64 },
     #[error("{command} failed with exit code {code}: {stderr}")]
-    Failed { command: String, code: i32, stderr: String, stdout: String },
+    Failed {
+        command: String,
+        code: i32,
+        stderr: String,
+        stdout: String,
+    },
     #[error("{command} printed output that could not be parsed: {reason}")]
     Parse { command: String, reason: String },
 }
@@ -110,7 +124,10 @@ pub struct Runner {
 
 impl Runner {
     pub fn new(default_timeout: Duration) -> Self {
-        Runner { default_timeout, spawned: Mutex::new(BTreeMap::new()) }
+        Runner {
+            default_timeout,
+            spawned: Mutex::new(BTreeMap::new()),
+        }
     }
 
     /// How many processes of each program this runner has started.
@@ -152,9 +169,10 @@ impl Runner {
             command.env(k, v);
         }
         let started = Instant::now();
-        let child = command
-            .spawn()
-            .map_err(|source| RunError::Spawn { program: cmd.program.clone(), source })?;
+        let child = command.spawn().map_err(|source| RunError::Spawn {
+            program: cmd.program.clone(),
+            source,
+        })?;
         *self
             .spawned
             .lock()
@@ -174,7 +192,10 @@ impl Runner {
                 });
             }
             Ok(Err(source)) => {
-                return Err(RunError::Spawn { program: cmd.program.clone(), source });
+                return Err(RunError::Spawn {
+                    program: cmd.program.clone(),
+                    source,
+                });
             }
             Ok(Ok(output)) => output,
         };
@@ -195,8 +216,10 @@ impl Runner {
 }
 
 pub fn parse_json<T: DeserializeOwned>(cmd: &Cmd, text: &str) -> Result<T, RunError> {
-    serde_json::from_str(text)
-        .map_err(|e| RunError::Parse { command: cmd.display(), reason: e.to_string() })
+    serde_json::from_str(text).map_err(|e| RunError::Parse {
+        command: cmd.display(),
+        reason: e.to_string(),
+    })
 }
 
 fn program_name(program: &str) -> String {
@@ -210,10 +233,16 @@ mod tests {
     #[tokio::test]
     async fn captures_output_and_exit_codes() {
         let r = Runner::new(Duration::from_secs(5));
-        let out = r.run(&Cmd::new("sh").args(["-c", "echo out; echo err >&2"])).await.unwrap();
+        let out = r
+            .run(&Cmd::new("sh").args(["-c", "echo out; echo err >&2"]))
+            .await
+            .unwrap();
         assert_eq!(out.stdout, "out\n");
         assert_eq!(out.stderr, "err\n");
-        let err = r.run(&Cmd::new("sh").args(["-c", "echo boom >&2; exit 3"])).await.unwrap_err();
+        let err = r
+            .run(&Cmd::new("sh").args(["-c", "echo boom >&2; exit 3"]))
+            .await
+            .unwrap_err();
         assert_eq!(err.exit_code(), Some(3));
         assert_eq!(err.stderr(), "boom");
         assert_eq!(r.spawn_counts().get("sh"), Some(&2));
@@ -222,7 +251,10 @@ mod tests {
     #[tokio::test]
     async fn arguments_never_reach_a_shell() {
         let r = Runner::new(Duration::from_secs(5));
-        let out = r.run(&Cmd::new("echo").arg("$(id); `id` | ;")).await.unwrap();
+        let out = r
+            .run(&Cmd::new("echo").arg("$(id); `id` | ;"))
+            .await
+            .unwrap();
         assert_eq!(out.stdout, "$(id); `id` | ;\n");
     }
 
@@ -231,7 +263,11 @@ mod tests {
         let r = Runner::new(Duration::from_secs(5));
         let started = Instant::now();
         let err = r
-            .run(&Cmd::new("sleep").arg("30").timeout(Duration::from_millis(200)))
+            .run(
+                &Cmd::new("sleep")
+                    .arg("30")
+                    .timeout(Duration::from_millis(200)),
+            )
             .await
             .unwrap_err();
         assert!(matches!(err, RunError::Timeout { .. }));
@@ -241,9 +277,14 @@ mod tests {
     #[tokio::test]
     async fn missing_program_and_bad_json() {
         let r = Runner::new(Duration::from_secs(5));
-        let err = r.run(&Cmd::new("/nonexistent/lodestone-x")).await.unwrap_err();
+        let err = r
+            .run(&Cmd::new("/nonexistent/lodestone-x"))
+            .await
+            .unwrap_err();
         assert!(matches!(err, RunError::Spawn { .. }));
-        let err = r.run_json::<serde_json::Value>(&Cmd::new("echo").arg("{nope")).await;
+        let err = r
+            .run_json::<serde_json::Value>(&Cmd::new("echo").arg("{nope"))
+            .await;
         assert!(matches!(err, Err(RunError::Parse { .. })));
     }
 }

@@ -28,7 +28,10 @@ pub fn bind(path: &Path) -> Result<UnixListener, String> {
     use std::os::unix::fs::FileTypeExt;
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
-            return Err(format!("{} exists and is not a socket; refusing to remove it", path.display()));
+            return Err(format!(
+                "{} exists and is not a socket; refusing to remove it",
+                path.display()
+            ));
         }
         std::fs::remove_file(path)
             .map_err(|e| format!("cannot remove stale socket {}: {e}", path.display()))?;
@@ -52,7 +55,12 @@ pub async fn lvm_services(args: &RunArgs) -> Result<Services, String> {
     let node_id = args.node_id()?;
     let config = LvmConfig::load(args.lvm_config.as_deref(), &args.device_classes)?;
     let runner = Arc::new(Runner::new(args.command_timeout()));
-    let agent = Arc::new(LocalAgent::new(node_id, config.clone(), runner.clone(), args.lvm_udev));
+    let agent = Arc::new(LocalAgent::new(
+        node_id,
+        config.clone(),
+        runner.clone(),
+        args.lvm_udev,
+    ));
     if let Err(e) = agent.start().await {
         // Keep serving: Probe reports not ready and says why; the background
         // refresh picks the VGs up when they appear.
@@ -78,10 +86,16 @@ pub async fn lvm_services(args: &RunArgs) -> Result<Services, String> {
             vec![agent.clone() as Arc<dyn Agent>],
             Box::new(move || ready_agent.readiness().err()),
         );
-        ControllerService { backend: Arc::new(backend), locks: locks.clone() }
+        ControllerService {
+            backend: Arc::new(backend),
+            locks: locks.clone(),
+        }
     });
     let node = args.mode.runs_node().then(|| NodeService {
-        ops: Arc::new(NodeOps::new(Arc::new(LvmNode::new(agent.clone())), runner.clone())),
+        ops: Arc::new(NodeOps::new(
+            Arc::new(LvmNode::new(agent.clone())),
+            runner.clone(),
+        )),
         locks: locks.clone(),
         max_volumes: args.max_volumes_per_node,
     });
@@ -109,8 +123,8 @@ pub async fn serve(
     listener: UnixListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), String> {
-    let mut router = tonic::transport::Server::builder()
-        .add_service(IdentityServer::new(services.identity));
+    let mut router =
+        tonic::transport::Server::builder().add_service(IdentityServer::new(services.identity));
     if let Some(c) = services.controller {
         router = router.add_service(ControllerServer::new(c));
     }

@@ -66,7 +66,10 @@ pub trait ControllerBackend: Send + Sync + 'static {
 #[derive(Debug, Clone, PartialEq)]
 pub enum NodeVolume {
     Missing,
-    Present { device: PathBuf, abnormal: Option<String> },
+    Present {
+        device: PathBuf,
+        abnormal: Option<String>,
+    },
 }
 
 #[tonic::async_trait]

@@ -20,7 +20,10 @@ impl Range {
                  {limit})"
             )));
         }
-        let r = Range { required: required as u64, limit: limit as u64 };
+        let r = Range {
+            required: required as u64,
+            limit: limit as u64,
+        };
         if r.limit > 0 && r.limit < r.required {
             return Err(Error::OutOfRange(format!(
                 "capacity_range limit_bytes {limit} is below required_bytes {required}"
@@ -49,7 +52,9 @@ impl Range {
             Error::OutOfRange(format!("requested capacity {wanted} bytes is too large"))
         })?;
         if size > i64::MAX as u64 {
-            return Err(Error::OutOfRange(format!("capacity {size} bytes is too large")));
+            return Err(Error::OutOfRange(format!(
+                "capacity {size} bytes is too large"
+            )));
         }
         if self.limit > 0 && size > self.limit {
             let why = if minimum > self.required.max(1) && minimum > self.limit {
@@ -106,7 +111,10 @@ mod tests {
         assert_eq!(r.pick(EXT, 300 * MIB, 1 << 30).unwrap(), 300 * MIB);
         let r = Range::new((10 * MIB) as i64, (100 * MIB) as i64).unwrap();
         let err = r.pick(EXT, 300 * MIB, 1 << 30).unwrap_err();
-        assert!(matches!(&err, Error::OutOfRange(m) if m.contains("filesystem")), "{err}");
+        assert!(
+            matches!(&err, Error::OutOfRange(m) if m.contains("filesystem")),
+            "{err}"
+        );
     }
 
     #[test]

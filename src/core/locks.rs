@@ -35,7 +35,10 @@ impl OpLocks {
         for k in &keys {
             held.insert(k.clone());
         }
-        Ok(OpGuard { held: self.held.clone(), keys })
+        Ok(OpGuard {
+            held: self.held.clone(),
+            keys,
+        })
     }
 }
 

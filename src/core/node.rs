@@ -31,7 +31,9 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 }
 
 fn is_dir(p: &Path) -> bool {
-    std::fs::symlink_metadata(p).map(|m| m.is_dir()).unwrap_or(false)
+    std::fs::symlink_metadata(p)
+        .map(|m| m.is_dir())
+        .unwrap_or(false)
 }
 
 /// Whether a mount shows `device`: a filesystem on it, or (for a raw block
@@ -43,7 +45,11 @@ fn mounted_device(entry: &mount::MountEntry, device: &Path) -> Result<bool> {
     }
     let node = std::fs::canonicalize(device).unwrap_or_else(|_| device.to_path_buf());
     Ok(entry.fs_type == "devtmpfs"
-        && node.strip_prefix("/dev").map(|p| Path::new("/").join(p)).ok().as_deref()
+        && node
+            .strip_prefix("/dev")
+            .map(|p| Path::new("/").join(p))
+            .ok()
+            .as_deref()
             == Some(Path::new(&entry.root)))
 }
 
@@ -81,7 +87,10 @@ impl NodeOps {
         }
         if !is_dir(staging) {
             std::fs::create_dir_all(staging).map_err(|e| {
-                Error::Internal(format!("cannot create staging path {}: {e}", staging.display()))
+                Error::Internal(format!(
+                    "cannot create staging path {}: {e}",
+                    staging.display()
+                ))
             })?;
         }
         let fs_type = match fs::probe(&self.runner, &device).await? {
@@ -117,8 +126,12 @@ impl NodeOps {
         // XFS refuses a second mount of the same filesystem UUID (a clone or
         // a snapshot beside its source) unless told not to check.
         let extra: &[&str] = if fs_type == "xfs" { &["nouuid"] } else { &[] };
-        let (device2, staging2, flags, fs2) =
-            (device.clone(), staging.to_path_buf(), flags.clone(), fs_type.clone());
+        let (device2, staging2, flags, fs2) = (
+            device.clone(),
+            staging.to_path_buf(),
+            flags.clone(),
+            fs_type.clone(),
+        );
         blocking(move || mount::mount_device(&device2, &staging2, &fs2, &flags, extra)).await
     }
 
@@ -226,7 +239,10 @@ impl NodeOps {
     /// exists; otherwise usage, with an abnormal condition when something is off.
     pub async fn stats(&self, id: &str, path: &Path) -> Result<Stats> {
         if std::fs::symlink_metadata(path).is_err() {
-            return Err(Error::NotFound(format!("volume path {} does not exist", path.display())));
+            return Err(Error::NotFound(format!(
+                "volume path {} does not exist",
+                path.display()
+            )));
         }
         let volume = self.backend.volume(id).await?;
         let entry = mount::mount_at(path)?;
@@ -239,7 +255,10 @@ impl NodeOps {
                 abnormal = Some("the volume's backing storage no longer exists".to_string());
                 None
             }
-            NodeVolume::Present { device, abnormal: a } => {
+            NodeVolume::Present {
+                device,
+                abnormal: a,
+            } => {
                 abnormal = a.clone();
                 Some(device.clone())
             }
@@ -268,7 +287,11 @@ impl NodeOps {
             }
         })
         .await?;
-        Ok(Stats { usage, block_bytes, abnormal })
+        Ok(Stats {
+            usage,
+            block_bytes,
+            abnormal,
+        })
     }
 
     /// NodeExpandVolume: grow the filesystem mounted at `path` to its device's
@@ -276,10 +299,15 @@ impl NodeOps {
     pub async fn expand(&self, id: &str, path: &Path, block_hint: bool) -> Result<u64> {
         let device = match self.backend.volume(id).await? {
             NodeVolume::Present { device, .. } => device,
-            NodeVolume::Missing => return Err(Error::NotFound(format!("volume {id} does not exist"))),
+            NodeVolume::Missing => {
+                return Err(Error::NotFound(format!("volume {id} does not exist")))
+            }
         };
         if std::fs::symlink_metadata(path).is_err() {
-            return Err(Error::NotFound(format!("volume path {} does not exist", path.display())));
+            return Err(Error::NotFound(format!(
+                "volume path {} does not exist",
+                path.display()
+            )));
         }
         let dev = device.clone();
         let size = blocking(move || blockdev::size(&dev)).await?;
@@ -299,4 +327,3 @@ impl NodeOps {
         Ok(size)
     }
 }
-

@@ -9,8 +9,8 @@
 
 use std::collections::BTreeMap;
 
-use crate::csi;
 use crate::core::request::topology_matches;
+use crate::csi;
 use crate::error::{Error, Result};
 
 /// A node (or pool) that could hold the volume.
@@ -37,7 +37,11 @@ pub fn place(
     let allowed: Vec<&Candidate> = match requirement {
         Some(req) if !req.requisite.is_empty() => candidates
             .iter()
-            .filter(|c| req.requisite.iter().any(|t| topology_matches(t, &c.segments)))
+            .filter(|c| {
+                req.requisite
+                    .iter()
+                    .any(|t| topology_matches(t, &c.segments))
+            })
             .collect(),
         _ => candidates.iter().collect(),
     };
@@ -49,9 +53,10 @@ pub fn place(
 
     if let Some(source) = source_node {
         return match allowed.iter().find(|c| c.name == source) {
-            Some(c) if c.available >= size => {
-                Ok(Decision { node: c.name.clone(), rule: "source-locality" })
-            }
+            Some(c) if c.available >= size => Ok(Decision {
+                node: c.name.clone(),
+                rule: "source-locality",
+            }),
             Some(c) => Err(Error::ResourceExhausted(format!(
                 "the source's node {} has {} bytes available, {size} are needed",
                 c.name, c.available
@@ -72,15 +77,25 @@ pub fn place(
     if let Some(req) = requirement {
         for t in &req.preferred {
             if let Some(c) = fits.iter().find(|c| topology_matches(t, &c.segments)) {
-                return Ok(Decision { node: c.name.clone(), rule: "preferred-topology" });
+                return Ok(Decision {
+                    node: c.name.clone(),
+                    rule: "preferred-topology",
+                });
             }
         }
     }
     let best = fits
         .iter()
-        .max_by(|a, b| a.available.cmp(&b.available).then_with(|| b.name.cmp(&a.name)))
+        .max_by(|a, b| {
+            a.available
+                .cmp(&b.available)
+                .then_with(|| b.name.cmp(&a.name))
+        })
         .expect("fits is not empty");
-    Ok(Decision { node: best.name.clone(), rule: "most-capacity" })
+    Ok(Decision {
+        node: best.name.clone(),
+        rule: "most-capacity",
+    })
 }
 
 #[cfg(test)]
@@ -120,10 +135,22 @@ mod tests {
     #[test]
     fn requisite_filters_and_exhaustion() {
         let nodes = [node("a", 10), node("b", 50)];
-        let req = csi::TopologyRequirement { requisite: vec![topo("a")], preferred: vec![] };
-        assert!(matches!(place(Some(&req), &nodes, 20, None), Err(Error::ResourceExhausted(_))));
-        let req = csi::TopologyRequirement { requisite: vec![topo("z")], preferred: vec![] };
-        assert!(matches!(place(Some(&req), &nodes, 1, None), Err(Error::ResourceExhausted(_))));
+        let req = csi::TopologyRequirement {
+            requisite: vec![topo("a")],
+            preferred: vec![],
+        };
+        assert!(matches!(
+            place(Some(&req), &nodes, 20, None),
+            Err(Error::ResourceExhausted(_))
+        ));
+        let req = csi::TopologyRequirement {
+            requisite: vec![topo("z")],
+            preferred: vec![],
+        };
+        assert!(matches!(
+            place(Some(&req), &nodes, 1, None),
+            Err(Error::ResourceExhausted(_))
+        ));
     }
 
     #[test]
@@ -135,7 +162,10 @@ mod tests {
         };
         let d = place(Some(&req), &nodes, 10, Some("b")).unwrap();
         assert_eq!((d.node.as_str(), d.rule), ("b", "source-locality"));
-        let req = csi::TopologyRequirement { requisite: vec![topo("a")], preferred: vec![] };
+        let req = csi::TopologyRequirement {
+            requisite: vec![topo("a")],
+            preferred: vec![],
+        };
         let err = place(Some(&req), &nodes, 10, Some("b")).unwrap_err();
         assert!(err.to_string().contains("node b"));
     }

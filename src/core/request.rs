@@ -29,7 +29,9 @@ pub enum FsType {
 impl FsType {
     /// None for an empty fs_type (the orchestrator left the choice to us).
     pub fn parse(s: &str) -> Result<Option<Self>> {
-        Self::parse_named(s).map(Some).or_else(|e| if s.is_empty() { Ok(None) } else { Err(e) })
+        Self::parse_named(s)
+            .map(Some)
+            .or_else(|e| if s.is_empty() { Ok(None) } else { Err(e) })
     }
 
     pub fn parse_named(s: &str) -> Result<Self> {
@@ -66,7 +68,10 @@ pub enum Access {
     Block,
     /// `fs` is None when the request named no filesystem: an existing one is
     /// used as it is, a blank device gets ext4.
-    Mount { fs: Option<FsType>, flags: Vec<String> },
+    Mount {
+        fs: Option<FsType>,
+        flags: Vec<String>,
+    },
 }
 
 /// One validated volume capability.
@@ -83,7 +88,10 @@ impl Capability {
 
     /// Read-only by access mode.
     pub fn read_only_mode(&self) -> bool {
-        matches!(self.mode, AccessMode::SingleNodeReaderOnly | AccessMode::MultiNodeReaderOnly)
+        matches!(
+            self.mode,
+            AccessMode::SingleNodeReaderOnly | AccessMode::MultiNodeReaderOnly
+        )
     }
 }
 
@@ -96,7 +104,11 @@ pub fn parse_capability(cap: &csi::VolumeCapability) -> Result<Capability> {
         .map(|m| m.mode())
         .ok_or_else(|| invalid!("volume_capability.access_mode is required"))?;
     let access = match &cap.access_type {
-        None => return Err(invalid!("volume_capability.access_type (block or mount) is required")),
+        None => {
+            return Err(invalid!(
+                "volume_capability.access_type (block or mount) is required"
+            ))
+        }
         Some(WireAccessType::Block(_)) => Access::Block,
         Some(WireAccessType::Mount(m)) => {
             let fs = FsType::parse(&m.fs_type)?;
@@ -109,7 +121,10 @@ pub fn parse_capability(cap: &csi::VolumeCapability) -> Result<Capability> {
                      VOLUME_MOUNT_GROUP)"
                 ));
             }
-            Access::Mount { fs, flags: m.mount_flags.clone() }
+            Access::Mount {
+                fs,
+                flags: m.mount_flags.clone(),
+            }
         }
     };
     match mode {
@@ -136,7 +151,9 @@ fn validate_mount_flag(flag: &str) -> Result<()> {
     let ok = !flag.is_empty()
         && flag.len() <= 256
         && !flag.starts_with('-')
-        && flag.chars().all(|c| c.is_ascii_alphanumeric() || "_=.,:/+-".contains(c));
+        && flag
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_=.,:/+-".contains(c));
     if ok {
         Ok(())
     } else {
@@ -186,9 +203,12 @@ pub fn validate_path(path: &str, what: &str) -> Result<PathBuf> {
         return Err(invalid!("{what} {path:?} must be an absolute path"));
     }
     if path.split('/').any(|seg| seg == "." || seg == "..")
-        || p.components().any(|c| matches!(c, Component::ParentDir | Component::CurDir))
+        || p.components()
+            .any(|c| matches!(c, Component::ParentDir | Component::CurDir))
     {
-        return Err(invalid!("{what} {path:?} must not contain '.' or '..' components"));
+        return Err(invalid!(
+            "{what} {path:?} must not contain '.' or '..' components"
+        ));
     }
     if p.parent().is_none() {
         return Err(invalid!("{what} must not be the root directory"));
@@ -213,9 +233,13 @@ pub fn storage_params(
                 known.join(", ")
             ));
         }
-        if v.starts_with('-') || v.chars().any(|c| c.is_control() || "`$;|&<>(){}\\'\"".contains(c))
+        if v.starts_with('-')
+            || v.chars()
+                .any(|c| c.is_control() || "`$;|&<>(){}\\'\"".contains(c))
         {
-            return Err(invalid!("parameter {k:?} has a value with characters that are not allowed"));
+            return Err(invalid!(
+                "parameter {k:?} has a value with characters that are not allowed"
+            ));
         }
         out.insert(k.clone(), v.clone());
     }
@@ -224,16 +248,31 @@ pub fn storage_params(
 
 /// Topology segments a CSI Topology message names.
 pub fn segments(t: &csi::Topology) -> BTreeMap<String, String> {
-    t.segments.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    t.segments
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
 }
 
 /// Whether a node with `node_segments` lies inside topology `t`.
 pub fn topology_matches(t: &csi::Topology, node_segments: &BTreeMap<String, String>) -> bool {
-    t.segments.iter().all(|(k, v)| node_segments.get(k) == Some(v))
+    t.segments
+        .iter()
+        .all(|(k, v)| node_segments.get(k) == Some(v))
 }
 
-pub fn not_empty<T>(v: Option<T>, what: &str) -> Result<T> {
-    v.ok_or_else(|| Error::InvalidArgument(format!("{what} is required")))
+/// A volume path of NodeGetVolumeStats or NodeExpandVolume: required, and
+/// NOT_FOUND (never touched) unless it is a clean absolute path, since no
+/// volume can be published at anything else.
+pub fn existing_volume_path(path: &str, what: &str) -> Result<PathBuf> {
+    if path.is_empty() {
+        return Err(invalid!("{what} is required"));
+    }
+    validate_path(path, what).map_err(|_| {
+        Error::NotFound(format!(
+            "no volume is published at {path:?} (not a clean absolute path)"
+        ))
+    })
 }
 
 #[cfg(test)]
@@ -261,12 +300,17 @@ mod tests {
         let c = parse_capability(&cap(mount("", &["noatime"]), AccessMode::SingleNodeWriter));
         assert_eq!(
             c.unwrap().access,
-            Access::Mount { fs: None, flags: vec!["noatime".into()] }
+            Access::Mount {
+                fs: None,
+                flags: vec!["noatime".into()]
+            }
         );
         let block = Some(WireAccessType::Block(BlockVolume {}));
-        assert!(parse_capability(&cap(block.clone(), AccessMode::SingleNodeReaderOnly))
-            .unwrap()
-            .is_block());
+        assert!(
+            parse_capability(&cap(block.clone(), AccessMode::SingleNodeReaderOnly))
+                .unwrap()
+                .is_block()
+        );
         for bad in [
             cap(None, AccessMode::SingleNodeWriter),
             cap(block.clone(), AccessMode::MultiNodeMultiWriter),
@@ -275,7 +319,10 @@ mod tests {
             cap(mount("xfs", &["-o"]), AccessMode::SingleNodeWriter),
             cap(mount("xfs", &["a;b"]), AccessMode::SingleNodeWriter),
         ] {
-            assert!(matches!(parse_capability(&bad), Err(Error::InvalidArgument(_))), "{bad:?}");
+            assert!(
+                matches!(parse_capability(&bad), Err(Error::InvalidArgument(_))),
+                "{bad:?}"
+            );
         }
         assert!(parse_capabilities(&[]).is_err());
     }

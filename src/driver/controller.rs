@@ -31,7 +31,9 @@ fn to_volume(v: &VolumeInfo) -> Volume {
         accessible_topology: v
             .topology
             .iter()
-            .map(|s| Topology { segments: s.clone().into_iter().collect() })
+            .map(|s| Topology {
+                segments: s.clone().into_iter().collect(),
+            })
             .collect(),
     }
 }
@@ -53,7 +55,9 @@ const CAPABILITIES: &[rpc::Type] = &[
 ];
 
 fn unimplemented<T>(what: &str) -> Result<Response<T>, Status> {
-    Err(Status::unimplemented(format!("{what} is not supported by this driver")))
+    Err(Status::unimplemented(format!(
+        "{what} is not supported by this driver"
+    )))
 }
 
 #[tonic::async_trait]
@@ -84,7 +88,9 @@ impl Controller for ControllerService {
                 requirement: req.accessibility_requirements.clone(),
             };
             let v = self.backend.create_volume(&create).await?;
-            Ok(CreateVolumeResponse { volume: Some(to_volume(&v)) })
+            Ok(CreateVolumeResponse {
+                volume: Some(to_volume(&v)),
+            })
         })
         .await
     }
@@ -132,11 +138,16 @@ impl Controller for ControllerService {
             }
             for c in &req.volume_capabilities {
                 if c.access_type.is_none() || c.access_mode.is_none() {
-                    return Err(invalid!("each volume capability needs access_type and access_mode"));
+                    return Err(invalid!(
+                        "each volume capability needs access_type and access_mode"
+                    ));
                 }
             }
             if self.backend.get_volume(&req.volume_id).await?.is_none() {
-                return Err(Error::NotFound(format!("volume {} does not exist", req.volume_id)));
+                return Err(Error::NotFound(format!(
+                    "volume {} does not exist",
+                    req.volume_id
+                )));
             }
             let unsupported: Vec<String> = req
                 .volume_capabilities
@@ -181,7 +192,9 @@ impl Controller for ControllerService {
             }
             let all = self.backend.list_volumes().await?;
             let (entries, next_token) =
-                page(&all, &req.starting_token, req.max_entries as usize, |v| &v.id);
+                page(&all, &req.starting_token, req.max_entries as usize, |v| {
+                    &v.id
+                });
             Ok(ListVolumesResponse {
                 entries: entries
                     .iter()
@@ -207,7 +220,10 @@ impl Controller for ControllerService {
                 parse_capabilities(&req.volume_capabilities)?;
             }
             let params = storage_params(&req.parameters, self.backend.parameter_keys())?;
-            let cap = self.backend.capacity(&params, req.accessible_topology.as_ref()).await?;
+            let cap = self
+                .backend
+                .capacity(&params, req.accessible_topology.as_ref())
+                .await?;
             Ok(GetCapacityResponse {
                 available_capacity: cap.available as i64,
                 maximum_volume_size: Some(cap.maximum_volume as i64),
@@ -229,7 +245,9 @@ impl Controller for ControllerService {
                 )),
             })
             .collect();
-        Ok(Response::new(ControllerGetCapabilitiesResponse { capabilities }))
+        Ok(Response::new(ControllerGetCapabilitiesResponse {
+            capabilities,
+        }))
     }
 
     async fn create_snapshot(
@@ -269,7 +287,9 @@ impl Controller for ControllerService {
         traced("ControllerExpandVolume", &req.volume_id, async {
             require_id(&req.volume_id, "volume_id")?;
             let range = range_of(Some(
-                req.capacity_range.as_ref().ok_or_else(|| invalid!("capacity_range is required"))?,
+                req.capacity_range
+                    .as_ref()
+                    .ok_or_else(|| invalid!("capacity_range is required"))?,
             ))?;
             let block = match &req.volume_capability {
                 Some(c) => parse_capability(c)?.is_block(),
@@ -296,7 +316,9 @@ impl Controller for ControllerService {
                 .backend
                 .get_volume(&req.volume_id)
                 .await?
-                .ok_or_else(|| Error::NotFound(format!("volume {} does not exist", req.volume_id)))?;
+                .ok_or_else(|| {
+                    Error::NotFound(format!("volume {} does not exist", req.volume_id))
+                })?;
             Ok(ControllerGetVolumeResponse {
                 volume: Some(to_volume(&v)),
                 status: Some(controller_get_volume_response::VolumeStatus {
@@ -324,10 +346,22 @@ pub fn page<'a, T>(
     max: usize,
     key: impl Fn(&T) -> &str,
 ) -> (&'a [T], String) {
-    let start = if token.is_empty() { 0 } else { items.partition_point(|i| key(i) <= token) };
+    let start = if token.is_empty() {
+        0
+    } else {
+        items.partition_point(|i| key(i) <= token)
+    };
     let rest = &items[start..];
-    let n = if max == 0 { rest.len() } else { max.min(rest.len()) };
-    let next = if n < rest.len() { key(&rest[n - 1]).to_string() } else { String::new() };
+    let n = if max == 0 {
+        rest.len()
+    } else {
+        max.min(rest.len())
+    };
+    let next = if n < rest.len() {
+        key(&rest[n - 1]).to_string()
+    } else {
+        String::new()
+    };
     (&rest[..n], next)
 }
 

@@ -42,9 +42,9 @@ impl Identity for IdentityService {
         _: Request<GetPluginCapabilitiesRequest>,
     ) -> Result<Response<GetPluginCapabilitiesResponse>, Status> {
         let svc = |t: service::Type| PluginCapability {
-            r#type: Some(plugin_capability::Type::Service(plugin_capability::Service {
-                r#type: t as i32,
-            })),
+            r#type: Some(plugin_capability::Type::Service(
+                plugin_capability::Service { r#type: t as i32 },
+            )),
         };
         let mut capabilities = vec![svc(service::Type::VolumeAccessibilityConstraints)];
         if self.controller {
@@ -52,10 +52,14 @@ impl Identity for IdentityService {
         }
         capabilities.push(PluginCapability {
             r#type: Some(plugin_capability::Type::VolumeExpansion(
-                plugin_capability::VolumeExpansion { r#type: volume_expansion::Type::Online as i32 },
+                plugin_capability::VolumeExpansion {
+                    r#type: volume_expansion::Type::Online as i32,
+                },
             )),
         });
-        Ok(Response::new(GetPluginCapabilitiesResponse { capabilities }))
+        Ok(Response::new(GetPluginCapabilitiesResponse {
+            capabilities,
+        }))
     }
 
     /// ready=true when every part of this process is ready; ready=false (and
@@ -66,6 +70,8 @@ impl Identity for IdentityService {
         if !problems.is_empty() {
             tracing::warn!(problems = %problems.join("; "), "probe: not ready");
         }
-        Ok(Response::new(ProbeResponse { ready: Some(problems.is_empty()) }))
+        Ok(Response::new(ProbeResponse {
+            ready: Some(problems.is_empty()),
+        }))
     }
 }

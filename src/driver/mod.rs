@@ -23,7 +23,9 @@ pub(crate) async fn traced<T>(
     let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
     match &result {
         Ok(_) => tracing::info!(method, subject, elapsed_ms, "ok"),
-        Err(e) => tracing::warn!(method, subject, elapsed_ms, code = ?e.code(), error = %e, "failed"),
+        Err(e) => {
+            tracing::warn!(method, subject, elapsed_ms, code = ?e.code(), error = %e, "failed")
+        }
     }
     result.map(Response::new).map_err(Status::from)
 }

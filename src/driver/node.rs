@@ -6,7 +6,7 @@ use tonic::{Request, Response, Status};
 
 use crate::core::locks::OpLocks;
 use crate::core::node::NodeOps;
-use crate::core::request::{parse_capability, require_id, validate_path};
+use crate::core::request::{existing_volume_path, parse_capability, require_id, validate_path};
 use crate::csi::node_server::Node;
 use crate::csi::node_service_capability::{self, rpc};
 use crate::csi::volume_usage::Unit;
@@ -90,7 +90,9 @@ impl Node for NodeService {
                 return Err(invalid!("target_path must differ from staging_target_path"));
             }
             let _guard = self.lock(&req.volume_id)?;
-            self.ops.publish(&req.volume_id, &staging, &target, &cap, req.readonly).await?;
+            self.ops
+                .publish(&req.volume_id, &staging, &target, &cap, req.readonly)
+                .await?;
             Ok(NodePublishVolumeResponse {})
         })
         .await
@@ -121,7 +123,7 @@ impl Node for NodeService {
         let req = req.into_inner();
         traced("NodeGetVolumeStats", &req.volume_id, async {
             require_id(&req.volume_id, "volume_id")?;
-            let path = validate_path(&req.volume_path, "volume_path")?;
+            let path = existing_volume_path(&req.volume_path, "volume_path")?;
             let stats = self.ops.stats(&req.volume_id, &path).await?;
             let mut usage = Vec::new();
             if let Some(u) = stats.usage {
@@ -150,7 +152,9 @@ impl Node for NodeService {
                 usage,
                 volume_condition: Some(VolumeCondition {
                     abnormal: stats.abnormal.is_some(),
-                    message: stats.abnormal.unwrap_or_else(|| "volume is healthy".to_string()),
+                    message: stats
+                        .abnormal
+                        .unwrap_or_else(|| "volume is healthy".to_string()),
                 }),
             })
         })
@@ -165,7 +169,7 @@ impl Node for NodeService {
         let req = req.into_inner();
         traced("NodeExpandVolume", &req.volume_id, async {
             require_id(&req.volume_id, "volume_id")?;
-            let path = validate_path(&req.volume_path, "volume_path")?;
+            let path = existing_volume_path(&req.volume_path, "volume_path")?;
             let block = match &req.volume_capability {
                 Some(c) => parse_capability(c)?.is_block(),
                 None => false,
@@ -181,7 +185,9 @@ impl Node for NodeService {
                     )));
                 }
             }
-            Ok(NodeExpandVolumeResponse { capacity_bytes: size as i64 })
+            Ok(NodeExpandVolumeResponse {
+                capacity_bytes: size as i64,
+            })
         })
         .await
     }
@@ -193,9 +199,9 @@ impl Node for NodeService {
         let capabilities = CAPABILITIES
             .iter()
             .map(|t| NodeServiceCapability {
-                r#type: Some(node_service_capability::Type::Rpc(node_service_capability::Rpc {
-                    r#type: *t as i32,
-                })),
+                r#type: Some(node_service_capability::Type::Rpc(
+                    node_service_capability::Rpc { r#type: *t as i32 },
+                )),
             })
             .collect();
         Ok(Response::new(NodeGetCapabilitiesResponse { capabilities }))

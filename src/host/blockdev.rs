@@ -29,16 +29,20 @@ fn size_of(f: &File, path: &Path) -> Result<u64> {
 /// EBUSY while the device is mounted or otherwise claimed. Holding the file
 /// keeps anyone else from mounting it.
 pub fn open_exclusive(path: &Path) -> Result<File> {
-    OpenOptions::new().write(true).custom_flags(libc_o_excl()).open(path).map_err(|e| {
-        if e.raw_os_error() == Some(nix::libc::EBUSY) {
-            Error::FailedPrecondition(format!(
-                "{} is in use (mounted or held open); unpublish and unstage the volume first",
-                path.display()
-            ))
-        } else {
-            Error::Internal(format!("cannot open {} exclusively: {e}", path.display()))
-        }
-    })
+    OpenOptions::new()
+        .write(true)
+        .custom_flags(libc_o_excl())
+        .open(path)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(nix::libc::EBUSY) {
+                Error::FailedPrecondition(format!(
+                    "{} is in use (mounted or held open); unpublish and unstage the volume first",
+                    path.display()
+                ))
+            } else {
+                Error::Internal(format!("cannot open {} exclusively: {e}", path.display()))
+            }
+        })
 }
 
 fn libc_o_excl() -> i32 {
@@ -57,7 +61,12 @@ pub fn zero_all(f: &File, path: &Path) -> Result<u64> {
         let range = [offset, len];
         // SAFETY: BLKZEROOUT reads a [start, length] pair of u64 through the pointer.
         unsafe { blkzeroout(f.as_raw_fd(), &range) }.map_err(|e| {
-            Error::Internal(format!("BLKZEROOUT {}..{} on {}: {e}", offset, offset + len, path.display()))
+            Error::Internal(format!(
+                "BLKZEROOUT {}..{} on {}: {e}",
+                offset,
+                offset + len,
+                path.display()
+            ))
         })?;
         offset += len;
     }

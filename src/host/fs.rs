@@ -54,7 +54,11 @@ pub async fn probe(runner: &Runner, device: &Path) -> Result<Content> {
 pub fn mkfs_command(fs: FsType, device: &Path) -> Cmd {
     match fs {
         FsType::Ext4 => Cmd::new("mkfs.ext4")
-            .args(["-q", "-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1"])
+            .args([
+                "-q",
+                "-E",
+                "nodiscard,lazy_itable_init=1,lazy_journal_init=1",
+            ])
             .arg(device),
         FsType::Xfs => Cmd::new("mkfs.xfs").args(["-q", "-K"]).arg(device),
         FsType::Btrfs => Cmd::new("mkfs.btrfs").args(["-q", "-K"]).arg(device),
@@ -71,7 +75,9 @@ pub fn grow_command(fs_type: &str, device: &Path, mount_point: &Path) -> Result<
     Ok(match fs_type {
         "ext4" | "ext3" | "ext2" => Cmd::new("resize2fs").arg(device),
         "xfs" => Cmd::new("xfs_growfs").arg("-d").arg(mount_point),
-        "btrfs" => Cmd::new("btrfs").args(["filesystem", "resize", "max"]).arg(mount_point),
+        "btrfs" => Cmd::new("btrfs")
+            .args(["filesystem", "resize", "max"])
+            .arg(mount_point),
         other => {
             return Err(Error::FailedPrecondition(format!(
                 "cannot grow a {other} filesystem online"
@@ -81,7 +87,9 @@ pub fn grow_command(fs_type: &str, device: &Path, mount_point: &Path) -> Result<
 }
 
 pub async fn grow(runner: &Runner, fs_type: &str, device: &Path, mount_point: &Path) -> Result<()> {
-    runner.run(&grow_command(fs_type, device, mount_point)?).await?;
+    runner
+        .run(&grow_command(fs_type, device, mount_point)?)
+        .await?;
     Ok(())
 }
 
@@ -123,7 +131,10 @@ mod tests {
             parse_blkid("DEVNAME=/dev/x\nUUID=1\nTYPE=xfs\nUSAGE=filesystem\n"),
             Content::Filesystem("xfs".into())
         );
-        assert_eq!(parse_blkid("DEVNAME=/dev/x\nPTTYPE=gpt\n"), Content::Other("partition table gpt".into()));
+        assert_eq!(
+            parse_blkid("DEVNAME=/dev/x\nPTTYPE=gpt\n"),
+            Content::Other("partition table gpt".into())
+        );
         assert_eq!(parse_blkid(""), Content::Blank);
     }
 
@@ -135,10 +146,17 @@ mod tests {
             "mkfs.xfs -q -K /dev/vg/lv"
         );
         assert_eq!(
-            grow_command("xfs", dev, Path::new("/mnt/x")).unwrap().display(),
+            grow_command("xfs", dev, Path::new("/mnt/x"))
+                .unwrap()
+                .display(),
             "xfs_growfs -d /mnt/x"
         );
-        assert_eq!(grow_command("ext4", dev, Path::new("/m")).unwrap().display(), "resize2fs /dev/vg/lv");
+        assert_eq!(
+            grow_command("ext4", dev, Path::new("/m"))
+                .unwrap()
+                .display(),
+            "resize2fs /dev/vg/lv"
+        );
         assert!(grow_command("vfat", dev, Path::new("/m")).is_err());
     }
 

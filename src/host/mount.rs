@@ -34,7 +34,9 @@ fn unescape(s: &str) -> String {
     while i < bytes.len() {
         let octal = |b: &u8| (b'0'..=b'7').contains(b);
         if bytes[i] == b'\\' && i + 4 <= bytes.len() && bytes[i + 1..i + 4].iter().all(octal) {
-            let v = bytes[i + 1..i + 4].iter().fold(0u32, |acc, b| acc * 8 + (b - b'0') as u32);
+            let v = bytes[i + 1..i + 4]
+                .iter()
+                .fold(0u32, |acc, b| acc * 8 + (b - b'0') as u32);
             out.push(v as u8);
             i += 4;
             continue;
@@ -76,7 +78,10 @@ pub fn read_mounts() -> Result<Vec<MountEntry>> {
 
 /// The mounts at `path`, bottom first (the last one is what a lookup sees).
 pub fn mounts_at(path: &Path) -> Result<Vec<MountEntry>> {
-    Ok(read_mounts()?.into_iter().filter(|m| m.mount_point == path).collect())
+    Ok(read_mounts()?
+        .into_iter()
+        .filter(|m| m.mount_point == path)
+        .collect())
 }
 
 /// The top mount at `path`, if any.
@@ -88,7 +93,10 @@ pub fn mount_at(path: &Path) -> Result<Option<MountEntry>> {
 pub fn device_numbers(dev: &Path) -> Result<(u32, u32)> {
     let st = nix::sys::stat::stat(dev)
         .map_err(|e| Error::Internal(format!("cannot stat {}: {e}", dev.display())))?;
-    Ok((nix::sys::stat::major(st.st_rdev) as u32, nix::sys::stat::minor(st.st_rdev) as u32))
+    Ok((
+        nix::sys::stat::major(st.st_rdev) as u32,
+        nix::sys::stat::minor(st.st_rdev) as u32,
+    ))
 }
 
 /// Splits CSI mount flags into kernel flags and filesystem data options.
@@ -129,11 +137,16 @@ pub fn mount_device(
     let (kernel, mut data) = split_flags(flags);
     data.extend(extra_data.iter().map(|s| s.to_string()));
     let data = data.join(",");
-    let mut builder = Mount::builder().fstype(FilesystemType::Manual(fs_type)).flags(kernel);
+    let mut builder = Mount::builder()
+        .fstype(FilesystemType::Manual(fs_type))
+        .flags(kernel);
     if !data.is_empty() {
         builder = builder.data(&data);
     }
-    builder.mount(device, target).map(|_| ()).map_err(|e| mount_error("mount", target, e))
+    builder
+        .mount(device, target)
+        .map(|_| ())
+        .map_err(|e| mount_error("mount", target, e))
 }
 
 /// Bind-mounts `source` on `target`, then applies read-only and the other
@@ -199,7 +212,10 @@ mod tests {
     fn parses_mountinfo() {
         let m = parse_mountinfo(SAMPLE);
         assert_eq!(m.len(), 4);
-        assert_eq!(m[1].mount_point, PathBuf::from("/var/lib/kubelet/staging dir"));
+        assert_eq!(
+            m[1].mount_point,
+            PathBuf::from("/var/lib/kubelet/staging dir")
+        );
         assert_eq!((m[1].major, m[1].minor), (253, 3));
         assert_eq!(m[1].fs_type, "xfs");
         assert!(m[2].read_only());

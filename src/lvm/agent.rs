@@ -81,14 +81,20 @@ const REPORT_TIME: &str = "report { time_format = \"%s\" }";
 
 impl LocalAgent {
     pub fn new(node: String, config: LvmConfig, runner: Arc<Runner>, udev: bool) -> Self {
-        let lvm_config_arg =
-            if udev { REPORT_TIME.to_string() } else { format!("{NO_UDEV} {REPORT_TIME}") };
+        let lvm_config_arg = if udev {
+            REPORT_TIME.to_string()
+        } else {
+            format!("{NO_UDEV} {REPORT_TIME}")
+        };
         LocalAgent {
             node,
             config,
             runner,
             lvm_config_arg,
-            state: RwLock::new(State { dirty: true, ..State::default() }),
+            state: RwLock::new(State {
+                dirty: true,
+                ..State::default()
+            }),
             refreshing: tokio::sync::Mutex::new(()),
         }
     }
@@ -148,14 +154,20 @@ impl LocalAgent {
             Ok(p) => p,
             Err(e) if out.code != 0 => {
                 self.record_problems(vec![format!("lvm report failed: {}", out.stderr.trim())]);
-                return Err(Error::Unavailable(format!("{e}; lvm said: {}", out.stderr.trim())));
+                return Err(Error::Unavailable(format!(
+                    "{e}; lvm said: {}",
+                    out.stderr.trim()
+                )));
             }
             Err(e) => return Err(e.into()),
         };
         let (vgs, lvs) = report::parse(parsed).map_err(|e| Error::Internal(e.to_string()))?;
         let mut st = State {
             vgs: vgs.into_iter().map(|v| (v.name.clone(), v)).collect(),
-            lvs: lvs.into_iter().map(|l| ((l.vg.clone(), l.name.clone()), l)).collect(),
+            lvs: lvs
+                .into_iter()
+                .map(|l| ((l.vg.clone(), l.name.clone()), l))
+                .collect(),
             problems: Vec::new(),
             refreshed: Some(Instant::now()),
             dirty: false,
@@ -209,7 +221,12 @@ impl LocalAgent {
                 .filter_map(|c| {
                     let pool = c.thin_pool.as_ref()?;
                     let lv = st.lvs.get(&(c.volume_group.clone(), pool.clone()))?;
-                    Some((c.volume_group.clone(), pool.clone(), lv.when_full == "error", lv.zeroing))
+                    Some((
+                        c.volume_group.clone(),
+                        pool.clone(),
+                        lv.when_full == "error",
+                        lv.zeroing,
+                    ))
                 })
                 .collect()
         };
@@ -224,8 +241,15 @@ impl LocalAgent {
             if errors_when_full && zeroing {
                 continue;
             }
-            tracing::info!(vg, pool, "setting thin pool to error when full and zero new blocks");
-            self.runner.run(&cmd.arg(format!("{vg}/{pool}"))).await.map_err(lvm_error)?;
+            tracing::info!(
+                vg,
+                pool,
+                "setting thin pool to error when full and zero new blocks"
+            );
+            self.runner
+                .run(&cmd.arg(format!("{vg}/{pool}")))
+                .await
+                .map_err(lvm_error)?;
             self.mark_dirty();
         }
         if self.state.read().expect("state poisoned").dirty {
@@ -275,11 +299,16 @@ impl LocalAgent {
     /// Activates an LV that is not active (after a reboot, or a thin
     /// snapshot). One lvm process, only when needed.
     pub async fn activate(&self, vg: &str, lv: &str) -> Result<()> {
-        let cmd = self.lvm("lvchange").args(["--activate", "y", "--ignoreactivationskip"]);
-        self.runner.run(&cmd.arg(format!("{vg}/{lv}"))).await.map_err(|e| {
-            self.mark_dirty();
-            lvm_error(e)
-        })?;
+        let cmd = self
+            .lvm("lvchange")
+            .args(["--activate", "y", "--ignoreactivationskip"]);
+        self.runner
+            .run(&cmd.arg(format!("{vg}/{lv}")))
+            .await
+            .map_err(|e| {
+                self.mark_dirty();
+                lvm_error(e)
+            })?;
         let mut st = self.state.write().expect("state poisoned");
         if let Some(l) = st.lvs.get_mut(&(vg.to_string(), lv.to_string())) {
             let mut attr: Vec<char> = l.attr.chars().collect();
@@ -326,9 +355,15 @@ impl LocalAgent {
                 used_percent: percent(vg.size - vg.free.min(vg.size), vg.size),
             });
         };
-        let pool = st.lvs.get(&(vg.name.clone(), pool_name.clone())).ok_or_else(|| {
-            Error::Unavailable(format!("thin pool {}/{pool_name} is not available", vg.name))
-        })?;
+        let pool = st
+            .lvs
+            .get(&(vg.name.clone(), pool_name.clone()))
+            .ok_or_else(|| {
+                Error::Unavailable(format!(
+                    "thin pool {}/{pool_name} is not available",
+                    vg.name
+                ))
+            })?;
         let promised: u64 = st
             .lvs
             .values()
@@ -337,10 +372,14 @@ impl LocalAgent {
             .sum();
         let used_percent = pool.data_percent.unwrap_or(0.0);
         let pool_full = used_percent >= class.pool_full_threshold_percent;
-        let limit = (pool.size.saturating_sub(class.spare_bytes) as f64 * class.overprovision_ratio)
-            as u64;
+        let limit =
+            (pool.size.saturating_sub(class.spare_bytes) as f64 * class.overprovision_ratio) as u64;
         Ok(ClassCapacity {
-            available: if pool_full { 0 } else { limit.saturating_sub(promised) },
+            available: if pool_full {
+                0
+            } else {
+                limit.saturating_sub(promised)
+            },
             extent_size: vg.extent_size,
             pool_full,
             total: pool.size,
@@ -358,7 +397,10 @@ fn percent(part: u64, whole: u64) -> f64 {
 }
 
 fn now_epoch() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 /// Maps an lvm failure to the gRPC code an orchestrator can act on.
@@ -430,7 +472,12 @@ impl Agent for LocalAgent {
             vg: class.volume_group.clone(),
             name: spec.name.clone(),
             size: spec.size,
-            attr: if class.is_thin() { "Vwi-a-tz--" } else { "-wi-a-----" }.to_string(),
+            attr: if class.is_thin() {
+                "Vwi-a-tz--"
+            } else {
+                "-wi-a-----"
+            }
+            .to_string(),
             tags: spec.tags.clone(),
             pool: class.thin_pool.clone(),
             data_percent: class.is_thin().then_some(0.0),
@@ -471,7 +518,10 @@ impl Agent for LocalAgent {
             .map_err(|e| Error::Internal(format!("zeroing task failed: {e}")))??;
             tracing::debug!(lv = lv_name, zeroed, elapsed = ?started.elapsed(), "zeroed thick LV");
         }
-        let cmd = self.lvm("lvremove").arg("--yes").arg(format!("{}/{}", lv.vg, lv.name));
+        let cmd = self
+            .lvm("lvremove")
+            .arg("--yes")
+            .arg(format!("{}/{}", lv.vg, lv.name));
         match self.runner.run(&cmd).await.map_err(lvm_error) {
             Ok(_) | Err(Error::NotFound(_)) => {}
             Err(e) => {
@@ -552,9 +602,18 @@ mod tests {
             stdout: String::new(),
         };
         let cases = [
-            ("  Volume group \"vg\" has insufficient free space (1 extents): 25 required.", "RE"),
-            ("  Insufficient suitable allocatable extents for logical volume", "RE"),
-            ("  Logical volume \"x\" already exists in volume group \"vg\"", "AE"),
+            (
+                "  Volume group \"vg\" has insufficient free space (1 extents): 25 required.",
+                "RE",
+            ),
+            (
+                "  Insufficient suitable allocatable extents for logical volume",
+                "RE",
+            ),
+            (
+                "  Logical volume \"x\" already exists in volume group \"vg\"",
+                "AE",
+            ),
             ("  Logical volume vg/x contains a filesystem in use.", "FP"),
             ("  Failed to find logical volume \"vg/x\"", "NF"),
             ("  Something odd", "IN"),

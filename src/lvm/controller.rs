@@ -37,8 +37,15 @@ impl LvmController {
         agents: Vec<Arc<dyn Agent>>,
         not_ready: Box<dyn Fn() -> Option<String> + Send + Sync>,
     ) -> Self {
-        let agents = agents.into_iter().map(|a| (a.node().to_string(), a)).collect();
-        LvmController { config, agents, not_ready }
+        let agents = agents
+            .into_iter()
+            .map(|a| (a.node().to_string(), a))
+            .collect();
+        LvmController {
+            config,
+            agents,
+            not_ready,
+        }
     }
 
     fn class_for(&self, params: &BTreeMap<String, String>) -> Result<&crate::config::DeviceClass> {
@@ -47,7 +54,12 @@ impl LvmController {
             Some(name) => self.config.class(name).ok_or_else(|| {
                 Error::InvalidArgument(format!(
                     "unknown deviceClass {name:?}; configured classes: {}",
-                    self.config.classes.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", ")
+                    self.config
+                        .classes
+                        .iter()
+                        .map(|c| c.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ))
             }),
         }
@@ -70,13 +82,19 @@ impl LvmController {
     }
 
     async fn lookup(&self, id: &str) -> Result<Option<(VolumeId, Lv)>> {
-        let Some(vid) = VolumeId::parse(id) else { return Ok(None) };
-        let Some(agent) = self.agent(&vid.node) else { return Ok(None) };
+        let Some(vid) = VolumeId::parse(id) else {
+            return Ok(None);
+        };
+        let Some(agent) = self.agent(&vid.node) else {
+            return Ok(None);
+        };
         if self.config.class(&vid.class).is_none() {
             return Ok(None);
         }
         let lv = agent.find(&vid.class, &vid.lv_name()).await?;
-        Ok(lv.filter(|l| l.tags.iter().any(|t| t == ids::TAG_VOLUME)).map(|l| (vid, l)))
+        Ok(lv
+            .filter(|l| l.tags.iter().any(|t| t == ids::TAG_VOLUME))
+            .map(|l| (vid, l)))
     }
 
     fn info(vid: &VolumeId, lv: &Lv) -> VolumeInfo {
@@ -143,7 +161,11 @@ impl ControllerBackend for LvmController {
                     req.name, lv.size
                 )));
             }
-            let vid = VolumeId { node, class: class_name, key };
+            let vid = VolumeId {
+                node,
+                class: class_name,
+                key,
+            };
             return Ok(Self::info(&vid, &lv));
         }
 
@@ -168,7 +190,9 @@ impl ControllerBackend for LvmController {
                     class.pool_full_threshold_percent
                 ));
             }
-            let size = req.range.pick(cap.extent_size, fs_minimum, class.default_size_bytes)?;
+            let size = req
+                .range
+                .pick(cap.extent_size, fs_minimum, class.default_size_bytes)?;
             sizes.insert(node.clone(), size);
             candidates.push(Candidate {
                 name: node.clone(),
@@ -202,14 +226,23 @@ impl ControllerBackend for LvmController {
             tags: ids::volume_tags(&req.name, &digest),
         };
         let lv = agent.create(&spec).await?;
-        let vid = VolumeId { node: decision.node, class: class.name.clone(), key };
+        let vid = VolumeId {
+            node: decision.node,
+            class: class.name.clone(),
+            key,
+        };
         Ok(Self::info(&vid, &lv))
     }
 
     async fn delete_volume(&self, id: &str) -> Result<()> {
-        let Some(vid) = VolumeId::parse(id) else { return Ok(()) };
+        let Some(vid) = VolumeId::parse(id) else {
+            return Ok(());
+        };
         let Some(agent) = self.agent(&vid.node) else {
-            tracing::warn!(volume = id, "delete of a volume on an unknown node: nothing to do");
+            tracing::warn!(
+                volume = id,
+                "delete of a volume on an unknown node: nothing to do"
+            );
             return Ok(());
         };
         if self.config.class(&vid.class).is_none() {
@@ -224,7 +257,10 @@ impl ControllerBackend for LvmController {
     }
 
     async fn get_volume(&self, id: &str) -> Result<Option<VolumeInfo>> {
-        Ok(self.lookup(id).await?.map(|(vid, lv)| Self::info(&vid, &lv)))
+        Ok(self
+            .lookup(id)
+            .await?
+            .map(|(vid, lv)| Self::info(&vid, &lv)))
     }
 
     async fn list_volumes(&self) -> Result<Vec<VolumeInfo>> {
@@ -234,8 +270,14 @@ impl ControllerBackend for LvmController {
                 if !lv.tags.iter().any(|t| t == ids::TAG_VOLUME) {
                     continue;
                 }
-                let Some(key) = ids::key_of_lv(&lv.name) else { continue };
-                let vid = VolumeId { node: node.clone(), class, key: key.to_string() };
+                let Some(key) = ids::key_of_lv(&lv.name) else {
+                    continue;
+                };
+                let vid = VolumeId {
+                    node: node.clone(),
+                    class,
+                    key: key.to_string(),
+                };
                 out.push(Self::info(&vid, &lv));
             }
         }

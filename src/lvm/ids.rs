@@ -25,7 +25,9 @@ fn namespace() -> Uuid {
 
 /// The 32-hex-digit key of a request name (UUID v5).
 pub fn key_for_name(request_name: &str) -> String {
-    Uuid::new_v5(&namespace(), request_name.as_bytes()).simple().to_string()
+    Uuid::new_v5(&namespace(), request_name.as_bytes())
+        .simple()
+        .to_string()
 }
 
 pub fn lv_name(key: &str) -> String {
@@ -42,7 +44,10 @@ pub struct VolumeId {
 
 impl VolumeId {
     pub fn encode(&self) -> String {
-        format!("{VOLUME_ID_VERSION}:{}:{}:{}", self.node, self.class, self.key)
+        format!(
+            "{VOLUME_ID_VERSION}:{}:{}:{}",
+            self.node, self.class, self.key
+        )
     }
 
     /// None for anything that is not a well-formed id of this version.
@@ -55,11 +60,18 @@ impl VolumeId {
         }
         crate::config::validate_node_id(node).ok()?;
         crate::config::validate_class_name(class).ok()?;
-        if key.len() != 32 || !key.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        if key.len() != 32
+            || !key
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
         {
             return None;
         }
-        Some(VolumeId { node: node.into(), class: class.into(), key: key.into() })
+        Some(VolumeId {
+            node: node.into(),
+            class: class.into(),
+            key: key.into(),
+        })
     }
 
     pub fn lv_name(&self) -> String {
@@ -81,14 +93,19 @@ pub fn unhex(s: &str) -> Option<Vec<u8>> {
     if s.len() % 2 != 0 {
         return None;
     }
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 /// A short digest of the parameters that decide what a volume is; a retried
 /// CreateVolume with the same name must present the same digest.
 pub fn params_digest(params: &BTreeMap<String, String>) -> String {
     let canonical = serde_json::to_string(params).expect("string map serializes");
-    let digest = Uuid::new_v5(&namespace(), canonical.as_bytes()).simple().to_string();
+    let digest = Uuid::new_v5(&namespace(), canonical.as_bytes())
+        .simple()
+        .to_string();
     digest[..16].to_string()
 }
 
@@ -163,7 +180,9 @@ mod tests {
         assert_eq!(tagged_digest(&tags), Some(d.as_str()));
         // Only LVM's tag characters.
         for t in &tags {
-            assert!(t.chars().all(|c| c.is_ascii_alphanumeric() || "_+.-/=!:&#".contains(c)));
+            assert!(t
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_+.-/=!:&#".contains(c)));
         }
         p.insert("deviceClass".to_string(), "thick".to_string());
         assert_ne!(params_digest(&p), d);

@@ -22,7 +22,9 @@ impl LvmNode {
     }
 
     async fn lv(&self, id: &str) -> Result<Option<Lv>> {
-        let Some(vid) = VolumeId::parse(id) else { return Ok(None) };
+        let Some(vid) = VolumeId::parse(id) else {
+            return Ok(None);
+        };
         if vid.node != self.agent.node() || self.agent.config().class(&vid.class).is_none() {
             return Ok(None);
         }
@@ -46,7 +48,10 @@ impl NodeBackend for LvmNode {
 
     async fn attach(&self, id: &str) -> Result<PathBuf> {
         let lv = self.lv(id).await?.ok_or_else(|| {
-            Error::NotFound(format!("volume {id} does not exist on node {}", self.agent.node()))
+            Error::NotFound(format!(
+                "volume {id} does not exist on node {}",
+                self.agent.node()
+            ))
         })?;
         if !lv.is_active() {
             self.agent.activate(&lv.vg, &lv.name).await?;
@@ -63,9 +68,8 @@ impl NodeBackend for LvmNode {
             None => NodeVolume::Missing,
             Some(lv) => NodeVolume::Present {
                 device: LocalAgent::device_path(&lv.vg, &lv.name),
-                abnormal: (!lv.is_active()).then(|| {
-                    format!("logical volume {}/{} is not active", lv.vg, lv.name)
-                }),
+                abnormal: (!lv.is_active())
+                    .then(|| format!("logical volume {}/{} is not active", lv.vg, lv.name)),
             },
         })
     }

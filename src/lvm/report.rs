@@ -6,8 +6,10 @@ use serde::Deserialize;
 
 /// Fields asked of each sub-report, in the order of the `--configreport` flags.
 pub const VG_FIELDS: &str = "vg_name,vg_size,vg_free,vg_extent_size";
-pub const LV_FIELDS: &str = "lv_name,vg_name,lv_size,lv_attr,lv_tags,pool_lv,data_percent,\
-                             metadata_percent,lv_when_full,zero,lv_time";
+/// (A VG field here, or the segment field `zero`, would make LVM switch the
+/// sub-report's type; the VG comes from the section and zeroing from lv_attr.)
+pub const LV_FIELDS: &str =
+    "lv_name,lv_size,lv_attr,lv_tags,pool_lv,data_percent,metadata_percent,lv_when_full,lv_time";
 
 #[derive(Debug, Deserialize)]
 pub struct FullReport {
@@ -48,8 +50,6 @@ pub struct RawLv {
     pub metadata_percent: String,
     #[serde(default)]
     pub lv_when_full: String,
-    #[serde(default)]
-    pub zero: String,
     #[serde(default)]
     pub lv_time: String,
 }
@@ -105,7 +105,10 @@ pub struct BadValue {
 }
 
 fn bytes(field: &'static str, value: &str) -> Result<u64, BadValue> {
-    value.trim().parse::<u64>().map_err(|_| BadValue { field, value: value.to_string() })
+    value.trim().parse::<u64>().map_err(|_| BadValue {
+        field,
+        value: value.to_string(),
+    })
 }
 
 fn percent(value: &str) -> Option<f64> {
@@ -127,13 +130,23 @@ impl TryFrom<RawVg> for Vg {
 impl Lv {
     pub fn from_raw(r: RawLv, vg: &str) -> Result<Self, BadValue> {
         Ok(Lv {
-            vg: if r.vg_name.is_empty() { vg.to_string() } else { r.vg_name },
+            vg: if r.vg_name.is_empty() {
+                vg.to_string()
+            } else {
+                r.vg_name
+            },
             size: bytes("lv_size", &r.lv_size)?,
-            tags: r.lv_tags.split(',').filter(|t| !t.is_empty()).map(String::from).collect(),
+            tags: r
+                .lv_tags
+                .split(',')
+                .filter(|t| !t.is_empty())
+                .map(String::from)
+                .collect(),
             pool: Some(r.pool_lv).filter(|p| !p.is_empty()),
             data_percent: percent(&r.data_percent),
             metadata_percent: percent(&r.metadata_percent),
-            zeroing: r.zero.trim() == "zero",
+            // lv_attr[7] is 'z' for a thin pool that zeroes new blocks.
+            zeroing: r.lv_attr.chars().nth(7) == Some('z'),
             created: r.lv_time.trim().parse().ok(),
             when_full: r.lv_when_full,
             attr: r.lv_attr,
@@ -147,7 +160,9 @@ pub fn parse(report: FullReport) -> Result<(Vec<Vg>, Vec<Lv>), BadValue> {
     let mut vgs = Vec::new();
     let mut lvs = Vec::new();
     for section in report.report {
-        let Some(raw_vg) = section.vg.into_iter().next() else { continue };
+        let Some(raw_vg) = section.vg.into_iter().next() else {
+            continue;
+        };
         let vg = Vg::try_from(raw_vg)?;
         for raw in section.lv {
             lvs.push(Lv::from_raw(raw, &vg.name)?);
@@ -170,13 +185,13 @@ mod tests {
           "lv": [
             {"lv_name":"pool0", "vg_name":"vg0", "lv_size":"1610612736",
              "lv_attr":"twi-aotz--", "lv_tags":"", "pool_lv":"", "data_percent":"12.50",
-             "metadata_percent":"10.05", "lv_when_full":"error", "zero":"zero",
+             "metadata_percent":"10.05", "lv_when_full":"error",
              "lv_time":"1763769600"},
             {"lv_name":"lds-0123456789abcdef0123456789abcdef", "vg_name":"vg0",
              "lv_size":"1073741824", "lv_attr":"Vwi-aotz--",
              "lv_tags":"lodestone.v1.vol,lodestone.v1.name=61,lodestone.v1.params=00",
              "pool_lv":"pool0", "data_percent":"3.00", "metadata_percent":"",
-             "lv_when_full":"", "zero":"", "lv_time":"1763769601"}
+             "lv_when_full":"", "lv_time":"1763769601"}
           ],
           "pvseg": [], "seg": []
         },

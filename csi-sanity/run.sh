@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Runs a csi-sanity binary you provide against Lodestone on real LVM.
+#
+#   csi-sanity/run.sh /path/to/csi-sanity [CLASS...] [-- extra csi-sanity flags]
+#
+# CLASS is thin-mount, thin-block, thick-mount or thick-block (default: all
+# four). The driver and csi-sanity run inside the QEMU guest used by the test
+# suite (this host's kernel may lack device-mapper); where /dev/mapper/control
+# exists and you are root, they run directly on this machine instead, on loop
+# devices the script creates and removes.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd -P)
+repo=$(cd "$here/.." && pwd -P)
+(($# >= 1)) || { sed -n '4,10p' "$0" >&2; exit 2; }
+sanity=$(cd "$(dirname "$1")" && pwd -P)/$(basename "$1")
+shift
+[[ -x "$sanity" ]] || { echo "not executable: $sanity" >&2; exit 2; }
+
+cd "$repo"
+cargo build --locked --bin lodestone
+if [[ -e /dev/mapper/control && $(id -u) == 0 ]]; then
+  exec bash "$here/guest-run.sh" "$sanity" "$@"
+fi
+bash tests/vm/host-packages.sh >/dev/null
+exec bash tests/vm/run-in-guest.sh bash "$here/guest-run.sh" "$sanity" "$@"
