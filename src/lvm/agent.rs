@@ -73,6 +73,14 @@ pub struct LocalAgent {
     lvm_config_arg: String,
     state: RwLock<State>,
     refreshing: tokio::sync::Mutex<()>,
+    /// Thick LVs being zeroed before removal, and those already zeroed.
+    zeroing: Arc<std::sync::Mutex<BTreeMap<String, ZeroJob>>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ZeroJob {
+    Running,
+    Done,
 }
 
 const NO_UDEV: &str = "activation { udev_sync = 0 udev_rules = 0 } \
@@ -96,6 +104,7 @@ impl LocalAgent {
                 ..State::default()
             }),
             refreshing: tokio::sync::Mutex::new(()),
+            zeroing: Arc::default(),
         }
     }
 
@@ -320,6 +329,46 @@ impl LocalAgent {
         Ok(())
     }
 
+    /// Zeroes a thick LV through BLKZEROOUT on an O_EXCL descriptor (which
+    /// the kernel refuses while the LV is mounted, so a volume in use is never
+    /// touched). The work runs in its own task: if the caller gives up (a
+    /// gRPC deadline), it goes on, a retry meanwhile gets ABORTED, and a
+    /// retry after it finishes does not zero again. A crash midway is
+    /// harmless: the retry after restart zeroes from the start.
+    async fn zero(&self, lv: &Lv) -> Result<()> {
+        let key = format!("{}/{}", lv.vg, lv.name);
+        {
+            let mut jobs = self.zeroing.lock().expect("zero jobs poisoned");
+            match jobs.get(&key) {
+                Some(ZeroJob::Done) => return Ok(()),
+                Some(ZeroJob::Running) => {
+                    return Err(Error::Aborted(format!(
+                        "{key} is still being zeroed before removal; retry later"
+                    )))
+                }
+                None => jobs.insert(key.clone(), ZeroJob::Running),
+            };
+        }
+        let dev = Self::device_path(&lv.vg, &lv.name);
+        let jobs = self.zeroing.clone();
+        let job_key = key.clone();
+        let started = Instant::now();
+        let task = tokio::task::spawn_blocking(move || {
+            let result = blockdev::open_exclusive(&dev).and_then(|f| blockdev::zero_all(&f, &dev));
+            let mut jobs = jobs.lock().expect("zero jobs poisoned");
+            match &result {
+                Ok(_) => jobs.insert(job_key, ZeroJob::Done),
+                Err(_) => jobs.remove(&job_key),
+            };
+            result
+        });
+        let zeroed = task
+            .await
+            .map_err(|e| Error::Internal(format!("zeroing task failed: {e}")))??;
+        tracing::debug!(lv = %key, zeroed, elapsed = ?started.elapsed(), "zeroed thick LV");
+        Ok(())
+    }
+
     fn extent_size(&self, vg: &str) -> Result<u64> {
         let st = self.state.read().expect("state poisoned");
         st.vgs
@@ -502,27 +551,25 @@ impl Agent for LocalAgent {
             return Ok(());
         };
         if !class.is_thin() {
-            // Zero the data before the extents go back to the VG. O_EXCL
-            // fails while the volume is mounted, so this never zeroes a
-            // volume in use. A crash midway is harmless: the retry zeroes again.
+            // Zero the data before the extents go back to the VG.
             if !lv.is_active() {
                 self.activate(&lv.vg, &lv.name).await?;
             }
-            let dev = Self::device_path(&lv.vg, &lv.name);
-            let started = Instant::now();
-            let zeroed = tokio::task::spawn_blocking(move || {
-                let f = blockdev::open_exclusive(&dev)?;
-                blockdev::zero_all(&f, &dev)
-            })
-            .await
-            .map_err(|e| Error::Internal(format!("zeroing task failed: {e}")))??;
-            tracing::debug!(lv = lv_name, zeroed, elapsed = ?started.elapsed(), "zeroed thick LV");
+            self.zero(&lv).await?;
         }
         let cmd = self
             .lvm("lvremove")
             .arg("--yes")
             .arg(format!("{}/{}", lv.vg, lv.name));
-        match self.runner.run(&cmd).await.map_err(lvm_error) {
+        let removed = self.runner.run(&cmd).await.map_err(lvm_error);
+        // Success or not, the zeroing record goes: should the removal have
+        // failed, the LV was still in use and may hold new data, so the next
+        // attempt zeroes again.
+        self.zeroing
+            .lock()
+            .expect("zero jobs poisoned")
+            .remove(&format!("{}/{}", lv.vg, lv.name));
+        match removed {
             Ok(_) | Err(Error::NotFound(_)) => {}
             Err(e) => {
                 self.mark_dirty();
