@@ -5,9 +5,9 @@
 #
 # CLASS is thin-mount, thin-block, thick-mount or thick-block (default: all
 # four). The driver and csi-sanity run inside the QEMU guest used by the test
-# suite (this host's kernel may lack device-mapper); where /dev/mapper/control
-# exists and you are root, they run directly on this machine instead, on loop
-# devices the script creates and removes.
+# suite (this host's kernel may lack device-mapper); where the kernel has
+# device-mapper and you are root, they run directly on this machine instead,
+# on loop devices the script creates and removes.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd -P)
 repo=$(cd "$here/.." && pwd -P)
@@ -18,7 +18,7 @@ shift
 
 cd "$repo"
 cargo build --locked --bin lodestone
-if [[ -e /dev/mapper/control && $(id -u) == 0 ]]; then
+if [[ -e /sys/class/misc/device-mapper && $(id -u) == 0 ]]; then
   exec bash "$here/guest-run.sh" "$sanity" "$@"
 fi
 bash tests/vm/host-packages.sh >/dev/null

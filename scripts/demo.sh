@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tests/vm/host-packages.sh >/dev/null
 cargo build --release --locked --bin lodestone 2>&1 | grep -v '^\s*Compiling' || true
-if [[ -e /dev/mapper/control && $(id -u) == 0 ]]; then
+if [[ -e /sys/class/misc/device-mapper && $(id -u) == 0 ]]; then
   exec target/release/lodestone demo "$@"
 fi
 echo "(this kernel has no device-mapper: running the demo in a QEMU guest; ~1 minute)"

@@ -75,12 +75,10 @@ async fn teardown(runner: &Runner, image: &Path) {
 }
 
 pub async fn run(args: &DemoArgs) -> Result<(), String> {
-    if !Path::new("/dev/mapper/control").exists() {
-        return Err(
-            "this kernel has no device-mapper (/dev/mapper/control); run the demo \
+    if !Path::new("/sys/class/misc/device-mapper").exists() {
+        return Err("this kernel has no device-mapper; run the demo \
                     through scripts/demo.sh, which uses a VM when needed"
-                .into(),
-        );
+            .into());
     }
     let runner = Runner::new(Duration::from_secs(120));
     let dir = &args.dir;

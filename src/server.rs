@@ -55,12 +55,7 @@ pub async fn lvm_services(args: &RunArgs) -> Result<Services, String> {
     let node_id = args.node_id()?;
     let config = LvmConfig::load(args.lvm_config.as_deref(), &args.device_classes)?;
     let runner = Arc::new(Runner::new(args.command_timeout()));
-    let agent = Arc::new(LocalAgent::new(
-        node_id,
-        config.clone(),
-        runner.clone(),
-        args.lvm_udev,
-    ));
+    let agent = LocalAgent::new(node_id, config.clone(), runner.clone(), args.lvm_udev);
     if let Err(e) = agent.start().await {
         // Keep serving: Probe reports not ready and says why; the background
         // refresh picks the VGs up when they appear.

@@ -9,6 +9,13 @@ use crate::core::request::Capability;
 use crate::csi;
 use crate::error::Result;
 
+/// Where a new volume's data comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    Snapshot(String),
+    Volume(String),
+}
+
 /// A validated CreateVolume request.
 #[derive(Debug, Clone)]
 pub struct CreateVolume {
@@ -18,6 +25,26 @@ pub struct CreateVolume {
     pub params: BTreeMap<String, String>,
     pub capabilities: Vec<Capability>,
     pub requirement: Option<csi::TopologyRequirement>,
+    pub source: Option<Source>,
+}
+
+/// A validated CreateSnapshot request.
+#[derive(Debug, Clone)]
+pub struct CreateSnapshot {
+    pub name: String,
+    pub source_volume_id: String,
+    pub params: BTreeMap<String, String>,
+}
+
+/// A snapshot as the CSI layer reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SnapshotInfo {
+    pub id: String,
+    pub source_volume_id: String,
+    pub size: u64,
+    /// Seconds since the epoch.
+    pub created: i64,
+    pub ready: bool,
 }
 
 /// A volume as the CSI layer reports it.
@@ -30,6 +57,7 @@ pub struct VolumeInfo {
     pub context: BTreeMap<String, String>,
     /// Set when the backend knows the volume is unhealthy.
     pub abnormal: Option<String>,
+    pub source: Option<Source>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -60,6 +88,17 @@ pub trait ControllerBackend: Send + Sync + 'static {
         params: &BTreeMap<String, String>,
         topology: Option<&csi::Topology>,
     ) -> Result<Capacity>;
+    /// VolumeSnapshotClass parameter keys this backend accepts.
+    fn snapshot_parameter_keys(&self) -> &'static [&'static str];
+    fn is_valid_snapshot_id(&self, id: &str) -> bool;
+    /// Creates a snapshot, or returns the one an earlier call made;
+    /// `ready` is false while its data is still being copied.
+    async fn create_snapshot(&self, req: &CreateSnapshot) -> Result<SnapshotInfo>;
+    /// Deleting what does not exist is success.
+    async fn delete_snapshot(&self, id: &str) -> Result<()>;
+    async fn get_snapshot(&self, id: &str) -> Result<Option<SnapshotInfo>>;
+    /// All snapshots, sorted by id.
+    async fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>>;
 }
 
 /// The backend's view of a volume on this node, without running anything.

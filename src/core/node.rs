@@ -93,8 +93,10 @@ impl NodeOps {
                 ))
             })?;
         }
+        let mut formatted = false;
         let fs_type = match fs::probe(&self.runner, &device).await? {
             fs::Content::Blank => {
+                formatted = true;
                 let fs = wanted.unwrap_or(FsType::Ext4);
                 tracing::info!(volume = id, fs = fs.as_str(), "formatting blank volume");
                 fs::mkfs(&self.runner, fs, &device).await?;
@@ -132,7 +134,38 @@ impl NodeOps {
             flags.clone(),
             fs_type.clone(),
         );
-        blocking(move || mount::mount_device(&device2, &staging2, &fs2, &flags, extra)).await
+        let read_only = flags.iter().any(|f| f == "ro");
+        blocking(move || mount::mount_device(&device2, &staging2, &fs2, &flags, extra)).await?;
+        if !formatted && !read_only {
+            self.grow_if_smaller(id, &device, staging, &fs_type).await?;
+        }
+        Ok(())
+    }
+
+    /// A filesystem smaller than its device (a restore or clone into a
+    /// larger volume, or an expansion the node never finished) is grown.
+    async fn grow_if_smaller(
+        &self,
+        id: &str,
+        device: &Path,
+        mount_point: &Path,
+        fs_type: &str,
+    ) -> Result<()> {
+        let (dev, fs) = (device.to_path_buf(), fs_type.to_string());
+        let sizes = blocking(move || Ok((blockdev::size(&dev)?, fs::fs_size(&dev, &fs)))).await?;
+        if let (device_bytes, Some(fs_bytes)) = sizes {
+            // Filesystems end on a block boundary: a few blocks short is full size.
+            if device_bytes > fs_bytes + (1 << 20) {
+                tracing::info!(
+                    volume = id,
+                    fs_bytes,
+                    device_bytes,
+                    "growing filesystem to its device"
+                );
+                fs::grow(&self.runner, fs_type, device, mount_point).await?;
+            }
+        }
+        Ok(())
     }
 
     /// NodeUnstageVolume: unmount the staging path (if mounted) and detach.

@@ -4,7 +4,9 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use crate::core::backend::{ControllerBackend, CreateVolume, VolumeInfo};
+use crate::core::backend::{
+    ControllerBackend, CreateSnapshot, CreateVolume, SnapshotInfo, Source, VolumeInfo,
+};
 use crate::core::capacity::Range;
 use crate::core::locks::OpLocks;
 use crate::core::request::{
@@ -27,7 +29,20 @@ fn to_volume(v: &VolumeInfo) -> Volume {
         capacity_bytes: v.capacity as i64,
         volume_id: v.id.clone(),
         volume_context: v.context.clone().into_iter().collect(),
-        content_source: None,
+        content_source: v.source.as_ref().map(|s| VolumeContentSource {
+            r#type: Some(match s {
+                Source::Snapshot(id) => {
+                    volume_content_source::Type::Snapshot(volume_content_source::SnapshotSource {
+                        snapshot_id: id.clone(),
+                    })
+                }
+                Source::Volume(id) => {
+                    volume_content_source::Type::Volume(volume_content_source::VolumeSource {
+                        volume_id: id.clone(),
+                    })
+                }
+            }),
+        }),
         accessible_topology: v
             .topology
             .iter()
@@ -38,6 +53,35 @@ fn to_volume(v: &VolumeInfo) -> Volume {
     }
 }
 
+fn to_snapshot(s: &SnapshotInfo) -> Snapshot {
+    Snapshot {
+        size_bytes: s.size as i64,
+        snapshot_id: s.id.clone(),
+        source_volume_id: s.source_volume_id.clone(),
+        creation_time: Some(prost_types::Timestamp {
+            seconds: s.created,
+            nanos: 0,
+        }),
+        ready_to_use: s.ready,
+        group_snapshot_id: String::new(),
+    }
+}
+
+fn source_of(src: Option<&VolumeContentSource>) -> Result<Option<Source>> {
+    let Some(src) = src else { return Ok(None) };
+    match &src.r#type {
+        Some(volume_content_source::Type::Snapshot(s)) => Ok(Some(Source::Snapshot(
+            require_id(&s.snapshot_id, "snapshot_id")?.to_string(),
+        ))),
+        Some(volume_content_source::Type::Volume(v)) => Ok(Some(Source::Volume(
+            require_id(&v.volume_id, "volume_id")?.to_string(),
+        ))),
+        None => Err(invalid!(
+            "volume_content_source names neither a snapshot nor a volume"
+        )),
+    }
+}
+
 fn range_of(r: Option<&CapacityRange>) -> Result<Range> {
     match r {
         None => Ok(Range::default()),
@@ -45,6 +89,8 @@ fn range_of(r: Option<&CapacityRange>) -> Result<Range> {
     }
 }
 
+/// GetSnapshot is served but not advertised: GET_SNAPSHOT is an alpha
+/// capability that csi-sanity 5.4 rejects as unknown.
 const CAPABILITIES: &[rpc::Type] = &[
     rpc::Type::CreateDeleteVolume,
     rpc::Type::ListVolumes,
@@ -52,6 +98,9 @@ const CAPABILITIES: &[rpc::Type] = &[
     rpc::Type::ExpandVolume,
     rpc::Type::GetVolume,
     rpc::Type::SingleNodeMultiWriter,
+    rpc::Type::CreateDeleteSnapshot,
+    rpc::Type::ListSnapshots,
+    rpc::Type::CloneVolume,
 ];
 
 fn unimplemented<T>(what: &str) -> Result<Response<T>, Status> {
@@ -74,11 +123,7 @@ impl Controller for ControllerService {
             let capabilities = parse_capabilities(&req.volume_capabilities)?;
             let range = range_of(req.capacity_range.as_ref())?;
             let params = storage_params(&req.parameters, self.backend.parameter_keys())?;
-            if req.volume_content_source.is_some() {
-                return Err(invalid!(
-                    "volume_content_source is not supported yet (no CLONE_VOLUME capability)"
-                ));
-            }
+            let source = source_of(req.volume_content_source.as_ref())?;
             let _guard = self.locks.try_lock([format!("name:{}", req.name)])?;
             let create = CreateVolume {
                 name: req.name.clone(),
@@ -86,6 +131,7 @@ impl Controller for ControllerService {
                 params,
                 capabilities,
                 requirement: req.accessibility_requirements.clone(),
+                source,
             };
             let v = self.backend.create_volume(&create).await?;
             Ok(CreateVolumeResponse {
@@ -250,32 +296,114 @@ impl Controller for ControllerService {
         }))
     }
 
+    /// Snapshots a volume, or returns the snapshot an earlier call with the
+    /// same name made; same name with another source: ALREADY_EXISTS.
     async fn create_snapshot(
         &self,
-        _: Request<CreateSnapshotRequest>,
+        req: Request<CreateSnapshotRequest>,
     ) -> Result<Response<CreateSnapshotResponse>, Status> {
-        unimplemented("CreateSnapshot")
+        let req = req.into_inner();
+        traced("CreateSnapshot", &req.name, async {
+            validate_name(&req.name, "name")?;
+            require_id(&req.source_volume_id, "source_volume_id")?;
+            let params = storage_params(&req.parameters, self.backend.snapshot_parameter_keys())?;
+            let _guard = self.locks.try_lock([
+                format!("snapname:{}", req.name),
+                format!("vol:{}", req.source_volume_id),
+            ])?;
+            let create = CreateSnapshot {
+                name: req.name.clone(),
+                source_volume_id: req.source_volume_id.clone(),
+                params,
+            };
+            let s = self.backend.create_snapshot(&create).await?;
+            Ok(CreateSnapshotResponse {
+                snapshot: Some(to_snapshot(&s)),
+            })
+        })
+        .await
     }
 
+    /// Deletes a snapshot; an unknown or malformed id is success.
     async fn delete_snapshot(
         &self,
-        _: Request<DeleteSnapshotRequest>,
+        req: Request<DeleteSnapshotRequest>,
     ) -> Result<Response<DeleteSnapshotResponse>, Status> {
-        unimplemented("DeleteSnapshot")
+        let req = req.into_inner();
+        traced("DeleteSnapshot", &req.snapshot_id, async {
+            require_id(&req.snapshot_id, "snapshot_id")?;
+            let _guard = self.locks.try_lock([format!("snap:{}", req.snapshot_id)])?;
+            self.backend.delete_snapshot(&req.snapshot_id).await?;
+            Ok(DeleteSnapshotResponse {})
+        })
+        .await
     }
 
+    /// Lists snapshots in id order, optionally one snapshot or those of one
+    /// source volume; tokens work as for ListVolumes.
     async fn list_snapshots(
         &self,
-        _: Request<ListSnapshotsRequest>,
+        req: Request<ListSnapshotsRequest>,
     ) -> Result<Response<ListSnapshotsResponse>, Status> {
-        unimplemented("ListSnapshots")
+        let req = req.into_inner();
+        traced("ListSnapshots", &req.starting_token, async {
+            if req.max_entries < 0 {
+                return Err(invalid!("max_entries must not be negative"));
+            }
+            if !req.starting_token.is_empty()
+                && !self.backend.is_valid_snapshot_id(&req.starting_token)
+            {
+                return Err(Error::Aborted(format!(
+                    "starting_token {:?} is not a token this driver issued",
+                    req.starting_token
+                )));
+            }
+            let all: Vec<SnapshotInfo> = self
+                .backend
+                .list_snapshots()
+                .await?
+                .into_iter()
+                .filter(|s| req.snapshot_id.is_empty() || s.id == req.snapshot_id)
+                .filter(|s| {
+                    req.source_volume_id.is_empty() || s.source_volume_id == req.source_volume_id
+                })
+                .collect();
+            let (entries, next_token) =
+                page(&all, &req.starting_token, req.max_entries as usize, |s| {
+                    &s.id
+                });
+            Ok(ListSnapshotsResponse {
+                entries: entries
+                    .iter()
+                    .map(|s| list_snapshots_response::Entry {
+                        snapshot: Some(to_snapshot(s)),
+                    })
+                    .collect(),
+                next_token,
+            })
+        })
+        .await
     }
 
     async fn get_snapshot(
         &self,
-        _: Request<GetSnapshotRequest>,
+        req: Request<GetSnapshotRequest>,
     ) -> Result<Response<GetSnapshotResponse>, Status> {
-        unimplemented("GetSnapshot")
+        let req = req.into_inner();
+        traced("GetSnapshot", &req.snapshot_id, async {
+            require_id(&req.snapshot_id, "snapshot_id")?;
+            let s = self
+                .backend
+                .get_snapshot(&req.snapshot_id)
+                .await?
+                .ok_or_else(|| {
+                    Error::NotFound(format!("snapshot {} does not exist", req.snapshot_id))
+                })?;
+            Ok(GetSnapshotResponse {
+                snapshot: Some(to_snapshot(&s)),
+            })
+        })
+        .await
     }
 
     /// Grows the volume; filesystem volumes then need NodeExpandVolume.

@@ -72,3 +72,79 @@ pub fn zero_all(f: &File, path: &Path) -> Result<u64> {
     }
     Ok(total)
 }
+
+/// Copies every byte of `src` into `dst` (both block devices of at least
+/// the same size as `src`), in 4 MiB chunks. A chunk of zeroes is not
+/// written: with `dst_reads_zero` (a fresh thin LV, whose unwritten blocks
+/// read as zeroes) it is skipped, otherwise it is zeroed with BLKZEROOUT, so
+/// no old data of `dst` can survive. `dst` is opened O_EXCL (never a mounted
+/// device). Stops early, with an error, when `cancel` is set. Blocking.
+pub fn copy(
+    src: &Path,
+    dst: &Path,
+    dst_reads_zero: bool,
+    cancel: &std::sync::atomic::AtomicBool,
+    progress: &std::sync::atomic::AtomicU64,
+) -> Result<u64> {
+    use std::io::Read;
+    use std::os::unix::fs::FileExt;
+    use std::sync::atomic::Ordering;
+
+    let mut input = File::open(src)
+        .map_err(|e| Error::Internal(format!("cannot open {}: {e}", src.display())))?;
+    let total = size_of(&input, src)?;
+    let output = open_exclusive(dst)?;
+    let dst_size = size_of(&output, dst)?;
+    if dst_size < total {
+        return Err(Error::Internal(format!(
+            "{} ({dst_size} bytes) is smaller than {} ({total} bytes)",
+            dst.display(),
+            src.display()
+        )));
+    }
+    const CHUNK: usize = 4 << 20;
+    let mut buf = vec![0u8; CHUNK];
+    // Slice equality against zeroes is a memcmp: fast even in debug builds.
+    let zeroes = vec![0u8; CHUNK];
+    let mut offset: u64 = 0;
+    while offset < total {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(Error::Aborted(format!(
+                "copy into {} was cancelled",
+                dst.display()
+            )));
+        }
+        let len = (CHUNK as u64).min(total - offset) as usize;
+        input
+            .read_exact(&mut buf[..len])
+            .map_err(|e| Error::Internal(format!("read {} at {offset}: {e}", src.display())))?;
+        if buf[..len] == zeroes[..len] {
+            if !dst_reads_zero {
+                let range = [offset, len as u64];
+                // SAFETY: BLKZEROOUT reads a [start, length] pair of u64.
+                unsafe { blkzeroout(output.as_raw_fd(), &range) }.map_err(|e| {
+                    Error::Internal(format!("BLKZEROOUT on {} at {offset}: {e}", dst.display()))
+                })?;
+            }
+        } else {
+            output.write_all_at(&buf[..len], offset).map_err(|e| {
+                Error::Internal(format!("write {} at {offset}: {e}", dst.display()))
+            })?;
+        }
+        offset += len as u64;
+        progress.store(offset, Ordering::Relaxed);
+    }
+    // A larger destination (a restore into a bigger volume): its tail must
+    // not keep old data either.
+    if !dst_reads_zero && dst_size > total {
+        let range = [total, dst_size - total];
+        // SAFETY: BLKZEROOUT reads a [start, length] pair of u64.
+        unsafe { blkzeroout(output.as_raw_fd(), &range) }.map_err(|e| {
+            Error::Internal(format!("BLKZEROOUT on the tail of {}: {e}", dst.display()))
+        })?;
+    }
+    output
+        .sync_all()
+        .map_err(|e| Error::Internal(format!("sync {}: {e}", dst.display())))?;
+    Ok(total)
+}

@@ -93,6 +93,50 @@ pub async fn grow(runner: &Runner, fs_type: &str, device: &Path, mount_point: &P
     Ok(())
 }
 
+/// The size a filesystem thinks it has, read from its superblock (no
+/// process). None for an unknown filesystem or an unreadable superblock.
+pub fn fs_size(device: &Path, fs_type: &str) -> Option<u64> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(device).ok()?;
+    let read = |offset: u64, len: usize| -> Option<Vec<u8>> {
+        let mut buf = vec![0u8; len];
+        f.read_exact_at(&mut buf, offset).ok()?;
+        Some(buf)
+    };
+    let le32 = |b: &[u8], o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap()) as u64;
+    match fs_type {
+        "ext4" | "ext3" | "ext2" => {
+            let sb = read(1024, 1024)?;
+            if sb[0x38..0x3a] != [0x53, 0xef] {
+                return None;
+            }
+            let block = 1024u64 << le32(&sb, 0x18);
+            let mut blocks = le32(&sb, 0x4);
+            if le32(&sb, 0x60) & 0x80 != 0 {
+                blocks |= le32(&sb, 0x150) << 32;
+            }
+            Some(blocks * block)
+        }
+        "xfs" => {
+            let sb = read(0, 16)?;
+            if &sb[0..4] != b"XFSB" {
+                return None;
+            }
+            let block = u32::from_be_bytes(sb[4..8].try_into().unwrap()) as u64;
+            let blocks = u64::from_be_bytes(sb[8..16].try_into().unwrap());
+            Some(blocks * block)
+        }
+        "btrfs" => {
+            let sb = read(0x10000, 0x100)?;
+            if &sb[0x40..0x48] != b"_BHRfS_M" {
+                return None;
+            }
+            Some(u64::from_le_bytes(sb[0x70..0x78].try_into().unwrap()))
+        }
+        _ => None,
+    }
+}
+
 /// Usage of a mounted filesystem.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Usage {

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crate::config::{DeviceClass, LvmConfig};
 use crate::error::{Error, Result};
 use crate::host::blockdev;
+use crate::lvm::ids::Kind;
 use crate::lvm::report::{self, FullReport, Lv, Vg};
 use crate::runner::{Cmd, RunError, Runner};
 
@@ -25,6 +26,20 @@ pub struct LvSpec {
     pub name: String,
     pub size: u64,
     pub tags: Vec<String>,
+    /// Where the data comes from: None for a blank volume.
+    pub origin: Option<Origin>,
+    /// A snapshot: read-only (thin snapshots also stay inactive).
+    pub read_only: bool,
+}
+
+/// The LV a snapshot, restore or clone takes its data from, on the same node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    pub class: String,
+    pub lv: String,
+    /// A snapshot never changes, so it is read directly; a live volume is
+    /// first frozen in a short-lived snapshot.
+    pub frozen: bool,
 }
 
 /// Space a device class can still hand out.
@@ -54,6 +69,12 @@ pub trait Agent: Send + Sync + 'static {
     /// Every LV that belongs to a configured class, as (class, LV).
     async fn list(&self) -> Result<Vec<(String, Lv)>>;
     async fn capacity(&self, class: &str) -> Result<ClassCapacity>;
+    /// For an LV whose full copy is incomplete: makes sure the copy runs (it
+    /// restarts after a crash or a failure), waits briefly, and returns the
+    /// LV as it is then.
+    async fn resume(&self, class: &str, lv: &str) -> Result<Option<Lv>>;
+    /// What a running or failed copy into the LV has to say, if anything.
+    async fn copy_progress(&self, class: &str, lv: &str) -> Option<String>;
 }
 
 #[derive(Debug, Default)]
@@ -69,12 +90,16 @@ struct State {
 pub struct LocalAgent {
     node: String,
     config: LvmConfig,
-    runner: Arc<Runner>,
+    pub(super) runner: Arc<Runner>,
     lvm_config_arg: String,
     state: RwLock<State>,
     refreshing: tokio::sync::Mutex<()>,
     /// Thick LVs being zeroed before removal, and those already zeroed.
     zeroing: Arc<std::sync::Mutex<BTreeMap<String, ZeroJob>>>,
+    /// Full copies under way or failed, by "vg/lv" of the target.
+    pub(super) copies: std::sync::Mutex<BTreeMap<String, super::copy::CopyEntry>>,
+    /// This agent, for tasks that outlive the call that started them.
+    pub(super) me: std::sync::Weak<LocalAgent>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,13 +113,13 @@ const NO_UDEV: &str = "activation { udev_sync = 0 udev_rules = 0 } \
 const REPORT_TIME: &str = "report { time_format = \"%s\" }";
 
 impl LocalAgent {
-    pub fn new(node: String, config: LvmConfig, runner: Arc<Runner>, udev: bool) -> Self {
+    pub fn new(node: String, config: LvmConfig, runner: Arc<Runner>, udev: bool) -> Arc<Self> {
         let lvm_config_arg = if udev {
             REPORT_TIME.to_string()
         } else {
             format!("{NO_UDEV} {REPORT_TIME}")
         };
-        LocalAgent {
+        Arc::new_cyclic(|me| LocalAgent {
             node,
             config,
             runner,
@@ -105,14 +130,16 @@ impl LocalAgent {
             }),
             refreshing: tokio::sync::Mutex::new(()),
             zeroing: Arc::default(),
-        }
+            copies: Default::default(),
+            me: me.clone(),
+        })
     }
 
     pub fn config(&self) -> &LvmConfig {
         &self.config
     }
 
-    fn lvm(&self, sub: &str) -> Cmd {
+    pub(super) fn lvm(&self, sub: &str) -> Cmd {
         Cmd::new("lvm")
             .arg(sub)
             .arg("--config")
@@ -120,7 +147,7 @@ impl LocalAgent {
             .env("LVM_SUPPRESS_FD_WARNINGS", "1")
     }
 
-    fn class(&self, name: &str) -> Result<&DeviceClass> {
+    pub(super) fn class(&self, name: &str) -> Result<&DeviceClass> {
         self.config
             .class(name)
             .ok_or_else(|| Error::NotFound(format!("device class {name:?} is not configured")))
@@ -286,7 +313,7 @@ impl LocalAgent {
         });
     }
 
-    fn mark_dirty(&self) {
+    pub(super) fn mark_dirty(&self) {
         self.state.write().expect("state poisoned").dirty = true;
     }
 
@@ -369,6 +396,142 @@ impl LocalAgent {
         Ok(())
     }
 
+    /// A blank LV: thin in the class's pool, or thick (signatures wiped and
+    /// the start zeroed, so a leftover filesystem is never adopted; old data
+    /// is zeroed when LVs are removed).
+    pub(super) async fn create_blank(&self, class: &DeviceClass, spec: &LvSpec) -> Result<Lv> {
+        let mut cmd = self.lvm("lvcreate").args(["--name", &spec.name, "--yes"]);
+        for tag in &spec.tags {
+            cmd = cmd.args(["--addtag", tag]);
+        }
+        let size = format!("{}b", spec.size);
+        cmd = match &class.thin_pool {
+            Some(pool) => cmd
+                .args(["--virtualsize", &size, "--thinpool"])
+                .arg(format!("{}/{pool}", class.volume_group)),
+            None => cmd
+                .args(["--size", &size, "--wipesignatures", "y", "--zero", "y"])
+                .arg(&class.volume_group),
+        };
+        if let Some(existing) = self
+            .run_create(&cmd, &class.volume_group, &spec.name)
+            .await?
+        {
+            return Ok(existing);
+        }
+        let attr = if class.is_thin() {
+            "Vwi-a-tz--"
+        } else {
+            "-wi-a-----"
+        };
+        Ok(self.remember(class, new_lv(class, spec, spec.size, attr)))
+    }
+
+    /// A thin snapshot of an LV in the same pool: read-only and inactive for
+    /// a CSI snapshot, writable and active for a restore or clone (grown
+    /// afterwards when a larger size was asked for).
+    async fn create_thin_snapshot(
+        &self,
+        class: &DeviceClass,
+        spec: &LvSpec,
+        origin: &Origin,
+    ) -> Result<Lv> {
+        let vg = &class.volume_group;
+        let origin_lv = self.lookup(vg, &origin.lv).await?.ok_or_else(|| {
+            Error::NotFound(format!("the source LV {vg}/{} no longer exists", origin.lv))
+        })?;
+        let mut cmd = self
+            .lvm("lvcreate")
+            .args(["--snapshot", "--name", &spec.name, "--yes"]);
+        for tag in &spec.tags {
+            cmd = cmd.args(["--addtag", tag]);
+        }
+        cmd = if spec.read_only {
+            cmd.args([
+                "--permission",
+                "r",
+                "--setactivationskip",
+                "y",
+                "--activate",
+                "n",
+            ])
+        } else {
+            cmd.args([
+                "--permission",
+                "rw",
+                "--setactivationskip",
+                "n",
+                "--activate",
+                "y",
+            ])
+        };
+        let cmd = cmd.arg(format!("{vg}/{}", origin.lv));
+        let lv = match self.run_create(&cmd, vg, &spec.name).await? {
+            Some(existing) => existing,
+            None => {
+                let attr = if spec.read_only {
+                    "Vri---tz-k"
+                } else {
+                    "Vwi-a-tz--"
+                };
+                self.remember(class, new_lv(class, spec, origin_lv.size, attr))
+            }
+        };
+        if !spec.read_only && spec.size > lv.size {
+            return self.extend(&class.name, &spec.name, spec.size).await;
+        }
+        Ok(lv)
+    }
+
+    /// Runs an lvcreate. On "already exists" (an earlier attempt this
+    /// process did not see) returns what is there; on other failures marks
+    /// the state dirty and maps the error.
+    pub(super) async fn run_create(&self, cmd: &Cmd, vg: &str, name: &str) -> Result<Option<Lv>> {
+        let Err(e) = self.runner.run(cmd).await else {
+            return Ok(None);
+        };
+        let err = lvm_error(e);
+        self.mark_dirty();
+        if let Error::AlreadyExists(_) = err {
+            if let Some(lv) = self.lookup(vg, name).await? {
+                return Ok(Some(lv));
+            }
+        }
+        Err(err)
+    }
+
+    /// Records a new LV in the in-memory state (and the VG space it took).
+    pub(super) fn remember(&self, class: &DeviceClass, lv: Lv) -> Lv {
+        let mut st = self.state.write().expect("state poisoned");
+        if !class.is_thin() {
+            if let Some(vg) = st.vgs.get_mut(&class.volume_group) {
+                vg.free = vg.free.saturating_sub(lv.size);
+            }
+        }
+        st.lvs.insert((lv.vg.clone(), lv.name.clone()), lv.clone());
+        lv
+    }
+
+    /// Forgets a removed LV (and gives its space back to the VG).
+    pub(super) fn forget(&self, vg: &str, name: &str) {
+        let mut st = self.state.write().expect("state poisoned");
+        if let Some(lv) = st.lvs.remove(&(vg.to_string(), name.to_string())) {
+            if lv.pool.is_none() {
+                if let Some(vg) = st.vgs.get_mut(vg) {
+                    vg.free += lv.size;
+                }
+            }
+        }
+    }
+
+    /// Edits an LV's tags and attributes in the in-memory state.
+    pub(super) fn update_lv(&self, vg: &str, name: &str, f: impl FnOnce(&mut Lv)) {
+        let mut st = self.state.write().expect("state poisoned");
+        if let Some(lv) = st.lvs.get_mut(&(vg.to_string(), name.to_string())) {
+            f(lv);
+        }
+    }
+
     fn extent_size(&self, vg: &str) -> Result<u64> {
         let st = self.state.read().expect("state poisoned");
         st.vgs
@@ -378,13 +541,20 @@ impl LocalAgent {
     }
 
     fn class_of(&self, lv: &Lv) -> Option<&DeviceClass> {
-        if lv.is_thin_pool() || crate::lvm::ids::key_of_lv(&lv.name).is_none() {
+        let ours = [Kind::Volume, Kind::Snapshot]
+            .iter()
+            .any(|k| k.key_of_lv(&lv.name).is_some());
+        if lv.is_thin_pool() || !ours {
             return None;
         }
         self.config
             .classes
             .iter()
             .find(|c| c.volume_group == lv.vg && c.thin_pool.as_deref() == lv.pool.as_deref())
+    }
+
+    pub(super) fn capacity_now_pub(&self, class: &DeviceClass) -> Result<ClassCapacity> {
+        self.capacity_now(class)
     }
 
     fn capacity_now(&self, class: &DeviceClass) -> Result<ClassCapacity> {
@@ -445,6 +615,22 @@ fn percent(part: u64, whole: u64) -> f64 {
     }
 }
 
+fn new_lv(class: &DeviceClass, spec: &LvSpec, size: u64, attr: &str) -> Lv {
+    Lv {
+        vg: class.volume_group.clone(),
+        name: spec.name.clone(),
+        size,
+        attr: attr.to_string(),
+        tags: spec.tags.clone(),
+        pool: class.thin_pool.clone(),
+        data_percent: class.is_thin().then_some(0.0),
+        metadata_percent: None,
+        when_full: String::new(),
+        zeroing: false,
+        created: Some(now_epoch()),
+    }
+}
+
 fn now_epoch() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -491,58 +677,13 @@ impl Agent for LocalAgent {
                 spec.size
             )));
         }
-        let mut cmd = self.lvm("lvcreate").args(["--name", &spec.name, "--yes"]);
-        for tag in &spec.tags {
-            cmd = cmd.args(["--addtag", tag]);
-        }
-        let size = format!("{}b", spec.size);
-        cmd = match &class.thin_pool {
-            Some(pool) => cmd
-                .args(["--virtualsize", &size, "--thinpool"])
-                .arg(format!("{}/{pool}", class.volume_group)),
-            // Thick: wipe any old signature and zero the start, so a leftover
-            // filesystem can never be adopted. Old data is zeroed on delete.
-            None => cmd
-                .args(["--size", &size, "--wipesignatures", "y", "--zero", "y"])
-                .arg(&class.volume_group),
-        };
-        if let Err(e) = self.runner.run(&cmd).await {
-            let err = lvm_error(e);
-            self.mark_dirty();
-            if let Error::AlreadyExists(_) = err {
-                // Made by an earlier attempt we did not see: report what is there.
-                if let Some(lv) = self.lookup(&class.volume_group, &spec.name).await? {
-                    return Ok(lv);
-                }
+        match &spec.origin {
+            None => self.create_blank(&class, spec).await,
+            Some(o) if class.is_thin() && o.class == class.name => {
+                self.create_thin_snapshot(&class, spec, o).await
             }
-            return Err(err);
+            Some(o) => self.create_copy(&class, spec, o).await,
         }
-        let lv = Lv {
-            vg: class.volume_group.clone(),
-            name: spec.name.clone(),
-            size: spec.size,
-            attr: if class.is_thin() {
-                "Vwi-a-tz--"
-            } else {
-                "-wi-a-----"
-            }
-            .to_string(),
-            tags: spec.tags.clone(),
-            pool: class.thin_pool.clone(),
-            data_percent: class.is_thin().then_some(0.0),
-            metadata_percent: None,
-            when_full: String::new(),
-            zeroing: false,
-            created: Some(now_epoch()),
-        };
-        let mut st = self.state.write().expect("state poisoned");
-        if !class.is_thin() {
-            if let Some(vg) = st.vgs.get_mut(&class.volume_group) {
-                vg.free = vg.free.saturating_sub(spec.size);
-            }
-        }
-        st.lvs.insert((lv.vg.clone(), lv.name.clone()), lv.clone());
-        Ok(lv)
     }
 
     async fn remove(&self, class: &str, lv_name: &str) -> Result<()> {
@@ -550,10 +691,22 @@ impl Agent for LocalAgent {
         let Some(lv) = self.lookup(&class.volume_group, lv_name).await? else {
             return Ok(());
         };
+        // A copy into this LV stops first (and removes its own temporary
+        // snapshot); the caller retries.
+        self.cancel_copy(&lv)?;
         if !class.is_thin() {
-            // Zero the data before the extents go back to the VG.
+            // Zero the data before the extents go back to the VG (a
+            // read-only snapshot is made writable for that first).
             if !lv.is_active() {
                 self.activate(&lv.vg, &lv.name).await?;
+            }
+            if lv.is_read_only() {
+                let cmd = self.lvm("lvchange").args(["--permission", "rw"]);
+                self.runner
+                    .run(&cmd.arg(format!("{}/{}", lv.vg, lv.name)))
+                    .await
+                    .map_err(lvm_error)?;
+                self.update_lv(&lv.vg, &lv.name, |l| l.attr.replace_range(1..2, "w"));
             }
             self.zero(&lv).await?;
         }
@@ -576,12 +729,7 @@ impl Agent for LocalAgent {
                 return Err(e);
             }
         }
-        let mut st = self.state.write().expect("state poisoned");
-        if st.lvs.remove(&(lv.vg.clone(), lv.name.clone())).is_some() && !class.is_thin() {
-            if let Some(vg) = st.vgs.get_mut(&lv.vg) {
-                vg.free += lv.size;
-            }
-        }
+        self.forget(&lv.vg, &lv.name);
         Ok(())
     }
 
@@ -633,6 +781,15 @@ impl Agent for LocalAgent {
         let class = self.class(class)?;
         self.ensure_fresh().await?;
         self.capacity_now(class)
+    }
+
+    async fn resume(&self, class: &str, lv: &str) -> Result<Option<Lv>> {
+        self.resume_copy(class, lv).await
+    }
+
+    async fn copy_progress(&self, class: &str, lv: &str) -> Option<String> {
+        let vg = &self.class(class).ok()?.volume_group;
+        self.describe_copy(vg, lv)
     }
 }
 

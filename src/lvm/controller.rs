@@ -1,24 +1,28 @@
-//! LVM controller logic: places volumes on nodes and manages them through
-//! each node's agent. Identity is in LVM (see `ids`), so any controller
-//! process can restart at any time and a retried call finds what an earlier
-//! attempt made.
+//! LVM controller logic: places volumes on nodes and manages volumes and
+//! snapshots through each node's agent. Identity is in LVM (see `ids`), so
+//! any controller process can restart at any time and a retried call finds
+//! what an earlier attempt made.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use crate::config::{LvmConfig, TOPOLOGY_NODE_KEY};
-use crate::core::backend::{Capacity, ControllerBackend, CreateVolume, VolumeInfo};
+use crate::config::{DeviceClass, LvmConfig, TOPOLOGY_NODE_KEY};
+use crate::core::backend::{
+    Capacity, ControllerBackend, CreateSnapshot, CreateVolume, SnapshotInfo, Source, VolumeInfo,
+};
 use crate::core::capacity::Range;
 use crate::core::placement::{self, Candidate};
 use crate::core::request::{topology_matches, Access, FsType};
 use crate::csi;
 use crate::error::{Error, Result};
-use crate::lvm::agent::{Agent, LvSpec};
-use crate::lvm::ids::{self, VolumeId};
+use crate::lvm::agent::{Agent, LvSpec, Origin};
+use crate::lvm::ids::{self, Kind, LvId, TAG_COPYING};
 use crate::lvm::report::Lv;
 
 pub const PARAM_DEVICE_CLASS: &str = "deviceClass";
 const PARAMETER_KEYS: &[&str] = &[PARAM_DEVICE_CLASS];
+/// Key under which a volume's source enters its parameter digest.
+const SOURCE_KEY: &str = "lodestone/source";
 
 pub struct LvmController {
     config: LvmConfig,
@@ -29,6 +33,10 @@ pub struct LvmController {
 
 fn node_segments(node: &str) -> BTreeMap<String, String> {
     [(TOPOLOGY_NODE_KEY.to_string(), node.to_string())].into()
+}
+
+fn is_copying(lv: &Lv) -> bool {
+    ids::has_tag(&lv.tags, TAG_COPYING)
 }
 
 impl LvmController {
@@ -48,20 +56,25 @@ impl LvmController {
         }
     }
 
-    fn class_for(&self, params: &BTreeMap<String, String>) -> Result<&crate::config::DeviceClass> {
+    fn named_class(&self, name: &str) -> Result<&DeviceClass> {
+        self.config.class(name).ok_or_else(|| {
+            let known: Vec<&str> = self
+                .config
+                .classes
+                .iter()
+                .map(|c| c.name.as_str())
+                .collect();
+            Error::InvalidArgument(format!(
+                "unknown deviceClass {name:?}; configured classes: {}",
+                known.join(", ")
+            ))
+        })
+    }
+
+    fn class_for(&self, params: &BTreeMap<String, String>) -> Result<&DeviceClass> {
         match params.get(PARAM_DEVICE_CLASS) {
             None => Ok(self.config.default_class()),
-            Some(name) => self.config.class(name).ok_or_else(|| {
-                Error::InvalidArgument(format!(
-                    "unknown deviceClass {name:?}; configured classes: {}",
-                    self.config
-                        .classes
-                        .iter()
-                        .map(|c| c.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ))
-            }),
+            Some(name) => self.named_class(name),
         }
     }
 
@@ -69,42 +82,151 @@ impl LvmController {
         self.agents.get(node)
     }
 
-    /// An LV of that name in any class on any node.
-    async fn find_anywhere(&self, lv_name: &str) -> Result<Option<(String, String, Lv)>> {
-        for (node, agent) in &self.agents {
+    /// The LV an id names, if it exists and carries its kind's tag.
+    async fn find(&self, id: &LvId) -> Result<Option<Lv>> {
+        let Some(agent) = self.agent(&id.node) else {
+            return Ok(None);
+        };
+        if self.config.class(&id.class).is_none() {
+            return Ok(None);
+        }
+        let lv = agent.find(&id.class, &id.lv_name()).await?;
+        Ok(lv.filter(|l| ids::has_tag(&l.tags, id.kind.tag())))
+    }
+
+    async fn resolve(&self, kind: Kind, id: &str) -> Result<Option<(LvId, Lv)>> {
+        let Some(lid) = LvId::parse(kind, id) else {
+            return Ok(None);
+        };
+        Ok(self.find(&lid).await?.map(|lv| (lid, lv)))
+    }
+
+    /// An LV of that kind and key in any class on any node.
+    async fn find_anywhere(&self, kind: Kind, key: &str) -> Result<Option<(LvId, Lv)>> {
+        for node in self.agents.keys() {
             for class in &self.config.classes {
-                if let Some(lv) = agent.find(&class.name, lv_name).await? {
-                    return Ok(Some((node.clone(), class.name.clone(), lv)));
+                let id = LvId {
+                    kind,
+                    node: node.clone(),
+                    class: class.name.clone(),
+                    key: key.into(),
+                };
+                if let Some(lv) = self
+                    .agent(node)
+                    .expect("known")
+                    .find(&class.name, &id.lv_name())
+                    .await?
+                {
+                    return Ok(Some((id, lv)));
                 }
             }
         }
         Ok(None)
     }
 
-    async fn lookup(&self, id: &str) -> Result<Option<(VolumeId, Lv)>> {
-        let Some(vid) = VolumeId::parse(id) else {
-            return Ok(None);
-        };
-        let Some(agent) = self.agent(&vid.node) else {
-            return Ok(None);
-        };
-        if self.config.class(&vid.class).is_none() {
-            return Ok(None);
+    /// An existing LV for a retried request: it must be the one this name
+    /// made with these parameters, else ALREADY_EXISTS.
+    fn check_existing(&self, name: &str, lv: &Lv, digest: &str, what: &str) -> Result<()> {
+        if ids::tagged_name(&lv.tags).as_deref() != Some(name) {
+            return Err(Error::AlreadyExists(format!(
+                "logical volume {}/{} exists but was not created for {name:?}; remove or rename \
+                 it",
+                lv.vg, lv.name
+            )));
         }
-        let lv = agent.find(&vid.class, &vid.lv_name()).await?;
-        Ok(lv
-            .filter(|l| l.tags.iter().any(|t| t == ids::TAG_VOLUME))
-            .map(|l| (vid, l)))
+        if ids::tagged_digest(&lv.tags) != Some(digest) {
+            return Err(Error::AlreadyExists(format!(
+                "{what} {name:?} already exists with different parameters or source"
+            )));
+        }
+        Ok(())
     }
 
-    fn info(vid: &VolumeId, lv: &Lv) -> VolumeInfo {
+    /// A copy still under way: make sure it runs, and give it a moment.
+    async fn settle(&self, id: &LvId, lv: Lv) -> Result<(Lv, Option<String>)> {
+        if !is_copying(&lv) {
+            return Ok((lv, None));
+        }
+        let agent = self.agent(&id.node).expect("found on this node");
+        let lv = agent.resume(&id.class, &lv.name).await?.unwrap_or(lv);
+        if !is_copying(&lv) {
+            return Ok((lv, None));
+        }
+        let progress = agent
+            .copy_progress(&id.class, &lv.name)
+            .await
+            .unwrap_or_else(|| "copying data".to_string());
+        Ok((lv, Some(progress)))
+    }
+
+    fn volume_info(id: &LvId, lv: &Lv) -> VolumeInfo {
+        let source = ids::tagged_source(&lv.tags, &id.node).map(|s| match s.kind {
+            Kind::Snapshot => Source::Snapshot(s.encode()),
+            Kind::Volume => Source::Volume(s.encode()),
+        });
         VolumeInfo {
-            id: vid.encode(),
+            id: id.encode(),
             capacity: lv.size,
-            topology: vec![node_segments(&vid.node)],
+            topology: vec![node_segments(&id.node)],
             context: BTreeMap::new(),
             abnormal: (!lv.is_active()).then(|| "logical volume is not active".to_string()),
+            source,
         }
+    }
+
+    fn snapshot_info(id: &LvId, lv: &Lv) -> SnapshotInfo {
+        let source = ids::tagged_source(&lv.tags, &id.node)
+            .map(|s| s.encode())
+            .unwrap_or_default();
+        SnapshotInfo {
+            id: id.encode(),
+            source_volume_id: source,
+            size: lv.size,
+            created: lv.created.unwrap_or(0),
+            ready: !is_copying(lv),
+        }
+    }
+
+    /// The source of a restore or clone, which must exist and be complete.
+    async fn source_of(&self, source: &Source) -> Result<(LvId, Lv)> {
+        let (kind, id, what) = match source {
+            Source::Snapshot(id) => (Kind::Snapshot, id, "snapshot"),
+            Source::Volume(id) => (Kind::Volume, id, "volume"),
+        };
+        let (lid, lv) = self
+            .resolve(kind, id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("source {what} {id} does not exist")))?;
+        if is_copying(&lv) {
+            return Err(Error::Aborted(format!(
+                "source {what} {id} is still being copied; retry when it is ready"
+            )));
+        }
+        Ok((lid, lv))
+    }
+
+    async fn list_kind(&self, kind: Kind) -> Result<Vec<(LvId, Lv)>> {
+        let mut out = Vec::new();
+        for (node, agent) in &self.agents {
+            for (class, lv) in agent.list().await? {
+                if !ids::has_tag(&lv.tags, kind.tag()) {
+                    continue;
+                }
+                let Some(key) = kind.key_of_lv(&lv.name) else {
+                    continue;
+                };
+                out.push((
+                    LvId {
+                        kind,
+                        node: node.clone(),
+                        class,
+                        key: key.to_string(),
+                    },
+                    lv,
+                ));
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -115,7 +237,7 @@ impl ControllerBackend for LvmController {
     }
 
     fn is_valid_id(&self, id: &str) -> bool {
-        VolumeId::parse(id).is_some()
+        LvId::parse(Kind::Volume, id).is_some()
     }
 
     fn not_ready(&self) -> Option<String> {
@@ -123,12 +245,43 @@ impl ControllerBackend for LvmController {
     }
 
     async fn create_volume(&self, req: &CreateVolume) -> Result<VolumeInfo> {
-        let class = self.class_for(&req.params)?;
+        let source = match &req.source {
+            Some(s) => Some(self.source_of(s).await?),
+            None => None,
+        };
+        // The source's class unless the StorageClass names one.
+        let class = match (req.params.get(PARAM_DEVICE_CLASS), &source) {
+            (None, Some((sid, _))) => self.named_class(&sid.class)?,
+            _ => self.class_for(&req.params)?,
+        };
         let mut params = req.params.clone();
         params.insert(PARAM_DEVICE_CLASS.to_string(), class.name.clone());
+        if let Some((sid, _)) = &source {
+            params.insert(SOURCE_KEY.to_string(), sid.encode());
+        }
         let digest = ids::params_digest(&params);
-        let key = ids::key_for_name(&req.name);
-        let lv_name = ids::lv_name(&key);
+        let key = Kind::Volume.key_for_name(&req.name);
+
+        // A retry (or a replay after a crash) finds what the first attempt made.
+        if let Some((id, lv)) = self.find_anywhere(Kind::Volume, &key).await? {
+            self.check_existing(&req.name, &lv, &digest, "volume")?;
+            if id.class != class.name || !req.range.accepts(lv.size) {
+                return Err(Error::AlreadyExists(format!(
+                    "volume {:?} already exists with {} bytes in device class {}, which this \
+                     request does not accept",
+                    req.name, lv.size, id.class
+                )));
+            }
+            let (lv, copying) = self.settle(&id, lv).await?;
+            if let Some(progress) = copying {
+                return Err(Error::Aborted(format!(
+                    "volume {:?}: {progress}; retry",
+                    req.name
+                )));
+            }
+            return Ok(Self::volume_info(&id, &lv));
+        }
+
         let fs_minimum = req
             .capabilities
             .iter()
@@ -138,36 +291,18 @@ impl ControllerBackend for LvmController {
             })
             .max()
             .unwrap_or(0);
-
-        // A retry (or a replay after a crash) finds what the first attempt made.
-        if let Some((node, class_name, lv)) = self.find_anywhere(&lv_name).await? {
-            let tagged = ids::tagged_name(&lv.tags);
-            if tagged.as_deref() != Some(req.name.as_str()) {
-                return Err(Error::AlreadyExists(format!(
-                    "logical volume {}/{} exists but was not created for {:?}; remove or \
-                     rename it",
-                    lv.vg, lv.name, req.name
-                )));
-            }
-            if class_name != class.name || ids::tagged_digest(&lv.tags) != Some(digest.as_str()) {
-                return Err(Error::AlreadyExists(format!(
-                    "volume {:?} already exists with different parameters (device class {})",
-                    req.name, class_name
-                )));
-            }
-            if !req.range.accepts(lv.size) {
-                return Err(Error::AlreadyExists(format!(
-                    "volume {:?} already exists with {} bytes, outside the requested range",
-                    req.name, lv.size
-                )));
-            }
-            let vid = VolumeId {
-                node,
-                class: class_name,
-                key,
-            };
-            return Ok(Self::info(&vid, &lv));
+        let source_size = source.as_ref().map(|(_, lv)| lv.size).unwrap_or(0);
+        if req.range.limit > 0 && source_size > req.range.limit {
+            return Err(Error::OutOfRange(format!(
+                "the source holds {source_size} bytes, more than limit_bytes {}",
+                req.range.limit
+            )));
         }
+        let default_size = if source.is_some() {
+            source_size
+        } else {
+            class.default_size_bytes
+        };
 
         // Placement: every node's capacity for this class, then the decision list.
         let mut candidates = Vec::new();
@@ -190,9 +325,8 @@ impl ControllerBackend for LvmController {
                     class.pool_full_threshold_percent
                 ));
             }
-            let size = req
-                .range
-                .pick(cap.extent_size, fs_minimum, class.default_size_bytes)?;
+            let minimum = fs_minimum.max(source_size);
+            let size = req.range.pick(cap.extent_size, minimum, default_size)?;
             sizes.insert(node.clone(), size);
             candidates.push(Candidate {
                 name: node.clone(),
@@ -206,109 +340,108 @@ impl ControllerBackend for LvmController {
                 class.name
             )));
         };
-        let decision = placement::place(req.requirement.as_ref(), &candidates, largest, None)
-            .map_err(|e| match (e, full_pools.is_empty()) {
-                (Error::ResourceExhausted(m), false) => {
-                    Error::ResourceExhausted(format!("{m}; {}", full_pools.join("; ")))
-                }
-                (e, _) => e,
-            })?;
+        let source_node = source.as_ref().map(|(sid, _)| sid.node.as_str());
+        let decision =
+            placement::place(req.requirement.as_ref(), &candidates, largest, source_node).map_err(
+                |e| match (e, full_pools.is_empty()) {
+                    (Error::ResourceExhausted(m), false) => {
+                        Error::ResourceExhausted(format!("{m}; {}", full_pools.join("; ")))
+                    }
+                    (e, _) => e,
+                },
+            )?;
         let size = sizes[&decision.node];
         tracing::info!(
             name = %req.name, node = %decision.node, rule = decision.rule, class = %class.name,
-            size, "placed volume"
+            size, source = ?source.as_ref().map(|(s, _)| s.encode()), "placed volume"
         );
         let agent = self.agent(&decision.node).expect("placed on a known node");
-        let spec = LvSpec {
-            class: class.name.clone(),
-            name: lv_name,
-            size,
-            tags: ids::volume_tags(&req.name, &digest),
-        };
-        let lv = agent.create(&spec).await?;
-        let vid = VolumeId {
+        let id = LvId {
+            kind: Kind::Volume,
             node: decision.node,
             class: class.name.clone(),
             key,
         };
-        Ok(Self::info(&vid, &lv))
+        let spec = LvSpec {
+            class: class.name.clone(),
+            name: id.lv_name(),
+            size,
+            tags: ids::tags(
+                Kind::Volume,
+                &req.name,
+                &digest,
+                source.as_ref().map(|(s, _)| s),
+                false,
+            ),
+            origin: source.as_ref().map(|(sid, lv)| Origin {
+                class: sid.class.clone(),
+                lv: lv.name.clone(),
+                frozen: sid.kind == Kind::Snapshot,
+            }),
+            read_only: false,
+        };
+        let lv = agent.create(&spec).await?;
+        let (lv, copying) = self.settle(&id, lv).await?;
+        if let Some(progress) = copying {
+            return Err(Error::Aborted(format!(
+                "volume {:?} is being filled from its source ({progress}); retry",
+                req.name
+            )));
+        }
+        Ok(Self::volume_info(&id, &lv))
     }
 
     async fn delete_volume(&self, id: &str) -> Result<()> {
-        let Some(vid) = VolumeId::parse(id) else {
-            return Ok(());
-        };
-        let Some(agent) = self.agent(&vid.node) else {
-            tracing::warn!(
-                volume = id,
-                "delete of a volume on an unknown node: nothing to do"
-            );
-            return Ok(());
-        };
-        if self.config.class(&vid.class).is_none() {
-            return Ok(());
-        }
-        match agent.find(&vid.class, &vid.lv_name()).await? {
-            Some(lv) if lv.tags.iter().any(|t| t == ids::TAG_VOLUME) => {
-                agent.remove(&vid.class, &lv.name).await
+        match self.resolve(Kind::Volume, id).await? {
+            Some((lid, lv)) => {
+                let agent = self.agent(&lid.node).expect("resolved on a known node");
+                agent.remove(&lid.class, &lv.name).await
             }
-            _ => Ok(()),
+            None => Ok(()),
         }
     }
 
     async fn get_volume(&self, id: &str) -> Result<Option<VolumeInfo>> {
         Ok(self
-            .lookup(id)
+            .resolve(Kind::Volume, id)
             .await?
-            .map(|(vid, lv)| Self::info(&vid, &lv)))
+            .filter(|(_, lv)| !is_copying(lv))
+            .map(|(lid, lv)| Self::volume_info(&lid, &lv)))
     }
 
     async fn list_volumes(&self) -> Result<Vec<VolumeInfo>> {
-        let mut out = Vec::new();
-        for (node, agent) in &self.agents {
-            for (class, lv) in agent.list().await? {
-                if !lv.tags.iter().any(|t| t == ids::TAG_VOLUME) {
-                    continue;
-                }
-                let Some(key) = ids::key_of_lv(&lv.name) else {
-                    continue;
-                };
-                let vid = VolumeId {
-                    node: node.clone(),
-                    class,
-                    key: key.to_string(),
-                };
-                out.push(Self::info(&vid, &lv));
-            }
-        }
+        let mut out: Vec<VolumeInfo> = self
+            .list_kind(Kind::Volume)
+            .await?
+            .iter()
+            .filter(|(_, lv)| !is_copying(lv))
+            .map(|(id, lv)| Self::volume_info(id, lv))
+            .collect();
         out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)
     }
 
     async fn expand_volume(&self, id: &str, range: Range) -> Result<u64> {
-        let (vid, lv) = self
-            .lookup(id)
+        let (lid, lv) = self
+            .resolve(Kind::Volume, id)
             .await?
             .ok_or_else(|| Error::NotFound(format!("volume {id} does not exist")))?;
-        let agent = self.agent(&vid.node).expect("lookup found the node");
-        let cap = agent.capacity(&vid.class).await?;
-        if range.accepts(lv.size) && lv.size >= range.required {
+        let agent = self.agent(&lid.node).expect("resolved on a known node");
+        let cap = agent.capacity(&lid.class).await?;
+        if lv.size >= range.required {
             return Ok(lv.size);
         }
         let size = range.pick(cap.extent_size, 0, lv.size)?;
-        if size <= lv.size {
-            return Ok(lv.size);
-        }
         if size - lv.size > cap.available {
             return Err(Error::ResourceExhausted(format!(
                 "growing {id} by {} bytes needs more than the {} bytes available in device \
                  class {}",
                 size - lv.size,
                 cap.available,
-                vid.class
+                lid.class
             )));
         }
-        Ok(agent.extend(&vid.class, &lv.name, size).await?.size)
+        Ok(agent.extend(&lid.class, &lv.name, size).await?.size)
     }
 
     async fn capacity(
@@ -330,5 +463,90 @@ impl ControllerBackend for LvmController {
             total.minimum_volume = total.minimum_volume.max(cap.extent_size);
         }
         Ok(total)
+    }
+
+    fn snapshot_parameter_keys(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    fn is_valid_snapshot_id(&self, id: &str) -> bool {
+        LvId::parse(Kind::Snapshot, id).is_some()
+    }
+
+    async fn create_snapshot(&self, req: &CreateSnapshot) -> Result<SnapshotInfo> {
+        let (src, src_lv) = self
+            .resolve(Kind::Volume, &req.source_volume_id)
+            .await?
+            .ok_or_else(|| {
+                Error::NotFound(format!(
+                    "source volume {} does not exist",
+                    req.source_volume_id
+                ))
+            })?;
+        let mut params = req.params.clone();
+        params.insert(SOURCE_KEY.to_string(), src.encode());
+        let digest = ids::params_digest(&params);
+        let key = Kind::Snapshot.key_for_name(&req.name);
+        if let Some((id, lv)) = self.find_anywhere(Kind::Snapshot, &key).await? {
+            self.check_existing(&req.name, &lv, &digest, "snapshot")?;
+            let (lv, _) = self.settle(&id, lv).await?;
+            return Ok(Self::snapshot_info(&id, &lv));
+        }
+        if is_copying(&src_lv) {
+            return Err(Error::Aborted(format!(
+                "volume {} is still being filled from its source; retry later",
+                req.source_volume_id
+            )));
+        }
+        let id = LvId {
+            kind: Kind::Snapshot,
+            node: src.node.clone(),
+            class: src.class.clone(),
+            key,
+        };
+        let spec = LvSpec {
+            class: src.class.clone(),
+            name: id.lv_name(),
+            size: src_lv.size,
+            tags: ids::tags(Kind::Snapshot, &req.name, &digest, Some(&src), false),
+            origin: Some(Origin {
+                class: src.class.clone(),
+                lv: src_lv.name.clone(),
+                frozen: false,
+            }),
+            read_only: true,
+        };
+        let agent = self.agent(&src.node).expect("resolved on a known node");
+        let lv = agent.create(&spec).await?;
+        let (lv, _) = self.settle(&id, lv).await?;
+        Ok(Self::snapshot_info(&id, &lv))
+    }
+
+    async fn delete_snapshot(&self, id: &str) -> Result<()> {
+        match self.resolve(Kind::Snapshot, id).await? {
+            Some((lid, lv)) => {
+                let agent = self.agent(&lid.node).expect("resolved on a known node");
+                agent.remove(&lid.class, &lv.name).await
+            }
+            None => Ok(()),
+        }
+    }
+
+    async fn get_snapshot(&self, id: &str) -> Result<Option<SnapshotInfo>> {
+        Ok(self
+            .resolve(Kind::Snapshot, id)
+            .await?
+            .map(|(lid, lv)| Self::snapshot_info(&lid, &lv)))
+    }
+
+    async fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>> {
+        let mut out: Vec<SnapshotInfo> = self
+            .list_kind(Kind::Snapshot)
+            .await?
+            .iter()
+            .map(|(id, lv)| Self::snapshot_info(id, lv))
+            .collect();
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
     }
 }

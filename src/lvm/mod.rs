@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod controller;
+pub mod copy;
 pub mod ids;
 pub mod node;
 pub mod report;

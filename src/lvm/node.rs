@@ -9,7 +9,7 @@ use crate::config::TOPOLOGY_NODE_KEY;
 use crate::core::backend::{NodeBackend, NodeVolume};
 use crate::error::{Error, Result};
 use crate::lvm::agent::{Agent, LocalAgent};
-use crate::lvm::ids::VolumeId;
+use crate::lvm::ids::{Kind, LvId};
 use crate::lvm::report::Lv;
 
 pub struct LvmNode {
@@ -22,7 +22,7 @@ impl LvmNode {
     }
 
     async fn lv(&self, id: &str) -> Result<Option<Lv>> {
-        let Some(vid) = VolumeId::parse(id) else {
+        let Some(vid) = LvId::parse(Kind::Volume, id) else {
             return Ok(None);
         };
         if vid.node != self.agent.node() || self.agent.config().class(&vid.class).is_none() {
@@ -53,6 +53,11 @@ impl NodeBackend for LvmNode {
                 self.agent.node()
             ))
         })?;
+        if crate::lvm::ids::has_tag(&lv.tags, crate::lvm::ids::TAG_COPYING) {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {id} is still being filled from its source"
+            )));
+        }
         if !lv.is_active() {
             self.agent.activate(&lv.vg, &lv.name).await?;
         }

@@ -89,6 +89,9 @@ impl Lv {
     pub fn is_thin_pool(&self) -> bool {
         self.attr_char(0) == 't'
     }
+    pub fn is_read_only(&self) -> bool {
+        self.attr_char(1) == 'r'
+    }
     pub fn is_active(&self) -> bool {
         self.attr_char(4) == 'a'
     }

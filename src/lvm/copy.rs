@@ -1,0 +1,435 @@
+//! Full copies between LVs on one node: thick snapshots, and restores or
+//! clones that cannot be thin snapshots (thick classes, or a class other
+//! than the source's).
+//!
+//! The target LV is created first, tagged `copying`; the copy reads a
+//! consistent source (a snapshot LV as it is; a live volume through a
+//! short-lived thin or COW snapshot), writes every block that may hold data
+//! (zero chunks are zeroed, or skipped on a thin target), checks that a COW
+//! snapshot did not overflow, removes it, and only then drops the tag. The
+//! tag lives in LVM, so after a crash the LV is still marked incomplete and
+//! the next retry starts the copy again: a half copy is never reported ready.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+
+use crate::config::DeviceClass;
+use crate::error::{Error, Result};
+use crate::host::blockdev;
+use crate::lvm::agent::{lvm_error, LocalAgent, LvSpec, Origin};
+use crate::lvm::ids::{self, Kind, TAG_COPYING};
+use crate::lvm::report::Lv;
+
+/// How long a call waits for a copy before answering "in progress".
+pub const COPY_WAIT: Duration = Duration::from_secs(20);
+
+/// A copy under way, or the last one that failed.
+#[derive(Debug, Clone)]
+pub enum CopyEntry {
+    Running {
+        done: Arc<AtomicU64>,
+        total: u64,
+        cancel: Arc<AtomicBool>,
+        /// "vg/lv" the copy reads from.
+        origin: String,
+    },
+    Failed {
+        message: String,
+        full_size_cow: bool,
+    },
+}
+
+fn key(vg: &str, lv: &str) -> String {
+    format!("{vg}/{lv}")
+}
+
+/// COW space for freezing a thick volume during its copy: a quarter of it
+/// (at least 64 MiB), or all of it after a first attempt overflowed.
+fn cow_size(origin: u64, extent: u64, full: bool) -> u64 {
+    let want = if full {
+        origin
+    } else {
+        (origin / 4).max(64 << 20).min(origin)
+    };
+    crate::core::capacity::round_up(want, extent).unwrap_or(origin)
+}
+
+#[derive(Deserialize)]
+struct LvsReport {
+    report: Vec<LvsSection>,
+}
+#[derive(Deserialize)]
+struct LvsSection {
+    lv: Vec<LvsRow>,
+}
+#[derive(Deserialize)]
+struct LvsRow {
+    lv_attr: String,
+    #[serde(default)]
+    data_percent: String,
+}
+
+impl LocalAgent {
+    /// Creates the target (tagged `copying`) and starts its copy.
+    pub(super) async fn create_copy(
+        &self,
+        class: &DeviceClass,
+        spec: &LvSpec,
+        origin: &Origin,
+    ) -> Result<Lv> {
+        let mut spec = spec.clone();
+        if !ids::has_tag(&spec.tags, TAG_COPYING) {
+            spec.tags.push(TAG_COPYING.to_string());
+        }
+        let lv = self.create_blank(class, &spec).await?;
+        self.start_copy(&lv, origin.clone(), spec.read_only)?;
+        self.wait_copy(&lv, COPY_WAIT).await;
+        Ok(self.lookup(&lv.vg, &lv.name).await?.unwrap_or(lv))
+    }
+
+    /// The origin recorded in a copy target's tags.
+    fn origin_of(&self, lv: &Lv) -> Result<Origin> {
+        let src = ids::tagged_source(&lv.tags, crate::lvm::agent::Agent::node(self)).ok_or_else(
+            || {
+                Error::Internal(format!(
+                    "{}/{} is marked copying but names no source",
+                    lv.vg, lv.name
+                ))
+            },
+        )?;
+        Ok(Origin {
+            lv: src.lv_name(),
+            class: src.class,
+            frozen: src.kind == Kind::Snapshot,
+        })
+    }
+
+    pub(super) async fn resume_copy(&self, class: &str, name: &str) -> Result<Option<Lv>> {
+        let class = self.class(class)?.clone();
+        let Some(lv) = self.lookup(&class.volume_group, name).await? else {
+            return Ok(None);
+        };
+        if !ids::has_tag(&lv.tags, TAG_COPYING) {
+            return Ok(Some(lv));
+        }
+        let origin = self.origin_of(&lv)?;
+        let read_only = ids::has_tag(&lv.tags, Kind::Snapshot.tag());
+        self.start_copy(&lv, origin, read_only)?;
+        self.wait_copy(&lv, COPY_WAIT).await;
+        self.lookup(&lv.vg, &lv.name).await
+    }
+
+    pub(super) fn describe_copy(&self, vg: &str, name: &str) -> Option<String> {
+        let copies = self.copies.lock().expect("copies poisoned");
+        match copies.get(&key(vg, name))? {
+            CopyEntry::Running { done, total, .. } => {
+                let done = done.load(Ordering::Relaxed);
+                let pct = if *total == 0 {
+                    0.0
+                } else {
+                    done as f64 * 100.0 / *total as f64
+                };
+                Some(format!("copying data: {pct:.0}% of {total} bytes done"))
+            }
+            CopyEntry::Failed { message, .. } => Some(format!(
+                "the last copy attempt failed ({message}); retrying"
+            )),
+        }
+    }
+
+    /// Starts the copy task unless one is running for this target.
+    fn start_copy(&self, target: &Lv, origin: Origin, read_only: bool) -> Result<()> {
+        let k = key(&target.vg, &target.name);
+        let (done, cancel, full_size_cow) = {
+            let mut copies = self.copies.lock().expect("copies poisoned");
+            let full = match copies.get(&k) {
+                Some(CopyEntry::Running { .. }) => return Ok(()),
+                Some(CopyEntry::Failed { full_size_cow, .. }) => *full_size_cow,
+                None => false,
+            };
+            let done = Arc::new(AtomicU64::new(0));
+            let cancel = Arc::new(AtomicBool::new(false));
+            let origin_key = match self.class(&origin.class) {
+                Ok(c) => key(&c.volume_group, &origin.lv),
+                Err(_) => String::new(),
+            };
+            copies.insert(
+                k.clone(),
+                CopyEntry::Running {
+                    done: done.clone(),
+                    total: target.size,
+                    cancel: cancel.clone(),
+                    origin: origin_key,
+                },
+            );
+            (done, cancel, full)
+        };
+        let agent = self
+            .me
+            .upgrade()
+            .ok_or_else(|| Error::Unavailable("shutting down".into()))?;
+        let target = target.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let result = agent
+                .run_copy(&target, &origin, read_only, full_size_cow, &done, &cancel)
+                .await;
+            let mut copies = agent.copies.lock().expect("copies poisoned");
+            match result {
+                Ok(()) => {
+                    tracing::info!(lv = %k, elapsed = ?started.elapsed(), "copy complete");
+                    copies.remove(&k);
+                }
+                Err(e) if cancel.load(Ordering::Relaxed) => {
+                    tracing::info!(lv = %k, error = %e, "copy cancelled");
+                    copies.remove(&k);
+                }
+                Err(e) => {
+                    tracing::warn!(lv = %k, error = %e, "copy failed; the next retry restarts it");
+                    let overflowed = matches!(&e, Error::Aborted(m) if m.contains("overflowed"));
+                    copies.insert(
+                        k,
+                        CopyEntry::Failed {
+                            message: e.to_string(),
+                            full_size_cow: full_size_cow || overflowed,
+                        },
+                    );
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// Waits until the copy into `target` is no longer running, or `limit`.
+    pub(super) async fn wait_copy(&self, target: &Lv, limit: Duration) {
+        let k = key(&target.vg, &target.name);
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            let running = matches!(
+                self.copies.lock().expect("copies poisoned").get(&k),
+                Some(CopyEntry::Running { .. })
+            );
+            if !running {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Asks a running copy into `lv` to stop: ABORTED until it has. Also
+    /// ABORTED while a copy reads from `lv`.
+    pub(super) fn cancel_copy(&self, lv: &Lv) -> Result<()> {
+        let mut copies = self.copies.lock().expect("copies poisoned");
+        let k = key(&lv.vg, &lv.name);
+        let reader = copies.iter().find_map(|(target, e)| match e {
+            CopyEntry::Running { origin, .. } if *origin == k => Some(target.clone()),
+            _ => None,
+        });
+        if let Some(target) = reader {
+            return Err(Error::Aborted(format!(
+                "{target} is being copied from {k}; retry when that copy is done"
+            )));
+        }
+        match copies.get(&k) {
+            Some(CopyEntry::Running { cancel, .. }) => {
+                cancel.store(true, Ordering::Relaxed);
+                Err(Error::Aborted(format!(
+                    "stopping the copy into {k} first; retry shortly"
+                )))
+            }
+            Some(CopyEntry::Failed { .. }) => {
+                copies.remove(&k);
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    async fn remove_lv(&self, vg: &str, name: &str) -> Result<()> {
+        let cmd = self
+            .lvm("lvremove")
+            .arg("--yes")
+            .arg(format!("{vg}/{name}"));
+        match self.runner.run(&cmd).await.map_err(lvm_error) {
+            Ok(_) | Err(Error::NotFound(_)) => {
+                self.forget(vg, name);
+                Ok(())
+            }
+            Err(e) => {
+                self.mark_dirty();
+                Err(e)
+            }
+        }
+    }
+
+    async fn run_copy(
+        &self,
+        target: &Lv,
+        origin: &Origin,
+        read_only: bool,
+        full_size_cow: bool,
+        done: &AtomicU64,
+        cancel: &Arc<AtomicBool>,
+    ) -> Result<()> {
+        let origin_class = self.class(&origin.class)?.clone();
+        let vg = origin_class.volume_group.clone();
+        let origin_lv = self.lookup(&vg, &origin.lv).await?.ok_or_else(|| {
+            Error::FailedPrecondition(format!("the source {vg}/{} no longer exists", origin.lv))
+        })?;
+        let key_part = target
+            .name
+            .rsplit('-')
+            .next()
+            .unwrap_or(&target.name)
+            .to_string();
+        let temp = ids::temp_lv_name(&key_part);
+        // A temporary snapshot left by a crashed attempt goes first.
+        if self.lookup(&vg, &temp).await?.is_some() {
+            self.remove_lv(&vg, &temp).await?;
+        }
+
+        // A consistent source.
+        let (source, temp_made) = if origin.frozen {
+            if !origin_lv.is_active() {
+                self.activate(&vg, &origin_lv.name).await?;
+            }
+            (origin_lv.name.clone(), false)
+        } else {
+            let mut cmd = self.lvm("lvcreate").args([
+                "--snapshot",
+                "--name",
+                &temp,
+                "--yes",
+                "--permission",
+                "r",
+            ]);
+            if origin_class.is_thin() {
+                cmd = cmd.args(["--setactivationskip", "n", "--activate", "y"]);
+            } else {
+                let extent = self.class_extent(&origin_class)?;
+                let cow = cow_size(origin_lv.size, extent, full_size_cow);
+                cmd = cmd.args(["--size", &format!("{cow}b")]);
+            }
+            self.runner
+                .run(&cmd.arg(format!("{vg}/{}", origin_lv.name)))
+                .await
+                .map_err(lvm_error)?;
+            (temp.clone(), true)
+        };
+
+        let result = self.copy_blocks(&vg, &source, target, done, cancel).await;
+        let result = match result {
+            Ok(()) if temp_made && !origin_class.is_thin() => self.check_cow(&vg, &temp).await,
+            other => other,
+        };
+        if temp_made {
+            if let Err(e) = self.remove_lv(&vg, &temp).await {
+                tracing::warn!(vg, lv = temp, error = %e, "could not remove the temporary snapshot");
+            }
+        }
+        result?;
+
+        // Complete: only now does the LV stop being marked incomplete.
+        let mut cmd = self.lvm("lvchange").args(["--deltag", TAG_COPYING]);
+        if read_only {
+            cmd = cmd.args(["--permission", "r"]);
+        }
+        self.runner
+            .run(&cmd.arg(format!("{}/{}", target.vg, target.name)))
+            .await
+            .map_err(|e| {
+                self.mark_dirty();
+                lvm_error(e)
+            })?;
+        self.update_lv(&target.vg, &target.name, |lv| {
+            lv.tags.retain(|t| t != TAG_COPYING)
+        });
+        Ok(())
+    }
+
+    fn class_extent(&self, class: &DeviceClass) -> Result<u64> {
+        self.capacity_now_pub(class).map(|c| c.extent_size)
+    }
+
+    async fn copy_blocks(
+        &self,
+        vg: &str,
+        source: &str,
+        target: &Lv,
+        done: &AtomicU64,
+        cancel: &Arc<AtomicBool>,
+    ) -> Result<()> {
+        let src = LocalAgent::device_path(vg, source);
+        let dst = LocalAgent::device_path(&target.vg, &target.name);
+        let dst_reads_zero = target.pool.is_some();
+        let cancel = cancel.clone();
+        let done_shared = Arc::new(AtomicU64::new(0));
+        let progress = done_shared.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            blockdev::copy(&src, &dst, dst_reads_zero, &cancel, &progress)
+        });
+        // Mirror the blocking task's progress for callers asking meanwhile.
+        let mut task = task;
+        loop {
+            tokio::select! {
+                r = &mut task => {
+                    done.store(done_shared.load(Ordering::Relaxed), Ordering::Relaxed);
+                    let copied = r.map_err(|e| Error::Internal(format!("copy task failed: {e}")))??;
+                    tracing::debug!(target = %target.name, copied, "blocks copied");
+                    return Ok(());
+                }
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {
+                    done.store(done_shared.load(Ordering::Relaxed), Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// A COW snapshot that filled up during the copy no longer shows the
+    /// point in time it was taken at: the copy is invalid.
+    async fn check_cow(&self, vg: &str, temp: &str) -> Result<()> {
+        let cmd = self
+            .lvm("lvs")
+            .args(["--reportformat", "json", "--units", "b", "--nosuffix"])
+            .args(["-o", "lv_attr,data_percent"])
+            .arg(format!("{vg}/{temp}"));
+        let report: LvsReport = self.runner.run_json(&cmd).await.map_err(lvm_error)?;
+        let row = report
+            .report
+            .into_iter()
+            .flat_map(|s| s.lv)
+            .next()
+            .ok_or_else(|| Error::Internal(format!("no report for {vg}/{temp}")))?;
+        let invalid = row.lv_attr.chars().nth(4) == Some('I');
+        let full = row
+            .data_percent
+            .trim()
+            .parse::<f64>()
+            .map(|p| p >= 100.0)
+            .unwrap_or(false);
+        if invalid || full {
+            return Err(Error::Aborted(format!(
+                "the temporary COW snapshot {vg}/{temp} overflowed during the copy; the copy \
+                 is invalid and will be retried with more COW space"
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cow_sizes() {
+        let ext = 4 << 20;
+        assert_eq!(cow_size(1 << 30, ext, false), 256 << 20);
+        assert_eq!(cow_size(64 << 20, ext, false), 64 << 20);
+        assert_eq!(cow_size(32 << 20, ext, false), 32 << 20);
+        assert_eq!(cow_size(1 << 30, ext, true), 1 << 30);
+    }
+}
