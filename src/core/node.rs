@@ -36,21 +36,57 @@ fn is_dir(p: &Path) -> bool {
         .unwrap_or(false)
 }
 
-/// Whether a mount shows `device`: a filesystem on it, or (for a raw block
-/// publish) a bind of its device node, which mountinfo lists as a file of
-/// devtmpfs.
 fn mounted_device(entry: &mount::MountEntry, device: &Path) -> Result<bool> {
-    if mount::device_numbers(device)? == (entry.major, entry.minor) {
-        return Ok(true);
+    mount::shows_device(entry, device)
+}
+
+/// Where a staged block volume's device is bound inside the staging path:
+/// the record that the volume is staged, and what keeps it from deletion.
+pub fn staged_block_file(staging: &Path) -> std::path::PathBuf {
+    staging.join("device")
+}
+
+fn create_file(path: &Path) -> Result<()> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| Error::Internal(format!("cannot create {}: {e}", parent.display())))?;
     }
-    let node = std::fs::canonicalize(device).unwrap_or_else(|_| device.to_path_buf());
-    Ok(entry.fs_type == "devtmpfs"
-        && node
-            .strip_prefix("/dev")
-            .map(|p| Path::new("/").join(p))
-            .ok()
-            .as_deref()
-            == Some(Path::new(&entry.root)))
+    if is_dir(path) {
+        return Err(Error::FailedPrecondition(format!(
+            "{} is a directory; a block volume needs a file or nothing there",
+            path.display()
+        )));
+    }
+    if !path.exists() {
+        std::fs::File::create(path)
+            .map_err(|e| Error::Internal(format!("cannot create {}: {e}", path.display())))?;
+    }
+    Ok(())
+}
+
+/// Removes what publish or stage made at `path`: an empty directory or an
+/// empty file. Anything with content is left alone.
+fn remove_made(path: &Path) -> Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Err(_) => Ok(()),
+        Ok(m) if m.is_dir() => match std::fs::remove_dir(path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(nix::libc::ENOTEMPTY) => {
+                tracing::warn!(path = %path.display(), "not removing a non-empty directory");
+                Ok(())
+            }
+            Err(e) => Err(Error::Internal(format!(
+                "cannot remove {}: {e}",
+                path.display()
+            ))),
+        },
+        Ok(m) if m.is_file() && m.len() == 0 => std::fs::remove_file(path)
+            .map_err(|e| Error::Internal(format!("cannot remove {}: {e}", path.display()))),
+        Ok(_) => {
+            tracing::warn!(path = %path.display(), "not removing a file Lodestone did not make");
+            Ok(())
+        }
+    }
 }
 
 impl NodeOps {
@@ -63,7 +99,7 @@ impl NodeOps {
     pub async fn stage(&self, id: &str, staging: &Path, cap: &Capability) -> Result<()> {
         let device = self.backend.attach(id).await?;
         let Access::Mount { fs: wanted, flags } = &cap.access else {
-            return Ok(());
+            return self.stage_block(id, staging, &device).await;
         };
         if let Some(existing) = mount::mount_at(staging)? {
             if mounted_device(&existing, &device)? {
@@ -168,10 +204,48 @@ impl NodeOps {
         Ok(())
     }
 
+    /// A block volume is staged by binding its device node to a file in the
+    /// staging directory.
+    async fn stage_block(&self, id: &str, staging: &Path, device: &Path) -> Result<()> {
+        let file = staged_block_file(staging);
+        if let Some(existing) = mount::mount_at(&file)? {
+            if mounted_device(&existing, device)? {
+                return Ok(());
+            }
+            return Err(Error::AlreadyExists(format!(
+                "another device is staged at {}",
+                staging.display()
+            )));
+        }
+        let _ = id;
+        let device = device.to_path_buf();
+        blocking(move || {
+            create_file(&file)?;
+            mount::bind(&device, &file, false, &[])
+        })
+        .await
+    }
+
     /// NodeUnstageVolume: unmount the staging path (if mounted) and detach.
     pub async fn unstage(&self, id: &str, staging: &Path) -> Result<()> {
+        let device = match self.backend.volume(id).await? {
+            NodeVolume::Present { device, .. } => Some(device),
+            NodeVolume::Missing => None,
+        };
         let staging = staging.to_path_buf();
-        blocking(move || mount::unmount_all(&staging).map(|_| ())).await?;
+        blocking(move || {
+            let file = staged_block_file(&staging);
+            if mount::unmount_all(&file)? {
+                remove_made(&file)?;
+                // The last user of a block volume on this node: a read-only
+                // publication's device-wide flag goes with it.
+                if let Some(dev) = &device {
+                    blockdev::set_read_only(dev, false)?;
+                }
+            }
+            mount::unmount_all(&staging).map(|_| ())
+        })
+        .await?;
         self.backend.detach(id).await
     }
 
@@ -189,6 +263,15 @@ impl NodeOps {
         let (source, flags, device) = match &cap.access {
             Access::Block => {
                 let device = self.backend.attach(id).await?;
+                match mount::mount_at(&staged_block_file(staging))? {
+                    Some(m) if mounted_device(&m, &device)? => {}
+                    _ => {
+                        return Err(Error::FailedPrecondition(format!(
+                            "volume {id} is not staged at {}; call NodeStageVolume first",
+                            staging.display()
+                        )))
+                    }
+                }
                 (device.clone(), Vec::new(), device)
             }
             Access::Mount { flags, .. } => {
@@ -221,49 +304,54 @@ impl NodeOps {
         }
         let target = target.to_path_buf();
         let block = cap.is_block();
+        let staged_file = staged_block_file(staging);
         blocking(move || {
-            if block {
-                if let Some(parent) = target.parent() {
-                    std::fs::create_dir_all(parent).map_err(|e| {
-                        Error::Internal(format!("cannot create {}: {e}", parent.display()))
-                    })?;
-                }
-                if is_dir(&target) {
-                    return Err(Error::FailedPrecondition(format!(
-                        "target path {} of a block volume is a directory; it must be a file \
-                         or absent",
-                        target.display()
-                    )));
-                }
-                if !target.exists() {
-                    std::fs::File::create(&target).map_err(|e| {
-                        Error::Internal(format!("cannot create {}: {e}", target.display()))
-                    })?;
-                }
-            } else {
+            if !block {
                 std::fs::create_dir_all(&target).map_err(|e| {
                     Error::Internal(format!("cannot create {}: {e}", target.display()))
                 })?;
+                return mount::bind(&source, &target, read_only, &flags);
             }
-            mount::bind(&source, &target, read_only, &flags)
+            // A read-only bind of a device node does not stop writes to the
+            // device: the device itself is made read-only while published so.
+            let others: Vec<_> = mount::mounts_of(&device)?
+                .into_iter()
+                .filter(|p| *p != staged_file)
+                .collect();
+            if !read_only && blockdev::is_read_only(&device)? {
+                if !others.is_empty() {
+                    return Err(Error::FailedPrecondition(format!(
+                        "the volume is published read-only on this node ({}); a read-write \
+                         publication must wait until that is unpublished",
+                        others[0].display()
+                    )));
+                }
+                blockdev::set_read_only(&device, false)?;
+            }
+            if read_only && !others.is_empty() && !blockdev::is_read_only(&device)? {
+                return Err(Error::FailedPrecondition(format!(
+                    "the volume is published read-write on this node ({}); it cannot also be \
+                     published read-only",
+                    others[0].display()
+                )));
+            }
+            create_file(&target)?;
+            mount::bind(&source, &target, read_only, &flags)?;
+            if read_only {
+                blockdev::set_read_only(&device, true)?;
+            }
+            Ok(())
         })
         .await
     }
 
-    /// NodeUnpublishVolume: unmount the target and remove what publish made.
+    /// NodeUnpublishVolume: unmount the target and remove what publish made
+    /// (an empty directory or file; anything with content is left alone).
     pub async fn unpublish(&self, target: &Path) -> Result<()> {
         let target = target.to_path_buf();
         blocking(move || {
             mount::unmount_all(&target)?;
-            match std::fs::symlink_metadata(&target) {
-                Err(_) => Ok(()),
-                Ok(m) if m.is_dir() => std::fs::remove_dir(&target).map_err(|e| {
-                    Error::Internal(format!("cannot remove {}: {e}", target.display()))
-                }),
-                Ok(_) => std::fs::remove_file(&target).map_err(|e| {
-                    Error::Internal(format!("cannot remove {}: {e}", target.display()))
-                }),
-            }
+            remove_made(&target)
         })
         .await
     }

@@ -12,7 +12,7 @@ use crate::csi::node_service_capability::{self, rpc};
 use crate::csi::volume_usage::Unit;
 use crate::csi::*;
 use crate::driver::traced;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::invalid;
 
 pub struct NodeService {
@@ -84,8 +84,15 @@ impl Node for NodeService {
         traced("NodePublishVolume", &req.volume_id, async {
             require_id(&req.volume_id, "volume_id")?;
             let target = validate_path(&req.target_path, "target_path")?;
-            let staging = validate_path(&req.staging_target_path, "staging_target_path")?;
             let cap = capability(req.volume_capability.as_ref())?;
+            if req.staging_target_path.is_empty() {
+                return Err(Error::FailedPrecondition(
+                    "staging_target_path is required: this driver stages volumes \
+                     (STAGE_UNSTAGE_VOLUME); call NodeStageVolume first"
+                        .to_string(),
+                ));
+            }
+            let staging = validate_path(&req.staging_target_path, "staging_target_path")?;
             if target == staging {
                 return Err(invalid!("target_path must differ from staging_target_path"));
             }
@@ -169,6 +176,9 @@ impl Node for NodeService {
         let req = req.into_inner();
         traced("NodeExpandVolume", &req.volume_id, async {
             require_id(&req.volume_id, "volume_id")?;
+            if let Some(r) = &req.capacity_range {
+                crate::core::capacity::Range::new(r.required_bytes, r.limit_bytes)?;
+            }
             let path = existing_volume_path(&req.volume_path, "volume_path")?;
             let block = match &req.volume_capability {
                 Some(c) => parse_capability(c)?.is_block(),
@@ -178,7 +188,7 @@ impl Node for NodeService {
             let size = self.ops.expand(&req.volume_id, &path, block).await?;
             if let Some(r) = &req.capacity_range {
                 if r.required_bytes > 0 && (size as i64) < r.required_bytes {
-                    return Err(crate::error::Error::OutOfRange(format!(
+                    return Err(Error::OutOfRange(format!(
                         "the volume is {size} bytes, less than the {} requested; expand it \
                          with ControllerExpandVolume first",
                         r.required_bytes

@@ -9,6 +9,39 @@ use crate::error::{Error, Result};
 
 nix::ioctl_read!(blkgetsize64, 0x12, 114, u64);
 nix::ioctl_write_ptr_bad!(blkzeroout, nix::request_code_none!(0x12, 127), [u64; 2]);
+nix::ioctl_write_ptr_bad!(
+    blkroset,
+    nix::request_code_none!(0x12, 93),
+    nix::libc::c_int
+);
+nix::ioctl_read_bad!(
+    blkroget,
+    nix::request_code_none!(0x12, 94),
+    nix::libc::c_int
+);
+
+/// Whether the kernel refuses writes to the device.
+pub fn is_read_only(path: &Path) -> Result<bool> {
+    let f = File::open(path)
+        .map_err(|e| Error::Internal(format!("cannot open {}: {e}", path.display())))?;
+    let mut ro: nix::libc::c_int = 0;
+    // SAFETY: BLKROGET writes one int through the pointer.
+    unsafe { blkroget(f.as_raw_fd(), &mut ro) }
+        .map_err(|e| Error::Internal(format!("BLKROGET on {}: {e}", path.display())))?;
+    Ok(ro != 0)
+}
+
+/// Makes the kernel refuse (or accept again) writes to the whole device: a
+/// read-only bind mount of a device node does not stop writes to the device.
+pub fn set_read_only(path: &Path, read_only: bool) -> Result<()> {
+    let f = File::open(path)
+        .map_err(|e| Error::Internal(format!("cannot open {}: {e}", path.display())))?;
+    let ro: nix::libc::c_int = read_only.into();
+    // SAFETY: BLKROSET reads one int through the pointer.
+    unsafe { blkroset(f.as_raw_fd(), &ro) }
+        .map_err(|e| Error::Internal(format!("BLKROSET on {}: {e}", path.display())))?;
+    Ok(())
+}
 
 /// Size of a block device in bytes.
 pub fn size(path: &Path) -> Result<u64> {

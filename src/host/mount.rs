@@ -99,6 +99,37 @@ pub fn device_numbers(dev: &Path) -> Result<(u32, u32)> {
     ))
 }
 
+/// Whether a mount shows `device`: a filesystem on it (by device numbers,
+/// or by source path, since btrfs reports an anonymous device number), or a
+/// bind of its device node, which mountinfo lists as a file of devtmpfs.
+pub fn shows_device(entry: &MountEntry, device: &Path) -> Result<bool> {
+    if device_numbers(device)? == (entry.major, entry.minor) {
+        return Ok(true);
+    }
+    let node = std::fs::canonicalize(device).unwrap_or_else(|_| device.to_path_buf());
+    if entry.source.starts_with('/')
+        && std::fs::canonicalize(&entry.source).ok().as_deref() == Some(node.as_path())
+    {
+        return Ok(true);
+    }
+    let in_devtmpfs = node
+        .strip_prefix("/dev")
+        .map(|p| Path::new("/").join(p))
+        .ok();
+    Ok(entry.fs_type == "devtmpfs" && in_devtmpfs.as_deref() == Some(Path::new(&entry.root)))
+}
+
+/// Every mount point that shows `device`.
+pub fn mounts_of(device: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for m in read_mounts()? {
+        if shows_device(&m, device)? {
+            out.push(m.mount_point);
+        }
+    }
+    Ok(out)
+}
+
 /// Splits CSI mount flags into kernel flags and filesystem data options.
 pub fn split_flags(flags: &[String]) -> (MountFlags, Vec<String>) {
     let mut kernel = MountFlags::empty();

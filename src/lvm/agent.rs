@@ -691,6 +691,19 @@ impl Agent for LocalAgent {
         let Some(lv) = self.lookup(&class.volume_group, lv_name).await? else {
             return Ok(());
         };
+        // Never while this node still shows it mounted (a staged or
+        // published raw block volume holds no open count LVM could see).
+        if lv.is_active() {
+            let dev = Self::device_path(&lv.vg, &lv.name);
+            if let Some(at) = crate::host::mount::mounts_of(&dev)?.first() {
+                return Err(Error::FailedPrecondition(format!(
+                    "{}/{} is still mounted at {}; unpublish and unstage it first",
+                    lv.vg,
+                    lv.name,
+                    at.display()
+                )));
+            }
+        }
         // A copy into this LV stops first (and removes its own temporary
         // snapshot); the caller retries.
         self.cancel_copy(&lv)?;

@@ -345,7 +345,10 @@ impl LocalAgent {
                 lvm_error(e)
             })?;
         self.update_lv(&target.vg, &target.name, |lv| {
-            lv.tags.retain(|t| t != TAG_COPYING)
+            lv.tags.retain(|t| t != TAG_COPYING);
+            if read_only {
+                lv.attr.replace_range(1..2, "r");
+            }
         });
         Ok(())
     }
