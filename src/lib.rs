@@ -14,6 +14,8 @@ pub mod driver;
 pub mod error;
 pub mod host;
 pub mod lvm;
+#[cfg(feature = "rbd")]
+pub mod rbd;
 pub mod runner;
 pub mod server;
 

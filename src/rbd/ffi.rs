@@ -1,0 +1,298 @@
+//! Raw declarations of the librados / librbd C functions the RBD backend uses
+//! (Ceph 16.2 "pacific": `/usr/include/rados/librados.h`,
+//! `/usr/include/rbd/librbd.h`). Nothing here is safe to call directly; the
+//! safe layer is [`super::client`].
+//!
+//! Conventions of the C API, as the headers document them:
+//! * every `int` / `int64_t` return is `>= 0` on success and `-errno` on
+//!   failure;
+//! * strings handed in are borrowed for the call only (librados/librbd copy
+//!   what they keep);
+//! * strings handed out in structs (`rbd_image_spec_t`,
+//!   `rbd_linked_image_spec_t`, `rbd_snap_spec_t`, `rbd_snap_info_t`) are
+//!   allocated by the library and must be released with the matching
+//!   `*_cleanup` / `rbd_snap_list_end` call, never with Rust's allocator;
+//! * fixed buffers (`rbd_get_id`, `rbd_metadata_get`) return `-ERANGE` when
+//!   too short, some of them writing the needed length back.
+
+#![allow(non_camel_case_types)]
+
+use std::ffi::{c_char, c_int, c_long, c_void};
+
+/// `rados_t`: a cluster handle. Thread-safe once connected.
+pub type rados_t = *mut c_void;
+/// `rados_ioctx_t`: a pool I/O context. Thread-safe as long as its settings
+/// (snapshot/namespace/locator) are not changed concurrently; we never
+/// change them.
+pub type rados_ioctx_t = *mut c_void;
+/// `rbd_image_t`: an open image.
+pub type rbd_image_t = *mut c_void;
+/// `rbd_image_options_t`: a bag of image-creation options.
+pub type rbd_image_options_t = *mut c_void;
+
+/// `struct rados_cluster_stat_t` (all sizes in KiB).
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct rados_cluster_stat_t {
+    pub kb: u64,
+    pub kb_used: u64,
+    pub kb_avail: u64,
+    pub num_objects: u64,
+}
+
+/// `struct rados_pool_stat_t`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct rados_pool_stat_t {
+    pub num_bytes: u64,
+    pub num_kb: u64,
+    pub num_objects: u64,
+    pub num_object_clones: u64,
+    pub num_object_copies: u64,
+    pub num_objects_missing_on_primary: u64,
+    pub num_objects_unfound: u64,
+    pub num_objects_degraded: u64,
+    pub num_rd: u64,
+    pub num_rd_kb: u64,
+    pub num_wr: u64,
+    pub num_wr_kb: u64,
+    pub num_user_bytes: u64,
+    pub compressed_bytes_orig: u64,
+    pub compressed_bytes: u64,
+    pub compressed_bytes_alloc: u64,
+}
+
+pub const RBD_MAX_IMAGE_NAME_SIZE: usize = 96;
+pub const RBD_MAX_BLOCK_NAME_SIZE: usize = 24;
+
+/// `rbd_image_info_t` (filled by `rbd_stat`; the last three fields are
+/// deprecated by librbd).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct rbd_image_info_t {
+    pub size: u64,
+    pub obj_size: u64,
+    pub num_objs: u64,
+    pub order: c_int,
+    pub block_name_prefix: [c_char; RBD_MAX_BLOCK_NAME_SIZE],
+    pub parent_pool: i64,
+    pub parent_name: [c_char; RBD_MAX_IMAGE_NAME_SIZE],
+}
+
+/// `rbd_image_spec_t`: strings owned by librbd (`rbd_image_spec_list_cleanup`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct rbd_image_spec_t {
+    pub id: *mut c_char,
+    pub name: *mut c_char,
+}
+
+/// `rbd_linked_image_spec_t`: strings owned by librbd
+/// (`rbd_linked_image_spec_cleanup` / `_list_cleanup`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct rbd_linked_image_spec_t {
+    pub pool_id: i64,
+    pub pool_name: *mut c_char,
+    pub pool_namespace: *mut c_char,
+    pub image_id: *mut c_char,
+    pub image_name: *mut c_char,
+    pub trash: bool,
+}
+
+/// `rbd_snap_namespace_type_t` (a C enum: `int` sized).
+pub type rbd_snap_namespace_type_t = c_int;
+pub const RBD_SNAP_NAMESPACE_TYPE_USER: c_int = 0;
+pub const RBD_SNAP_NAMESPACE_TYPE_GROUP: c_int = 1;
+pub const RBD_SNAP_NAMESPACE_TYPE_TRASH: c_int = 2;
+pub const RBD_SNAP_NAMESPACE_TYPE_MIRROR: c_int = 3;
+
+/// `rbd_snap_spec_t`: `name` owned by librbd (`rbd_snap_spec_cleanup`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct rbd_snap_spec_t {
+    pub id: u64,
+    pub namespace_type: rbd_snap_namespace_type_t,
+    pub name: *mut c_char,
+}
+
+/// `rbd_snap_info_t`: `rbd_snap_list` fills one per snapshot plus a
+/// terminating entry whose `name` is NULL; `rbd_snap_list_end` frees the
+/// names up to that terminator.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct rbd_snap_info_t {
+    pub id: u64,
+    pub size: u64,
+    pub name: *const c_char,
+}
+
+/// `struct timespec` on 64-bit Linux (`time_t` and `long` are 64 bits).
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct timespec {
+    pub tv_sec: i64,
+    pub tv_nsec: c_long,
+}
+
+// Image option keys (`RBD_IMAGE_OPTION_*`).
+pub const RBD_IMAGE_OPTION_FORMAT: c_int = 0;
+pub const RBD_IMAGE_OPTION_FEATURES: c_int = 1;
+pub const RBD_IMAGE_OPTION_ORDER: c_int = 2;
+pub const RBD_IMAGE_OPTION_STRIPE_UNIT: c_int = 3;
+pub const RBD_IMAGE_OPTION_STRIPE_COUNT: c_int = 4;
+pub const RBD_IMAGE_OPTION_FEATURES_SET: c_int = 8;
+pub const RBD_IMAGE_OPTION_FEATURES_CLEAR: c_int = 9;
+pub const RBD_IMAGE_OPTION_DATA_POOL: c_int = 10;
+pub const RBD_IMAGE_OPTION_FLATTEN: c_int = 11;
+pub const RBD_IMAGE_OPTION_CLONE_FORMAT: c_int = 12;
+
+// Feature bits (`rbd/features.h`).
+pub const RBD_FEATURE_LAYERING: u64 = 1 << 0;
+pub const RBD_FEATURE_STRIPINGV2: u64 = 1 << 1;
+pub const RBD_FEATURE_EXCLUSIVE_LOCK: u64 = 1 << 2;
+pub const RBD_FEATURE_OBJECT_MAP: u64 = 1 << 3;
+pub const RBD_FEATURE_FAST_DIFF: u64 = 1 << 4;
+pub const RBD_FEATURE_DEEP_FLATTEN: u64 = 1 << 5;
+pub const RBD_FEATURE_JOURNALING: u64 = 1 << 6;
+pub const RBD_FEATURE_DATA_POOL: u64 = 1 << 7;
+
+#[link(name = "rados")]
+extern "C" {
+    pub fn rados_create(cluster: *mut rados_t, id: *const c_char) -> c_int;
+    pub fn rados_create2(
+        cluster: *mut rados_t,
+        clustername: *const c_char,
+        name: *const c_char,
+        flags: u64,
+    ) -> c_int;
+    pub fn rados_conf_set(cluster: rados_t, option: *const c_char, value: *const c_char) -> c_int;
+    pub fn rados_connect(cluster: rados_t) -> c_int;
+    pub fn rados_shutdown(cluster: rados_t);
+    pub fn rados_cluster_stat(cluster: rados_t, result: *mut rados_cluster_stat_t) -> c_int;
+    pub fn rados_cluster_fsid(cluster: rados_t, buf: *mut c_char, len: usize) -> c_int;
+    pub fn rados_pool_lookup(cluster: rados_t, pool_name: *const c_char) -> i64;
+    pub fn rados_ioctx_create(
+        cluster: rados_t,
+        pool_name: *const c_char,
+        ioctx: *mut rados_ioctx_t,
+    ) -> c_int;
+    pub fn rados_ioctx_create2(cluster: rados_t, pool_id: i64, ioctx: *mut rados_ioctx_t) -> c_int;
+    pub fn rados_ioctx_destroy(io: rados_ioctx_t);
+    pub fn rados_ioctx_get_id(io: rados_ioctx_t) -> i64;
+    pub fn rados_ioctx_pool_stat(io: rados_ioctx_t, stats: *mut rados_pool_stat_t) -> c_int;
+}
+
+#[link(name = "rbd")]
+extern "C" {
+    pub fn rbd_version(major: *mut c_int, minor: *mut c_int, extra: *mut c_int);
+
+    pub fn rbd_image_options_create(opts: *mut rbd_image_options_t);
+    pub fn rbd_image_options_destroy(opts: rbd_image_options_t);
+    pub fn rbd_image_options_set_string(
+        opts: rbd_image_options_t,
+        optname: c_int,
+        optval: *const c_char,
+    ) -> c_int;
+    pub fn rbd_image_options_set_uint64(
+        opts: rbd_image_options_t,
+        optname: c_int,
+        optval: u64,
+    ) -> c_int;
+
+    pub fn rbd_image_spec_list_cleanup(images: *mut rbd_image_spec_t, num_images: usize);
+    pub fn rbd_linked_image_spec_cleanup(image: *mut rbd_linked_image_spec_t);
+    pub fn rbd_linked_image_spec_list_cleanup(
+        images: *mut rbd_linked_image_spec_t,
+        num_images: usize,
+    );
+    pub fn rbd_snap_spec_cleanup(snap: *mut rbd_snap_spec_t);
+
+    pub fn rbd_list2(io: rados_ioctx_t, images: *mut rbd_image_spec_t, max: *mut usize) -> c_int;
+    pub fn rbd_create2(
+        io: rados_ioctx_t,
+        name: *const c_char,
+        size: u64,
+        features: u64,
+        order: *mut c_int,
+    ) -> c_int;
+    pub fn rbd_create4(
+        io: rados_ioctx_t,
+        name: *const c_char,
+        size: u64,
+        opts: rbd_image_options_t,
+    ) -> c_int;
+    pub fn rbd_clone3(
+        p_ioctx: rados_ioctx_t,
+        p_name: *const c_char,
+        p_snapname: *const c_char,
+        c_ioctx: rados_ioctx_t,
+        c_name: *const c_char,
+        c_opts: rbd_image_options_t,
+    ) -> c_int;
+    pub fn rbd_remove(io: rados_ioctx_t, name: *const c_char) -> c_int;
+    pub fn rbd_trash_move(io: rados_ioctx_t, name: *const c_char, delay: u64) -> c_int;
+    pub fn rbd_trash_remove(io: rados_ioctx_t, id: *const c_char, force: bool) -> c_int;
+
+    pub fn rbd_open(
+        io: rados_ioctx_t,
+        name: *const c_char,
+        image: *mut rbd_image_t,
+        snap_name: *const c_char,
+    ) -> c_int;
+    pub fn rbd_open_read_only(
+        io: rados_ioctx_t,
+        name: *const c_char,
+        image: *mut rbd_image_t,
+        snap_name: *const c_char,
+    ) -> c_int;
+    pub fn rbd_open_by_id_read_only(
+        io: rados_ioctx_t,
+        id: *const c_char,
+        image: *mut rbd_image_t,
+        snap_name: *const c_char,
+    ) -> c_int;
+    pub fn rbd_close(image: rbd_image_t) -> c_int;
+
+    pub fn rbd_resize(image: rbd_image_t, size: u64) -> c_int;
+    pub fn rbd_stat(image: rbd_image_t, info: *mut rbd_image_info_t, infosize: usize) -> c_int;
+    pub fn rbd_get_size(image: rbd_image_t, size: *mut u64) -> c_int;
+    pub fn rbd_get_features(image: rbd_image_t, features: *mut u64) -> c_int;
+    pub fn rbd_get_id(image: rbd_image_t, id: *mut c_char, id_len: usize) -> c_int;
+    pub fn rbd_get_create_timestamp(image: rbd_image_t, timestamp: *mut timespec) -> c_int;
+    pub fn rbd_get_parent(
+        image: rbd_image_t,
+        parent_image: *mut rbd_linked_image_spec_t,
+        parent_snap: *mut rbd_snap_spec_t,
+    ) -> c_int;
+    pub fn rbd_list_children3(
+        image: rbd_image_t,
+        images: *mut rbd_linked_image_spec_t,
+        max_images: *mut usize,
+    ) -> c_int;
+    pub fn rbd_flatten(image: rbd_image_t) -> c_int;
+
+    pub fn rbd_snap_list(image: rbd_image_t, snaps: *mut rbd_snap_info_t, max: *mut c_int)
+        -> c_int;
+    pub fn rbd_snap_list_end(snaps: *mut rbd_snap_info_t);
+    pub fn rbd_snap_create(image: rbd_image_t, snapname: *const c_char) -> c_int;
+    pub fn rbd_snap_remove(image: rbd_image_t, snapname: *const c_char) -> c_int;
+    pub fn rbd_snap_get_id(image: rbd_image_t, snapname: *const c_char, snap_id: *mut u64)
+        -> c_int;
+    pub fn rbd_snap_get_timestamp(image: rbd_image_t, snap_id: u64, ts: *mut timespec) -> c_int;
+    pub fn rbd_snap_set_by_id(image: rbd_image_t, snap_id: u64) -> c_int;
+    pub fn rbd_snap_get_namespace_type(
+        image: rbd_image_t,
+        snap_id: u64,
+        namespace_type: *mut rbd_snap_namespace_type_t,
+    ) -> c_int;
+
+    pub fn rbd_metadata_get(
+        image: rbd_image_t,
+        key: *const c_char,
+        value: *mut c_char,
+        val_len: *mut usize,
+    ) -> c_int;
+    pub fn rbd_metadata_set(image: rbd_image_t, key: *const c_char, value: *const c_char) -> c_int;
+    pub fn rbd_metadata_remove(image: rbd_image_t, key: *const c_char) -> c_int;
+}

@@ -1,0 +1,19 @@
+//! Ceph RBD backend (feature `rbd`): for now the librados / librbd binding.
+//!
+//! * [`ffi`]: raw `extern "C"` declarations (links `librados`, `librbd`).
+//! * [`client`]: safe, blocking `Cluster` / `IoCtx` / `Image` with RAII.
+//! * [`pool`]: async access for the controller: pooled connections, calls
+//!   run under `spawn_blocking`, idle connections reaped.
+//! * [`error`]: `RbdError` (typed errno) and its mapping to gRPC codes.
+
+pub mod client;
+pub mod error;
+pub mod ffi;
+pub mod pool;
+
+pub use client::{
+    Cluster, ConnectOptions, Credentials, Image, ImageInfo, ImageOptions, ImageSpec, IoCtx,
+    LinkedImage, Parent, PoolStat, Secret, SnapInfo,
+};
+pub use error::{RbdError, RbdResult};
+pub use pool::ConnectionPool;

@@ -1,0 +1,376 @@
+//! A pool of cluster connections for async callers: one [`Cluster`] per
+//! (monitors, user), I/O contexts cached per pool, every blocking librados /
+//! librbd call run under `tokio::task::spawn_blocking`, and an idle reaper
+//! that shuts down connections unused for a while.
+//!
+//! A connection is reused only by callers presenting the same key it was
+//! made with (compared through a keyed hash held in memory, never the key
+//! itself): a request with a wrong key never rides on another request's
+//! authenticated connection. A different key (rotation) makes a new
+//! connection, which replaces the old one once it has authenticated.
+
+use std::collections::hash_map::RandomState;
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use super::client::{
+    Cluster, ConnectOptions, Credentials, ImageInfo, ImageOptions, ImageSpec, IoCtx, PoolStat,
+};
+use super::error::{RbdError, RbdResult};
+
+/// What a connection is keyed by.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    pub mon_host: String,
+    pub user: String,
+}
+
+struct Entry {
+    cluster: Arc<Cluster>,
+    fingerprint: u64,
+    last_used: Instant,
+    ioctxs: HashMap<String, Arc<IoCtx>>,
+}
+
+impl Entry {
+    /// Someone outside the pool holds the cluster or one of its contexts.
+    fn in_use(&self) -> bool {
+        Arc::strong_count(&self.cluster) > 1 + self.ioctxs.len()
+            || self.ioctxs.values().any(|io| Arc::strong_count(io) > 1)
+    }
+}
+
+struct Shared {
+    conns: Mutex<HashMap<ConnKey, Entry>>,
+    /// One lock per key: concurrent first calls make one connection, and a
+    /// slow or unreachable cluster does not hold up connects to others.
+    connecting: Mutex<HashMap<ConnKey, Arc<tokio::sync::Mutex<()>>>>,
+    hasher: RandomState,
+    options: ConnectOptions,
+    idle: Duration,
+}
+
+/// Connections to Ceph clusters, shared by async callers. Create it inside a
+/// Tokio runtime (it spawns the reaper).
+pub struct ConnectionPool {
+    shared: Arc<Shared>,
+    reaper: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for ConnectionPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectionPool")
+            .field("connections", &self.len())
+            .field("idle", &self.shared.idle)
+            .finish()
+    }
+}
+
+fn join_error(e: tokio::task::JoinError) -> RbdError {
+    RbdError::Other {
+        errno: super::error::ECANCELED,
+        what: format!("blocking librbd task failed: {e}"),
+    }
+}
+
+impl ConnectionPool {
+    /// A pool whose connections are shut down after `idle` without use
+    /// (checked every `idle / 2`, at least every second... at most every
+    /// 60 s).
+    pub fn new(options: ConnectOptions, idle: Duration) -> ConnectionPool {
+        let shared = Arc::new(Shared {
+            conns: Mutex::new(HashMap::new()),
+            connecting: Mutex::new(HashMap::new()),
+            hasher: RandomState::new(),
+            options,
+            idle,
+        });
+        let weak: Weak<Shared> = Arc::downgrade(&shared);
+        let period = (idle / 2).clamp(Duration::from_secs(1), Duration::from_secs(60));
+        let reaper = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(shared) = weak.upgrade() else { break };
+                let n = reap(&shared, Some(shared.idle)).await;
+                if n > 0 {
+                    tracing::debug!(closed = n, "rbd: shut down idle ceph connections");
+                }
+            }
+        });
+        ConnectionPool { shared, reaper }
+    }
+
+    /// Open connections.
+    pub fn len(&self) -> usize {
+        self.shared.conns.lock().expect("rbd pool lock").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Shuts down connections idle for longer than the pool's idle time now
+    /// (the reaper does this on its own); returns how many.
+    pub async fn reap_idle(&self) -> usize {
+        reap(&self.shared, Some(self.shared.idle)).await
+    }
+
+    /// Shuts down every connection not in use; returns how many.
+    pub async fn close_all(&self) -> usize {
+        reap(&self.shared, None).await
+    }
+
+    /// A cached I/O context on `pool`, connecting first if needed.
+    pub async fn ioctx(&self, creds: &Credentials, pool: &str) -> RbdResult<Arc<IoCtx>> {
+        let key = ConnKey {
+            mon_host: creds.mon_host.clone(),
+            user: creds.user.clone(),
+        };
+        let fingerprint = self.shared.hasher.hash_one(creds.key.expose());
+        if let Some(io) = self.cached(&key, fingerprint, pool) {
+            return Ok(io);
+        }
+        let lock = {
+            let mut locks = self.shared.connecting.lock().expect("rbd pool lock");
+            Arc::clone(locks.entry(key.clone()).or_default())
+        };
+        let _connecting = lock.lock().await;
+        // Someone may have connected while we waited.
+        let cluster = match self.cached_cluster(&key, fingerprint) {
+            Some(c) => c,
+            None => {
+                let creds2 = Credentials {
+                    mon_host: creds.mon_host.clone(),
+                    user: creds.user.clone(),
+                    key: creds.key.duplicate(),
+                };
+                let options = self.shared.options.clone();
+                let cluster = tokio::task::spawn_blocking(move || {
+                    Cluster::connect(&creds2, &options).map(Arc::new)
+                })
+                .await
+                .map_err(join_error)??;
+                let old = {
+                    let mut conns = self.shared.conns.lock().expect("rbd pool lock");
+                    conns.insert(
+                        key.clone(),
+                        Entry {
+                            cluster: Arc::clone(&cluster),
+                            fingerprint,
+                            last_used: Instant::now(),
+                            ioctxs: HashMap::new(),
+                        },
+                    )
+                };
+                if let Some(old) = old {
+                    // a key change: the old connection goes (shutdown blocks)
+                    drop_blocking(vec![old]).await;
+                }
+                cluster
+            }
+        };
+        drop(_connecting);
+        let c = Arc::clone(&cluster);
+        let pool_name = pool.to_string();
+        let io = tokio::task::spawn_blocking(move || c.ioctx(&pool_name).map(Arc::new))
+            .await
+            .map_err(join_error)??;
+        let mut conns = self.shared.conns.lock().expect("rbd pool lock");
+        match conns.get_mut(&key) {
+            Some(e) if Arc::ptr_eq(&e.cluster, &cluster) => {
+                e.last_used = Instant::now();
+                Ok(Arc::clone(e.ioctxs.entry(pool.to_string()).or_insert(io)))
+            }
+            // replaced or reaped meanwhile: hand out ours uncached
+            _ => Ok(io),
+        }
+    }
+
+    fn cached(&self, key: &ConnKey, fingerprint: u64, pool: &str) -> Option<Arc<IoCtx>> {
+        let mut conns = self.shared.conns.lock().expect("rbd pool lock");
+        let e = conns
+            .get_mut(key)
+            .filter(|e| e.fingerprint == fingerprint)?;
+        e.last_used = Instant::now();
+        e.ioctxs.get(pool).cloned()
+    }
+
+    fn cached_cluster(&self, key: &ConnKey, fingerprint: u64) -> Option<Arc<Cluster>> {
+        let mut conns = self.shared.conns.lock().expect("rbd pool lock");
+        let e = conns
+            .get_mut(key)
+            .filter(|e| e.fingerprint == fingerprint)?;
+        e.last_used = Instant::now();
+        Some(Arc::clone(&e.cluster))
+    }
+
+    fn touch(&self, io: &IoCtx) {
+        let mut conns = self.shared.conns.lock().expect("rbd pool lock");
+        for e in conns.values_mut() {
+            if Arc::ptr_eq(&e.cluster, io.cluster()) {
+                e.last_used = Instant::now();
+            }
+        }
+    }
+
+    /// Runs `f` on an I/O context of `pool` in a blocking thread: the one
+    /// way async code calls librados / librbd.
+    pub async fn run<R, F>(&self, creds: &Credentials, pool: &str, f: F) -> RbdResult<R>
+    where
+        F: FnOnce(&IoCtx) -> RbdResult<R> + Send + 'static,
+        R: Send + 'static,
+    {
+        let io = self.ioctx(creds, pool).await?;
+        let io2 = Arc::clone(&io);
+        let out = tokio::task::spawn_blocking(move || f(&io2))
+            .await
+            .map_err(join_error)?;
+        self.touch(&io);
+        out
+    }
+
+    pub async fn create_image(
+        &self,
+        creds: &Credentials,
+        pool: &str,
+        name: &str,
+        size: u64,
+        options: &ImageOptions,
+    ) -> RbdResult<()> {
+        let (name, options) = (name.to_string(), options.clone());
+        self.run(creds, pool, move |io| io.create(&name, size, &options))
+            .await
+    }
+
+    pub async fn remove_image(&self, creds: &Credentials, pool: &str, name: &str) -> RbdResult<()> {
+        let name = name.to_string();
+        self.run(creds, pool, move |io| io.remove(&name)).await
+    }
+
+    /// Clone v2 of `parent@snap` to `child`, in the same pool.
+    pub async fn clone_image(
+        &self,
+        creds: &Credentials,
+        pool: &str,
+        parent: &str,
+        snap: &str,
+        child: &str,
+        options: &ImageOptions,
+    ) -> RbdResult<()> {
+        let (parent, snap, child) = (parent.to_string(), snap.to_string(), child.to_string());
+        let options = options.clone();
+        self.run(creds, pool, move |io| {
+            io.clone_image(&parent, &snap, io, &child, &options)
+        })
+        .await
+    }
+
+    pub async fn resize_image(
+        &self,
+        creds: &Credentials,
+        pool: &str,
+        name: &str,
+        size: u64,
+    ) -> RbdResult<()> {
+        let name = name.to_string();
+        self.run(creds, pool, move |io| io.open(&name)?.resize(size))
+            .await
+    }
+
+    pub async fn snap_create(
+        &self,
+        creds: &Credentials,
+        pool: &str,
+        name: &str,
+        snap: &str,
+    ) -> RbdResult<()> {
+        let (name, snap) = (name.to_string(), snap.to_string());
+        self.run(creds, pool, move |io| io.open(&name)?.snap_create(&snap))
+            .await
+    }
+
+    pub async fn snap_remove(
+        &self,
+        creds: &Credentials,
+        pool: &str,
+        name: &str,
+        snap: &str,
+    ) -> RbdResult<()> {
+        let (name, snap) = (name.to_string(), snap.to_string());
+        self.run(creds, pool, move |io| io.open(&name)?.snap_remove(&snap))
+            .await
+    }
+
+    pub async fn flatten_image(
+        &self,
+        creds: &Credentials,
+        pool: &str,
+        name: &str,
+    ) -> RbdResult<()> {
+        let name = name.to_string();
+        self.run(creds, pool, move |io| io.open(&name)?.flatten())
+            .await
+    }
+
+    pub async fn image_info(
+        &self,
+        creds: &Credentials,
+        pool: &str,
+        name: &str,
+    ) -> RbdResult<ImageInfo> {
+        let name = name.to_string();
+        self.run(creds, pool, move |io| {
+            io.open_read_only(&name, None)?.stat()
+        })
+        .await
+    }
+
+    pub async fn list_images(&self, creds: &Credentials, pool: &str) -> RbdResult<Vec<ImageSpec>> {
+        self.run(creds, pool, |io| io.list()).await
+    }
+
+    pub async fn pool_stat(&self, creds: &Credentials, pool: &str) -> RbdResult<PoolStat> {
+        self.run(creds, pool, |io| io.pool_stat()).await
+    }
+}
+
+impl Drop for ConnectionPool {
+    fn drop(&mut self) {
+        self.reaper.abort();
+        // Remaining connections shut down as their last Arc goes (here, or
+        // in whichever call still holds one): rados_shutdown blocks briefly.
+    }
+}
+
+/// Removes entries idle longer than `idle` (every entry not in use when
+/// None) and shuts them down in a blocking thread.
+async fn reap(shared: &Shared, idle: Option<Duration>) -> usize {
+    let gone: Vec<Entry> = {
+        let mut conns = shared.conns.lock().expect("rbd pool lock");
+        let now = Instant::now();
+        let keys: Vec<ConnKey> = conns
+            .iter()
+            .filter(|(_, e)| !e.in_use() && idle.is_none_or(|d| now - e.last_used >= d))
+            .map(|(k, _)| k.clone())
+            .collect();
+        keys.iter().filter_map(|k| conns.remove(k)).collect()
+    };
+    let n = gone.len();
+    drop_blocking(gone).await;
+    n
+}
+
+/// Drops entries (ioctx destroy, rados_shutdown) off the async threads.
+async fn drop_blocking(entries: Vec<Entry>) {
+    if entries.is_empty() {
+        return;
+    }
+    if let Err(e) = tokio::task::spawn_blocking(move || drop(entries)).await {
+        tracing::warn!("rbd: shutting down ceph connections failed: {e}");
+    }
+}
