@@ -44,6 +44,10 @@ mod lifecycle;
 mod node;
 #[path = "conformance/node_lvm.rs"]
 mod node_lvm;
+#[path = "conformance/snapshot.rs"]
+mod snapshot;
+#[path = "conformance/snapshot_lvm.rs"]
+mod snapshot_lvm;
 #[path = "conformance/validation.rs"]
 mod validation;
 #[path = "conformance/zz_leaks.rs"]

@@ -73,8 +73,9 @@ pub trait Agent: Send + Sync + 'static {
     /// restarts after a crash or a failure), waits briefly, and returns the
     /// LV as it is then.
     async fn resume(&self, class: &str, lv: &str) -> Result<Option<Lv>>;
-    /// What a running or failed copy into the LV has to say, if anything.
-    async fn copy_progress(&self, class: &str, lv: &str) -> Option<String>;
+    /// What a running or failed copy into the LV has to say, if anything,
+    /// and whether it failed for good.
+    async fn copy_progress(&self, class: &str, lv: &str) -> Option<(String, bool)>;
 }
 
 #[derive(Debug, Default)]
@@ -743,7 +744,7 @@ impl Agent for LocalAgent {
             }
         }
         self.forget(&lv.vg, &lv.name);
-        Ok(())
+        self.remove_temp_of(&lv).await
     }
 
     async fn extend(&self, class: &str, lv_name: &str, size: u64) -> Result<Lv> {
@@ -800,9 +801,10 @@ impl Agent for LocalAgent {
         self.resume_copy(class, lv).await
     }
 
-    async fn copy_progress(&self, class: &str, lv: &str) -> Option<String> {
+    async fn copy_progress(&self, class: &str, lv: &str) -> Option<(String, bool)> {
         let vg = &self.class(class).ok()?.volume_group;
-        self.describe_copy(vg, lv)
+        let message = self.describe_copy(vg, lv)?;
+        Some((message, self.copy_failed_for_good(vg, lv)))
     }
 }
 

@@ -152,11 +152,11 @@ impl LvmController {
         if !is_copying(&lv) {
             return Ok((lv, None));
         }
-        let progress = agent
-            .copy_progress(&id.class, &lv.name)
-            .await
-            .unwrap_or_else(|| "copying data".to_string());
-        Ok((lv, Some(progress)))
+        match agent.copy_progress(&id.class, &lv.name).await {
+            Some((message, true)) => Err(Error::FailedPrecondition(message)),
+            Some((message, false)) => Ok((lv, Some(message))),
+            None => Ok((lv, Some("copying data".to_string()))),
+        }
     }
 
     fn volume_info(id: &LvId, lv: &Lv) -> VolumeInfo {

@@ -38,8 +38,16 @@ pub enum CopyEntry {
     },
     Failed {
         message: String,
-        full_size_cow: bool,
+        /// The point in time the copy stood for is lost (its temporary
+        /// snapshot overflowed or vanished): retrying would copy a later
+        /// state, so the copy stays failed until the LV is deleted.
+        permanent: bool,
     },
+}
+
+/// The temporary snapshot a copy into `target` reads from.
+fn temp_for(target: &Lv) -> String {
+    ids::temp_lv_name(target.name.rsplit('-').next().unwrap_or(&target.name))
 }
 
 fn key(vg: &str, lv: &str) -> String {
@@ -113,6 +121,15 @@ impl LocalAgent {
             return Ok(None);
         };
         if !ids::has_tag(&lv.tags, TAG_COPYING) {
+            // Complete; a crash may have left its temporary snapshot behind.
+            let temp = temp_for(&lv);
+            if let Some(origin) = ids::tagged_source(&lv.tags, crate::lvm::agent::Agent::node(self))
+            {
+                let vg = self.class(&origin.class)?.volume_group.clone();
+                if self.lookup(&vg, &temp).await?.is_some() {
+                    self.remove_lv(&vg, &temp).await?;
+                }
+            }
             return Ok(Some(lv));
         }
         let origin = self.origin_of(&lv)?;
@@ -120,6 +137,20 @@ impl LocalAgent {
         self.start_copy(&lv, origin, read_only)?;
         self.wait_copy(&lv, COPY_WAIT).await;
         self.lookup(&lv.vg, &lv.name).await
+    }
+
+    /// Whether the copy into this LV failed for good.
+    pub(super) fn copy_failed_for_good(&self, vg: &str, name: &str) -> bool {
+        matches!(
+            self.copies
+                .lock()
+                .expect("copies poisoned")
+                .get(&key(vg, name)),
+            Some(CopyEntry::Failed {
+                permanent: true,
+                ..
+            })
+        )
     }
 
     pub(super) fn describe_copy(&self, vg: &str, name: &str) -> Option<String> {
@@ -134,8 +165,17 @@ impl LocalAgent {
                 };
                 Some(format!("copying data: {pct:.0}% of {total} bytes done"))
             }
-            CopyEntry::Failed { message, .. } => Some(format!(
+            CopyEntry::Failed {
+                message,
+                permanent: false,
+            } => Some(format!(
                 "the last copy attempt failed ({message}); retrying"
+            )),
+            CopyEntry::Failed {
+                message,
+                permanent: true,
+            } => Some(format!(
+                "the copy failed and cannot be resumed ({message}); delete it and create it again"
             )),
         }
     }
@@ -143,13 +183,15 @@ impl LocalAgent {
     /// Starts the copy task unless one is running for this target.
     fn start_copy(&self, target: &Lv, origin: Origin, read_only: bool) -> Result<()> {
         let k = key(&target.vg, &target.name);
-        let (done, cancel, full_size_cow) = {
+        let (done, cancel) = {
             let mut copies = self.copies.lock().expect("copies poisoned");
-            let full = match copies.get(&k) {
-                Some(CopyEntry::Running { .. }) => return Ok(()),
-                Some(CopyEntry::Failed { full_size_cow, .. }) => *full_size_cow,
-                None => false,
-            };
+            match copies.get(&k) {
+                Some(CopyEntry::Running { .. })
+                | Some(CopyEntry::Failed {
+                    permanent: true, ..
+                }) => return Ok(()),
+                _ => {}
+            }
             let done = Arc::new(AtomicU64::new(0));
             let cancel = Arc::new(AtomicBool::new(false));
             let origin_key = match self.class(&origin.class) {
@@ -165,7 +207,7 @@ impl LocalAgent {
                     origin: origin_key,
                 },
             );
-            (done, cancel, full)
+            (done, cancel)
         };
         let agent = self
             .me
@@ -175,7 +217,7 @@ impl LocalAgent {
         tokio::spawn(async move {
             let started = Instant::now();
             let result = agent
-                .run_copy(&target, &origin, read_only, full_size_cow, &done, &cancel)
+                .run_copy(&target, &origin, read_only, &done, &cancel)
                 .await;
             let mut copies = agent.copies.lock().expect("copies poisoned");
             match result {
@@ -188,13 +230,13 @@ impl LocalAgent {
                     copies.remove(&k);
                 }
                 Err(e) => {
-                    tracing::warn!(lv = %k, error = %e, "copy failed; the next retry restarts it");
-                    let overflowed = matches!(&e, Error::Aborted(m) if m.contains("overflowed"));
+                    let permanent = matches!(e, Error::FailedPrecondition(_));
+                    tracing::warn!(lv = %k, error = %e, permanent, "copy failed");
                     copies.insert(
                         k,
                         CopyEntry::Failed {
                             message: e.to_string(),
-                            full_size_cow: full_size_cow || overflowed,
+                            permanent,
                         },
                     );
                 }
@@ -248,6 +290,17 @@ impl LocalAgent {
         }
     }
 
+    /// Removes a temporary snapshot left for `target` by a failed copy.
+    pub(super) async fn remove_temp_of(&self, target: &Lv) -> Result<()> {
+        let temp = temp_for(target);
+        for vg in self.config().volume_groups() {
+            if self.lookup(&vg, &temp).await?.is_some() {
+                self.remove_lv(&vg, &temp).await?;
+            }
+        }
+        Ok(())
+    }
+
     async fn remove_lv(&self, vg: &str, name: &str) -> Result<()> {
         let cmd = self
             .lvm("lvremove")
@@ -270,7 +323,6 @@ impl LocalAgent {
         target: &Lv,
         origin: &Origin,
         read_only: bool,
-        full_size_cow: bool,
         done: &AtomicU64,
         cancel: &Arc<AtomicBool>,
     ) -> Result<()> {
@@ -279,24 +331,30 @@ impl LocalAgent {
         let origin_lv = self.lookup(&vg, &origin.lv).await?.ok_or_else(|| {
             Error::FailedPrecondition(format!("the source {vg}/{} no longer exists", origin.lv))
         })?;
-        let key_part = target
-            .name
-            .rsplit('-')
-            .next()
-            .unwrap_or(&target.name)
-            .to_string();
-        let temp = ids::temp_lv_name(&key_part);
-        // A temporary snapshot left by a crashed attempt goes first.
-        if self.lookup(&vg, &temp).await?.is_some() {
-            self.remove_lv(&vg, &temp).await?;
-        }
+        let temp = temp_for(target);
+        let cow = !origin_class.is_thin();
 
-        // A consistent source.
-        let (source, temp_made) = if origin.frozen {
+        // A consistent source: a snapshot LV as it is; a live volume through
+        // a temporary snapshot. One left by an interrupted attempt holds the
+        // point in time this copy stands for, so it is reused, never retaken.
+        let source = if origin.frozen {
             if !origin_lv.is_active() {
                 self.activate(&vg, &origin_lv.name).await?;
             }
-            (origin_lv.name.clone(), false)
+            origin_lv.name.clone()
+        } else if self.lookup(&vg, &temp).await?.is_some() {
+            if cow {
+                if let Err(e) = self.check_cow(&vg, &temp).await {
+                    let _ = self.remove_lv(&vg, &temp).await;
+                    return Err(e);
+                }
+            }
+            tracing::info!(
+                vg,
+                temp,
+                "resuming the copy from its earlier temporary snapshot"
+            );
+            temp.clone()
         } else {
             let mut cmd = self.lvm("lvcreate").args([
                 "--snapshot",
@@ -306,33 +364,45 @@ impl LocalAgent {
                 "--permission",
                 "r",
             ]);
-            if origin_class.is_thin() {
-                cmd = cmd.args(["--setactivationskip", "n", "--activate", "y"]);
+            if cow {
+                // COW space for all of the volume when the VG has it, so the
+                // snapshot cannot overflow; else a quarter of it.
+                let cap = self.capacity_now_pub(&origin_class)?;
+                let full = cap.available >= origin_lv.size;
+                let size = cow_size(origin_lv.size, cap.extent_size, full);
+                cmd = cmd.args(["--size", &format!("{size}b")]);
             } else {
-                let extent = self.class_extent(&origin_class)?;
-                let cow = cow_size(origin_lv.size, extent, full_size_cow);
-                cmd = cmd.args(["--size", &format!("{cow}b")]);
+                cmd = cmd.args(["--setactivationskip", "n", "--activate", "y"]);
             }
             self.runner
                 .run(&cmd.arg(format!("{vg}/{}", origin_lv.name)))
                 .await
-                .map_err(lvm_error)?;
-            (temp.clone(), true)
+                .map_err(|e| {
+                    self.mark_dirty();
+                    lvm_error(e)
+                })?;
+            temp.clone()
         };
+        let temp_used = source == temp;
 
-        let result = self.copy_blocks(&vg, &source, target, done, cancel).await;
-        let result = match result {
-            Ok(()) if temp_made && !origin_class.is_thin() => self.check_cow(&vg, &temp).await,
-            other => other,
-        };
-        if temp_made {
-            if let Err(e) = self.remove_lv(&vg, &temp).await {
-                tracing::warn!(vg, lv = temp, error = %e, "could not remove the temporary snapshot");
+        if let Err(e) = self.copy_blocks(&vg, &source, target, done, cancel).await {
+            // Cancelled: the target is going away, and so does the snapshot.
+            // Any other failure keeps it, so a retry resumes the same cut.
+            if temp_used && cancel.load(Ordering::Relaxed) {
+                let _ = self.remove_lv(&vg, &temp).await;
+            }
+            return Err(e);
+        }
+        if temp_used && cow {
+            if let Err(e) = self.check_cow(&vg, &temp).await {
+                let _ = self.remove_lv(&vg, &temp).await;
+                return Err(e);
             }
         }
-        result?;
 
-        // Complete: only now does the LV stop being marked incomplete.
+        // Complete: the LV stops being marked incomplete, then the temporary
+        // snapshot goes (a crash in between leaves only the snapshot, which
+        // the next call removes).
         let mut cmd = self.lvm("lvchange").args(["--deltag", TAG_COPYING]);
         if read_only {
             cmd = cmd.args(["--permission", "r"]);
@@ -350,11 +420,12 @@ impl LocalAgent {
                 lv.attr.replace_range(1..2, "r");
             }
         });
+        if temp_used {
+            if let Err(e) = self.remove_lv(&vg, &temp).await {
+                tracing::warn!(vg, lv = temp, error = %e, "could not remove the temporary snapshot");
+            }
+        }
         Ok(())
-    }
-
-    fn class_extent(&self, class: &DeviceClass) -> Result<u64> {
-        self.capacity_now_pub(class).map(|c| c.extent_size)
     }
 
     async fn copy_blocks(
@@ -414,9 +485,8 @@ impl LocalAgent {
             .map(|p| p >= 100.0)
             .unwrap_or(false);
         if invalid || full {
-            return Err(Error::Aborted(format!(
-                "the temporary COW snapshot {vg}/{temp} overflowed during the copy; the copy \
-                 is invalid and will be retried with more COW space"
+            return Err(Error::FailedPrecondition(format!(
+                "the temporary COW snapshot {vg}/{temp} overflowed: the point in time is lost"
             )));
         }
         Ok(())
