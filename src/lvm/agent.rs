@@ -554,11 +554,7 @@ impl LocalAgent {
             .find(|c| c.volume_group == lv.vg && c.thin_pool.as_deref() == lv.pool.as_deref())
     }
 
-    pub(super) fn capacity_now_pub(&self, class: &DeviceClass) -> Result<ClassCapacity> {
-        self.capacity_now(class)
-    }
-
-    fn capacity_now(&self, class: &DeviceClass) -> Result<ClassCapacity> {
+    pub(super) fn capacity_now(&self, class: &DeviceClass) -> Result<ClassCapacity> {
         let st = self.state.read().expect("state poisoned");
         let vg = st.vgs.get(&class.volume_group).ok_or_else(|| {
             Error::Unavailable(format!(

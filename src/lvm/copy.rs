@@ -367,7 +367,7 @@ impl LocalAgent {
             if cow {
                 // COW space for all of the volume when the VG has it, so the
                 // snapshot cannot overflow; else a quarter of it.
-                let cap = self.capacity_now_pub(&origin_class)?;
+                let cap = self.capacity_now(&origin_class)?;
                 let full = cap.available >= origin_lv.size;
                 let size = cow_size(origin_lv.size, cap.extent_size, full);
                 cmd = cmd.args(["--size", &format!("{size}b")]);
