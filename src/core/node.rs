@@ -99,7 +99,7 @@ impl NodeOps {
     pub async fn stage(&self, id: &str, staging: &Path, cap: &Capability) -> Result<()> {
         let device = self.backend.attach(id).await?;
         let Access::Mount { fs: wanted, flags } = &cap.access else {
-            return self.stage_block(id, staging, &device).await;
+            return self.stage_block(staging, &device).await;
         };
         if let Some(existing) = mount::mount_at(staging)? {
             if mounted_device(&existing, &device)? {
@@ -206,7 +206,7 @@ impl NodeOps {
 
     /// A block volume is staged by binding its device node to a file in the
     /// staging directory.
-    async fn stage_block(&self, id: &str, staging: &Path, device: &Path) -> Result<()> {
+    async fn stage_block(&self, staging: &Path, device: &Path) -> Result<()> {
         let file = staged_block_file(staging);
         if let Some(existing) = mount::mount_at(&file)? {
             if mounted_device(&existing, device)? {
@@ -217,7 +217,6 @@ impl NodeOps {
                 staging.display()
             )));
         }
-        let _ = id;
         let device = device.to_path_buf();
         blocking(move || {
             create_file(&file)?;
