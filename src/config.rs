@@ -152,6 +152,71 @@ pub struct RunArgs {
     )]
     pub lvm_refresh_seconds: u64,
 
+    /// How long CreateVolume or CreateSnapshot waits for a full copy (thick
+    /// snapshots, restores and clones) before answering "in progress"; the
+    /// copy goes on in the background and a retry picks up its result.
+    #[arg(
+        long,
+        env = "LODESTONE_COPY_WAIT_SECONDS",
+        default_value_t = 20,
+        global = true
+    )]
+    pub copy_wait_seconds: u64,
+
+    /// `--mode node` (LVM): where the node's LVM agent API listens for the
+    /// controller (host:port, on the node's network).
+    #[arg(
+        long,
+        env = "LODESTONE_AGENT_LISTEN",
+        default_value = "0.0.0.0:7441",
+        global = true
+    )]
+    pub agent_listen: String,
+
+    /// `--mode controller` (LVM): a node's agent address, NODE=HOST:PORT.
+    /// Repeatable (or `;`-separated in the environment).
+    #[arg(
+        long = "agent",
+        env = "LODESTONE_AGENTS",
+        value_delimiter = ';',
+        global = true
+    )]
+    pub agents: Vec<String>,
+
+    /// Deadline of an agent call that changes LVM (reads get at most 15 s).
+    #[arg(
+        long,
+        env = "LODESTONE_AGENT_TIMEOUT_SECONDS",
+        default_value_t = 180,
+        global = true
+    )]
+    pub agent_timeout_seconds: u64,
+
+    /// PEM certificate of this process for the agent API (mutual TLS). An
+    /// agent's names its node (DNS SAN); the controller's names
+    /// `--controller-identity`.
+    #[arg(long, env = "LODESTONE_TLS_CERT", global = true)]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of `--tls-cert`.
+    #[arg(long, env = "LODESTONE_TLS_KEY", global = true)]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM CA certificate that signed every agent's and the controller's
+    /// certificate; nothing else is trusted.
+    #[arg(long, env = "LODESTONE_TLS_CA", global = true)]
+    pub tls_ca: Option<PathBuf>,
+
+    /// The name (DNS SAN) an agent requires in the controller's client
+    /// certificate.
+    #[arg(
+        long,
+        env = "LODESTONE_CONTROLLER_IDENTITY",
+        default_value = "lodestone-controller",
+        global = true
+    )]
+    pub controller_identity: String,
+
     /// Timeout for one external command, in seconds.
     #[arg(
         long,
@@ -183,6 +248,36 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
+    /// The TLS files of the agent API: all three or none.
+    pub fn tls_files(&self) -> Result<Option<crate::tls::TlsFiles>, String> {
+        match (&self.tls_cert, &self.tls_key, &self.tls_ca) {
+            (Some(cert), Some(key), Some(ca)) => Ok(Some(crate::tls::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                ca: ca.clone(),
+            })),
+            (None, None, None) => Ok(None),
+            _ => Err("--tls-cert, --tls-key and --tls-ca go together".to_string()),
+        }
+    }
+
+    /// The static agent map: (node, address) pairs.
+    pub fn agent_map(&self) -> Result<Vec<(String, String)>, String> {
+        let mut out: Vec<(String, String)> = Vec::new();
+        for entry in self.agents.iter().filter(|e| !e.trim().is_empty()) {
+            let (node, addr) = entry
+                .trim()
+                .split_once('=')
+                .filter(|(n, a)| !n.is_empty() && !a.is_empty())
+                .ok_or_else(|| format!("--agent {entry:?}: expected NODE=HOST:PORT"))?;
+            if out.iter().any(|(n, _)| n == node) {
+                return Err(format!("--agent: node {node} is given twice"));
+            }
+            out.push((node.to_string(), addr.to_string()));
+        }
+        Ok(out)
+    }
+
     pub fn command_timeout(&self) -> Duration {
         Duration::from_secs(self.command_timeout_seconds.max(1))
     }

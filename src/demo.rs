@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::client;
-use crate::config::{DemoArgs, LogFormat, Mode, RunArgs};
+use clap::Parser;
+
+use crate::config::DemoArgs;
 use crate::csi::volume_capability::{access_mode, AccessMode, AccessType, MountVolume};
 use crate::csi::*;
 use crate::runner::{Cmd, Runner};
@@ -137,20 +139,20 @@ async fn walk(args: &DemoArgs, runner: &Runner, dir: &Path, image: &Path) -> Res
     println!("     backing device {loopdev}, VG {VG}, thin pool {VG}/pool0");
 
     let socket = dir.join("csi.sock");
-    let run_args = RunArgs {
-        driver: crate::config::DriverKind::Lvm,
-        endpoint: format!("unix://{}", socket.display()),
-        node_id: Some("demo-node".into()),
-        driver_name: None,
-        mode: Mode::All,
-        lvm_config: None,
-        device_classes: vec![format!("demo={VG}/pool0")],
-        lvm_udev: false,
-        lvm_refresh_seconds: 0,
-        command_timeout_seconds: 120,
-        max_volumes_per_node: 0,
-        log_format: LogFormat::Text,
-    };
+    let endpoint = format!("unix://{}", socket.display());
+    let class = format!("demo={VG}/pool0");
+    let run_args = crate::config::Cli::parse_from([
+        "lodestone",
+        "--endpoint",
+        &endpoint,
+        "--node-id",
+        "demo-node",
+        "--device-class",
+        &class,
+        "--lvm-refresh-seconds",
+        "0",
+    ])
+    .run;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = step!(
         s,

@@ -18,9 +18,16 @@ pub mod lvm;
 pub mod rbd;
 pub mod runner;
 pub mod server;
+pub mod tls;
 
 /// Generated CSI v1.12 messages and services.
 pub mod csi {
     #![allow(clippy::all, missing_docs)]
     tonic::include_proto!("csi.v1");
+}
+
+/// Generated messages and service of the internal controller-to-agent API.
+pub mod agentpb {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("lodestone.agent.v1");
 }

@@ -8,7 +8,8 @@ use std::time::Duration;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
-use crate::config::{DriverKind, LvmConfig, RunArgs};
+use crate::agentpb::agent_server::AgentServer;
+use crate::config::{DriverKind, LvmConfig, Mode, RunArgs};
 use crate::core::locks::OpLocks;
 use crate::core::node::NodeOps;
 use crate::csi::controller_server::ControllerServer;
@@ -17,10 +18,13 @@ use crate::csi::node_server::NodeServer;
 use crate::driver::controller::ControllerService;
 use crate::driver::identity::{IdentityService, ReadinessCheck};
 use crate::driver::node::NodeService;
-use crate::lvm::agent::{Agent, LocalAgent};
+use crate::lvm::agent::{Agent, AgentOptions, LocalAgent};
 use crate::lvm::controller::LvmController;
 use crate::lvm::node::LvmNode;
+use crate::lvm::remote::{Deadlines, RemoteAgent};
+use crate::lvm::rpc::AgentService;
 use crate::runner::Runner;
+use crate::tls::{require_peer, TlsMaterial};
 
 /// Binds the socket: removes a stale socket file first, refuses to replace
 /// anything that is not a socket.
@@ -50,12 +54,21 @@ pub struct Services {
     pub node: Option<NodeService>,
 }
 
-/// Builds the LVM services for `args.mode`, starting the local agent.
-pub async fn lvm_services(args: &RunArgs) -> Result<Services, String> {
-    let node_id = args.node_id()?;
-    let config = LvmConfig::load(args.lvm_config.as_deref(), &args.device_classes)?;
-    let runner = Arc::new(Runner::new(args.command_timeout()));
-    let agent = LocalAgent::new(node_id, config.clone(), runner.clone(), args.lvm_udev);
+/// Starts this node's LVM agent (the only code here that runs LVM).
+async fn start_local_agent(
+    args: &RunArgs,
+    config: &LvmConfig,
+    runner: &Arc<Runner>,
+) -> Result<Arc<LocalAgent>, String> {
+    let agent = LocalAgent::new(
+        args.node_id()?,
+        config.clone(),
+        runner.clone(),
+        AgentOptions {
+            udev: args.lvm_udev,
+            copy_wait: Duration::from_secs(args.copy_wait_seconds),
+        },
+    );
     if let Err(e) = agent.start().await {
         // Keep serving: Probe reports not ready and says why; the background
         // refresh picks the VGs up when they appear.
@@ -68,29 +81,114 @@ pub async fn lvm_services(args: &RunArgs) -> Result<Services, String> {
             default = c.default, "device class"
         );
     }
+    Ok(agent)
+}
 
-    let locks = OpLocks::default();
-    let mut checks: Vec<ReadinessCheck> = Vec::new();
-    let ready_agent = agent.clone();
-    checks.push(Arc::new(move || ready_agent.readiness().err()));
+fn tls_material(args: &RunArgs, why: &str) -> Result<TlsMaterial, String> {
+    let files = args
+        .tls_files()?
+        .ok_or_else(|| format!("{why} needs --tls-cert, --tls-key and --tls-ca"))?;
+    TlsMaterial::load(&files)
+}
 
-    let controller = args.mode.runs_controller().then(|| {
-        let ready_agent = agent.clone();
-        let backend = LvmController::new(
-            config.clone(),
-            vec![agent.clone() as Arc<dyn Agent>],
-            Box::new(move || ready_agent.readiness().err()),
-        );
-        ControllerService {
-            backend: Arc::new(backend),
-            locks: locks.clone(),
+/// `--mode node`: serves the agent API to the controller over mutual TLS.
+async fn serve_agent(args: &RunArgs, agent: Arc<LocalAgent>) -> Result<(), String> {
+    let tls = tls_material(args, "the LVM agent API (--mode node)")?;
+    let listener = tokio::net::TcpListener::bind(&args.agent_listen)
+        .await
+        .map_err(|e| format!("cannot listen on {} for the agent API: {e}", args.agent_listen))?;
+    let service = AgentServer::with_interceptor(
+        AgentService { agent },
+        require_peer(args.controller_identity.clone()),
+    );
+    let server = tonic::transport::Server::builder()
+        .tls_config(tls.server())
+        .map_err(|e| format!("agent API TLS: {e}"))?
+        .add_service(service);
+    tracing::info!(listen = %args.agent_listen, controller = %args.controller_identity,
+        "serving the LVM agent API (mutual TLS)");
+    tokio::spawn(async move {
+        if let Err(e) = server
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await
+        {
+            tracing::error!(error = %e, "the agent API server failed");
         }
     });
-    let node = args.mode.runs_node().then(|| NodeService {
-        ops: Arc::new(NodeOps::new(
-            Arc::new(LvmNode::new(agent.clone())),
-            runner.clone(),
+    Ok(())
+}
+
+/// `--mode controller`: a handle on every node's agent, from the static map.
+fn remote_agents(args: &RunArgs) -> Result<Vec<Arc<dyn Agent>>, String> {
+    let tls = tls_material(args, "the LVM controller (--mode controller)")?;
+    let map = args.agent_map()?;
+    if map.is_empty() {
+        return Err("--mode controller needs the nodes' agents: --agent NODE=HOST:PORT".into());
+    }
+    let write = Duration::from_secs(args.agent_timeout_seconds.max(1));
+    let deadlines = Deadlines {
+        connect: Duration::from_secs(5),
+        read: write.min(Duration::from_secs(15)),
+        write,
+    };
+    let mut agents = Vec::new();
+    for (node, address) in map {
+        crate::config::validate_node_id(&node)?;
+        let agent = Arc::new(RemoteAgent::new(&node, &address, &tls, deadlines)?);
+        let probe = agent.clone();
+        tokio::spawn(async move {
+            match probe.describe().await {
+                Ok(d) => tracing::info!(node = %d.node, classes = ?d.classes, version = %d.version,
+                    address = %address, "agent reachable"),
+                Err(e) => tracing::warn!(node = %probe.node(), address = %address, error = %e,
+                    "agent not reachable yet"),
+            }
+        });
+        agents.push(agent as Arc<dyn Agent>);
+    }
+    Ok(agents)
+}
+
+/// Builds the LVM services for `args.mode`.
+pub async fn lvm_services(args: &RunArgs) -> Result<Services, String> {
+    let config = LvmConfig::load(args.lvm_config.as_deref(), &args.device_classes)?;
+    let runner = Arc::new(Runner::new(args.command_timeout()));
+    let local = match args.mode.runs_node() {
+        true => Some(start_local_agent(args, &config, &runner).await?),
+        false => None,
+    };
+    let local_ready = local.clone().map(|a| move || a.readiness().err());
+    let locks = OpLocks::default();
+    let mut checks: Vec<ReadinessCheck> = Vec::new();
+    if let Some(ready) = local_ready.clone() {
+        checks.push(Arc::new(ready));
+    }
+
+    let controller = match (args.mode, &local) {
+        (Mode::Node, _) => None,
+        (Mode::All, Some(agent)) => {
+            let ready = local_ready.clone().expect("local agent");
+            Some(LvmController::new(
+                config.clone(),
+                vec![agent.clone() as Arc<dyn Agent>],
+                Box::new(ready),
+            ))
+        }
+        _ => Some(LvmController::new(
+            config.clone(),
+            remote_agents(args)?,
+            Box::new(|| None),
         )),
+    };
+    if args.mode == Mode::Node {
+        serve_agent(args, local.clone().expect("node mode runs an agent")).await?;
+    }
+    let controller = controller.map(|backend| ControllerService {
+        backend: Arc::new(backend),
+        locks: locks.clone(),
+    });
+    let node = local.map(|agent| NodeService {
+        ops: Arc::new(NodeOps::new(Arc::new(LvmNode::new(agent)), runner.clone())),
         locks: locks.clone(),
         max_volumes: args.max_volumes_per_node,
     });

@@ -101,6 +101,18 @@ pub struct LocalAgent {
     pub(super) copies: std::sync::Mutex<BTreeMap<String, super::copy::CopyEntry>>,
     /// This agent, for tasks that outlive the call that started them.
     pub(super) me: std::sync::Weak<LocalAgent>,
+    /// How long a call that starts or resumes a full copy waits for it
+    /// before answering "in progress".
+    pub(super) copy_wait: Duration,
+}
+
+/// How an agent runs LVM.
+#[derive(Debug, Clone, Copy)]
+pub struct AgentOptions {
+    /// Let udev manage device nodes.
+    pub udev: bool,
+    /// See [`LocalAgent::copy_wait`].
+    pub copy_wait: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,8 +126,13 @@ const NO_UDEV: &str = "activation { udev_sync = 0 udev_rules = 0 } \
 const REPORT_TIME: &str = "report { time_format = \"%s\" }";
 
 impl LocalAgent {
-    pub fn new(node: String, config: LvmConfig, runner: Arc<Runner>, udev: bool) -> Arc<Self> {
-        let lvm_config_arg = if udev {
+    pub fn new(
+        node: String,
+        config: LvmConfig,
+        runner: Arc<Runner>,
+        opts: AgentOptions,
+    ) -> Arc<Self> {
+        let lvm_config_arg = if opts.udev {
             REPORT_TIME.to_string()
         } else {
             format!("{NO_UDEV} {REPORT_TIME}")
@@ -133,6 +150,7 @@ impl LocalAgent {
             zeroing: Arc::default(),
             copies: Default::default(),
             me: me.clone(),
+            copy_wait: opts.copy_wait,
         })
     }
 

@@ -3,8 +3,9 @@
 //! any controller process can restart at any time and a retried call finds
 //! what an earlier attempt made.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use crate::config::{DeviceClass, LvmConfig, TOPOLOGY_NODE_KEY};
 use crate::core::backend::{
@@ -29,6 +30,17 @@ pub struct LvmController {
     /// The agents of known nodes, by node id.
     agents: BTreeMap<String, Arc<dyn Agent>>,
     not_ready: Box<dyn Fn() -> Option<String> + Send + Sync>,
+    /// The node each create went to, by LV key, in this process's life: a
+    /// retry whose earlier attempt went to a node that is now unreachable
+    /// waits for that node instead of creating a second copy elsewhere.
+    attempts: Mutex<HashMap<String, String>>,
+    /// LV keys found on more than one node (see `report_duplicates`).
+    pub duplicates: AtomicU64,
+}
+
+/// Whether an agent error means "could not ask that node".
+fn unreachable(e: &Error) -> bool {
+    matches!(e, Error::Unavailable(_) | Error::DeadlineExceeded(_))
 }
 
 fn node_segments(node: &str) -> BTreeMap<String, String> {
@@ -53,6 +65,8 @@ impl LvmController {
             config,
             agents,
             not_ready,
+            attempts: Mutex::default(),
+            duplicates: AtomicU64::new(0),
         }
     }
 
@@ -90,7 +104,11 @@ impl LvmController {
         if self.config.class(&id.class).is_none() {
             return Ok(None);
         }
-        let lv = agent.find(&id.class, &id.lv_name()).await?;
+        let lv = match agent.find(&id.class, &id.lv_name()).await {
+            Ok(lv) => lv,
+            Err(Error::NotFound(_)) => None, // the node has no such class
+            Err(e) => return Err(e),
+        };
         Ok(lv.filter(|l| ids::has_tag(&l.tags, id.kind.tag())))
     }
 
@@ -101,9 +119,13 @@ impl LvmController {
         Ok(self.find(&lid).await?.map(|lv| (lid, lv)))
     }
 
-    /// An LV of that kind and key in any class on any node.
+    /// An LV of that kind and key in any class on any node. Nodes that
+    /// cannot be asked are skipped unless an earlier attempt of this
+    /// request went there: then the answer is UNAVAILABLE, for this request
+    /// only (creating it elsewhere could make a second copy).
     async fn find_anywhere(&self, kind: Kind, key: &str) -> Result<Option<(LvId, Lv)>> {
-        for node in self.agents.keys() {
+        let mut down = Vec::new();
+        for (node, agent) in &self.agents {
             for class in &self.config.classes {
                 let id = LvId {
                     kind,
@@ -111,17 +133,59 @@ impl LvmController {
                     class: class.name.clone(),
                     key: key.into(),
                 };
-                if let Some(lv) = self
-                    .agent(node)
-                    .expect("known")
-                    .find(&class.name, &id.lv_name())
-                    .await?
-                {
-                    return Ok(Some((id, lv)));
+                match agent.find(&class.name, &id.lv_name()).await {
+                    Ok(Some(lv)) => return Ok(Some((id, lv))),
+                    Ok(None) => {}
+                    // The node does not serve this device class.
+                    Err(Error::NotFound(_)) => {}
+                    Err(e) if unreachable(&e) => {
+                        down.push((node.clone(), e));
+                        break;
+                    }
+                    Err(e) => return Err(e),
                 }
             }
         }
+        let tried = self.attempts.lock().expect("attempts poisoned").get(key).cloned();
+        for (node, e) in down {
+            if tried.as_deref() == Some(node.as_str()) {
+                return Err(Error::Unavailable(format!(
+                    "an earlier attempt of this request went to node {node}, which cannot be \
+                     reached now ({e}); retry when it is back"
+                )));
+            }
+            tracing::warn!(node = %node, error = %e, "node skipped: its agent cannot be reached");
+        }
         Ok(None)
+    }
+
+    fn note_attempt(&self, key: &str, node: &str) {
+        self.attempts
+            .lock()
+            .expect("attempts poisoned")
+            .insert(key.to_string(), node.to_string());
+    }
+
+    fn forget_attempt(&self, key: &str) {
+        self.attempts.lock().expect("attempts poisoned").remove(key);
+    }
+
+    /// Logs (and counts) every LV key that exists on more than one node or
+    /// in more than one class: a duplicate left by a retry during a window
+    /// this controller could not see (see docs). Nothing is deleted.
+    fn report_duplicates(&self, kind: Kind, found: &[(LvId, Lv)]) {
+        let mut seen: BTreeMap<&str, &LvId> = BTreeMap::new();
+        for (id, _) in found {
+            if let Some(first) = seen.insert(id.key.as_str(), id) {
+                self.duplicates.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(
+                    kind = ?kind, first = %first.encode(), second = %id.encode(),
+                    "the same request's {} exists twice; nothing was deleted: keep the one in \
+                     use and delete the other",
+                    if kind == Kind::Volume { "volume" } else { "snapshot" }
+                );
+            }
+        }
     }
 
     /// An existing LV for a retried request: it must be the one this name
@@ -208,7 +272,16 @@ impl LvmController {
     async fn list_kind(&self, kind: Kind) -> Result<Vec<(LvId, Lv)>> {
         let mut out = Vec::new();
         for (node, agent) in &self.agents {
-            for (class, lv) in agent.list().await? {
+            let lvs = match agent.list().await {
+                Ok(lvs) => lvs,
+                Err(e) if unreachable(&e) => {
+                    tracing::warn!(node = %node, error = %e,
+                        "listing without this node: its agent cannot be reached");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            for (class, lv) in lvs {
                 if !ids::has_tag(&lv.tags, kind.tag()) {
                     continue;
                 }
@@ -226,6 +299,7 @@ impl LvmController {
                 ));
             }
         }
+        self.report_duplicates(kind, &out);
         Ok(out)
     }
 }
@@ -311,6 +385,7 @@ impl ControllerBackend for LvmController {
         for (node, agent) in &self.agents {
             let cap = match agent.capacity(&class.name).await {
                 Ok(c) => c,
+                Err(Error::NotFound(_)) => continue, // class not on this node
                 Err(e) => {
                     tracing::warn!(node, error = %e, "node skipped for placement");
                     continue;
@@ -380,6 +455,7 @@ impl ControllerBackend for LvmController {
             }),
             read_only: false,
         };
+        self.note_attempt(&id.key, &id.node);
         let lv = agent.create(&spec).await?;
         let (lv, copying) = self.settle(&id, lv).await?;
         if let Some(progress) = copying {
@@ -395,7 +471,9 @@ impl ControllerBackend for LvmController {
         match self.resolve(Kind::Volume, id).await? {
             Some((lid, lv)) => {
                 let agent = self.agent(&lid.node).expect("resolved on a known node");
-                agent.remove(&lid.class, &lv.name).await
+                agent.remove(&lid.class, &lv.name).await?;
+                self.forget_attempt(&lid.key);
+                Ok(())
             }
             None => Ok(()),
         }
@@ -457,7 +535,16 @@ impl ControllerBackend for LvmController {
                     continue;
                 }
             }
-            let cap = agent.capacity(&class.name).await?;
+            let cap = match agent.capacity(&class.name).await {
+                Ok(cap) => cap,
+                Err(Error::NotFound(_)) => continue, // class not on this node
+                // Without a topology the answer is the reachable nodes' sum.
+                Err(e) if topology.is_none() && unreachable(&e) => {
+                    tracing::warn!(node = %node, error = %e, "capacity without this node");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             total.available += cap.available;
             total.maximum_volume = total.maximum_volume.max(cap.available);
             total.minimum_volume = total.minimum_volume.max(cap.extent_size);

@@ -23,9 +23,6 @@ use crate::lvm::agent::{lvm_error, LocalAgent, LvSpec, Origin};
 use crate::lvm::ids::{self, Kind, TAG_COPYING};
 use crate::lvm::report::Lv;
 
-/// How long a call waits for a copy before answering "in progress".
-pub const COPY_WAIT: Duration = Duration::from_secs(20);
-
 /// A copy under way, or the last one that failed.
 #[derive(Debug, Clone)]
 pub enum CopyEntry {
@@ -94,7 +91,7 @@ impl LocalAgent {
         }
         let lv = self.create_blank(class, &spec).await?;
         self.start_copy(&lv, origin.clone(), spec.read_only)?;
-        self.wait_copy(&lv, COPY_WAIT).await;
+        self.wait_copy(&lv, self.copy_wait).await;
         Ok(self.lookup(&lv.vg, &lv.name).await?.unwrap_or(lv))
     }
 
@@ -135,7 +132,7 @@ impl LocalAgent {
         let origin = self.origin_of(&lv)?;
         let read_only = ids::has_tag(&lv.tags, Kind::Snapshot.tag());
         self.start_copy(&lv, origin, read_only)?;
-        self.wait_copy(&lv, COPY_WAIT).await;
+        self.wait_copy(&lv, self.copy_wait).await;
         self.lookup(&lv.vg, &lv.name).await
     }
 

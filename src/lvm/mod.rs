@@ -7,4 +7,6 @@ pub mod controller;
 pub mod copy;
 pub mod ids;
 pub mod node;
+pub mod remote;
 pub mod report;
+pub mod rpc;

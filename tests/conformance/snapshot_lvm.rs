@@ -1016,7 +1016,13 @@ async fn crash_during_copy_never_ready_thick() {
         return;
     }
     let class = THICK;
-    let d = Driver::start().await;
+    // The driver answers "in progress" after 1 s, long before a 512 MiB
+    // copy under TCG can finish, so the kill always lands mid-copy.
+    let d = Driver::builder()
+        .arg("--copy-wait-seconds")
+        .arg("1")
+        .start()
+        .await;
     let cl = Cleanup::new(&d);
     let src = create_volume(&d, &cl, "crashsrc", class, block_cap(), CRASH_SIZE).await;
     d.stage(&src.volume_id, "src-staging", block_cap()).await;
@@ -1031,15 +1037,6 @@ async fn crash_during_copy_never_ready_thick() {
 
     let name = unique_name("crashsnap");
     let cut = Instant::now();
-    // A CO whose call deadline (10 s) is shorter than the copy gives up on
-    // the first call (the driver keeps copying) and retries; the retry's
-    // answer (ready_to_use = false) tells it the snapshot is cut.
-    let mut c = d.controller();
-    let call = c.create_snapshot(snapshot_req(&name, &src.volume_id));
-    if let Ok(r) = tokio::time::timeout(Duration::from_secs(10), call).await {
-        let s = expect_ok(r, "first CreateSnapshot").snapshot;
-        cl.snapshot(&s.expect("reply without snapshot").snapshot_id);
-    }
     let deadline = Instant::now() + COPY_TIMEOUT;
     let first = loop {
         match d
@@ -1048,7 +1045,6 @@ async fn crash_during_copy_never_ready_thick() {
             .await
         {
             Ok(r) => break r.into_inner().snapshot.expect("reply without snapshot"),
-            // The abandoned call may still hold the name's lock a moment.
             Err(e) if e.code() == Code::Aborted && Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(500)).await
             }
@@ -1071,7 +1067,11 @@ async fn crash_during_copy_never_ready_thick() {
     // The snapshot is cut: the application writes again.
     write_chunks(&dev, &base2, 2, LATE_WRITE / CHUNK);
 
-    let d = Driver::builder().start_in(dir).await;
+    let d = Driver::builder()
+        .arg("--copy-wait-seconds")
+        .arg("1")
+        .start_in(dir)
+        .await;
     let cl = cl.handover(&d);
     d.track(&src.volume_id);
     assert!(
