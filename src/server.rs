@@ -96,7 +96,12 @@ async fn serve_agent(args: &RunArgs, agent: Arc<LocalAgent>) -> Result<(), Strin
     let tls = tls_material(args, "the LVM agent API (--mode node)")?;
     let listener = tokio::net::TcpListener::bind(&args.agent_listen)
         .await
-        .map_err(|e| format!("cannot listen on {} for the agent API: {e}", args.agent_listen))?;
+        .map_err(|e| {
+            format!(
+                "cannot listen on {} for the agent API: {e}",
+                args.agent_listen
+            )
+        })?;
     let service = AgentServer::with_interceptor(
         AgentService { agent },
         require_peer(args.controller_identity.clone()),

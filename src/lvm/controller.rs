@@ -146,7 +146,12 @@ impl LvmController {
                 }
             }
         }
-        let tried = self.attempts.lock().expect("attempts poisoned").get(key).cloned();
+        let tried = self
+            .attempts
+            .lock()
+            .expect("attempts poisoned")
+            .get(key)
+            .cloned();
         for (node, e) in down {
             if tried.as_deref() == Some(node.as_str()) {
                 return Err(Error::Unavailable(format!(

@@ -83,9 +83,8 @@ impl RemoteAgent {
     }
 
     fn lv(&self, lv: Option<pb::Lv>) -> Result<Lv> {
-        lv.map(Into::into).ok_or_else(|| {
-            Error::Internal(format!("the agent of node {} sent no LV", self.node))
-        })
+        lv.map(Into::into)
+            .ok_or_else(|| Error::Internal(format!("the agent of node {} sent no LV", self.node)))
     }
 
     /// Who answers at the address: its node name and device classes.
@@ -116,14 +115,23 @@ impl Agent for RemoteAgent {
 
     async fn create(&self, spec: &LvSpec) -> Result<Lv> {
         let r = self.request(pb::CreateRequest::from(spec), self.deadlines.write);
-        let reply = self.client.clone().create(r).await.map_err(|s| self.err(s))?;
+        let reply = self
+            .client
+            .clone()
+            .create(r)
+            .await
+            .map_err(|s| self.err(s))?;
         self.lv(reply.into_inner().lv)
     }
 
     async fn remove(&self, class: &str, lv: &str) -> Result<()> {
         let mut r = self.lv_ref(class, lv);
         r.set_timeout(self.deadlines.write);
-        self.client.clone().remove(r).await.map_err(|s| self.err(s))?;
+        self.client
+            .clone()
+            .remove(r)
+            .await
+            .map_err(|s| self.err(s))?;
         Ok(())
     }
 
@@ -136,7 +144,12 @@ impl Agent for RemoteAgent {
             },
             self.deadlines.write,
         );
-        let reply = self.client.clone().extend(r).await.map_err(|s| self.err(s))?;
+        let reply = self
+            .client
+            .clone()
+            .extend(r)
+            .await
+            .map_err(|s| self.err(s))?;
         self.lv(reply.into_inner().lv)
     }
 
@@ -164,14 +177,24 @@ impl Agent for RemoteAgent {
             },
             self.deadlines.read,
         );
-        let reply = self.client.clone().capacity(r).await.map_err(|s| self.err(s))?;
+        let reply = self
+            .client
+            .clone()
+            .capacity(r)
+            .await
+            .map_err(|s| self.err(s))?;
         Ok(reply.into_inner().into())
     }
 
     async fn resume(&self, class: &str, lv: &str) -> Result<Option<Lv>> {
         let mut r = self.lv_ref(class, lv);
         r.set_timeout(self.deadlines.write);
-        let reply = self.client.clone().resume(r).await.map_err(|s| self.err(s))?;
+        let reply = self
+            .client
+            .clone()
+            .resume(r)
+            .await
+            .map_err(|s| self.err(s))?;
         Ok(reply.into_inner().lv.map(Into::into))
     }
 

@@ -173,10 +173,7 @@ impl pb::agent_server::Agent for AgentService {
         }))
     }
 
-    async fn create(
-        &self,
-        r: Request<pb::CreateRequest>,
-    ) -> Result<Response<pb::LvReply>, Status> {
+    async fn create(&self, r: Request<pb::CreateRequest>) -> Result<Response<pb::LvReply>, Status> {
         let spec = LvSpec::from(r.into_inner());
         tracing::info!(class = %spec.class, lv = %spec.name, size = spec.size, "agent: create");
         let lv = self.agent.create(&spec).await?;
@@ -192,10 +189,7 @@ impl pb::agent_server::Agent for AgentService {
         Ok(Response::new(pb::RemoveReply {}))
     }
 
-    async fn extend(
-        &self,
-        r: Request<pb::ExtendRequest>,
-    ) -> Result<Response<pb::LvReply>, Status> {
+    async fn extend(&self, r: Request<pb::ExtendRequest>) -> Result<Response<pb::LvReply>, Status> {
         let r = r.into_inner();
         tracing::info!(class = %r.class, lv = %r.name, size = r.size, "agent: extend");
         let lv = self.agent.extend(&r.class, &r.name, r.size).await?;

@@ -11,6 +11,9 @@
 
 #![allow(dead_code)]
 
+pub mod cluster;
+pub mod pki;
+
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::Read;
@@ -39,6 +42,8 @@ pub const NODE_ID: &str = "conformance-node";
 /// Volume groups the guest fixture (`tests/vm/lvm-fixture.sh setup`) creates.
 pub const THIN_VG: &str = "lodestone-thin";
 pub const THICK_VG: &str = "lodestone-thick";
+/// The second node's volume group in the multi-node tests.
+pub const NODE2_VG: &str = "lodestone-node2";
 /// Device class names the default fixture configures.
 pub const THIN: &str = "thin";
 pub const THICK: &str = "thick";
@@ -82,6 +87,7 @@ pub fn default_class_args() -> Vec<String> {
 #[derive(Debug, Clone)]
 pub struct DriverBuilder {
     node_id: String,
+    mode: String,
     /// Flags after endpoint/node-id/mode; defaults to the two device classes.
     class_args: Vec<String>,
     extra_args: Vec<String>,
@@ -98,6 +104,7 @@ impl DriverBuilder {
     pub fn new() -> Self {
         DriverBuilder {
             node_id: NODE_ID.to_string(),
+            mode: "all".to_string(),
             class_args: default_class_args(),
             extra_args: vec!["--lvm-refresh-seconds".into(), "0".into()],
             env: Vec::new(),
@@ -106,6 +113,17 @@ impl DriverBuilder {
 
     pub fn node_id(mut self, id: &str) -> Self {
         self.node_id = id.to_string();
+        self
+    }
+
+    /// `all` (the default), `controller` or `node`.
+    pub fn mode(mut self, mode: &str) -> Self {
+        self.mode = mode.to_string();
+        self
+    }
+
+    pub fn args<S: Into<String>>(mut self, args: impl IntoIterator<Item = S>) -> Self {
+        self.extra_args.extend(args.into_iter().map(Into::into));
         self
     }
 
@@ -133,7 +151,7 @@ impl DriverBuilder {
             .arg("--node-id")
             .arg(&self.node_id)
             .arg("--mode")
-            .arg("all")
+            .arg(&self.mode)
             .args(&self.class_args)
             .args(&self.extra_args)
             .current_dir(dir)
@@ -724,7 +742,7 @@ impl Lv {
     }
 }
 
-/// Every LV in the fixture's two volume groups.
+/// Every LV in the fixture's volume groups.
 pub fn list_lvs() -> Vec<Lv> {
     let out = Command::new("lvm")
         .args([
@@ -738,6 +756,7 @@ pub fn list_lvs() -> Vec<Lv> {
             "vg_name,lv_name,lv_tags,lv_size",
             THIN_VG,
             THICK_VG,
+            NODE2_VG,
         ])
         .output()
         .expect("run lvm lvs");

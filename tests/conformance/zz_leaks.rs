@@ -19,7 +19,12 @@ fn no_lodestone_volumes_left_behind() {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let mounted: Vec<&str> = mountinfo
         .lines()
-        .filter(|l| l.contains(THIN_VG) || l.contains(THICK_VG) || l.contains("lodestone-ct-"))
+        .filter(|l| {
+            l.contains(THIN_VG)
+                || l.contains(THICK_VG)
+                || l.contains(NODE2_VG)
+                || l.contains("lodestone-ct-")
+        })
         .collect();
     assert!(mounted.is_empty(), "mounts left behind: {mounted:#?}");
 }

@@ -8,6 +8,9 @@
 #   lodestone-thin   VG on a 2 GiB sparse file + loop device, with thin pool
 #                    "pool0" (1.5 GiB, --zero y, --errorwhenfull y)
 #   lodestone-thick  VG on a 1.5 GiB sparse file + loop device (no pool)
+#   lodestone-node2  VG on a 1 GiB sparse file with thin pool "pool0" of
+#                    512 MiB (the rest for thick LVs): a second node's
+#                    storage in the multi-node tests
 #
 # The backing files live in $LODESTONE_FIXTURE_DIR (default
 # /tmp/lodestone-fixture, a tmpfs in the guest: only written blocks use RAM).
@@ -18,6 +21,10 @@ set -euo pipefail
 dir=${LODESTONE_FIXTURE_DIR:-/tmp/lodestone-fixture}
 thin_vg=lodestone-thin
 thick_vg=lodestone-thick
+node2_vg=lodestone-node2
+node2_file_size=${LODESTONE_FIXTURE_NODE2_SIZE:-1G}
+node2_pool_size=${LODESTONE_FIXTURE_NODE2_POOL_SIZE:-512M}
+all_vgs=("$thin_vg" "$thick_vg" "$node2_vg")
 thin_file_size=${LODESTONE_FIXTURE_THIN_SIZE:-2G}
 thick_file_size=${LODESTONE_FIXTURE_THICK_SIZE:-1536M}
 pool_size=${LODESTONE_FIXTURE_POOL_SIZE:-1536M}
@@ -73,31 +80,38 @@ setup_vg() { # setup_vg VG SIZE -> 0 if created, 1 if it already existed
   say "created VG $vg on $loop ($file, $size sparse)"
 }
 
-setup() {
+make_pool() { # make_pool VG SIZE
+  lvm lvcreate -q -y --type thin-pool -L "$2" --poolmetadatasize "$pool_meta_size" \
+    --zero y -n pool0 "$1" >/dev/null
+  # lvcreate (2.03.16) rejects --errorwhenfull for thin pools; lvchange takes it
+  lvm lvchange -q --errorwhenfull y "$1/pool0" >/dev/null
+  say "created thin pool $1/pool0 ($2, zeroing on, error when full)"
+}
+
+setup_thin_vg() { # setup_thin_vg VG FILE_SIZE POOL_SIZE
   local need_pool=1
-  if ! setup_vg "$thin_vg" "$thin_file_size"; then
-    lvm lvs "$thin_vg/pool0" >/dev/null 2>&1 && need_pool=0
+  if ! setup_vg "$1" "$2"; then
+    lvm lvs "$1/pool0" >/dev/null 2>&1 && need_pool=0
   fi
-  if ((need_pool)); then
-    lvm lvcreate -q -y --type thin-pool -L "$pool_size" --poolmetadatasize "$pool_meta_size" \
-      --zero y -n pool0 "$thin_vg" >/dev/null
-    # lvcreate (2.03.16) rejects --errorwhenfull for thin pools; lvchange takes it
-    lvm lvchange -q --errorwhenfull y "$thin_vg/pool0" >/dev/null
-    say "created thin pool $thin_vg/pool0 ($pool_size, zeroing on, error when full)"
-  fi
+  if ((need_pool)); then make_pool "$1" "$3"; fi
+}
+
+setup() {
+  setup_thin_vg "$thin_vg" "$thin_file_size" "$pool_size"
   setup_vg "$thick_vg" "$thick_file_size" || true
+  setup_thin_vg "$node2_vg" "$node2_file_size" "$node2_pool_size"
   status
 }
 
 status() {
-  lvm vgs -o vg_name,pv_name,vg_size,vg_free,lv_count "$thin_vg" "$thick_vg" 2>/dev/null || true
+  lvm vgs -o vg_name,pv_name,vg_size,vg_free,lv_count "${all_vgs[@]}" 2>/dev/null || true
   lvm lvs -o vg_name,lv_name,lv_attr,lv_size,data_percent,zero,lv_when_full \
-    "$thin_vg" "$thick_vg" 2>/dev/null || true
+    "${all_vgs[@]}" 2>/dev/null || true
 }
 
 teardown() {
   local vg vgs=() mapper dev mp loop file
-  for vg in "$thin_vg" "$thick_vg"; do
+  for vg in "${all_vgs[@]}"; do
     mapper=/dev/mapper/${vg//-/--}-
     # unmount whatever is mounted from this VG (innermost first)
     while read -r dev mp _; do
@@ -113,11 +127,11 @@ teardown() {
   fi
   # stale device-mapper devices (e.g. after a crashed test)
   dmsetup ls 2>/dev/null | while read -r dev _; do
-    for vg in "$thin_vg" "$thick_vg"; do
+    for vg in "${all_vgs[@]}"; do
       if [[ "$dev" == "${vg//-/--}-"* ]]; then dmsetup remove --force "$dev" 2>/dev/null || true; fi
     done
   done
-  for vg in "$thin_vg" "$thick_vg"; do
+  for vg in "${all_vgs[@]}"; do
     file=$dir/$vg.img
     for loop in $(loops_of "$file"); do
       losetup -d "$loop" && say "detached $loop"
