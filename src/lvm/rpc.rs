@@ -138,8 +138,11 @@ fn describe_transport(s: &Status) -> String {
     let mut out = s.message().to_string();
     let mut cause = s.source();
     while let Some(c) = cause {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
         cause = c.source();
     }
     out

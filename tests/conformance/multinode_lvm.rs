@@ -1,0 +1,369 @@
+//! One central controller and two node agents, on real LVM in the guest:
+//! node-a owns VGs `lodestone-thin` (pool0) and `lodestone-thick`, node-b
+//! owns `lodestone-node2` (pool0 and thick space). The agents listen on
+//! 127.0.0.1 and 127.0.0.2 with their own certificates; the controller
+//! reaches them over mutual TLS.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::time::{Duration, Instant};
+
+use lodestone::csi;
+use lodestone::csi::volume_content_source::{SnapshotSource, Type as SourceType};
+use tonic::Code;
+
+use crate::common::cluster::{start_controller, NodeAgent};
+use crate::common::pki::Ca;
+use crate::common::*;
+
+const A: &str = "node-a";
+const B: &str = "node-b";
+const DATA: usize = 4 << 20;
+
+fn b_class_args() -> Vec<String> {
+    vec![
+        "--device-class".into(),
+        format!("{THIN}={NODE2_VG}/pool0"),
+        "--device-class".into(),
+        format!("{THICK}={NODE2_VG}"),
+    ]
+}
+
+struct Cluster {
+    _dir: tempfile::TempDir,
+    ctl: Driver,
+    a: NodeAgent,
+    b: NodeAgent,
+}
+
+async fn cluster() -> Cluster {
+    let dir = new_temp_dir();
+    let ca = Ca::new(dir.path(), "cluster");
+    let a = NodeAgent::start(&ca, A, "127.0.0.1", &default_class_args()).await;
+    let b = NodeAgent::start(&ca, B, "127.0.0.2", &b_class_args()).await;
+    let ctl = start_controller(&ca, &[&a, &b], &default_class_args()).await;
+    Cluster {
+        _dir: dir,
+        ctl,
+        a,
+        b,
+    }
+}
+
+/// What the external provisioner sends with strict topology off: every
+/// node in requisite, the scheduler's pick first in preferred.
+fn requirement(requisite: &[&str], preferred: &[&str]) -> Option<csi::TopologyRequirement> {
+    Some(csi::TopologyRequirement {
+        requisite: requisite.iter().map(|n| node_topology(n)).collect(),
+        preferred: preferred.iter().map(|n| node_topology(n)).collect(),
+    })
+}
+
+fn req(
+    name: &str,
+    class: &str,
+    size: i64,
+    topo: Option<csi::TopologyRequirement>,
+) -> csi::CreateVolumeRequest {
+    let mut r = create_req(name, class, block_cap(), size, 0);
+    r.accessibility_requirements = topo;
+    r
+}
+
+fn pattern(seed: u8) -> Vec<u8> {
+    (0..DATA)
+        .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[i % 4] ^ seed)
+        .collect()
+}
+
+/// Stages and publishes a block volume on `node`, runs `f` on its device.
+async fn with_device(node: &Driver, volume_id: &str, f: impl FnOnce(&mut File)) {
+    node.stage(volume_id, "staging", block_cap()).await;
+    node.publish(volume_id, "staging", "dev", block_cap(), false)
+        .await;
+    {
+        let mut dev = File::options()
+            .read(true)
+            .write(true)
+            .open(node.path("dev"))
+            .expect("open the published device");
+        f(&mut dev);
+    }
+    node.unpublish(volume_id, "dev").await;
+    node.unstage(volume_id, "staging").await;
+}
+
+async fn capacity(ctl: &Driver, class: &str, node: &str) -> i64 {
+    let r = ctl
+        .controller()
+        .get_capacity(csi::GetCapacityRequest {
+            volume_capabilities: vec![],
+            parameters: class_params(class),
+            accessible_topology: Some(node_topology(node)),
+        })
+        .await;
+    expect_ok(r, &format!("GetCapacity({class}, {node})")).available_capacity
+}
+
+fn lvs_with_key(key: &str) -> Vec<Lv> {
+    list_lvs()
+        .into_iter()
+        .filter(|l| l.name.ends_with(key))
+        .collect()
+}
+
+/// Placement by the orchestrator's preferred order, data gravity for a
+/// restore (even against the preferred node), a clear error when the
+/// source's node is excluded, a fallback when the preferred node has no
+/// room, and GetCapacity per node exact right after each mutation.
+#[tokio::test]
+async fn placement_and_data_gravity_across_two_nodes() {
+    if skip_without_lvm() {
+        return;
+    }
+    let c = cluster().await;
+    let both = [A, B];
+
+    // A volume without a source goes to the first preferred node that fits.
+    let v = c
+        .ctl
+        .create_ok(req(
+            &unique_name("mn-src"),
+            THIN,
+            64 * MIB,
+            requirement(&both, &[B, A]),
+        ))
+        .await;
+    assert_eq!(volume_nodes(&v), vec![B.to_string()], "{v:?}");
+    assert!(
+        c.ctl.log().contains("rule=\"preferred-topology\"")
+            || c.ctl.log().contains("rule=preferred-topology")
+    );
+    let data = pattern(7);
+    with_device(&c.b.driver, &v.volume_id, |dev| {
+        dev.write_all(&data).unwrap();
+        dev.sync_all().unwrap();
+    })
+    .await;
+
+    let snap = expect_ok(
+        c.ctl
+            .controller()
+            .create_snapshot(csi::CreateSnapshotRequest {
+                name: unique_name("mn-snap"),
+                source_volume_id: v.volume_id.clone(),
+                ..Default::default()
+            })
+            .await,
+        "CreateSnapshot",
+    )
+    .snapshot
+    .expect("snapshot");
+    assert!(snap.snapshot_id.contains(":node-b:"), "{snap:?}");
+    let source = csi::VolumeContentSource {
+        r#type: Some(SourceType::Snapshot(SnapshotSource {
+            snapshot_id: snap.snapshot_id.clone(),
+        })),
+    };
+
+    // The scheduler preferred node-a; the data is on node-b, which the
+    // requisite allows: the restore goes to node-b.
+    let mut r = req(
+        &unique_name("mn-restore"),
+        THIN,
+        0,
+        requirement(&both, &[A, B]),
+    );
+    r.volume_content_source = Some(source.clone());
+    let restored = c.ctl.create_ok(r).await;
+    assert_eq!(volume_nodes(&restored), vec![B.to_string()], "{restored:?}");
+    assert!(c.ctl.log().contains("source-locality"));
+    with_device(&c.b.driver, &restored.volume_id, |dev| {
+        let mut got = vec![0u8; DATA];
+        dev.seek(SeekFrom::Start(0)).unwrap();
+        dev.read_exact(&mut got).unwrap();
+        assert!(
+            got == data,
+            "the restore on node-b does not hold the snapshot's data"
+        );
+    })
+    .await;
+
+    // A requisite without node-b: a clear error naming node-b.
+    let mut r = req(
+        &unique_name("mn-excluded"),
+        THIN,
+        0,
+        requirement(&[A], &[A]),
+    );
+    r.volume_content_source = Some(source);
+    let e = expect_code(
+        c.ctl.controller().create_volume(r).await,
+        Code::ResourceExhausted,
+        "restore with node-b excluded",
+    );
+    assert!(e.message().contains(B), "{}", e.message());
+
+    // GetCapacity of node-b's thick space is exact right after a create
+    // and a delete (no refresh, no lag).
+    let before = capacity(&c.ctl, THICK, B).await;
+    let before_a = capacity(&c.ctl, THICK, A).await;
+    let t = c
+        .ctl
+        .create_ok(req(
+            &unique_name("mn-thick"),
+            THICK,
+            64 * MIB,
+            requirement(&both, &[B]),
+        ))
+        .await;
+    assert_eq!(volume_nodes(&t), vec![B.to_string()]);
+    assert_eq!(capacity(&c.ctl, THICK, B).await, before - 64 * MIB);
+    assert_eq!(capacity(&c.ctl, THICK, A).await, before_a);
+    c.ctl.delete(&t.volume_id).await;
+    assert_eq!(capacity(&c.ctl, THICK, B).await, before);
+
+    // node-b cannot hold more than it has: the next preferred node that fits.
+    let big = before + 64 * MIB;
+    assert!(big < before_a, "node-a must be able to take {big} bytes");
+    let t = c
+        .ctl
+        .create_ok(req(
+            &unique_name("mn-big"),
+            THICK,
+            big,
+            requirement(&both, &[B, A]),
+        ))
+        .await;
+    assert_eq!(volume_nodes(&t), vec![A.to_string()]);
+    c.ctl.delete(&t.volume_id).await;
+    // Nowhere fits: RESOURCE_EXHAUSTED, so the provisioner reschedules.
+    expect_code(
+        c.ctl
+            .controller()
+            .create_volume(req(
+                &unique_name("mn-huge"),
+                THICK,
+                64 * GIB,
+                requirement(&both, &[B]),
+            ))
+            .await,
+        Code::ResourceExhausted,
+        "a volume no node can hold",
+    );
+
+    // ListVolumes sees both nodes' volumes.
+    let listed: Vec<String> = c
+        .ctl
+        .list_all(0)
+        .await
+        .into_iter()
+        .map(|v| v.volume_id)
+        .collect();
+    assert!(listed.contains(&v.volume_id) && listed.contains(&restored.volume_id));
+
+    c.ctl.delete(&restored.volume_id).await;
+    expect_ok(
+        c.ctl
+            .controller()
+            .delete_snapshot(csi::DeleteSnapshotRequest {
+                snapshot_id: snap.snapshot_id.clone(),
+                ..Default::default()
+            })
+            .await,
+        "DeleteSnapshot",
+    );
+    c.ctl.delete(&v.volume_id).await;
+    let _ = (&c.a, &c.b);
+}
+
+/// node-b's agent is killed while it creates a volume. While it is down, a
+/// retry is UNAVAILABLE (the first attempt may sit there) instead of
+/// creating a second copy on node-a; requests that do not involve node-b
+/// still work. After the agent is back, the retry succeeds on node-b and
+/// exactly one LV exists for the request.
+#[tokio::test]
+async fn agent_killed_mid_create_leaves_one_volume() {
+    if skip_without_lvm() {
+        return;
+    }
+    let c = cluster().await;
+    let name = unique_name("mn-kill");
+    let request = req(&name, THICK, 128 * MIB, requirement(&[A, B], &[B, A]));
+
+    let mut client = c.ctl.controller();
+    let first = tokio::spawn({
+        let request = request.clone();
+        async move { client.create_volume(request).await }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !c.b.driver.log().contains("agent: create") {
+        assert!(
+            Instant::now() < deadline,
+            "node-b's agent never got the create"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    c.b.kill();
+    let first = first.await.unwrap();
+    eprintln!(
+        "first attempt, agent killed mid-call: {:?}",
+        first.as_ref().map(|_| ())
+    );
+
+    // node-b is down: the retry waits for it.
+    let e = expect_code(
+        c.ctl.controller().create_volume(request.clone()).await,
+        Code::Unavailable,
+        "retry while node-b is down",
+    );
+    assert!(e.message().contains(B), "{}", e.message());
+    // A request that never touched node-b still works.
+    let other = c
+        .ctl
+        .create_ok(req(
+            &unique_name("mn-other"),
+            THIN,
+            8 * MIB,
+            requirement(&[A, B], &[A]),
+        ))
+        .await;
+    assert_eq!(volume_nodes(&other), vec![A.to_string()]);
+    c.ctl.delete(&other.volume_id).await;
+
+    let b = c.b.restart().await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let v = loop {
+        match c.ctl.controller().create_volume(request.clone()).await {
+            Ok(r) => break r.into_inner().volume.expect("volume"),
+            Err(e)
+                if Instant::now() < deadline
+                    && matches!(
+                        e.code(),
+                        Code::Unavailable | Code::Aborted | Code::DeadlineExceeded
+                    ) =>
+            {
+                tokio::time::sleep(Duration::from_millis(500)).await
+            }
+            Err(e) => panic!(
+                "retry after node-b is back: {:?}: {}",
+                e.code(),
+                e.message()
+            ),
+        }
+    };
+    c.ctl.track(&v.volume_id);
+    assert_eq!(volume_nodes(&v), vec![B.to_string()], "{v:?}");
+    let key = v.volume_id.rsplit(':').next().unwrap().to_string();
+    let copies = lvs_with_key(&key);
+    assert_eq!(copies.len(), 1, "LVs for one request: {copies:#?}");
+    assert_eq!(copies[0].vg, NODE2_VG);
+
+    c.ctl.delete(&v.volume_id).await;
+    assert!(
+        lvs_with_key(&key).is_empty(),
+        "left behind: {:#?}",
+        lvs_with_key(&key)
+    );
+    drop(b);
+}
