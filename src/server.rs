@@ -173,23 +173,27 @@ pub async fn lvm_services(args: &RunArgs) -> Result<Services, String> {
         (Mode::Node, _) => None,
         (Mode::All, Some(agent)) => {
             let ready = local_ready.clone().expect("local agent");
-            Some(LvmController::new(
+            Some(Arc::new(LvmController::new(
                 config.clone(),
                 vec![agent.clone() as Arc<dyn Agent>],
                 Box::new(ready),
-            ))
+            )))
         }
-        _ => Some(LvmController::new(
-            config.clone(),
-            remote_agents(args)?,
-            Box::new(|| None),
-        )),
+        _ => {
+            let controller = Arc::new(LvmController::new(
+                config.clone(),
+                remote_agents(args)?,
+                Box::new(|| None),
+            ));
+            controller.spawn_duplicate_scan(Duration::from_secs(60));
+            Some(controller)
+        }
     };
     if args.mode == Mode::Node {
         serve_agent(args, local.clone().expect("node mode runs an agent")).await?;
     }
     let controller = controller.map(|backend| ControllerService {
-        backend: Arc::new(backend),
+        backend: backend as Arc<dyn crate::core::backend::ControllerBackend>,
         locks: locks.clone(),
     });
     let node = local.map(|agent| NodeService {

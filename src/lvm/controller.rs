@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use crate::config::{DeviceClass, LvmConfig, TOPOLOGY_NODE_KEY};
 use crate::core::backend::{
@@ -226,6 +227,28 @@ impl LvmController {
             Some((message, false)) => Ok((lv, Some(message))),
             None => Ok((lv, Some("copying data".to_string()))),
         }
+    }
+
+    /// Every `every`, lists both kinds on every reachable node (the agents
+    /// answer from memory) to find duplicates, e.g. after a node that was
+    /// down comes back.
+    pub fn spawn_duplicate_scan(self: &Arc<Self>, every: Duration) {
+        if every.is_zero() {
+            return;
+        }
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                let Some(me) = me.upgrade() else { return };
+                for kind in [Kind::Volume, Kind::Snapshot] {
+                    if let Err(e) = me.list_kind(kind).await {
+                        tracing::warn!(error = %e, "duplicate scan failed");
+                    }
+                }
+            }
+        });
     }
 
     fn volume_info(id: &LvId, lv: &Lv) -> VolumeInfo {
