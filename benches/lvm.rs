@@ -23,6 +23,10 @@
 //!   --list-volumes N  LODESTONE_BENCH_LIST_VOLUMES  volumes present for ListVolumes (20)
 //!   --rss-volumes N   LODESTONE_BENCH_RSS_VOLUMES   thin volumes for the memory test (200)
 //!   --classes LIST    LODESTONE_BENCH_CLASSES       device classes to measure (thin,thick)
+//!   --snapshots N     LODESTONE_BENCH_SNAPSHOTS     timed snapshot + restore rounds per class (3)
+//!   --snapshot-mib N  LODESTONE_BENCH_SNAPSHOT_MIB  size of the (filled) source volume (128)
+//!   --volumes-only / --snapshots-only: skip the other half (flag, or
+//!                     LODESTONE_BENCH_ONLY=volumes|snapshots)
 //!   --dir PATH        LODESTONE_BENCH_DIR           work dir (default: a new dir in /tmp)
 //! ```
 
@@ -64,12 +68,17 @@ struct Opts {
     rss_volumes: usize,
     classes: Vec<String>,
     dir: Option<PathBuf>,
+    snapshots: usize,
+    snapshot_mib: usize,
+    /// Run the volume rounds (create/stage/publish/list/memory).
+    volumes: bool,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: lvm-bench [--iterations N] [--list-volumes N] [--rss-volumes N] \
-         [--classes thin,thick] [--dir PATH]\n\
+         [--classes thin,thick] [--dir PATH] [--snapshots N] [--snapshot-mib N] \
+         [--volumes-only|--snapshots-only]\n\
          needs the tests/vm/lvm-fixture.sh volume groups; run it through scripts/bench.sh"
     );
     std::process::exit(2)
@@ -84,7 +93,15 @@ impl Opts {
             rss_volumes: 200,
             classes: vec!["thin".into(), "thick".into()],
             dir: env("LODESTONE_BENCH_DIR").map(PathBuf::from),
+            snapshots: 3,
+            snapshot_mib: 128,
+            volumes: true,
         };
+        match env("LODESTONE_BENCH_ONLY").as_deref() {
+            Some("volumes") => opts.snapshots = 0,
+            Some("snapshots") => opts.volumes = false,
+            _ => {}
+        }
         let set = |name: &str, value: &str, opts: &mut Opts| {
             let num = || value.parse::<usize>().unwrap_or_else(|_| usage());
             match name {
@@ -99,10 +116,19 @@ impl Opts {
                         .collect()
                 }
                 "dir" => opts.dir = Some(PathBuf::from(value)),
+                "snapshots" => opts.snapshots = num(),
+                "snapshot-mib" => opts.snapshot_mib = num().max(16),
                 _ => usage(),
             }
         };
-        for name in ["iterations", "list-volumes", "rss-volumes", "classes"] {
+        for name in [
+            "iterations",
+            "list-volumes",
+            "rss-volumes",
+            "classes",
+            "snapshots",
+            "snapshot-mib",
+        ] {
             let var = format!("LODESTONE_BENCH_{}", name.to_uppercase().replace('-', "_"));
             if let Some(v) = env(&var) {
                 set(name, &v, &mut opts);
@@ -114,6 +140,8 @@ impl Opts {
                 // cargo bench passes --bench to every bench binary
                 "--bench" => {}
                 "-h" | "--help" => usage(),
+                "--volumes-only" => opts.snapshots = 0,
+                "--snapshots-only" => opts.volumes = false,
                 a if a.starts_with("--") => {
                     let (name, value) = match a[2..].split_once('=') {
                         Some((n, v)) => (n.to_string(), v.to_string()),
@@ -531,6 +559,40 @@ fn run_raw(argv: &[String], ok_codes: &[i32]) -> R<f64> {
     Ok(ms)
 }
 
+/// Writes `bytes` of non-zero data to a device (so no copy can skip it).
+fn fill(dev: &str, bytes: usize) -> R<()> {
+    use std::io::Write;
+    let mut f = File::options()
+        .write(true)
+        .open(dev)
+        .map_err(|e| format!("open {dev}: {e}"))?;
+    let chunk: Vec<u8> = (0..1 << 20)
+        .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13) as u8 | 1)
+        .collect();
+    for _ in 0..bytes / chunk.len() {
+        f.write_all(&chunk)
+            .map_err(|e| format!("write {dev}: {e}"))?;
+    }
+    f.sync_all().map_err(|e| format!("fsync {dev}: {e}"))
+}
+
+/// Whether a reply means the work is complete.
+trait Ready {
+    fn ready(&self) -> bool;
+}
+
+impl Ready for CreateSnapshotResponse {
+    fn ready(&self) -> bool {
+        self.snapshot.as_ref().is_some_and(|s| s.ready_to_use)
+    }
+}
+
+impl Ready for CreateVolumeResponse {
+    fn ready(&self) -> bool {
+        true
+    }
+}
+
 fn argv(parts: &[&str]) -> Vec<String> {
     parts.iter().map(|s| s.to_string()).collect()
 }
@@ -919,6 +981,246 @@ impl Bench {
         Ok(())
     }
 
+    /// Calls `f` until it answers (a copy in progress answers ABORTED, or a
+    /// snapshot not yet ready); returns the last answer and one Call
+    /// spanning them all, with every command run meanwhile.
+    async fn until_done<T, F, Fut>(&mut self, what: &str, mut f: F) -> R<(T, Call)>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+        T: Ready,
+    {
+        let t = Instant::now();
+        let mut ran = Vec::new();
+        loop {
+            let c = self.driver.client.clone();
+            let out = f(c).await;
+            ran.extend(self.driver.take_log()?);
+            match out {
+                Ok(r) if r.get_ref().ready() => {
+                    let ms = t.elapsed().as_secs_f64() * 1000.0;
+                    return Ok((r.into_inner(), Call { ms, ran }));
+                }
+                Ok(_) => {}
+                Err(s) if s.code() == tonic::Code::Aborted => {}
+                Err(s) => return Err(format!("{what}: {:?}: {}", s.code(), s.message())),
+            }
+            if t.elapsed() > Duration::from_secs(600) {
+                return Err(format!("{what}: not done after 10 minutes"));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// One snapshot and one restore through the driver, then the same lvm
+    /// commands run directly (for a thick class with `dd` copying the data,
+    /// where the driver copies in-process).
+    async fn snapshot_round(&mut self, class: &str, i: usize, record: bool) -> R<()> {
+        let bytes = self.opts.snapshot_mib as i64 * MIB;
+        let vg = vg_of(class);
+        let base = format!("bench-{}-{class}-s{i}", self.run_id);
+        let (src, create) = self.create(&format!("{base}-src"), class, bytes).await?;
+        let src_lv = lv_of_create(&create.ran)?;
+        fill(&format!("/dev/{vg}/{src_lv}"), bytes as usize)?;
+
+        let snap_name = format!("{base}-snap");
+        let (snap, snap_call) = self
+            .until_done("CreateSnapshot", |mut c| {
+                let req = CreateSnapshotRequest {
+                    name: snap_name.clone(),
+                    source_volume_id: src.clone(),
+                    ..Default::default()
+                };
+                async move { c.controller.create_snapshot(req).await }
+            })
+            .await?;
+        let snap = snap.snapshot.ok_or("CreateSnapshot returned no snapshot")?;
+        let restore_name = format!("{base}-restore");
+        let source = VolumeContentSource {
+            r#type: Some(volume_content_source::Type::Snapshot(
+                volume_content_source::SnapshotSource {
+                    snapshot_id: snap.snapshot_id.clone(),
+                },
+            )),
+        };
+        let (restored, restore_call) = self
+            .until_done("CreateVolume from a snapshot", |mut c| {
+                let mut req = create_req(&restore_name, class, 0);
+                req.capacity_range = None;
+                req.volume_content_source = Some(source.clone());
+                async move { c.controller.create_volume(req).await }
+            })
+            .await?;
+        let restored = restored.volume.ok_or("CreateVolume returned no volume")?;
+
+        // The raw side: every lvm command of the two calls again, with the
+        // driver's LV names swapped for fresh ones (and dd for the copies).
+        let key = |id: &str| id.rsplit(':').next().unwrap_or_default().to_string();
+        let names: Vec<(String, String)> = [
+            (format!("ldsnap-{}", key(&snap.snapshot_id)), "raws"),
+            (format!("lds-{}", key(&restored.volume_id)), "rawr"),
+            (format!("ldtmp-{}", key(&snap.snapshot_id)), "rawts"),
+            (format!("ldtmp-{}", key(&restored.volume_id)), "rawtr"),
+        ]
+        .into_iter()
+        .map(|(lv, tag)| (lv, format!("bench-{tag}-{}-{i}", self.run_id)))
+        .collect();
+        let (raw_snap, dd_snap) = self.replay(class, &snap_call.ran, &names, bytes)?;
+        let (raw_restore, dd_restore) = self.replay(class, &restore_call.ran, &names, bytes)?;
+        for (_, raw) in &names {
+            let lv = format!("{vg}/{raw}");
+            let _ = run_raw(&argv(&["lvm", "lvremove", "--yes", &lv]), &[0, 5]);
+        }
+
+        let mut c = self.driver.client.clone();
+        let (_, del_restore) = self
+            .driver
+            .call(
+                "DeleteVolume",
+                c.controller.delete_volume(DeleteVolumeRequest {
+                    volume_id: restored.volume_id.clone(),
+                    secrets: HashMap::new(),
+                }),
+            )
+            .await?;
+        let (_, del_snap) = self
+            .driver
+            .call(
+                "DeleteSnapshot",
+                c.controller.delete_snapshot(DeleteSnapshotRequest {
+                    snapshot_id: snap.snapshot_id.clone(),
+                    secrets: HashMap::new(),
+                }),
+            )
+            .await?;
+        self.delete(&src).await?;
+        if !record {
+            return Ok(());
+        }
+        let thick = class == "thick";
+        let (snap_what, restore_what) = if thick {
+            (
+                "the driver's lvm commands, dd of the COW snapshot",
+                "the driver's lvm commands, dd of the snapshot",
+            )
+        } else {
+            ("lvcreate --snapshot", "lvcreate --snapshot")
+        };
+        let lvm_of = |c: &Call| c.ran.iter().filter(|r| r.program() == "lvm").count() as u32;
+        let tb = &mut self.table;
+        tb.driver(class, "CreateSnapshot (until ready)", &snap_call);
+        tb.raw(
+            class,
+            "CreateSnapshot (until ready)",
+            snap_what,
+            lvm_of(&snap_call),
+            raw_snap,
+        );
+        tb.driver(
+            class,
+            "CreateVolume from snapshot (until done)",
+            &restore_call,
+        );
+        tb.raw(
+            class,
+            "CreateVolume from snapshot (until done)",
+            restore_what,
+            lvm_of(&restore_call),
+            raw_restore,
+        );
+        tb.driver(class, "DeleteSnapshot", &del_snap);
+        tb.driver(class, "DeleteVolume (restored)", &del_restore);
+        let shape_lv = format!("ldsnap-{}", key(&snap.snapshot_id));
+        self.shape(class, "CreateSnapshot", &shape_lv, &snap_call.ran);
+        if thick {
+            let mib = bytes as f64 / MIB as f64;
+            let lvm_ms = |c: &Call| c.ran.iter().map(|r| r.elapsed_ms).sum::<f64>();
+            for (what, call, dd) in [
+                ("snapshot", &snap_call, dd_snap),
+                ("restore", &restore_call, dd_restore),
+            ] {
+                let copy_ms = (call.ms - lvm_ms(call)).max(1.0);
+                self.notes.push(format!(
+                    "thick {what} copy of {mib:.0} MiB: driver {:.0} MiB/s ({:.0} ms beside its \
+                     lvm commands), dd bs=1M direct {:.0} MiB/s ({:.0} ms)",
+                    mib / (copy_ms / 1000.0),
+                    copy_ms,
+                    mib / (dd.max(1.0) / 1000.0),
+                    dd
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the lvm commands of `ran` directly with LV names swapped by
+    /// `names`; for a thick copy, `dd` copies the data right before the
+    /// command that removes the temporary snapshot (or the copying tag).
+    /// Returns the total ms and the dd's ms.
+    fn replay(
+        &mut self,
+        class: &str,
+        ran: &[Ran],
+        names: &[(String, String)],
+        bytes: i64,
+    ) -> R<(f64, f64)> {
+        let swap = |a: &str| {
+            names
+                .iter()
+                .fold(a.to_string(), |a, (from, to)| a.replace(from.as_str(), to))
+        };
+        let vg = vg_of(class);
+        let lvm: Vec<Vec<String>> = ran
+            .iter()
+            .filter(|r| r.program() == "lvm" && r.short() != "lvm fullreport")
+            .map(|r| r.argv.iter().map(|a| swap(a)).collect())
+            .collect();
+        // The copy's source and target: the temporary snapshot (or the
+        // snapshot being restored) and the LV the lvcreate with the
+        // copying tag made.
+        let created: Vec<String> = lvm
+            .iter()
+            .filter(|a| a.get(1).map(String::as_str) == Some("lvcreate"))
+            .filter_map(|a| {
+                let at = a.iter().position(|x| x == "--name")?;
+                a.get(at + 1).cloned()
+            })
+            .collect();
+        let copies = class == "thick"
+            && ran
+                .iter()
+                .any(|r| r.argv.iter().any(|a| a.contains("lodestone.v1.copying")));
+        let mut total = 0.0;
+        let mut dd_ms = 0.0;
+        let mut copied = !copies;
+        for a in &lvm {
+            let is_finish = a.iter().any(|x| x.contains("lodestone.v1.copying"))
+                && a.get(1).map(String::as_str) == Some("lvchange");
+            if !copied && is_finish {
+                let target = created.first().ok_or("no target LV to copy into")?;
+                let source = created.get(1).cloned().unwrap_or_else(|| {
+                    // a restore reads the snapshot directly
+                    names[0].1.clone()
+                });
+                let dd = argv(&[
+                    "dd",
+                    &format!("if=/dev/{vg}/{source}"),
+                    &format!("of=/dev/{vg}/{target}"),
+                    "bs=1M",
+                    &format!("count={}", bytes / MIB),
+                    "iflag=direct",
+                    "oflag=direct",
+                    "status=none",
+                ]);
+                dd_ms = self.raw_cmd(class, "dd", &dd, &[0])?;
+                total += dd_ms;
+                copied = true;
+            }
+            total += self.raw_cmd(class, &format!("lvm {}", a[1]), a, &[0])?;
+        }
+        Ok((total, dd_ms))
+    }
+
     /// Creates `n` small volumes; returns the create calls.
     async fn create_fillers(&mut self, class: &str, tag: &str, n: usize) -> R<Vec<Call>> {
         let mut calls = Vec::new();
@@ -1013,7 +1315,12 @@ impl Bench {
             });
 
         let classes = self.opts.classes.clone();
-        for class in &classes {
+        let volume_classes = if self.opts.volumes {
+            classes.clone()
+        } else {
+            Vec::new()
+        };
+        for class in &volume_classes {
             let mut tpl: Option<Templates> = None;
             for i in 0..=n {
                 let record = i > 0;
@@ -1045,7 +1352,24 @@ impl Bench {
         }
         self.remember_memory("after the timed rounds")?;
 
-        let r = self.opts.rss_volumes;
+        for class in &classes {
+            let rounds = self.opts.snapshots;
+            for i in (0..=rounds).take_while(|_| rounds > 0) {
+                let record = i > 0;
+                self.progress(&format!(
+                    "{class}: snapshot round {i} of {}{}",
+                    self.opts.snapshots,
+                    if record { "" } else { " (warm-up)" }
+                ));
+                self.snapshot_round(class, i, record).await?;
+            }
+        }
+
+        let r = if self.opts.volumes {
+            self.opts.rss_volumes
+        } else {
+            0
+        };
         if r > 0 {
             self.progress(&format!("memory: creating {r} thin volumes"));
             let calls = self.create_fillers("thin", "rss", r).await?;

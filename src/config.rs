@@ -42,6 +42,12 @@ impl Mode {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AgentResolver {
+    Static,
+    Kubernetes,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
     Json,
@@ -182,6 +188,36 @@ pub struct RunArgs {
         global = true
     )]
     pub agents: Vec<String>,
+
+    /// `--mode controller` (LVM): how node agents are found: `static` (the
+    /// `--agent` map) or `kubernetes` (CSINode objects of this driver, each
+    /// Node's InternalIP and `--agent-port`).
+    #[arg(
+        long,
+        env = "LODESTONE_AGENT_RESOLVER",
+        value_enum,
+        default_value = "static",
+        global = true
+    )]
+    pub agent_resolver: AgentResolver,
+
+    /// The agents' port, for the `kubernetes` resolver.
+    #[arg(
+        long,
+        env = "LODESTONE_AGENT_PORT",
+        default_value_t = 7441,
+        global = true
+    )]
+    pub agent_port: u16,
+
+    /// Service account directory (token, ca.crt) for the Kubernetes API.
+    #[arg(
+        long,
+        env = "LODESTONE_SERVICE_ACCOUNT_DIR",
+        default_value = crate::kube::SERVICE_ACCOUNT_DIR,
+        global = true
+    )]
+    pub service_account_dir: PathBuf,
 
     /// Deadline of an agent call that changes LVM (reads get at most 15 s).
     #[arg(

@@ -13,6 +13,7 @@ pub mod demo;
 pub mod driver;
 pub mod error;
 pub mod host;
+pub mod kube;
 pub mod lvm;
 #[cfg(feature = "rbd")]
 pub mod rbd;

@@ -9,7 +9,7 @@ use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::agentpb::agent_server::AgentServer;
-use crate::config::{DriverKind, LvmConfig, Mode, RunArgs};
+use crate::config::{AgentResolver, DriverKind, LvmConfig, Mode, RunArgs};
 use crate::core::locks::OpLocks;
 use crate::core::node::NodeOps;
 use crate::csi::controller_server::ControllerServer;
@@ -18,10 +18,12 @@ use crate::csi::node_server::NodeServer;
 use crate::driver::controller::ControllerService;
 use crate::driver::identity::{IdentityService, ReadinessCheck};
 use crate::driver::node::NodeService;
+use crate::kube::Kube;
 use crate::lvm::agent::{Agent, AgentOptions, LocalAgent};
 use crate::lvm::controller::LvmController;
 use crate::lvm::node::LvmNode;
-use crate::lvm::remote::{Deadlines, RemoteAgent};
+use crate::lvm::remote::Deadlines;
+use crate::lvm::resolver::{Directory, Resolver};
 use crate::lvm::rpc::AgentService;
 use crate::runner::Runner;
 use crate::tls::{require_peer, TlsMaterial};
@@ -123,35 +125,43 @@ async fn serve_agent(args: &RunArgs, agent: Arc<LocalAgent>) -> Result<(), Strin
     Ok(())
 }
 
-/// `--mode controller`: a handle on every node's agent, from the static map.
-fn remote_agents(args: &RunArgs) -> Result<Vec<Arc<dyn Agent>>, String> {
+/// `--mode controller`: the central controller, with the agents the
+/// resolver finds (first resolution before serving, then every 30 s).
+async fn central_controller(
+    args: &RunArgs,
+    config: &LvmConfig,
+) -> Result<Arc<LvmController>, String> {
     let tls = tls_material(args, "the LVM controller (--mode controller)")?;
-    let map = args.agent_map()?;
-    if map.is_empty() {
-        return Err("--mode controller needs the nodes' agents: --agent NODE=HOST:PORT".into());
-    }
+    let resolver = match args.agent_resolver {
+        AgentResolver::Static => {
+            let map = args.agent_map()?;
+            if map.is_empty() {
+                return Err(
+                    "--mode controller needs the nodes' agents: --agent NODE=HOST:PORT \
+                            (or --agent-resolver kubernetes)"
+                        .into(),
+                );
+            }
+            Resolver::Static(map)
+        }
+        AgentResolver::Kubernetes => Resolver::Kubernetes {
+            kube: Kube::in_cluster(&args.service_account_dir)?,
+            driver: args.driver_name(),
+            port: args.agent_port,
+        },
+    };
     let write = Duration::from_secs(args.agent_timeout_seconds.max(1));
     let deadlines = Deadlines {
         connect: Duration::from_secs(5),
         read: write.min(Duration::from_secs(15)),
         write,
     };
-    let mut agents = Vec::new();
-    for (node, address) in map {
-        crate::config::validate_node_id(&node)?;
-        let agent = Arc::new(RemoteAgent::new(&node, &address, &tls, deadlines)?);
-        let probe = agent.clone();
-        tokio::spawn(async move {
-            match probe.describe().await {
-                Ok(d) => tracing::info!(node = %d.node, classes = ?d.classes, version = %d.version,
-                    address = %address, "agent reachable"),
-                Err(e) => tracing::warn!(node = %probe.node(), address = %address, error = %e,
-                    "agent not reachable yet"),
-            }
-        });
-        agents.push(agent as Arc<dyn Agent>);
-    }
-    Ok(agents)
+    let controller = Arc::new(LvmController::central(config.clone()));
+    let mut directory = Directory::new(&controller, resolver, tls, deadlines);
+    directory.sync().await;
+    directory.spawn(Duration::from_secs(30));
+    controller.spawn_duplicate_scan(Duration::from_secs(60));
+    Ok(controller)
 }
 
 /// Builds the LVM services for `args.mode`.
@@ -179,15 +189,7 @@ pub async fn lvm_services(args: &RunArgs) -> Result<Services, String> {
                 Box::new(ready),
             )))
         }
-        _ => {
-            let controller = Arc::new(LvmController::new(
-                config.clone(),
-                remote_agents(args)?,
-                Box::new(|| None),
-            ));
-            controller.spawn_duplicate_scan(Duration::from_secs(60));
-            Some(controller)
-        }
+        _ => Some(central_controller(args, &config).await?),
     };
     if args.mode == Mode::Node {
         serve_agent(args, local.clone().expect("node mode runs an agent")).await?;

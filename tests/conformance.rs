@@ -48,6 +48,8 @@ mod multinode_lvm;
 mod node;
 #[path = "conformance/node_lvm.rs"]
 mod node_lvm;
+#[path = "conformance/resolver.rs"]
+mod resolver;
 #[path = "conformance/snapshot.rs"]
 mod snapshot;
 #[path = "conformance/snapshot_lvm.rs"]

@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use crate::config::{DeviceClass, LvmConfig, TOPOLOGY_NODE_KEY};
@@ -28,8 +28,13 @@ const SOURCE_KEY: &str = "lodestone/source";
 
 pub struct LvmController {
     config: LvmConfig,
-    /// The agents of known nodes, by node id.
-    agents: BTreeMap<String, Arc<dyn Agent>>,
+    /// The agents of known nodes, by node id. Nodes are added as the
+    /// resolver finds them and never dropped in a process's life (a node
+    /// that went away answers UNAVAILABLE, so nothing on it looks deleted).
+    agents: RwLock<BTreeMap<String, Arc<dyn Agent>>>,
+    /// Whether an id naming an unknown node is UNAVAILABLE (central
+    /// controller: the node may not be resolved yet) rather than absent.
+    strict_nodes: bool,
     not_ready: Box<dyn Fn() -> Option<String> + Send + Sync>,
     /// The node each create went to, by LV key, in this process's life: a
     /// retry whose earlier attempt went to a node that is now unreachable
@@ -64,11 +69,20 @@ impl LvmController {
             .collect();
         LvmController {
             config,
-            agents,
+            agents: RwLock::new(agents),
+            strict_nodes: false,
             not_ready,
             attempts: Mutex::default(),
             duplicates: AtomicU64::new(0),
         }
+    }
+
+    /// The central controller: no agents until the resolver adds them, and
+    /// ids of nodes not (yet) known are UNAVAILABLE, never "deleted".
+    pub fn central(config: LvmConfig) -> Self {
+        let mut c = Self::new(config, Vec::new(), Box::new(|| None));
+        c.strict_nodes = true;
+        c
     }
 
     fn named_class(&self, name: &str) -> Result<&DeviceClass> {
@@ -93,13 +107,42 @@ impl LvmController {
         }
     }
 
-    fn agent(&self, node: &str) -> Option<&Arc<dyn Agent>> {
-        self.agents.get(node)
+    fn agent(&self, node: &str) -> Option<Arc<dyn Agent>> {
+        self.agents
+            .read()
+            .expect("agents poisoned")
+            .get(node)
+            .cloned()
+    }
+
+    fn all_agents(&self) -> Vec<(String, Arc<dyn Agent>)> {
+        let agents = self.agents.read().expect("agents poisoned");
+        agents.iter().map(|(n, a)| (n.clone(), a.clone())).collect()
+    }
+
+    /// Adds (or replaces, when its address changed) the agent of a node.
+    pub fn set_agent(&self, agent: Arc<dyn Agent>) {
+        let mut agents = self.agents.write().expect("agents poisoned");
+        agents.insert(agent.node().to_string(), agent);
+    }
+
+    /// Whether the node has an agent here.
+    pub fn knows(&self, node: &str) -> bool {
+        self.agents
+            .read()
+            .expect("agents poisoned")
+            .contains_key(node)
     }
 
     /// The LV an id names, if it exists and carries its kind's tag.
     async fn find(&self, id: &LvId) -> Result<Option<Lv>> {
         let Some(agent) = self.agent(&id.node) else {
+            if self.strict_nodes {
+                return Err(Error::Unavailable(format!(
+                    "node {} is not known to this controller (yet); retry",
+                    id.node
+                )));
+            }
             return Ok(None);
         };
         if self.config.class(&id.class).is_none() {
@@ -126,7 +169,7 @@ impl LvmController {
     /// only (creating it elsewhere could make a second copy).
     async fn find_anywhere(&self, kind: Kind, key: &str) -> Result<Option<(LvId, Lv)>> {
         let mut down = Vec::new();
-        for (node, agent) in &self.agents {
+        for (node, agent) in self.all_agents() {
             for class in &self.config.classes {
                 let id = LvId {
                     kind,
@@ -299,7 +342,7 @@ impl LvmController {
 
     async fn list_kind(&self, kind: Kind) -> Result<Vec<(LvId, Lv)>> {
         let mut out = Vec::new();
-        for (node, agent) in &self.agents {
+        for (node, agent) in self.all_agents() {
             let lvs = match agent.list().await {
                 Ok(lvs) => lvs,
                 Err(e) if unreachable(&e) => {
@@ -410,7 +453,7 @@ impl ControllerBackend for LvmController {
         let mut candidates = Vec::new();
         let mut sizes = BTreeMap::new();
         let mut full_pools = Vec::new();
-        for (node, agent) in &self.agents {
+        for (node, agent) in self.all_agents() {
             let cap = match agent.capacity(&class.name).await {
                 Ok(c) => c,
                 Err(Error::NotFound(_)) => continue, // class not on this node
@@ -433,7 +476,7 @@ impl ControllerBackend for LvmController {
             sizes.insert(node.clone(), size);
             candidates.push(Candidate {
                 name: node.clone(),
-                segments: node_segments(node),
+                segments: node_segments(&node),
                 available: cap.available,
             });
         }
@@ -557,9 +600,9 @@ impl ControllerBackend for LvmController {
     ) -> Result<Capacity> {
         let class = self.class_for(params)?;
         let mut total = Capacity::default();
-        for (node, agent) in &self.agents {
+        for (node, agent) in self.all_agents() {
             if let Some(t) = topology {
-                if !topology_matches(t, &node_segments(node)) {
+                if !topology_matches(t, &node_segments(&node)) {
                     continue;
                 }
             }

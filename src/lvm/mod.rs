@@ -9,4 +9,5 @@ pub mod ids;
 pub mod node;
 pub mod remote;
 pub mod report;
+pub mod resolver;
 pub mod rpc;

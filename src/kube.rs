@@ -1,0 +1,186 @@
+//! A minimal in-cluster Kubernetes API client: authenticated GETs of a few
+//! JSON objects (the central controller finds node agents with it). It
+//! speaks HTTP/2 over TLS through the same transport as the agent API.
+//!
+//! The service account token is read from its file on every call
+//! (projected tokens rotate) and never logged.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tower::ServiceExt;
+
+/// Where a pod finds its service account's token and the cluster's CA.
+pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+pub struct Kube {
+    channel: Channel,
+    token: PathBuf,
+}
+
+impl Kube {
+    /// The API server from `KUBERNETES_SERVICE_HOST`/`_PORT`, trusted by the
+    /// CA in `sa_dir` (`ca.crt`), authenticated with its `token`.
+    pub fn in_cluster(sa_dir: &Path) -> Result<Kube, String> {
+        let host = std::env::var("KUBERNETES_SERVICE_HOST")
+            .map_err(|_| "KUBERNETES_SERVICE_HOST is not set: not running in a cluster?")?;
+        let port = std::env::var("KUBERNETES_SERVICE_PORT").unwrap_or_else(|_| "443".into());
+        let host = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host
+        };
+        let ca = std::fs::read(sa_dir.join("ca.crt"))
+            .map_err(|e| format!("cannot read {}: {e}", sa_dir.join("ca.crt").display()))?;
+        let endpoint = Endpoint::from_shared(format!("https://{host}:{port}"))
+            .map_err(|e| format!("bad API server address {host}:{port}: {e}"))?
+            .tls_config(
+                ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(ca))
+                    .domain_name("kubernetes.default.svc"),
+            )
+            .map_err(|e| format!("API server TLS: {e}"))?
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(15));
+        Ok(Kube {
+            channel: endpoint.connect_lazy(),
+            token: sa_dir.join("token"),
+        })
+    }
+
+    /// GET `path` (e.g. `/api/v1/nodes/x`) as JSON.
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, String> {
+        let token = std::fs::read_to_string(&self.token)
+            .map_err(|e| format!("cannot read the service account token: {e}"))?;
+        let req = http::Request::get(path)
+            .header("authorization", format!("Bearer {}", token.trim()))
+            .header("accept", "application/json")
+            .body(tonic::body::Body::empty())
+            .map_err(|e| format!("GET {path}: {e}"))?;
+        let resp = self
+            .channel
+            .clone()
+            .oneshot(req)
+            .await
+            .map_err(|e| format!("GET {path}: {e}"))?;
+        let status = resp.status();
+        let body = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .map_err(|e| format!("GET {path}: reading the body: {e}"))?
+            .to_bytes();
+        if !status.is_success() {
+            let text = String::from_utf8_lossy(&body);
+            return Err(format!("GET {path}: {status}: {}", text.trim()));
+        }
+        serde_json::from_slice(&body).map_err(|e| format!("GET {path}: bad JSON: {e}"))
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(bound = "T: DeserializeOwned")]
+pub struct List<T> {
+    #[serde(default)]
+    pub items: Vec<T>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Meta {
+    pub name: String,
+}
+
+/// `storage.k8s.io/v1` CSINode: which CSI drivers registered on a node,
+/// and the node id each reported.
+#[derive(Debug, Deserialize)]
+pub struct CsiNode {
+    pub metadata: Meta,
+    pub spec: CsiNodeSpec,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct CsiNodeSpec {
+    #[serde(default)]
+    pub drivers: Option<Vec<CsiNodeDriver>>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct CsiNodeDriver {
+    pub name: String,
+    #[serde(rename = "nodeID")]
+    pub node_id: String,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Node {
+    pub metadata: Meta,
+    #[serde(default)]
+    pub status: Option<NodeStatus>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct NodeStatus {
+    #[serde(default)]
+    pub addresses: Vec<NodeAddress>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct NodeAddress {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub address: String,
+}
+
+impl Node {
+    /// The node's InternalIP (the agent listens on the host network).
+    pub fn internal_ip(&self) -> Option<&str> {
+        let addresses = &self.status.as_ref()?.addresses;
+        addresses
+            .iter()
+            .find(|a| a.kind == "InternalIP")
+            .map(|a| a.address.as_str())
+    }
+}
+
+/// host:port, with brackets for IPv6.
+pub fn host_port(ip: &str, port: u16) -> String {
+    if ip.contains(':') {
+        format!("[{ip}]:{port}")
+    } else {
+        format!("{ip}:{port}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_csinodes_and_nodes() {
+        let list: List<CsiNode> = serde_json::from_str(
+            r#"{"kind":"CSINodeList","items":[
+              {"metadata":{"name":"w1","uid":"x"},"spec":{"drivers":[
+                {"name":"lvm.lodestone.dev","nodeID":"w1","topologyKeys":["k"]}]}},
+              {"metadata":{"name":"w2"},"spec":{"drivers":null}}]}"#,
+        )
+        .unwrap();
+        assert_eq!(list.items.len(), 2);
+        let d = list.items[0].spec.drivers.as_ref().unwrap();
+        assert_eq!(
+            (d[0].name.as_str(), d[0].node_id.as_str()),
+            ("lvm.lodestone.dev", "w1")
+        );
+        assert!(list.items[1].spec.drivers.is_none());
+        let node: Node = serde_json::from_str(
+            r#"{"metadata":{"name":"w1"},"status":{"addresses":[
+              {"type":"Hostname","address":"w1"},{"type":"InternalIP","address":"fd00::5"}]}}"#,
+        )
+        .unwrap();
+        assert_eq!(node.internal_ip(), Some("fd00::5"));
+        assert_eq!(host_port("fd00::5", 7441), "[fd00::5]:7441");
+        assert_eq!(host_port("10.0.0.5", 7441), "10.0.0.5:7441");
+        let bare: Node = serde_json::from_str(r#"{"metadata":{"name":"w3"}}"#).unwrap();
+        assert_eq!(bare.internal_ip(), None);
+    }
+}
