@@ -16,6 +16,33 @@ pub enum Source {
     Volume(String),
 }
 
+/// Secrets that came with a request (CSI `secrets` fields). Never logged:
+/// Debug shows only the key names.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secrets(pub BTreeMap<String, String>);
+
+impl Secrets {
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(String::as_str)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let keys: Vec<&str> = self.0.keys().map(String::as_str).collect();
+        write!(f, "Secrets({keys:?})")
+    }
+}
+
+impl From<&std::collections::HashMap<String, String>> for Secrets {
+    fn from(m: &std::collections::HashMap<String, String>) -> Self {
+        Secrets(m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+    }
+}
+
 /// A validated CreateVolume request.
 #[derive(Debug, Clone)]
 pub struct CreateVolume {
@@ -26,6 +53,7 @@ pub struct CreateVolume {
     pub capabilities: Vec<Capability>,
     pub requirement: Option<csi::TopologyRequirement>,
     pub source: Option<Source>,
+    pub secrets: Secrets,
 }
 
 /// A validated CreateSnapshot request.
@@ -34,6 +62,7 @@ pub struct CreateSnapshot {
     pub name: String,
     pub source_volume_id: String,
     pub params: BTreeMap<String, String>,
+    pub secrets: Secrets,
 }
 
 /// A snapshot as the CSI layer reports it.
@@ -77,12 +106,12 @@ pub trait ControllerBackend: Send + Sync + 'static {
     fn not_ready(&self) -> Option<String>;
     async fn create_volume(&self, req: &CreateVolume) -> Result<VolumeInfo>;
     /// Deleting what does not exist is success.
-    async fn delete_volume(&self, id: &str) -> Result<()>;
+    async fn delete_volume(&self, id: &str, secrets: &Secrets) -> Result<()>;
     async fn get_volume(&self, id: &str) -> Result<Option<VolumeInfo>>;
     /// All volumes, sorted by id.
     async fn list_volumes(&self) -> Result<Vec<VolumeInfo>>;
     /// Grows the volume to satisfy `range`; returns the new size.
-    async fn expand_volume(&self, id: &str, range: Range) -> Result<u64>;
+    async fn expand_volume(&self, id: &str, range: Range, secrets: &Secrets) -> Result<u64>;
     async fn capacity(
         &self,
         params: &BTreeMap<String, String>,
@@ -95,7 +124,7 @@ pub trait ControllerBackend: Send + Sync + 'static {
     /// `ready` is false while its data is still being copied.
     async fn create_snapshot(&self, req: &CreateSnapshot) -> Result<SnapshotInfo>;
     /// Deleting what does not exist is success.
-    async fn delete_snapshot(&self, id: &str) -> Result<()>;
+    async fn delete_snapshot(&self, id: &str, secrets: &Secrets) -> Result<()>;
     async fn get_snapshot(&self, id: &str) -> Result<Option<SnapshotInfo>>;
     /// All snapshots, sorted by id.
     async fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>>;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use crate::core::backend::{
-    ControllerBackend, CreateSnapshot, CreateVolume, SnapshotInfo, Source, VolumeInfo,
+    ControllerBackend, CreateSnapshot, CreateVolume, Secrets, SnapshotInfo, Source, VolumeInfo,
 };
 use crate::core::capacity::Range;
 use crate::core::locks::OpLocks;
@@ -132,6 +132,7 @@ impl Controller for ControllerService {
                 capabilities,
                 requirement: req.accessibility_requirements.clone(),
                 source,
+                secrets: Secrets::from(&req.secrets),
             };
             let v = self.backend.create_volume(&create).await?;
             Ok(CreateVolumeResponse {
@@ -150,7 +151,9 @@ impl Controller for ControllerService {
         traced("DeleteVolume", &req.volume_id, async {
             require_id(&req.volume_id, "volume_id")?;
             let _guard = self.locks.try_lock([format!("vol:{}", req.volume_id)])?;
-            self.backend.delete_volume(&req.volume_id).await?;
+            self.backend
+                .delete_volume(&req.volume_id, &Secrets::from(&req.secrets))
+                .await?;
             Ok(DeleteVolumeResponse {})
         })
         .await
@@ -315,6 +318,7 @@ impl Controller for ControllerService {
                 name: req.name.clone(),
                 source_volume_id: req.source_volume_id.clone(),
                 params,
+                secrets: Secrets::from(&req.secrets),
             };
             let s = self.backend.create_snapshot(&create).await?;
             Ok(CreateSnapshotResponse {
@@ -333,7 +337,9 @@ impl Controller for ControllerService {
         traced("DeleteSnapshot", &req.snapshot_id, async {
             require_id(&req.snapshot_id, "snapshot_id")?;
             let _guard = self.locks.try_lock([format!("snap:{}", req.snapshot_id)])?;
-            self.backend.delete_snapshot(&req.snapshot_id).await?;
+            self.backend
+                .delete_snapshot(&req.snapshot_id, &Secrets::from(&req.secrets))
+                .await?;
             Ok(DeleteSnapshotResponse {})
         })
         .await
@@ -424,7 +430,11 @@ impl Controller for ControllerService {
                 None => false,
             };
             let _guard = self.locks.try_lock([format!("vol:{}", req.volume_id)])?;
-            let size = self.backend.expand_volume(&req.volume_id, range).await?;
+            let secrets = Secrets::from(&req.secrets);
+            let size = self
+                .backend
+                .expand_volume(&req.volume_id, range, &secrets)
+                .await?;
             Ok(ControllerExpandVolumeResponse {
                 capacity_bytes: size as i64,
                 node_expansion_required: !block,

@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use crate::config::{DeviceClass, LvmConfig, TOPOLOGY_NODE_KEY};
 use crate::core::backend::{
-    Capacity, ControllerBackend, CreateSnapshot, CreateVolume, SnapshotInfo, Source, VolumeInfo,
+    Capacity, ControllerBackend, CreateSnapshot, CreateVolume, Secrets, SnapshotInfo, Source,
+    VolumeInfo,
 };
 use crate::core::capacity::Range;
 use crate::core::placement::{self, Candidate};
@@ -538,7 +539,7 @@ impl ControllerBackend for LvmController {
         Ok(Self::volume_info(&id, &lv))
     }
 
-    async fn delete_volume(&self, id: &str) -> Result<()> {
+    async fn delete_volume(&self, id: &str, _: &Secrets) -> Result<()> {
         match self.resolve(Kind::Volume, id).await? {
             Some((lid, lv)) => {
                 let agent = self.agent(&lid.node).expect("resolved on a known node");
@@ -570,7 +571,7 @@ impl ControllerBackend for LvmController {
         Ok(out)
     }
 
-    async fn expand_volume(&self, id: &str, range: Range) -> Result<u64> {
+    async fn expand_volume(&self, id: &str, range: Range, _: &Secrets) -> Result<u64> {
         let (lid, lv) = self
             .resolve(Kind::Volume, id)
             .await?
@@ -680,7 +681,7 @@ impl ControllerBackend for LvmController {
         Ok(Self::snapshot_info(&id, &lv))
     }
 
-    async fn delete_snapshot(&self, id: &str) -> Result<()> {
+    async fn delete_snapshot(&self, id: &str, _: &Secrets) -> Result<()> {
         match self.resolve(Kind::Snapshot, id).await? {
             Some((lid, lv)) => {
                 let agent = self.agent(&lid.node).expect("resolved on a known node");
