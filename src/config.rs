@@ -253,6 +253,52 @@ pub struct RunArgs {
     )]
     pub controller_identity: String,
 
+    /// `--driver rbd`: the Ceph clusters, a JSON array of
+    /// `{"clusterID", "monitors": [...], "pools": [...]}`.
+    #[arg(
+        long,
+        env = "LODESTONE_RBD_CONFIG",
+        default_value = "/etc/lodestone/rbd/config.json",
+        global = true
+    )]
+    pub rbd_config: PathBuf,
+
+    /// `--driver rbd`: directory with the controller's own `userID` and
+    /// `userKey` (per cluster in a subdirectory named by its id), for calls
+    /// that carry no secrets (ListVolumes, GetCapacity, ...).
+    #[arg(long, env = "LODESTONE_RBD_SECRET_DIR", global = true)]
+    pub rbd_secret_dir: Option<PathBuf>,
+
+    /// `--driver rbd`: clone-chain depth from which new clones are
+    /// flattened in the background.
+    #[arg(
+        long,
+        env = "LODESTONE_RBD_SOFT_CLONE_DEPTH",
+        default_value_t = 4,
+        global = true
+    )]
+    pub rbd_soft_clone_depth: usize,
+
+    /// `--driver rbd`: clone-chain depth from which a call returns only
+    /// after flattening.
+    #[arg(
+        long,
+        env = "LODESTONE_RBD_HARD_CLONE_DEPTH",
+        default_value_t = 8,
+        global = true
+    )]
+    pub rbd_hard_clone_depth: usize,
+
+    /// `--driver rbd`, node plugin: a topology segment this node reports,
+    /// KEY=VALUE (e.g. topology.kubernetes.io/zone=a). Repeatable.
+    #[arg(
+        long = "topology",
+        env = "LODESTONE_TOPOLOGY",
+        value_delimiter = ';',
+        global = true
+    )]
+    pub topology: Vec<String>,
+
     /// Timeout for one external command, in seconds.
     #[arg(
         long,

@@ -214,10 +214,60 @@ pub async fn lvm_services(args: &RunArgs) -> Result<Services, String> {
     })
 }
 
+/// Builds the RBD services for `args.mode`.
+#[cfg(feature = "rbd")]
+pub async fn rbd_services(args: &RunArgs) -> Result<Services, String> {
+    use crate::rbd::controller::{FlattenPolicy, RbdController};
+    use crate::rbd::config::RbdConfig;
+    use crate::rbd::{ConnectOptions, ConnectionPool};
+
+    let config = RbdConfig::load(&args.rbd_config, args.rbd_secret_dir.clone())?;
+    if args.rbd_soft_clone_depth == 0 || args.rbd_hard_clone_depth < args.rbd_soft_clone_depth {
+        return Err("--rbd-soft-clone-depth must be at least 1 and at most \
+                    --rbd-hard-clone-depth"
+            .into());
+    }
+    for c in &config.clusters {
+        tracing::info!(cluster = %c.cluster_id, monitors = %c.mon_host(), pools = ?c.pools,
+            "ceph cluster");
+    }
+    let locks = OpLocks::default();
+    let controller = args.mode.runs_controller().then(|| {
+        let options = ConnectOptions {
+            op_timeout: args.command_timeout(),
+            ..ConnectOptions::default()
+        };
+        let pool = Arc::new(ConnectionPool::new(options, Duration::from_secs(300)));
+        let policy = FlattenPolicy {
+            soft_depth: args.rbd_soft_clone_depth,
+            hard_depth: args.rbd_hard_clone_depth,
+        };
+        ControllerService {
+            backend: Arc::new(RbdController::new(config.clone(), pool, policy)),
+            locks: locks.clone(),
+        }
+    });
+    if args.mode.runs_node() {
+        return Err("the rbd node plugin is not available yet: run --mode controller".into());
+    }
+    Ok(Services {
+        identity: IdentityService {
+            name: args.driver_name(),
+            controller: controller.is_some(),
+            checks: Vec::new(),
+        },
+        controller,
+        node: None,
+    })
+}
+
 pub async fn build(args: &RunArgs) -> Result<Services, String> {
     match args.driver {
         DriverKind::Lvm => lvm_services(args).await,
-        DriverKind::Rbd => Err("the rbd driver is not available in this build yet".to_string()),
+        #[cfg(feature = "rbd")]
+        DriverKind::Rbd => rbd_services(args).await,
+        #[cfg(not(feature = "rbd"))]
+        DriverKind::Rbd => Err("this lodestone was built without the rbd feature".to_string()),
     }
 }
 

@@ -1,4 +1,5 @@
-//! Ceph RBD backend (feature `rbd`): for now the librados / librbd binding.
+//! Ceph RBD backend (feature `rbd`): the controller (in-process librbd)
+//! and, below it, the librados / librbd binding.
 //!
 //! * [`ffi`]: raw `extern "C"` declarations (links `librados`, `librbd`).
 //! * [`client`]: safe, blocking `Cluster` / `IoCtx` / `Image` with RAII.
@@ -7,8 +8,11 @@
 //! * [`error`]: `RbdError` (typed errno) and its mapping to gRPC codes.
 
 pub mod client;
+pub mod config;
+pub mod controller;
 pub mod error;
 pub mod ffi;
+pub mod ids;
 pub mod pool;
 
 pub use client::{

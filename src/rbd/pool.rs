@@ -126,22 +126,20 @@ impl ConnectionPool {
     }
 
     /// A cached I/O context on `pool`, connecting first if needed.
-    pub async fn ioctx(&self, creds: &Credentials, pool: &str) -> RbdResult<Arc<IoCtx>> {
-        let key = ConnKey {
-            mon_host: creds.mon_host.clone(),
-            user: creds.user.clone(),
-        };
-        let fingerprint = self.shared.hasher.hash_one(creds.key.expose());
-        if let Some(io) = self.cached(&key, fingerprint, pool) {
-            return Ok(io);
-        }
+    /// The connection for these credentials (made on first use).
+    async fn connection(
+        &self,
+        creds: &Credentials,
+        key: &ConnKey,
+        fingerprint: u64,
+    ) -> RbdResult<Arc<Cluster>> {
         let lock = {
             let mut locks = self.shared.connecting.lock().expect("rbd pool lock");
             Arc::clone(locks.entry(key.clone()).or_default())
         };
         let _connecting = lock.lock().await;
         // Someone may have connected while we waited.
-        let cluster = match self.cached_cluster(&key, fingerprint) {
+        let cluster = match self.cached_cluster(key, fingerprint) {
             Some(c) => c,
             None => {
                 let creds2 = Credentials {
@@ -175,6 +173,19 @@ impl ConnectionPool {
             }
         };
         drop(_connecting);
+        Ok(cluster)
+    }
+
+    pub async fn ioctx(&self, creds: &Credentials, pool: &str) -> RbdResult<Arc<IoCtx>> {
+        let key = ConnKey {
+            mon_host: creds.mon_host.clone(),
+            user: creds.user.clone(),
+        };
+        let fingerprint = self.shared.hasher.hash_one(creds.key.expose());
+        if let Some(io) = self.cached(&key, fingerprint, pool) {
+            return Ok(io);
+        }
+        let cluster = self.connection(creds, &key, fingerprint).await?;
         let c = Arc::clone(&cluster);
         let pool_name = pool.to_string();
         let io = tokio::task::spawn_blocking(move || c.ioctx(&pool_name).map(Arc::new))
@@ -231,6 +242,29 @@ impl ConnectionPool {
             .await
             .map_err(join_error)?;
         self.touch(&io);
+        out
+    }
+
+    /// Runs `f` on a blocking thread with an I/O context on the pool with
+    /// id `pool_id` (ids carry pool ids, not names).
+    pub async fn run_by_id<R, F>(&self, creds: &Credentials, pool_id: i64, f: F) -> RbdResult<R>
+    where
+        F: FnOnce(&IoCtx) -> RbdResult<R> + Send + 'static,
+        R: Send + 'static,
+    {
+        let key = ConnKey {
+            mon_host: creds.mon_host.clone(),
+            user: creds.user.clone(),
+        };
+        let fingerprint = self.shared.hasher.hash_one(creds.key.expose());
+        let cluster = self.connection(creds, &key, fingerprint).await?;
+        let c = Arc::clone(&cluster);
+        let out = tokio::task::spawn_blocking(move || f(&c.ioctx_by_id(pool_id)?))
+            .await
+            .map_err(join_error)?;
+        if let Some(e) = self.shared.conns.lock().expect("rbd pool lock").get_mut(&key) {
+            e.last_used = Instant::now();
+        }
         out
     }
 

@@ -1,0 +1,1027 @@
+//! RBD controller logic over in-process librbd (pooled connections, every
+//! call on a blocking thread). Identity is in Ceph: the image name derives
+//! from the request name, image metadata holds the request name, a digest
+//! of the parameters and the source, so any controller can restart at any
+//! time and a retried call finds what an earlier attempt made.
+//!
+//! Snapshots are snapshots of hidden clones: a CSI snapshot of volume V is
+//! image `ldsnap-<key>`, a clone v2 of V taken through a short-lived
+//! snapshot of V, with one snapshot `csi` of its own. It lives on when V is
+//! deleted and stays clonable (new clones need a parent snapshot by name,
+//! which a snapshot left on a trashed V would not give). Images that still
+//! have clone children when deleted go to the trash, so nothing in use is
+//! lost.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Deserialize;
+
+use crate::core::backend::{
+    Capacity, ControllerBackend, CreateSnapshot, CreateVolume, Secrets, SnapshotInfo, Source,
+    VolumeInfo,
+};
+use crate::core::capacity::Range;
+use crate::csi;
+use crate::error::{Error, Result};
+use crate::rbd::client::DEFAULT_FEATURES;
+use crate::rbd::config::{Cluster, RbdConfig};
+use crate::rbd::ffi;
+use crate::rbd::ids::{self, Kind, RbdId, META_CREATED, META_NAME, META_PARAMS, META_SOURCE};
+use crate::rbd::{ConnectionPool, Credentials, ImageOptions, IoCtx, RbdError, RbdResult};
+
+pub const P_CLUSTER: &str = "clusterID";
+pub const P_POOL: &str = "pool";
+pub const P_DATA_POOL: &str = "dataPool";
+pub const P_FEATURES: &str = "imageFeatures";
+pub const P_MKFS_OPTIONS: &str = "mkfsOptions";
+pub const P_MOUNTER: &str = "mounter";
+pub const P_TOPOLOGY_POOLS: &str = "topologyConstrainedPools";
+
+const PARAMETER_KEYS: &[&str] = &[
+    P_CLUSTER,
+    P_POOL,
+    P_DATA_POOL,
+    P_FEATURES,
+    P_MKFS_OPTIONS,
+    P_MOUNTER,
+    P_TOPOLOGY_POOLS,
+];
+const SNAPSHOT_PARAMETER_KEYS: &[&str] = &[P_CLUSTER];
+
+/// Volume context keys the node plugin reads.
+pub const CTX_CLUSTER: &str = "clusterID";
+pub const CTX_POOL: &str = "pool";
+pub const CTX_IMAGE: &str = "imageName";
+pub const CTX_MOUNTER: &str = "mounter";
+pub const CTX_MKFS_OPTIONS: &str = "mkfsOptions";
+
+/// Image metadata: the accessible topology (JSON), for Get/List.
+const META_TOPOLOGY: &str = "lodestone.v1.topology";
+/// Key under which the source enters the parameter digest.
+const SOURCE_KEY: &str = "lodestone/source";
+/// Volumes are sized in whole MiB.
+const GRAIN: u64 = 1 << 20;
+const DEFAULT_SIZE: u64 = 1 << 30;
+
+/// When to flatten clones.
+#[derive(Debug, Clone, Copy)]
+pub struct FlattenPolicy {
+    /// From this clone-chain depth on, a new clone is flattened in the
+    /// background.
+    pub soft_depth: usize,
+    /// From this depth on, the call returns only after flattening.
+    pub hard_depth: usize,
+}
+
+impl Default for FlattenPolicy {
+    fn default() -> Self {
+        FlattenPolicy {
+            soft_depth: 4,
+            hard_depth: 8,
+        }
+    }
+}
+
+pub struct RbdController {
+    config: RbdConfig,
+    pool: Arc<ConnectionPool>,
+    flatten: FlattenPolicy,
+}
+
+/// One entry of `topologyConstrainedPools`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct ConstrainedPool {
+    pool_name: String,
+    #[serde(default)]
+    data_pool: Option<String>,
+    domain_segments: Vec<DomainSegment>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct DomainSegment {
+    /// The topology key nodes report (e.g. `topology.kubernetes.io/zone`).
+    domain_label: String,
+    value: String,
+}
+
+impl ConstrainedPool {
+    fn segments(&self) -> BTreeMap<String, String> {
+        self.domain_segments
+            .iter()
+            .map(|s| (s.domain_label.clone(), s.value.clone()))
+            .collect()
+    }
+
+    fn matches(&self, t: &csi::Topology) -> bool {
+        self.domain_segments
+            .iter()
+            .all(|s| t.segments.get(&s.domain_label) == Some(&s.value))
+    }
+}
+
+/// Where a new volume goes: pool, data pool and its accessible topology.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Placement {
+    pool: String,
+    data_pool: Option<String>,
+    topology: Option<BTreeMap<String, String>>,
+    rule: &'static str,
+}
+
+fn features(spec: Option<&String>) -> Result<u64> {
+    let Some(spec) = spec.filter(|s| !s.trim().is_empty()) else {
+        return Ok(DEFAULT_FEATURES);
+    };
+    let mut bits = 0;
+    for f in spec.split(',').map(str::trim).filter(|f| !f.is_empty()) {
+        bits |= match f {
+            "layering" => ffi::RBD_FEATURE_LAYERING,
+            "exclusive-lock" => ffi::RBD_FEATURE_EXCLUSIVE_LOCK,
+            "object-map" => ffi::RBD_FEATURE_OBJECT_MAP,
+            "fast-diff" => ffi::RBD_FEATURE_FAST_DIFF,
+            "deep-flatten" => ffi::RBD_FEATURE_DEEP_FLATTEN,
+            other => {
+                return Err(Error::InvalidArgument(format!(
+                    "imageFeatures: unknown or unsupported feature {other:?} (supported: \
+                     layering, exclusive-lock, object-map, fast-diff, deep-flatten)"
+                )))
+            }
+        };
+    }
+    let needs = |f: u64, on: u64, what: &str| {
+        if bits & f != 0 && bits & on == 0 {
+            Err(Error::InvalidArgument(format!("imageFeatures: {what}")))
+        } else {
+            Ok(())
+        }
+    };
+    needs(
+        ffi::RBD_FEATURE_OBJECT_MAP,
+        ffi::RBD_FEATURE_EXCLUSIVE_LOCK,
+        "object-map needs exclusive-lock",
+    )?;
+    needs(
+        ffi::RBD_FEATURE_FAST_DIFF,
+        ffi::RBD_FEATURE_OBJECT_MAP,
+        "fast-diff needs object-map",
+    )?;
+    if bits & ffi::RBD_FEATURE_LAYERING == 0 {
+        return Err(Error::InvalidArgument(
+            "imageFeatures: layering is required (snapshots and clones use it)".into(),
+        ));
+    }
+    Ok(bits)
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Whether an image name is ours from this request: tagged with its name,
+/// or (a crash between create and tagging) not tagged at all; the name
+/// itself derives from the request name.
+fn owned_by(meta_name: &Option<String>, name: &str) -> bool {
+    meta_name.as_deref().is_none_or(|n| n == name)
+}
+
+/// What a blocking image lookup returns.
+struct Found {
+    size: u64,
+    name: Option<String>,
+    digest: Option<String>,
+    source: Option<String>,
+    topology: Option<String>,
+    created: Option<i64>,
+}
+
+fn inspect(io: &IoCtx, image: &str) -> RbdResult<Option<Found>> {
+    let img = match io.open_read_only(image, None) {
+        Ok(i) => i,
+        Err(e) if e.is_not_found() => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    Ok(Some(Found {
+        size: img.size()?,
+        name: img.metadata_get(META_NAME)?,
+        digest: img.metadata_get(META_PARAMS)?,
+        source: img.metadata_get(META_SOURCE)?,
+        topology: img.metadata_get(META_TOPOLOGY)?,
+        created: match img.metadata_get(META_CREATED)? {
+            Some(t) => t.parse().ok(),
+            None => img.created().ok(),
+        },
+    }))
+}
+
+fn tag(io: &IoCtx, image: &str, meta: &[(&str, String)]) -> RbdResult<()> {
+    let img = io.open(image)?;
+    for (k, v) in meta {
+        if img.metadata_get(k)?.as_deref() != Some(v.as_str()) {
+            img.metadata_set(k, v)?;
+        }
+    }
+    Ok(())
+}
+
+fn ignore_missing(r: RbdResult<()>) -> RbdResult<()> {
+    match r {
+        Err(e) if e.is_not_found() => Ok(()),
+        r => r,
+    }
+}
+
+fn ignore_exists(r: RbdResult<()>) -> RbdResult<()> {
+    match r {
+        Err(RbdError::Exists { .. }) => Ok(()),
+        r => r,
+    }
+}
+
+/// Removes an image; one that still has snapshots with clone children (or
+/// other snapshots) goes to the trash instead, where its children keep
+/// working. An image in use (watchers) is FAILED_PRECONDITION.
+fn remove_or_trash(io: &IoCtx, image: &str) -> RbdResult<()> {
+    match io.remove(image) {
+        Ok(()) => Ok(()),
+        Err(e) if e.is_not_found() => Ok(()),
+        Err(RbdError::NotEmpty { .. }) => io.trash_move(image, Duration::ZERO),
+        Err(e) => Err(e),
+    }
+}
+
+/// Clones `parent_io:parent@snap` to `io:child`, takes the result's size
+/// to `size`, and applies the flatten policy (hard: flatten now; soft:
+/// returns true so the caller flattens in the background).
+#[allow(clippy::too_many_arguments)]
+fn clone_into(
+    parent_io: &IoCtx,
+    parent: &str,
+    snap: &str,
+    io: &IoCtx,
+    child: &str,
+    options: &ImageOptions,
+    size: u64,
+    policy: FlattenPolicy,
+    must_flatten: bool,
+) -> RbdResult<bool> {
+    ignore_exists(parent_io.clone_image(parent, snap, io, child, options))?;
+    let img = io.open(child)?;
+    if img.size()? < size {
+        img.resize(size)?;
+    }
+    drop(img);
+    let depth = io.clone_depth(child)?;
+    if must_flatten || depth >= policy.hard_depth {
+        io.open(child)?.flatten()?;
+        return Ok(false);
+    }
+    Ok(depth >= policy.soft_depth)
+}
+
+impl RbdController {
+    pub fn new(config: RbdConfig, pool: Arc<ConnectionPool>, flatten: FlattenPolicy) -> Self {
+        RbdController {
+            config,
+            pool,
+            flatten,
+        }
+    }
+
+    fn cluster_for(&self, params: &BTreeMap<String, String>) -> Result<&Cluster> {
+        let id = params.get(P_CLUSTER).ok_or_else(|| {
+            Error::InvalidArgument(format!("StorageClass parameter {P_CLUSTER} is required"))
+        })?;
+        self.config.cluster(id)
+    }
+
+    fn creds(&self, cluster: &Cluster, secrets: &Secrets) -> Result<Credentials> {
+        self.config.credentials(cluster, secrets)
+    }
+
+    /// The pool for a new volume: `pool`, or the first topology-constrained
+    /// pool matching the preferred, then the requisite topologies; with a
+    /// source, the source's pool when it is allowed (data gravity).
+    fn place(
+        &self,
+        params: &BTreeMap<String, String>,
+        requirement: Option<&csi::TopologyRequirement>,
+        source_pool: Option<&str>,
+    ) -> Result<Placement> {
+        let data_pool = params.get(P_DATA_POOL).cloned();
+        let Some(spec) = params.get(P_TOPOLOGY_POOLS) else {
+            let pool = params.get(P_POOL).ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "StorageClass parameter {P_POOL} (or {P_TOPOLOGY_POOLS}) is required"
+                ))
+            })?;
+            return Ok(Placement {
+                pool: pool.clone(),
+                data_pool,
+                topology: None,
+                rule: "pool",
+            });
+        };
+        let pools: Vec<ConstrainedPool> = serde_json::from_str(spec)
+            .map_err(|e| Error::InvalidArgument(format!("{P_TOPOLOGY_POOLS}: {e}")))?;
+        if pools.is_empty() || pools.iter().any(|p| p.domain_segments.is_empty()) {
+            return Err(Error::InvalidArgument(format!(
+                "{P_TOPOLOGY_POOLS}: list at least one pool, each with domainSegments"
+            )));
+        }
+        let placed = |p: &ConstrainedPool, rule| Placement {
+            pool: p.pool_name.clone(),
+            data_pool: p.data_pool.clone().or(data_pool.clone()),
+            topology: Some(p.segments()),
+            rule,
+        };
+        let (preferred, requisite) = match requirement {
+            Some(r) => (r.preferred.as_slice(), r.requisite.as_slice()),
+            None => (&[][..], &[][..]),
+        };
+        let allowed = |p: &ConstrainedPool| {
+            (preferred.is_empty() && requisite.is_empty())
+                || preferred.iter().chain(requisite).any(|t| p.matches(t))
+        };
+        if let Some(src) = source_pool {
+            if let Some(p) = pools.iter().find(|p| p.pool_name == src && allowed(p)) {
+                return Ok(placed(p, "source-locality"));
+            }
+        }
+        for t in preferred {
+            if let Some(p) = pools.iter().find(|p| p.matches(t)) {
+                return Ok(placed(p, "preferred-topology"));
+            }
+        }
+        for t in requisite {
+            if let Some(p) = pools.iter().find(|p| p.matches(t)) {
+                return Ok(placed(p, "requisite-topology"));
+            }
+        }
+        if preferred.is_empty() && requisite.is_empty() {
+            return Ok(placed(&pools[0], "first-pool"));
+        }
+        Err(Error::ResourceExhausted(format!(
+            "no pool of {P_TOPOLOGY_POOLS} lies in the requested topology"
+        )))
+    }
+
+    fn volume_info(id: &RbdId, pool: &str, f: &Found) -> VolumeInfo {
+        let topology = f
+            .topology
+            .as_deref()
+            .and_then(|t| serde_json::from_str::<BTreeMap<String, String>>(t).ok())
+            .map(|t| vec![t])
+            .unwrap_or_default();
+        let source = f.source.as_deref().and_then(|s| {
+            if RbdId::parse(Kind::Snapshot, s).is_some() {
+                Some(Source::Snapshot(s.to_string()))
+            } else {
+                RbdId::parse(Kind::Volume, s).map(|_| Source::Volume(s.to_string()))
+            }
+        });
+        VolumeInfo {
+            id: id.encode(),
+            capacity: f.size,
+            topology,
+            context: [
+                (CTX_CLUSTER.to_string(), id.cluster.clone()),
+                (CTX_POOL.to_string(), pool.to_string()),
+                (CTX_IMAGE.to_string(), id.image()),
+            ]
+            .into(),
+            abnormal: None,
+            source,
+        }
+    }
+
+    fn snapshot_info(id: &RbdId, f: &Found) -> SnapshotInfo {
+        SnapshotInfo {
+            id: id.encode(),
+            source_volume_id: f.source.clone().unwrap_or_default(),
+            size: f.size,
+            created: f.created.unwrap_or(0),
+            ready: true,
+        }
+    }
+
+    /// Flattens an image on a background task (the soft depth policy).
+    fn flatten_later(&self, creds: Credentials, pool_id: i64, image: String) {
+        let pool = self.pool.clone();
+        tokio::spawn(async move {
+            let what = image.clone();
+            let r = pool
+                .run_by_id(&creds, pool_id, move |io| io.open(&image)?.flatten())
+                .await;
+            match r {
+                Ok(()) => tracing::info!(image = %what, "flattened in the background"),
+                Err(e) => tracing::warn!(image = %what, error = %e, "background flatten failed"),
+            }
+        });
+    }
+
+    /// An image of `kind` named by `id`, inspected (None if absent).
+    async fn lookup(&self, id: &RbdId, secrets: &Secrets) -> Result<Option<(String, Found)>> {
+        let cluster = self.config.cluster(&id.cluster)?;
+        let creds = self.creds(cluster, secrets)?;
+        let image = id.image();
+        let r = self
+            .pool
+            .run_by_id(&creds, id.pool_id, move |io| {
+                Ok(inspect(io, &image)?.map(|f| (io.pool().to_string(), f)))
+            })
+            .await;
+        match r {
+            // The pool itself is gone: so is the image.
+            Err(e) if e.is_not_found() => Ok(None),
+            r => Ok(r?),
+        }
+    }
+
+    async fn list_kind(&self, kind: Kind) -> Result<Vec<(RbdId, String, Found)>> {
+        let mut out = Vec::new();
+        for cluster in &self.config.clusters {
+            if cluster.pools.is_empty() {
+                continue;
+            }
+            let creds = self.creds(cluster, &Secrets::default())?;
+            for pool in &cluster.pools {
+                let cid = cluster.cluster_id.clone();
+                let found = self
+                    .pool
+                    .run(&creds, pool, move |io| {
+                        let mut found = Vec::new();
+                        for spec in io.list()? {
+                            let Some(key) = kind.key_of_image(&spec.name) else {
+                                continue;
+                            };
+                            if let Some(f) = inspect(io, &spec.name)? {
+                                let id = RbdId {
+                                    kind,
+                                    cluster: cid.clone(),
+                                    pool_id: io.pool_id(),
+                                    key: key.to_string(),
+                                };
+                                found.push((id, io.pool().to_string(), f));
+                            }
+                        }
+                        Ok(found)
+                    })
+                    .await?;
+                out.extend(found);
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[tonic::async_trait]
+impl ControllerBackend for RbdController {
+    fn parameter_keys(&self) -> &'static [&'static str] {
+        PARAMETER_KEYS
+    }
+
+    fn is_valid_id(&self, id: &str) -> bool {
+        RbdId::parse(Kind::Volume, id).is_some()
+    }
+
+    fn not_ready(&self) -> Option<String> {
+        None
+    }
+
+    async fn create_volume(&self, req: &CreateVolume) -> Result<VolumeInfo> {
+        let cluster = self.cluster_for(&req.params)?;
+        let creds = self.creds(cluster, &req.secrets)?;
+        let feature_bits = features(req.params.get(P_FEATURES))?;
+        if let Some(m) = req.params.get(P_MOUNTER) {
+            if m != "krbd" && m != "rbd-nbd" {
+                return Err(Error::InvalidArgument(format!(
+                    "{P_MOUNTER} must be krbd or rbd-nbd, not {m:?}"
+                )));
+            }
+        }
+        // The source: same cluster, must exist; its pool and size.
+        let source = match &req.source {
+            None => None,
+            Some(s) => {
+                let (kind, sid, what) = match s {
+                    Source::Snapshot(id) => (Kind::Snapshot, id, "snapshot"),
+                    Source::Volume(id) => (Kind::Volume, id, "volume"),
+                };
+                let parsed = RbdId::parse(kind, sid)
+                    .filter(|p| p.cluster == cluster.cluster_id)
+                    .ok_or_else(|| {
+                        Error::NotFound(format!(
+                            "source {what} {sid} does not exist in cluster {}",
+                            cluster.cluster_id
+                        ))
+                    })?;
+                let (pool, found) = self
+                    .lookup(&parsed, &req.secrets)
+                    .await?
+                    .ok_or_else(|| Error::NotFound(format!("source {what} {sid} does not exist")))?;
+                Some((parsed, pool, found))
+            }
+        };
+        let placement = self.place(
+            &req.params,
+            req.requirement.as_ref(),
+            source.as_ref().map(|(_, p, _)| p.as_str()),
+        )?;
+        let mut params = req.params.clone();
+        if let Some((sid, _, _)) = &source {
+            params.insert(SOURCE_KEY.to_string(), sid.encode());
+        }
+        let digest = ids::params_digest(&params);
+        let source_size = source.as_ref().map(|(_, _, f)| f.size).unwrap_or(0);
+        if req.range.limit > 0 && source_size > req.range.limit {
+            return Err(Error::OutOfRange(format!(
+                "the source holds {source_size} bytes, more than limit_bytes {}",
+                req.range.limit
+            )));
+        }
+        let default = if source.is_some() {
+            source_size
+        } else {
+            DEFAULT_SIZE
+        };
+        let size = req.range.pick(GRAIN, source_size, default)?;
+        let key = Kind::Volume.key_for_name(&req.name);
+        let image = format!("{}{key}", Kind::Volume.image_prefix());
+        let topology_json = placement
+            .topology
+            .as_ref()
+            .map(|t| serde_json::to_string(t).expect("map serializes"));
+        tracing::info!(name = %req.name, pool = %placement.pool, rule = placement.rule,
+            size, "placed volume");
+
+        let mut meta = vec![
+            (META_NAME, req.name.clone()),
+            (META_PARAMS, digest.clone()),
+        ];
+        if let Some((sid, _, _)) = &source {
+            meta.push((META_SOURCE, sid.encode()));
+        }
+        if let Some(t) = &topology_json {
+            meta.push((META_TOPOLOGY, t.clone()));
+        }
+        let options = ImageOptions {
+            features: Some(feature_bits),
+            order: None,
+            data_pool: placement.data_pool.clone(),
+        };
+        let name = req.name.clone();
+        let range = req.range;
+        let policy = self.flatten;
+        let src = source.as_ref().map(|(sid, pool, _)| (sid.clone(), pool.clone()));
+        let temp_snap = format!("ldtmp-{key}");
+        let (pool_id, found, background) = self
+            .pool
+            .run(&creds, &placement.pool, move |io| {
+                let mut background = false;
+                match inspect(io, &image)? {
+                    Some(f) => {
+                        if !owned_by(&f.name, &name) {
+                            return Err(RbdError::Exists {
+                                what: format!("image {}/{image} belongs to another request", io.pool()),
+                            });
+                        }
+                        if f.name.is_some() && f.digest.as_deref() != Some(digest.as_str()) {
+                            return Err(RbdError::Exists {
+                                what: format!("volume {name:?} exists with other parameters or source"),
+                            });
+                        }
+                        if !range.accepts(f.size) && f.size < size {
+                            // A crash between clone and resize.
+                            io.open(&image)?.resize(size)?;
+                        } else if !range.accepts(f.size) {
+                            return Err(RbdError::Exists {
+                                what: format!(
+                                    "volume {name:?} exists with {} bytes, which this request \
+                                     does not accept",
+                                    f.size
+                                ),
+                            });
+                        }
+                    }
+                    None => match &src {
+                        None => io.create(&image, size, &options)?,
+                        Some((sid, src_pool)) => {
+                            let parent_io = io.cluster().ioctx_by_id(sid.pool_id)?;
+                            // Across pools the data is copied (clone, then
+                            // flatten) so the volume lives where it was placed.
+                            let must_flatten = src_pool != io.pool();
+                            match sid.kind {
+                                Kind::Snapshot => {
+                                    background = clone_into(
+                                        &parent_io,
+                                        &sid.image(),
+                                        ids::SNAP_NAME,
+                                        io,
+                                        &image,
+                                        &options,
+                                        size,
+                                        policy,
+                                        must_flatten,
+                                    )?;
+                                }
+                                Kind::Volume => {
+                                    let parent = parent_io.open(&sid.image())?;
+                                    ignore_exists(parent.snap_create(&temp_snap))?;
+                                    drop(parent);
+                                    background = clone_into(
+                                        &parent_io,
+                                        &sid.image(),
+                                        &temp_snap,
+                                        io,
+                                        &image,
+                                        &options,
+                                        size,
+                                        policy,
+                                        must_flatten,
+                                    )?;
+                                }
+                            }
+                        }
+                    },
+                }
+                tag(io, &image, &meta)?;
+                // A clone's temporary snapshot of its source (clone v2 keeps
+                // it in the trash namespace while the clone needs it).
+                if let Some((sid, _)) = src.as_ref().filter(|(s, _)| s.kind == Kind::Volume) {
+                    let parent_io = io.cluster().ioctx_by_id(sid.pool_id)?;
+                    ignore_missing(parent_io.open(&sid.image())?.snap_remove(&temp_snap))?;
+                }
+                let found = inspect(io, &image)?.ok_or_else(|| RbdError::NotFound {
+                    what: format!("image {}/{image} vanished after create", io.pool()),
+                })?;
+                Ok((io.pool_id(), found, background))
+            })
+            .await?;
+        let id = RbdId {
+            kind: Kind::Volume,
+            cluster: cluster.cluster_id.clone(),
+            pool_id,
+            key,
+        };
+        if background {
+            self.flatten_later(creds, pool_id, id.image());
+        }
+        let mut info = Self::volume_info(&id, &placement.pool, &found);
+        for (k, ctx) in [(P_MOUNTER, CTX_MOUNTER), (P_MKFS_OPTIONS, CTX_MKFS_OPTIONS)] {
+            if let Some(v) = req.params.get(k) {
+                info.context.insert(ctx.to_string(), v.clone());
+            }
+        }
+        Ok(info)
+    }
+
+    async fn delete_volume(&self, id: &str, secrets: &Secrets) -> Result<()> {
+        let Some(rid) = RbdId::parse(Kind::Volume, id) else {
+            return Ok(());
+        };
+        let Ok(cluster) = self.config.cluster(&rid.cluster) else {
+            return Ok(());
+        };
+        let creds = self.creds(cluster, secrets)?;
+        let image = rid.image();
+        let r = self
+            .pool
+            .run_by_id(&creds, rid.pool_id, move |io| remove_or_trash(io, &image))
+            .await;
+        match r {
+            Err(e) if e.is_not_found() => Ok(()),
+            Err(RbdError::Busy { what }) => Err(Error::FailedPrecondition(format!(
+                "{what}: the image is in use (mapped on a node); unstage it first"
+            ))),
+            r => Ok(r?),
+        }
+    }
+
+    async fn get_volume(&self, id: &str) -> Result<Option<VolumeInfo>> {
+        let Some(rid) = RbdId::parse(Kind::Volume, id) else {
+            return Ok(None);
+        };
+        if self.config.cluster(&rid.cluster).is_err() {
+            return Ok(None);
+        }
+        Ok(self
+            .lookup(&rid, &Secrets::default())
+            .await?
+            .map(|(pool, f)| Self::volume_info(&rid, &pool, &f)))
+    }
+
+    async fn list_volumes(&self) -> Result<Vec<VolumeInfo>> {
+        let mut out: Vec<VolumeInfo> = self
+            .list_kind(Kind::Volume)
+            .await?
+            .iter()
+            .map(|(id, pool, f)| Self::volume_info(id, pool, f))
+            .collect();
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+
+    async fn expand_volume(&self, id: &str, range: Range, secrets: &Secrets) -> Result<u64> {
+        let rid = RbdId::parse(Kind::Volume, id)
+            .ok_or_else(|| Error::NotFound(format!("volume {id} does not exist")))?;
+        let cluster = self
+            .config
+            .cluster(&rid.cluster)
+            .map_err(|_| Error::NotFound(format!("volume {id} does not exist")))?;
+        let creds = self.creds(cluster, secrets)?;
+        let image = rid.image();
+        let r = self
+            .pool
+            .run_by_id(&creds, rid.pool_id, move |io| {
+                let img = io.open(&image)?;
+                let size = img.size()?;
+                if size >= range.required {
+                    return Ok(Ok(size));
+                }
+                let want = match range.pick(GRAIN, 0, size) {
+                    Ok(w) => w,
+                    Err(e) => return Ok(Err(e)),
+                };
+                img.resize(want)?;
+                Ok(Ok(want))
+            })
+            .await;
+        match r {
+            Err(e) if e.is_not_found() => Err(Error::NotFound(format!("volume {id} does not exist"))),
+            r => r?,
+        }
+    }
+
+    async fn capacity(
+        &self,
+        params: &BTreeMap<String, String>,
+        topology: Option<&csi::Topology>,
+    ) -> Result<Capacity> {
+        let cluster = self.cluster_for(params)?;
+        let requirement = topology.map(|t| csi::TopologyRequirement {
+            requisite: vec![t.clone()],
+            preferred: vec![],
+        });
+        let placement = match self.place(params, requirement.as_ref(), None) {
+            Ok(p) => p,
+            // No pool serves this topology: nothing available there.
+            Err(Error::ResourceExhausted(_)) => return Ok(Capacity::default()),
+            Err(e) => return Err(e),
+        };
+        let creds = self.creds(cluster, &Secrets::default())?;
+        let stat = self
+            .pool
+            .run(&creds, &placement.pool, |io| io.cluster().stat())
+            .await?;
+        Ok(Capacity {
+            available: stat.available_bytes,
+            maximum_volume: stat.available_bytes,
+            minimum_volume: GRAIN,
+        })
+    }
+
+    fn snapshot_parameter_keys(&self) -> &'static [&'static str] {
+        SNAPSHOT_PARAMETER_KEYS
+    }
+
+    fn is_valid_snapshot_id(&self, id: &str) -> bool {
+        RbdId::parse(Kind::Snapshot, id).is_some()
+    }
+
+    async fn create_snapshot(&self, req: &CreateSnapshot) -> Result<SnapshotInfo> {
+        let src = RbdId::parse(Kind::Volume, &req.source_volume_id)
+            .filter(|s| self.config.cluster(&s.cluster).is_ok())
+            .ok_or_else(|| {
+                Error::NotFound(format!(
+                    "source volume {} does not exist",
+                    req.source_volume_id
+                ))
+            })?;
+        if let Some(c) = req.params.get(P_CLUSTER) {
+            if *c != src.cluster {
+                return Err(Error::InvalidArgument(format!(
+                    "{P_CLUSTER} {c} is not the source volume's cluster {}",
+                    src.cluster
+                )));
+            }
+        }
+        let cluster = self.config.cluster(&src.cluster)?;
+        let creds = self.creds(cluster, &req.secrets)?;
+        let mut params = req.params.clone();
+        params.insert(SOURCE_KEY.to_string(), src.encode());
+        let digest = ids::params_digest(&params);
+        let key = Kind::Snapshot.key_for_name(&req.name);
+        let id = RbdId {
+            kind: Kind::Snapshot,
+            cluster: src.cluster.clone(),
+            pool_id: src.pool_id,
+            key: key.clone(),
+        };
+        let hidden = id.image();
+        let temp = format!("ldtmp-{key}");
+        let name = req.name.clone();
+        let src_image = src.image();
+        let source_id = src.encode();
+        let policy = self.flatten;
+        let r = self
+            .pool
+            .run_by_id(&creds, src.pool_id, move |io| {
+                let mut background = false;
+                let existing = inspect(io, &hidden)?;
+                if let Some(f) = &existing {
+                    if !owned_by(&f.name, &name) {
+                        return Err(RbdError::Exists {
+                            what: format!("image {}/{hidden} belongs to another request", io.pool()),
+                        });
+                    }
+                    if f.name.is_some() && f.digest.as_deref() != Some(digest.as_str()) {
+                        return Err(RbdError::Exists {
+                            what: format!("snapshot {name:?} exists with another source"),
+                        });
+                    }
+                }
+                let done = existing.is_some()
+                    && io
+                        .open_read_only(&hidden, None)?
+                        .user_snapshots()?
+                        .iter()
+                        .any(|s| s.name == ids::SNAP_NAME);
+                if !done {
+                    if existing.is_none() {
+                        let source = io.open(&src_image)?;
+                        ignore_exists(source.snap_create(&temp))?;
+                        drop(source);
+                        let options = ImageOptions::default();
+                        let depth_after = io.clone_depth(&src_image)? + 1;
+                        ignore_exists(io.clone_image(&src_image, &temp, io, &hidden, &options))?;
+                        if depth_after >= policy.hard_depth {
+                            io.open(&hidden)?.flatten()?;
+                        } else {
+                            background = depth_after >= policy.soft_depth;
+                        }
+                    }
+                    tag(
+                        io,
+                        &hidden,
+                        &[
+                            (META_NAME, name.clone()),
+                            (META_PARAMS, digest.clone()),
+                            (META_SOURCE, source_id.clone()),
+                            (META_CREATED, now().to_string()),
+                        ],
+                    )?;
+                    ignore_exists(io.open(&hidden)?.snap_create(ids::SNAP_NAME))?;
+                }
+                // The source's temporary snapshot (a retry after a crash may
+                // find it still there).
+                match io.open(&src_image) {
+                    Ok(s) => ignore_missing(s.snap_remove(&temp))?,
+                    Err(e) if e.is_not_found() => {}
+                    Err(e) => return Err(e),
+                }
+                let f = inspect(io, &hidden)?.ok_or_else(|| RbdError::NotFound {
+                    what: format!("image {}/{hidden} vanished", io.pool()),
+                })?;
+                Ok((f, background))
+            })
+            .await;
+        let (found, background) = match r {
+            Err(e) if e.is_not_found() => {
+                return Err(Error::NotFound(format!(
+                    "source volume {} does not exist",
+                    req.source_volume_id
+                )))
+            }
+            r => r?,
+        };
+        if background {
+            self.flatten_later(creds, id.pool_id, id.image());
+        }
+        Ok(Self::snapshot_info(&id, &found))
+    }
+
+    async fn delete_snapshot(&self, id: &str, secrets: &Secrets) -> Result<()> {
+        let Some(sid) = RbdId::parse(Kind::Snapshot, id) else {
+            return Ok(());
+        };
+        let Ok(cluster) = self.config.cluster(&sid.cluster) else {
+            return Ok(());
+        };
+        let creds = self.creds(cluster, secrets)?;
+        let hidden = sid.image();
+        let r = self
+            .pool
+            .run_by_id(&creds, sid.pool_id, move |io| {
+                let img = match io.open(&hidden) {
+                    Ok(i) => i,
+                    Err(e) if e.is_not_found() => return Ok(()),
+                    Err(e) => return Err(e),
+                };
+                // With clone v2, a snapshot that restores still use moves
+                // to the trash namespace; the image then goes to the trash.
+                ignore_missing(img.snap_remove(ids::SNAP_NAME))?;
+                drop(img);
+                remove_or_trash(io, &hidden)
+            })
+            .await;
+        match r {
+            Err(e) if e.is_not_found() => Ok(()),
+            r => Ok(r?),
+        }
+    }
+
+    async fn get_snapshot(&self, id: &str) -> Result<Option<SnapshotInfo>> {
+        let Some(sid) = RbdId::parse(Kind::Snapshot, id) else {
+            return Ok(None);
+        };
+        if self.config.cluster(&sid.cluster).is_err() {
+            return Ok(None);
+        }
+        Ok(self
+            .lookup(&sid, &Secrets::default())
+            .await?
+            .map(|(_, f)| Self::snapshot_info(&sid, &f)))
+    }
+
+    async fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>> {
+        let mut out: Vec<SnapshotInfo> = self
+            .list_kind(Kind::Snapshot)
+            .await?
+            .iter()
+            .map(|(id, _, f)| Self::snapshot_info(id, f))
+            .collect();
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_features() {
+        assert_eq!(features(None).unwrap(), DEFAULT_FEATURES);
+        assert_eq!(
+            features(Some(&"layering".to_string())).unwrap(),
+            ffi::RBD_FEATURE_LAYERING
+        );
+        for bad in ["layering,journaling", "layering,object-map", "exclusive-lock"] {
+            assert!(features(Some(&bad.to_string())).is_err(), "{bad}");
+        }
+    }
+
+    fn topo(zone: &str) -> csi::Topology {
+        csi::Topology {
+            segments: [("topology.kubernetes.io/zone".to_string(), zone.to_string())].into(),
+        }
+    }
+
+    #[test]
+    fn places_by_topology_and_source() {
+        let c = RbdController {
+            config: RbdConfig::default(),
+            pool: unreachable_pool(),
+            flatten: FlattenPolicy::default(),
+        };
+        let pools = r#"[
+          {"poolName":"pa","domainSegments":[{"domainLabel":"topology.kubernetes.io/zone","value":"a"}]},
+          {"poolName":"pb","domainSegments":[{"domainLabel":"topology.kubernetes.io/zone","value":"b"}]}]"#;
+        let params: BTreeMap<String, String> =
+            [(P_TOPOLOGY_POOLS.to_string(), pools.to_string())].into();
+        let req = |pref: &[&str], reqs: &[&str]| csi::TopologyRequirement {
+            preferred: pref.iter().map(|z| topo(z)).collect(),
+            requisite: reqs.iter().map(|z| topo(z)).collect(),
+        };
+        let p = c.place(&params, Some(&req(&["b"], &["a", "b"])), None).unwrap();
+        assert_eq!((p.pool.as_str(), p.rule), ("pb", "preferred-topology"));
+        let p = c.place(&params, Some(&req(&["b"], &["a", "b"])), Some("pa")).unwrap();
+        assert_eq!((p.pool.as_str(), p.rule), ("pa", "source-locality"));
+        let p = c.place(&params, Some(&req(&[], &["b"])), Some("pa")).unwrap();
+        assert_eq!((p.pool.as_str(), p.rule), ("pb", "requisite-topology"));
+        assert!(c.place(&params, Some(&req(&[], &["c"])), None).is_err());
+        let p = c.place(&params, None, None).unwrap();
+        assert_eq!(p.pool, "pa");
+        let plain: BTreeMap<String, String> = [(P_POOL.to_string(), "rbd".to_string())].into();
+        assert_eq!(c.place(&plain, None, None).unwrap().topology, None);
+        assert!(c.place(&BTreeMap::new(), None, None).is_err());
+    }
+
+    fn unreachable_pool() -> Arc<ConnectionPool> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _guard = rt.enter();
+        let p = Arc::new(ConnectionPool::new(Default::default(), Duration::from_secs(60)));
+        std::mem::forget(rt);
+        p
+    }
+}
