@@ -217,8 +217,8 @@ pub async fn lvm_services(args: &RunArgs) -> Result<Services, String> {
 /// Builds the RBD services for `args.mode`.
 #[cfg(feature = "rbd")]
 pub async fn rbd_services(args: &RunArgs) -> Result<Services, String> {
-    use crate::rbd::controller::{FlattenPolicy, RbdController};
     use crate::rbd::config::RbdConfig;
+    use crate::rbd::controller::{FlattenPolicy, RbdController};
     use crate::rbd::{ConnectOptions, ConnectionPool};
 
     let config = RbdConfig::load(&args.rbd_config, args.rbd_secret_dir.clone())?;

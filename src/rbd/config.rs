@@ -70,10 +70,16 @@ impl RbdConfig {
                 ));
             }
             if c.monitors.is_empty() || c.monitors.iter().any(|m| m.trim().is_empty()) {
-                return Err(format!("RBD config: cluster {} lists no monitor", c.cluster_id));
+                return Err(format!(
+                    "RBD config: cluster {} lists no monitor",
+                    c.cluster_id
+                ));
             }
             if clusters[..i].iter().any(|o| o.cluster_id == c.cluster_id) {
-                return Err(format!("RBD config: cluster {} is listed twice", c.cluster_id));
+                return Err(format!(
+                    "RBD config: cluster {} is listed twice",
+                    c.cluster_id
+                ));
             }
         }
         Ok(RbdConfig {
@@ -89,13 +95,20 @@ impl RbdConfig {
     }
 
     pub fn cluster(&self, id: &str) -> Result<&Cluster> {
-        self.clusters.iter().find(|c| c.cluster_id == id).ok_or_else(|| {
-            let known: Vec<&str> = self.clusters.iter().map(|c| c.cluster_id.as_str()).collect();
-            Error::InvalidArgument(format!(
-                "unknown clusterID {id:?}; configured clusters: {}",
-                known.join(", ")
-            ))
-        })
+        self.clusters
+            .iter()
+            .find(|c| c.cluster_id == id)
+            .ok_or_else(|| {
+                let known: Vec<&str> = self
+                    .clusters
+                    .iter()
+                    .map(|c| c.cluster_id.as_str())
+                    .collect();
+                Error::InvalidArgument(format!(
+                    "unknown clusterID {id:?}; configured clusters: {}",
+                    known.join(", ")
+                ))
+            })
     }
 
     /// Credentials for `cluster`: the request's secrets when it has them,
@@ -183,13 +196,18 @@ mod tests {
         .unwrap();
         let cl = &c.clusters[0];
         let own = c.credentials(cl, &Secrets::default()).unwrap();
-        assert_eq!((own.user.as_str(), own.mon_host.as_str()), ("lodestone", "m:1"));
+        assert_eq!(
+            (own.user.as_str(), own.mon_host.as_str()),
+            ("lodestone", "m:1")
+        );
         let mut s = Secrets::default();
         s.0.insert(USER_ID.into(), "other".into());
         assert!(c.credentials(cl, &s).is_err(), "a key is required");
         s.0.insert(USER_KEY.into(), "eHl6".into());
         assert_eq!(c.credentials(cl, &s).unwrap().user, "other");
         let none = RbdConfig::parse(r#"[{"clusterID":"a","monitors":["m:1"]}]"#, None).unwrap();
-        assert!(none.credentials(&none.clusters[0], &Secrets::default()).is_err());
+        assert!(none
+            .credentials(&none.clusters[0], &Secrets::default())
+            .is_err());
     }
 }

@@ -248,12 +248,56 @@ fn ignore_exists(r: RbdResult<()>) -> RbdResult<()> {
 /// other snapshots) goes to the trash instead, where its children keep
 /// working. An image in use (watchers) is FAILED_PRECONDITION.
 fn remove_or_trash(io: &IoCtx, image: &str) -> RbdResult<()> {
+    let ancestors = match trashed_ancestors(io, image) {
+        Ok(a) => a,
+        Err(e) if e.is_not_found() => return Ok(()),
+        Err(e) => return Err(e),
+    };
     match io.remove(image) {
-        Ok(()) => Ok(()),
-        Err(e) if e.is_not_found() => Ok(()),
-        Err(RbdError::NotEmpty { .. }) => io.trash_move(image, Duration::ZERO),
-        Err(e) => Err(e),
+        Ok(()) => {}
+        Err(e) if e.is_not_found() => return Ok(()),
+        Err(RbdError::NotEmpty { .. }) => return io.trash_move(image, Duration::ZERO),
+        Err(e) => return Err(e),
     }
+    // Ancestors of ours that waited in the trash for their last child:
+    // gone for good now, unless another child still needs them.
+    for (pool_id, id, name) in ancestors {
+        let r = io
+            .cluster()
+            .ioctx_by_id(pool_id)
+            .and_then(|pio| pio.trash_remove(&id, true));
+        match r {
+            Ok(()) => tracing::info!(image = %name, "removed from the trash: no clone needs it"),
+            Err(e) if e.is_not_found() => {}
+            Err(_) => break,
+        }
+    }
+    Ok(())
+}
+
+/// The image's ancestors that are ours and in the trash, nearest first,
+/// up to the first live one (which purges its own when it goes).
+fn trashed_ancestors(io: &IoCtx, image: &str) -> RbdResult<Vec<(i64, String, String)>> {
+    let mut out = Vec::new();
+    let mut parent = io.open_read_only(image, None)?.parent()?;
+    while let Some(p) = parent.take() {
+        let ours = [Kind::Volume, Kind::Snapshot]
+            .iter()
+            .any(|k| k.key_of_image(&p.image.image_name).is_some());
+        if !p.image.trash || !ours || out.len() >= 64 {
+            break;
+        }
+        out.push((
+            p.image.pool_id,
+            p.image.image_id.clone(),
+            p.image.image_name.clone(),
+        ));
+        let pio = io.cluster().ioctx_by_id(p.image.pool_id)?;
+        let img = pio.open_by_id_read_only(&p.image.image_id)?;
+        img.set_snap_by_id(p.snap_id)?;
+        parent = img.parent()?;
+    }
+    Ok(out)
 }
 
 /// Clones `parent_io:parent@snap` to `io:child`, takes the result's size
@@ -522,10 +566,9 @@ impl ControllerBackend for RbdController {
                             cluster.cluster_id
                         ))
                     })?;
-                let (pool, found) = self
-                    .lookup(&parsed, &req.secrets)
-                    .await?
-                    .ok_or_else(|| Error::NotFound(format!("source {what} {sid} does not exist")))?;
+                let (pool, found) = self.lookup(&parsed, &req.secrets).await?.ok_or_else(|| {
+                    Error::NotFound(format!("source {what} {sid} does not exist"))
+                })?;
                 Some((parsed, pool, found))
             }
         };
@@ -561,10 +604,7 @@ impl ControllerBackend for RbdController {
         tracing::info!(name = %req.name, pool = %placement.pool, rule = placement.rule,
             size, "placed volume");
 
-        let mut meta = vec![
-            (META_NAME, req.name.clone()),
-            (META_PARAMS, digest.clone()),
-        ];
+        let mut meta = vec![(META_NAME, req.name.clone()), (META_PARAMS, digest.clone())];
         if let Some((sid, _, _)) = &source {
             meta.push((META_SOURCE, sid.encode()));
         }
@@ -579,7 +619,9 @@ impl ControllerBackend for RbdController {
         let name = req.name.clone();
         let range = req.range;
         let policy = self.flatten;
-        let src = source.as_ref().map(|(sid, pool, _)| (sid.clone(), pool.clone()));
+        let src = source
+            .as_ref()
+            .map(|(sid, pool, _)| (sid.clone(), pool.clone()));
         let temp_snap = format!("ldtmp-{key}");
         let (pool_id, found, background) = self
             .pool
@@ -589,16 +631,22 @@ impl ControllerBackend for RbdController {
                     Some(f) => {
                         if !owned_by(&f.name, &name) {
                             return Err(RbdError::Exists {
-                                what: format!("image {}/{image} belongs to another request", io.pool()),
+                                what: format!(
+                                    "image {}/{image} belongs to another request",
+                                    io.pool()
+                                ),
                             });
                         }
                         if f.name.is_some() && f.digest.as_deref() != Some(digest.as_str()) {
                             return Err(RbdError::Exists {
-                                what: format!("volume {name:?} exists with other parameters or source"),
+                                what: format!(
+                                    "volume {name:?} exists with other parameters or source"
+                                ),
                             });
                         }
-                        if !range.accepts(f.size) && f.size < size {
-                            // A crash between clone and resize.
+                        if f.name.is_none() && f.size < size {
+                            // An attempt that crashed between clone and
+                            // resize (images are tagged last).
                             io.open(&image)?.resize(size)?;
                         } else if !range.accepts(f.size) {
                             return Err(RbdError::Exists {
@@ -754,7 +802,9 @@ impl ControllerBackend for RbdController {
             })
             .await;
         match r {
-            Err(e) if e.is_not_found() => Err(Error::NotFound(format!("volume {id} does not exist"))),
+            Err(e) if e.is_not_found() => {
+                Err(Error::NotFound(format!("volume {id} does not exist")))
+            }
             r => r?,
         }
     }
@@ -838,7 +888,10 @@ impl ControllerBackend for RbdController {
                 if let Some(f) = &existing {
                     if !owned_by(&f.name, &name) {
                         return Err(RbdError::Exists {
-                            what: format!("image {}/{hidden} belongs to another request", io.pool()),
+                            what: format!(
+                                "image {}/{hidden} belongs to another request",
+                                io.pool()
+                            ),
                         });
                     }
                     if f.name.is_some() && f.digest.as_deref() != Some(digest.as_str()) {
@@ -973,7 +1026,11 @@ mod tests {
             features(Some(&"layering".to_string())).unwrap(),
             ffi::RBD_FEATURE_LAYERING
         );
-        for bad in ["layering,journaling", "layering,object-map", "exclusive-lock"] {
+        for bad in [
+            "layering,journaling",
+            "layering,object-map",
+            "exclusive-lock",
+        ] {
             assert!(features(Some(&bad.to_string())).is_err(), "{bad}");
         }
     }
@@ -1000,11 +1057,17 @@ mod tests {
             preferred: pref.iter().map(|z| topo(z)).collect(),
             requisite: reqs.iter().map(|z| topo(z)).collect(),
         };
-        let p = c.place(&params, Some(&req(&["b"], &["a", "b"])), None).unwrap();
+        let p = c
+            .place(&params, Some(&req(&["b"], &["a", "b"])), None)
+            .unwrap();
         assert_eq!((p.pool.as_str(), p.rule), ("pb", "preferred-topology"));
-        let p = c.place(&params, Some(&req(&["b"], &["a", "b"])), Some("pa")).unwrap();
+        let p = c
+            .place(&params, Some(&req(&["b"], &["a", "b"])), Some("pa"))
+            .unwrap();
         assert_eq!((p.pool.as_str(), p.rule), ("pa", "source-locality"));
-        let p = c.place(&params, Some(&req(&[], &["b"])), Some("pa")).unwrap();
+        let p = c
+            .place(&params, Some(&req(&[], &["b"])), Some("pa"))
+            .unwrap();
         assert_eq!((p.pool.as_str(), p.rule), ("pb", "requisite-topology"));
         assert!(c.place(&params, Some(&req(&[], &["c"])), None).is_err());
         let p = c.place(&params, None, None).unwrap();
@@ -1020,7 +1083,10 @@ mod tests {
             .build()
             .unwrap();
         let _guard = rt.enter();
-        let p = Arc::new(ConnectionPool::new(Default::default(), Duration::from_secs(60)));
+        let p = Arc::new(ConnectionPool::new(
+            Default::default(),
+            Duration::from_secs(60),
+        ));
         std::mem::forget(rt);
         p
     }

@@ -54,12 +54,16 @@ impl Kind {
 
     /// The key of an image name of this kind, if it is one.
     pub fn key_of_image(self, image: &str) -> Option<&str> {
-        image.strip_prefix(self.image_prefix()).filter(|k| is_key(k))
+        image
+            .strip_prefix(self.image_prefix())
+            .filter(|k| is_key(k))
     }
 }
 
 fn is_key(s: &str) -> bool {
-    s.len() == 32 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == 32
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -262,7 +262,13 @@ impl ConnectionPool {
         let out = tokio::task::spawn_blocking(move || f(&c.ioctx_by_id(pool_id)?))
             .await
             .map_err(join_error)?;
-        if let Some(e) = self.shared.conns.lock().expect("rbd pool lock").get_mut(&key) {
+        if let Some(e) = self
+            .shared
+            .conns
+            .lock()
+            .expect("rbd pool lock")
+            .get_mut(&key)
+        {
             e.last_used = Instant::now();
         }
         out

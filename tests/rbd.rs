@@ -1,0 +1,504 @@
+//! The RBD driver's controller (`--driver rbd --mode controller`) against a
+//! real single-node Ceph cluster: the CSI calls through the real binary,
+//! checked against what Ceph then holds.
+//!
+//! ```text
+//! tests/ceph/cluster.sh start && eval "$(tests/ceph/cluster.sh env)"
+//! LODESTONE_TEST_RBD=1 cargo test --features rbd --test rbd -- --test-threads=1
+//! ```
+//!
+//! Without `LODESTONE_TEST_RBD=1` (and the cluster's environment) every test
+//! says "skipped" and passes.
+#![cfg(feature = "rbd")]
+
+#[path = "common/mod.rs"]
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use lodestone::csi;
+use lodestone::csi::volume_content_source::{SnapshotSource, Type as SourceType, VolumeSource};
+use tonic::Code;
+
+struct Ceph {
+    conf: PathBuf,
+    monitors: String,
+    pool: String,
+    user: String,
+    key: String,
+    admin_keyring: PathBuf,
+}
+
+fn ceph() -> Option<Ceph> {
+    if std::env::var("LODESTONE_TEST_RBD").as_deref() != Ok("1") {
+        eprintln!("skipped: needs LODESTONE_TEST_RBD=1 and a cluster (tests/ceph/cluster.sh)");
+        return None;
+    }
+    let var = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("{k} is not set"));
+    let keyring = std::fs::read_to_string(var("LODESTONE_CEPH_KEYRING")).expect("keyring");
+    let key = keyring
+        .lines()
+        .map(str::trim)
+        .find_map(|l| {
+            l.strip_prefix("key")
+                .map(|v| v.trim_start_matches([' ', '=']).trim())
+        })
+        .expect("key line")
+        .to_string();
+    Some(Ceph {
+        conf: var("CEPH_CONF").into(),
+        monitors: var("LODESTONE_CEPH_MON_HOST"),
+        pool: var("LODESTONE_CEPH_POOL"),
+        user: var("LODESTONE_CEPH_USER"),
+        key,
+        admin_keyring: var("LODESTONE_CEPH_ADMIN_KEYRING").into(),
+    })
+}
+
+const CLUSTER: &str = "test-ceph";
+
+impl Ceph {
+    /// The driver's config and secret dir in `dir`.
+    fn write_config(&self, dir: &Path) -> (PathBuf, PathBuf) {
+        let config = dir.join("rbd-config.json");
+        let json = serde_json::json!([{
+            "clusterID": CLUSTER,
+            "monitors": [self.monitors],
+            "pools": [self.pool],
+        }]);
+        std::fs::write(&config, json.to_string()).unwrap();
+        let secrets = dir.join("rbd-secrets");
+        std::fs::create_dir_all(&secrets).unwrap();
+        std::fs::write(secrets.join("userID"), &self.user).unwrap();
+        std::fs::write(secrets.join("userKey"), &self.key).unwrap();
+        (config, secrets)
+    }
+
+    async fn driver(&self, extra: &[&str]) -> Driver {
+        let dir = new_temp_dir();
+        let (config, secrets) = self.write_config(dir.path());
+        Driver::builder()
+            .mode("controller")
+            .class_args(Vec::<String>::new())
+            .args(["--driver", "rbd"])
+            .args(["--rbd-config", config.to_str().unwrap()])
+            .args(["--rbd-secret-dir", secrets.to_str().unwrap()])
+            .args(extra.iter().copied())
+            .start_in(dir)
+            .await
+    }
+
+    fn secrets(&self) -> HashMap<String, String> {
+        [
+            ("userID".to_string(), self.user.clone()),
+            ("userKey".to_string(), self.key.clone()),
+        ]
+        .into()
+    }
+
+    fn params(&self) -> HashMap<String, String> {
+        params(&[("clusterID", CLUSTER), ("pool", &self.pool)])
+    }
+
+    fn create_req(&self, name: &str, size: i64) -> csi::CreateVolumeRequest {
+        csi::CreateVolumeRequest {
+            name: name.to_string(),
+            capacity_range: range(size, 0),
+            volume_capabilities: vec![mount_cap("ext4")],
+            parameters: self.params(),
+            secrets: self.secrets(),
+            ..Default::default()
+        }
+    }
+
+    /// `rbd <args>` as the admin (test-side inspection only).
+    fn rbd(&self, args: &[&str]) -> String {
+        let out = Command::new("rbd")
+            .env("CEPH_CONF", &self.conf)
+            .arg("--id")
+            .arg("admin")
+            .arg("--keyring")
+            .arg(&self.admin_keyring)
+            .args(args)
+            .output()
+            .expect("run rbd");
+        assert!(
+            out.status.success(),
+            "rbd {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn images(&self) -> Vec<String> {
+        let v: serde_json::Value =
+            serde_json::from_str(&self.rbd(&["ls", "--format", "json", &self.pool])).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_str().unwrap().to_string())
+            .collect()
+    }
+
+    fn trash(&self) -> Vec<String> {
+        let v: serde_json::Value =
+            serde_json::from_str(&self.rbd(&["trash", "ls", "--format", "json", &self.pool]))
+                .unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["name"].as_str().unwrap_or_default().to_string())
+            .collect()
+    }
+
+    /// The image's parent image name, if it is a clone.
+    fn parent(&self, image: &str) -> Option<String> {
+        let spec = format!("{}/{image}", self.pool);
+        let v: serde_json::Value =
+            serde_json::from_str(&self.rbd(&["info", "--format", "json", &spec])).unwrap();
+        v.get("parent")
+            .and_then(|p| p["image"].as_str())
+            .map(String::from)
+    }
+}
+
+fn image_of(id: &str) -> String {
+    let key = id.rsplit(':').next().unwrap();
+    if id.starts_with("rbds1:") {
+        format!("ldsnap-{key}")
+    } else {
+        format!("lds-{key}")
+    }
+}
+
+async fn snapshot(d: &Driver, ceph: &Ceph, name: &str, source: &str) -> csi::Snapshot {
+    let r = d
+        .controller()
+        .create_snapshot(csi::CreateSnapshotRequest {
+            name: name.to_string(),
+            source_volume_id: source.to_string(),
+            secrets: ceph.secrets(),
+            parameters: params(&[("clusterID", CLUSTER)]),
+        })
+        .await;
+    expect_ok(r, &format!("CreateSnapshot({name})"))
+        .snapshot
+        .expect("snapshot")
+}
+
+async fn delete_volume(d: &Driver, ceph: &Ceph, id: &str) {
+    let r = d
+        .controller()
+        .delete_volume(csi::DeleteVolumeRequest {
+            volume_id: id.to_string(),
+            secrets: ceph.secrets(),
+        })
+        .await;
+    expect_ok(r, &format!("DeleteVolume({id})"));
+}
+
+async fn delete_snapshot(d: &Driver, ceph: &Ceph, id: &str) {
+    let r = d
+        .controller()
+        .delete_snapshot(csi::DeleteSnapshotRequest {
+            snapshot_id: id.to_string(),
+            secrets: ceph.secrets(),
+        })
+        .await;
+    expect_ok(r, &format!("DeleteSnapshot({id})"));
+}
+
+fn from_snapshot(id: &str) -> Option<csi::VolumeContentSource> {
+    Some(csi::VolumeContentSource {
+        r#type: Some(SourceType::Snapshot(SnapshotSource {
+            snapshot_id: id.to_string(),
+        })),
+    })
+}
+
+fn from_volume(id: &str) -> Option<csi::VolumeContentSource> {
+    Some(csi::VolumeContentSource {
+        r#type: Some(SourceType::Volume(VolumeSource {
+            volume_id: id.to_string(),
+        })),
+    })
+}
+
+/// Create (idempotent by name, ALREADY_EXISTS on a conflict), get, list,
+/// expand and delete (idempotent) a volume; the image and its metadata in
+/// Ceph follow. The key never reaches the driver's log.
+#[tokio::test]
+async fn volume_lifecycle() {
+    let Some(ceph) = ceph() else { return };
+    let d = ceph.driver(&[]).await;
+    let name = unique_name("rbd-vol");
+    let v = d.create_ok(ceph.create_req(&name, 64 * MIB)).await;
+    assert!(v.volume_id.starts_with("rbd1:test-ceph:"), "{v:?}");
+    assert!(v.volume_id.len() <= 128);
+    assert_eq!(v.capacity_bytes, 64 * MIB);
+    assert_eq!(
+        v.volume_context.get("imageName"),
+        Some(&image_of(&v.volume_id))
+    );
+    assert!(ceph.images().contains(&image_of(&v.volume_id)));
+    let meta = ceph.rbd(&[
+        "image-meta",
+        "get",
+        &format!("{}/{}", ceph.pool, image_of(&v.volume_id)),
+        "lodestone.v1.name",
+    ]);
+    assert_eq!(meta.trim(), name);
+
+    // A retry returns the same volume; another size is a conflict.
+    let again = d.create_ok(ceph.create_req(&name, 64 * MIB)).await;
+    assert_eq!(again.volume_id, v.volume_id);
+    let r = d
+        .controller()
+        .create_volume(ceph.create_req(&name, 128 * MIB))
+        .await;
+    expect_code(r, Code::AlreadyExists, "same name, other size");
+
+    let got = expect_ok(
+        d.controller()
+            .controller_get_volume(csi::ControllerGetVolumeRequest {
+                volume_id: v.volume_id.clone(),
+            })
+            .await,
+        "ControllerGetVolume",
+    );
+    assert_eq!(got.volume.unwrap().capacity_bytes, 64 * MIB);
+    let listed = d.list_all(0).await;
+    assert!(listed.iter().any(|l| l.volume_id == v.volume_id));
+
+    let r = d
+        .controller()
+        .controller_expand_volume(csi::ControllerExpandVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            capacity_range: range(100 * MIB, 0),
+            secrets: ceph.secrets(),
+            volume_capability: Some(mount_cap("ext4")),
+        })
+        .await;
+    let e = expect_ok(r, "ControllerExpandVolume");
+    assert_eq!(e.capacity_bytes, 100 * MIB);
+    assert!(e.node_expansion_required);
+
+    delete_volume(&d, &ceph, &v.volume_id).await;
+    delete_volume(&d, &ceph, &v.volume_id).await;
+    assert!(!ceph.images().contains(&image_of(&v.volume_id)));
+    let r = d
+        .controller()
+        .controller_get_volume(csi::ControllerGetVolumeRequest {
+            volume_id: v.volume_id.clone(),
+        })
+        .await;
+    expect_code(r, Code::NotFound, "ControllerGetVolume after delete");
+    assert!(!d.log().contains(&ceph.key), "the key reached the log");
+}
+
+/// A snapshot is a hidden clone's snapshot: it outlives its source and
+/// stays restorable; restores and clones are clone v2 children; deleting a
+/// parent that still has children moves it to the trash, and the last
+/// delete empties the trash of ours.
+#[tokio::test]
+async fn snapshots_restores_and_clones() {
+    let Some(ceph) = ceph() else { return };
+    let d = ceph.driver(&[]).await;
+    let v = d
+        .create_ok(ceph.create_req(&unique_name("rbd-src"), 32 * MIB))
+        .await;
+    let s = snapshot(&d, &ceph, &unique_name("rbd-snap"), &v.volume_id).await;
+    assert!(
+        s.ready_to_use && s.snapshot_id.starts_with("rbds1:"),
+        "{s:?}"
+    );
+    assert_eq!(s.source_volume_id, v.volume_id);
+    assert_eq!(s.size_bytes, 32 * MIB);
+    let snap_name = unique_name("rbd-snap-2");
+    let s2 = snapshot(&d, &ceph, &snap_name, &v.volume_id).await;
+    let again = snapshot(&d, &ceph, &snap_name, &v.volume_id).await;
+    assert_eq!(again.snapshot_id, s2.snapshot_id, "CreateSnapshot retry");
+    assert_eq!(
+        ceph.parent(&image_of(&s.snapshot_id)).as_deref(),
+        Some(image_of(&v.volume_id).as_str())
+    );
+    // No temporary snapshot stays on the source.
+    let snaps = ceph.rbd(&[
+        "snap",
+        "ls",
+        "--format",
+        "json",
+        &format!("{}/{}", ceph.pool, image_of(&v.volume_id)),
+    ]);
+    assert!(!snaps.contains("ldtmp-"), "{snaps}");
+
+    // Restore into a larger volume, and clone the volume.
+    let mut r = ceph.create_req(&unique_name("rbd-restore"), 48 * MIB);
+    r.volume_content_source = from_snapshot(&s.snapshot_id);
+    let restored = d.create_ok(r).await;
+    assert_eq!(restored.capacity_bytes, 48 * MIB);
+    assert_eq!(restored.content_source, from_snapshot(&s.snapshot_id));
+    let mut r = ceph.create_req(&unique_name("rbd-clone"), 0);
+    r.capacity_range = None;
+    r.volume_content_source = from_volume(&v.volume_id);
+    let cloned = d.create_ok(r).await;
+    assert_eq!(cloned.capacity_bytes, 32 * MIB);
+
+    // The source goes; its snapshots stay restorable.
+    delete_volume(&d, &ceph, &v.volume_id).await;
+    let mut r = ceph.create_req(&unique_name("rbd-restore-after"), 0);
+    r.capacity_range = None;
+    r.volume_content_source = from_snapshot(&s.snapshot_id);
+    let late = d.create_ok(r).await;
+    let listed = expect_ok(
+        d.controller()
+            .list_snapshots(csi::ListSnapshotsRequest {
+                snapshot_id: s.snapshot_id.clone(),
+                ..Default::default()
+            })
+            .await,
+        "ListSnapshots",
+    );
+    assert_eq!(listed.entries.len(), 1);
+
+    // A restore from a snapshot that does not exist.
+    let mut r = ceph.create_req(&unique_name("rbd-nosnap"), 0);
+    r.volume_content_source = from_snapshot("rbds1:test-ceph:1:0123456789abcdef0123456789abcdef");
+    expect_code(
+        d.controller().create_volume(r).await,
+        Code::NotFound,
+        "restore from a missing snapshot",
+    );
+
+    for id in [&restored.volume_id, &cloned.volume_id, &late.volume_id] {
+        delete_volume(&d, &ceph, id).await;
+    }
+    delete_snapshot(&d, &ceph, &s.snapshot_id).await;
+    delete_snapshot(&d, &ceph, &s2.snapshot_id).await;
+    delete_snapshot(&d, &ceph, &s2.snapshot_id).await;
+    let mine: Vec<String> = [
+        &v.volume_id,
+        &restored.volume_id,
+        &cloned.volume_id,
+        &late.volume_id,
+        &s.snapshot_id,
+        &s2.snapshot_id,
+    ]
+    .iter()
+    .map(|id| image_of(id))
+    .collect();
+    let left: Vec<String> = ceph
+        .images()
+        .into_iter()
+        .filter(|i| mine.contains(i))
+        .collect();
+    assert!(left.is_empty(), "images left: {left:?}");
+    let trashed: Vec<String> = ceph
+        .trash()
+        .into_iter()
+        .filter(|i| mine.contains(i))
+        .collect();
+    assert!(
+        trashed.is_empty(),
+        "images of this test left in the trash: {trashed:?}"
+    );
+    assert!(!d.log().contains(&ceph.key), "the key reached the log");
+}
+
+/// Past the hard depth a new clone is flattened before the call returns.
+#[tokio::test]
+async fn clone_chain_past_hard_depth_is_flattened() {
+    let Some(ceph) = ceph() else { return };
+    let d = ceph
+        .driver(&["--rbd-soft-clone-depth", "2", "--rbd-hard-clone-depth", "2"])
+        .await;
+    let v = d
+        .create_ok(ceph.create_req(&unique_name("rbd-chain"), 16 * MIB))
+        .await;
+    // snapshot (depth 1) -> restore (depth 2: flattened) -> snapshot ...
+    let s = snapshot(&d, &ceph, &unique_name("rbd-chain-s"), &v.volume_id).await;
+    assert!(ceph.parent(&image_of(&s.snapshot_id)).is_some());
+    let mut r = ceph.create_req(&unique_name("rbd-chain-r"), 0);
+    r.capacity_range = None;
+    r.volume_content_source = from_snapshot(&s.snapshot_id);
+    let restored = d.create_ok(r).await;
+    assert_eq!(
+        ceph.parent(&image_of(&restored.volume_id)),
+        None,
+        "a clone at the hard depth must be flattened"
+    );
+    delete_volume(&d, &ceph, &restored.volume_id).await;
+    delete_snapshot(&d, &ceph, &s.snapshot_id).await;
+    delete_volume(&d, &ceph, &v.volume_id).await;
+}
+
+/// Bad input gets a clear code; a wrong key is refused and never logged.
+#[tokio::test]
+async fn bad_requests() {
+    let Some(ceph) = ceph() else { return };
+    let d = ceph.driver(&[]).await;
+    type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, Code);
+    let cases: Vec<Case> = vec![
+        (
+            "unknown cluster",
+            vec![("clusterID", "nope"), ("pool", "rbd")],
+            Code::InvalidArgument,
+        ),
+        ("no cluster", vec![("pool", "rbd")], Code::InvalidArgument),
+        (
+            "no pool",
+            vec![("clusterID", CLUSTER)],
+            Code::InvalidArgument,
+        ),
+        (
+            "bad features",
+            vec![
+                ("clusterID", CLUSTER),
+                ("pool", "rbd"),
+                ("imageFeatures", "journaling"),
+            ],
+            Code::InvalidArgument,
+        ),
+        (
+            "bad mounter",
+            vec![("clusterID", CLUSTER), ("pool", "rbd"), ("mounter", "fuse")],
+            Code::InvalidArgument,
+        ),
+        (
+            "unknown parameter",
+            vec![("clusterID", CLUSTER), ("pool", "rbd"), ("pools", "x")],
+            Code::InvalidArgument,
+        ),
+    ];
+    for (what, p, code) in cases {
+        let mut r = ceph.create_req(&unique_name("rbd-bad"), 16 * MIB);
+        r.parameters = params(&p);
+        expect_code(d.controller().create_volume(r).await, code, what);
+    }
+    let mut r = ceph.create_req(&unique_name("rbd-badkey"), 16 * MIB);
+    let wrong = "AQBzZXJ2ZXJzZWNyZXRub3RyZWFsbHlhbmtleQ==";
+    r.secrets.insert("userKey".into(), wrong.into());
+    let e = d
+        .controller()
+        .create_volume(r)
+        .await
+        .expect_err("a wrong key was accepted");
+    assert_ne!(e.code(), Code::Ok);
+    let mut r = ceph.create_req(&unique_name("rbd-halfsecret"), 16 * MIB);
+    r.secrets.remove("userKey");
+    expect_code(
+        d.controller().create_volume(r).await,
+        Code::InvalidArgument,
+        "secrets without userKey",
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let log = d.log();
+    assert!(
+        !log.contains(wrong) && !log.contains(&ceph.key),
+        "a key reached the log"
+    );
+}
