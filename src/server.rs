@@ -247,9 +247,36 @@ pub async fn rbd_services(args: &RunArgs) -> Result<Services, String> {
             locks: locks.clone(),
         }
     });
-    if args.mode.runs_node() {
-        return Err("the rbd node plugin is not available yet: run --mode controller".into());
-    }
+    let node = if args.mode.runs_node() {
+        let mut topology = std::collections::BTreeMap::new();
+        for t in &args.topology {
+            let (k, v) = t
+                .split_once('=')
+                .filter(|(k, v)| !k.is_empty() && !v.is_empty())
+                .ok_or_else(|| format!("--topology {t:?}: expected KEY=VALUE"))?;
+            topology.insert(k.to_string(), v.to_string());
+        }
+        let key_dir = args
+            .socket_path()?
+            .parent()
+            .map(|p| p.join("keys"))
+            .ok_or("the socket path has no directory")?;
+        let runner = Arc::new(Runner::new(args.command_timeout()));
+        let backend = crate::rbd::node::RbdNode::new(
+            args.node_id()?,
+            topology,
+            config.clone(),
+            runner.clone(),
+            key_dir,
+        );
+        Some(NodeService {
+            ops: Arc::new(NodeOps::new(Arc::new(backend), runner)),
+            locks: locks.clone(),
+            max_volumes: args.max_volumes_per_node,
+        })
+    } else {
+        None
+    };
     Ok(Services {
         identity: IdentityService {
             name: args.driver_name(),
@@ -257,7 +284,7 @@ pub async fn rbd_services(args: &RunArgs) -> Result<Services, String> {
             checks: Vec::new(),
         },
         controller,
-        node: None,
+        node,
     })
 }
 

@@ -140,6 +140,17 @@ pub enum NodeVolume {
     },
 }
 
+/// What NodeStageVolume hands the backend to make a volume usable here.
+#[derive(Debug, Clone, Copy)]
+pub struct Attach<'a> {
+    pub id: &'a str,
+    /// The staging directory (a network backend keeps its notes there).
+    pub staging: &'a std::path::Path,
+    /// The volume context CreateVolume returned.
+    pub context: &'a BTreeMap<String, String>,
+    pub secrets: &'a Secrets,
+}
+
 #[tonic::async_trait]
 pub trait NodeBackend: Send + Sync + 'static {
     fn node_id(&self) -> &str;
@@ -147,8 +158,9 @@ pub trait NodeBackend: Send + Sync + 'static {
     fn not_ready(&self) -> Option<String>;
     /// Makes the volume's block device usable here and returns its path.
     /// NOT_FOUND when the volume does not exist on this node.
-    async fn attach(&self, id: &str) -> Result<PathBuf>;
-    /// Undoes `attach` (unmap a network device; nothing for LVM).
-    async fn detach(&self, id: &str) -> Result<()>;
+    async fn attach(&self, req: &Attach<'_>) -> Result<PathBuf>;
+    /// Undoes `attach` (unmap a network device; nothing for LVM), after
+    /// the staging path was unmounted.
+    async fn detach(&self, id: &str, staging: &std::path::Path) -> Result<()>;
     async fn volume(&self, id: &str) -> Result<NodeVolume>;
 }

@@ -2,10 +2,11 @@
 //! mount at the staging path, bind-mount to each target, grow filesystems,
 //! and report usage and health. The backend only finds the block device.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::core::backend::{NodeBackend, NodeVolume};
+use crate::core::backend::{Attach, NodeBackend, NodeVolume, Secrets};
 use crate::core::request::{Access, Capability, FsType};
 use crate::error::{Error, Result};
 use crate::host::{blockdev, fs, mount};
@@ -96,8 +97,23 @@ impl NodeOps {
 
     /// NodeStageVolume. Block volumes need nothing at the staging path; mount
     /// volumes get a filesystem (made only on a blank device) mounted there.
-    pub async fn stage(&self, id: &str, staging: &Path, cap: &Capability) -> Result<()> {
-        let device = self.backend.attach(id).await?;
+    pub async fn stage(
+        &self,
+        id: &str,
+        staging: &Path,
+        cap: &Capability,
+        context: &BTreeMap<String, String>,
+        secrets: &Secrets,
+    ) -> Result<()> {
+        let device = self
+            .backend
+            .attach(&Attach {
+                id,
+                staging,
+                context,
+                secrets,
+            })
+            .await?;
         let Access::Mount { fs: wanted, flags } = &cap.access else {
             return self.stage_block(staging, &device).await;
         };
@@ -231,7 +247,8 @@ impl NodeOps {
             NodeVolume::Present { device, .. } => Some(device),
             NodeVolume::Missing => None,
         };
-        let staging = staging.to_path_buf();
+        let staging_path = staging.to_path_buf();
+        let staging = staging_path.clone();
         blocking(move || {
             let file = staged_block_file(&staging);
             if mount::unmount_all(&file)? {
@@ -245,7 +262,7 @@ impl NodeOps {
             mount::unmount_all(&staging).map(|_| ())
         })
         .await?;
-        self.backend.detach(id).await
+        self.backend.detach(id, &staging_path).await
     }
 
     /// NodePublishVolume: bind the staged filesystem (or the device node, for
@@ -261,7 +278,14 @@ impl NodeOps {
         let read_only = read_only || cap.read_only_mode();
         let (source, flags, device) = match &cap.access {
             Access::Block => {
-                let device = self.backend.attach(id).await?;
+                let device = match self.backend.volume(id).await? {
+                    NodeVolume::Present { device, .. } => device,
+                    NodeVolume::Missing => {
+                        return Err(Error::NotFound(format!(
+                            "volume {id} is not present on this node"
+                        )))
+                    }
+                };
                 match mount::mount_at(&staged_block_file(staging))? {
                     Some(m) if mounted_device(&m, &device)? => {}
                     _ => {

@@ -1,9 +1,11 @@
 //! CSI Node service over the shared [`NodeOps`].
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
+use crate::core::backend::Secrets;
 use crate::core::locks::OpLocks;
 use crate::core::node::NodeOps;
 use crate::core::request::{existing_volume_path, parse_capability, require_id, validate_path};
@@ -53,7 +55,15 @@ impl Node for NodeService {
             let staging = validate_path(&req.staging_target_path, "staging_target_path")?;
             let cap = capability(req.volume_capability.as_ref())?;
             let _guard = self.lock(&req.volume_id)?;
-            self.ops.stage(&req.volume_id, &staging, &cap).await?;
+            let context: BTreeMap<String, String> = req
+                .volume_context
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            let secrets = Secrets::from(&req.secrets);
+            self.ops
+                .stage(&req.volume_id, &staging, &cap, &context, &secrets)
+                .await?;
             Ok(NodeStageVolumeResponse {})
         })
         .await

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::config::TOPOLOGY_NODE_KEY;
-use crate::core::backend::{NodeBackend, NodeVolume};
+use crate::core::backend::{Attach, NodeBackend, NodeVolume};
 use crate::error::{Error, Result};
 use crate::lvm::agent::{Agent, LocalAgent};
 use crate::lvm::ids::{Kind, LvId};
@@ -46,7 +46,8 @@ impl NodeBackend for LvmNode {
         self.agent.readiness().err()
     }
 
-    async fn attach(&self, id: &str) -> Result<PathBuf> {
+    async fn attach(&self, req: &Attach<'_>) -> Result<PathBuf> {
+        let id = req.id;
         let lv = self.lv(id).await?.ok_or_else(|| {
             Error::NotFound(format!(
                 "volume {id} does not exist on node {}",
@@ -64,7 +65,7 @@ impl NodeBackend for LvmNode {
         Ok(LocalAgent::device_path(&lv.vg, &lv.name))
     }
 
-    async fn detach(&self, _id: &str) -> Result<()> {
+    async fn detach(&self, _id: &str, _staging: &std::path::Path) -> Result<()> {
         Ok(())
     }
 

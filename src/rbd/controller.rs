@@ -543,11 +543,18 @@ impl ControllerBackend for RbdController {
         let cluster = self.cluster_for(&req.params)?;
         let creds = self.creds(cluster, &req.secrets)?;
         let feature_bits = features(req.params.get(P_FEATURES))?;
-        if let Some(m) = req.params.get(P_MOUNTER) {
-            if m != "krbd" && m != "rbd-nbd" {
+        match req.params.get(P_MOUNTER).map(String::as_str) {
+            None | Some("krbd") => {}
+            Some("rbd-nbd") => {
                 return Err(Error::InvalidArgument(format!(
-                    "{P_MOUNTER} must be krbd or rbd-nbd, not {m:?}"
-                )));
+                    "{P_MOUNTER} rbd-nbd is not offered: its daemon would die with a restarted \
+                     node plugin and break the node's mounted volumes; use krbd"
+                )))
+            }
+            Some(m) => {
+                return Err(Error::InvalidArgument(format!(
+                    "{P_MOUNTER} must be krbd, not {m:?}"
+                )))
             }
         }
         // The source: same cluster, must exist; its pool and size.

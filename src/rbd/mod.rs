@@ -13,6 +13,7 @@ pub mod controller;
 pub mod error;
 pub mod ffi;
 pub mod ids;
+pub mod node;
 pub mod pool;
 
 pub use client::{
