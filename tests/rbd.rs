@@ -15,6 +15,7 @@
 mod common;
 
 use std::collections::HashMap;
+use std::io::Seek;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -501,4 +502,169 @@ async fn bad_requests() {
         !log.contains(wrong) && !log.contains(&ceph.key),
         "a key reached the log"
     );
+}
+
+// ---------------------------------------------------------------------------
+// Node plugin (krbd): needs the kernel's rbd driver, i.e. the QEMU guest
+// (scripts/guest-rbd.sh) with LODESTONE_TEST_RBD_NODE=1.
+// ---------------------------------------------------------------------------
+
+fn node_enabled() -> bool {
+    if std::env::var("LODESTONE_TEST_RBD_NODE").as_deref() == Ok("1") {
+        true
+    } else {
+        eprintln!("skipped: needs LODESTONE_TEST_RBD_NODE=1 (krbd, in the guest)");
+        false
+    }
+}
+
+impl Ceph {
+    /// Controller and node plugin in one process.
+    async fn node_driver(&self, dir: tempfile::TempDir) -> Driver {
+        let (config, secrets) = self.write_config(dir.path());
+        Driver::builder()
+            .mode("all")
+            .class_args(Vec::<String>::new())
+            .args(["--driver", "rbd"])
+            .args(["--rbd-config", config.to_str().unwrap()])
+            .args(["--rbd-secret-dir", secrets.to_str().unwrap()])
+            .args(["--topology", "topology.kubernetes.io/zone=a"])
+            .start_in(dir)
+            .await
+    }
+
+    async fn stage(&self, d: &Driver, v: &csi::Volume, staging: &str, cap: csi::VolumeCapability) {
+        std::fs::create_dir_all(d.path(staging)).unwrap();
+        let r = d
+            .node()
+            .node_stage_volume(csi::NodeStageVolumeRequest {
+                volume_id: v.volume_id.clone(),
+                staging_target_path: d.path_str(staging),
+                volume_capability: Some(cap),
+                secrets: self.secrets(),
+                volume_context: v.volume_context.clone(),
+                ..Default::default()
+            })
+            .await;
+        expect_ok(r, &format!("NodeStageVolume({})", v.volume_id));
+    }
+}
+
+/// The mapped /dev/rbdN of an image, from sysfs.
+fn mapped(image: &str) -> Option<String> {
+    for e in std::fs::read_dir("/sys/bus/rbd/devices").ok()?.flatten() {
+        let name = std::fs::read_to_string(e.path().join("name")).unwrap_or_default();
+        if name.trim() == image {
+            return Some(format!("/dev/rbd{}", e.file_name().to_string_lossy()));
+        }
+    }
+    None
+}
+
+fn write_file(path: &Path, data: &[u8]) {
+    std::fs::write(path, data).unwrap();
+    std::fs::File::open(path).unwrap().sync_all().unwrap();
+    nix::unistd::sync();
+}
+
+/// Map, format, mount, write; unstage unmaps; stage again reads the data
+/// back; a snapshot restores the data it saw (not later writes); a clone
+/// diverges from its source; unstage works after the plugin was killed and
+/// restarted; no keyring file is left behind.
+#[tokio::test]
+async fn node_map_mount_snapshot_restore() {
+    let Some(ceph) = ceph() else { return };
+    if !node_enabled() {
+        return;
+    }
+    let d = ceph.node_driver(new_temp_dir()).await;
+    let info = expect_ok(
+        d.node().node_get_info(csi::NodeGetInfoRequest {}).await,
+        "NodeGetInfo",
+    );
+    assert_eq!(
+        info.accessible_topology
+            .unwrap()
+            .segments
+            .get("topology.kubernetes.io/zone"),
+        Some(&"a".to_string())
+    );
+    let v = d
+        .create_ok(ceph.create_req(&unique_name("rbd-node"), 64 * MIB))
+        .await;
+    let image = image_of(&v.volume_id);
+    ceph.stage(&d, &v, "staging", mount_cap("ext4")).await;
+    assert!(mapped(&image).is_some(), "not mapped after stage");
+    d.publish(&v.volume_id, "staging", "target", mount_cap("ext4"), false)
+        .await;
+    let first = b"written before the snapshot".repeat(1000);
+    write_file(&d.path("target").join("data"), &first);
+    d.unpublish(&v.volume_id, "target").await;
+
+    // Snapshot while staged (the filesystem is synced), then overwrite.
+    let s = snapshot(&d, &ceph, &unique_name("rbd-node-snap"), &v.volume_id).await;
+    d.publish(&v.volume_id, "staging", "target", mount_cap("ext4"), false)
+        .await;
+    write_file(
+        &d.path("target").join("data"),
+        b"written after the snapshot",
+    );
+    d.unpublish(&v.volume_id, "target").await;
+    d.unstage(&v.volume_id, "staging").await;
+    assert_eq!(mapped(&image), None, "still mapped after unstage");
+
+    // The restore holds what the snapshot saw.
+    let mut r = ceph.create_req(&unique_name("rbd-node-restore"), 0);
+    r.capacity_range = None;
+    r.volume_content_source = from_snapshot(&s.snapshot_id);
+    let restored = d.create_ok(r).await;
+    ceph.stage(&d, &restored, "rstaging", mount_cap("ext4"))
+        .await;
+    let got = std::fs::read(d.path("rstaging").join("data")).unwrap();
+    assert!(
+        got == first,
+        "the restore does not hold the snapshot's data"
+    );
+    d.unstage(&restored.volume_id, "rstaging").await;
+
+    // Stage again, kill the plugin, restart it, unstage: unmapped.
+    ceph.stage(&d, &v, "staging", mount_cap("ext4")).await;
+    assert_eq!(
+        std::fs::read(d.path("staging").join("data")).unwrap(),
+        b"written after the snapshot"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(d.pid()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let (_, dir) = d.stop_and_keep_dir();
+    let d = ceph.node_driver(dir).await;
+    d.unstage(&v.volume_id, "staging").await;
+    assert_eq!(
+        mapped(&image),
+        None,
+        "still mapped after unstage by a restarted plugin"
+    );
+
+    // Raw block: the published path is the mapped device.
+    ceph.stage(&d, &v, "bstaging", block_cap()).await;
+    d.publish(&v.volume_id, "bstaging", "bdev", block_cap(), false)
+        .await;
+    let size = std::fs::File::open(d.path("bdev"))
+        .unwrap()
+        .seek(std::io::SeekFrom::End(0))
+        .unwrap();
+    assert_eq!(size, 64 * MIB as u64);
+    d.unpublish(&v.volume_id, "bdev").await;
+    d.unstage(&v.volume_id, "bstaging").await;
+
+    let keys: Vec<_> = std::fs::read_dir(d.path("keys"))
+        .map(|r| r.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(keys.is_empty(), "keyring files left behind: {keys:?}");
+    assert!(!d.log().contains(&ceph.key), "the key reached the log");
+    delete_volume(&d, &ceph, &restored.volume_id).await;
+    delete_snapshot(&d, &ceph, &s.snapshot_id).await;
+    delete_volume(&d, &ceph, &v.volume_id).await;
 }

@@ -64,7 +64,9 @@ fn mapped_device(sysfs: &Path, pool_id: i64, image: &str) -> Option<PathBuf> {
                 .map(|s| s.trim().to_string())
                 .unwrap_or_default()
         };
-        if read("name") == image && read("pool_id") == pool_id.to_string() && read("current_snap") == "-"
+        if read("name") == image
+            && read("pool_id") == pool_id.to_string()
+            && read("current_snap") == "-"
         {
             let n = e.file_name().to_string_lossy().into_owned();
             if n.bytes().all(|b| b.is_ascii_digit()) {
@@ -149,11 +151,15 @@ impl NodeBackend for RbdNode {
         if let Some(dev) = mapped_device(&self.sysfs, id.pool_id, &image) {
             return Ok(dev);
         }
-        let pool = req.context.get(CTX_POOL).ok_or_else(|| {
-            Error::InvalidArgument(format!("volume context lacks {CTX_POOL}"))
-        })?;
+        let pool = req
+            .context
+            .get(CTX_POOL)
+            .ok_or_else(|| Error::InvalidArgument(format!("volume context lacks {CTX_POOL}")))?;
         if req.context.get(CTX_IMAGE).is_some_and(|i| *i != image)
-            || req.context.get(CTX_CLUSTER).is_some_and(|c| *c != id.cluster)
+            || req
+                .context
+                .get(CTX_CLUSTER)
+                .is_some_and(|c| *c != id.cluster)
         {
             return Err(Error::InvalidArgument(
                 "the volume context does not match the volume id".into(),
@@ -248,13 +254,15 @@ impl NodeBackend for RbdNode {
         let Some(rid) = RbdId::parse(Kind::Volume, id) else {
             return Ok(NodeVolume::Missing);
         };
-        Ok(match mapped_device(&self.sysfs, rid.pool_id, &rid.image()) {
-            Some(device) => NodeVolume::Present {
-                device,
-                abnormal: None,
+        Ok(
+            match mapped_device(&self.sysfs, rid.pool_id, &rid.image()) {
+                Some(device) => NodeVolume::Present {
+                    device,
+                    abnormal: None,
+                },
+                None => NodeVolume::Missing,
             },
-            None => NodeVolume::Missing,
-        })
+        )
     }
 }
 
