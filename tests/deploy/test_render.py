@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from deploylib import (
     DEPLOY,
@@ -32,6 +33,7 @@ from deploylib import (
     pod_spec,
     rel,
     render,
+    schema_errors,
     workloads,
 )
 
@@ -584,6 +586,12 @@ configMapGenerator:
     behavior: replace
     files:
       - config.json=classes.json
+patches:
+  - target: {{kind: DaemonSet, name: lodestone-lvm-node}}
+    patch: |-
+      - op: add
+        path: /spec/template/spec/nodeSelector
+        value: {{storage.example.com/lvm: "true"}}
 """
     )
     out = subprocess.run([kubectl(), "kustomize", str(overlay)], capture_output=True, text=True)
@@ -591,3 +599,6 @@ configMapGenerator:
     assert "image: registry.example.com/storage/lodestone:9.9.9" in out.stdout
     assert '"name": "fast"' in out.stdout
     assert '"name": "thin"' not in out.stdout
+    (node,) = [o for o in yaml.safe_load_all(out.stdout) if o and o["kind"] == "DaemonSet"]
+    assert node["spec"]["template"]["spec"]["nodeSelector"] == {"storage.example.com/lvm": "true"}
+    assert schema_errors(node) == []
