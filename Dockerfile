@@ -47,16 +47,16 @@ LABEL org.opencontainers.image.title="lodestone" \
 #   blkid                 util-linux
 #   losetup (`lodestone demo` only)  mount
 #   rbd (krbd map/unmap)  ceph-common
-#   rbd-nbd               rbd-nbd
-#   modprobe (rbd and rbd-nbd load their kernel module when it is missing)
+#   modprobe (rbd loads the kernel module when it is missing)
 #                         kmod
+#   (rbd-nbd is not offered: its daemon would die with a restarted plugin)
 #   librados2, librbd1    libraries the rbd controller links (FFI)
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
       lvm2 thin-provisioning-tools \
       e2fsprogs xfsprogs btrfs-progs \
       util-linux mount \
-      ceph-common rbd-nbd kmod \
+      ceph-common kmod \
       librados2 librbd1 \
  && rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb
 # LVM without udev, sharing the host's lock, run, backup and archive

@@ -32,16 +32,13 @@ PROGRAMS = {
     "mkfs.btrfs": {"btrfs-progs"},
     "btrfs": {"btrfs-progs"},
     "losetup": {"mount"},  # `lodestone demo`
+    # krbd map/unmap; rbd loads the kernel module with modprobe if needed.
+    "rbd": {"ceph-common", "kmod"},
 }
 
-# Programs the RBD node plugin (issue 4, in progress) runs through the same
-# runner: "node-side mapping uses the rbd and rbd-nbd CLIs". Both load their
-# kernel module with modprobe when it is missing. They count as called until
-# the code that calls them lands (then they are found in src/ as well).
-PENDING_PROGRAMS = {
-    "rbd": {"ceph-common", "kmod"},
-    "rbd-nbd": {"rbd-nbd", "kmod"},
-}
+# Programs not called from src/ yet that the image must still carry (none:
+# rbd-nbd is deliberately not offered, see src/rbd/node.rs).
+PENDING_PROGRAMS: dict = {}
 
 # Libraries, not programs: #[link(name = ...)] in src/ -> runtime package.
 LINKED = {"rados": "librados2", "rbd": "librbd1"}

@@ -310,7 +310,7 @@ def _lodestone_flags() -> set[str]:
 
 # Flags of the RBD backend under construction (issue 4), written against its
 # agreed contract; they become real flags of src/config.rs when it lands.
-PENDING_LODESTONE_FLAGS = {"rbd-config", "topology"}
+PENDING_LODESTONE_FLAGS: set = set()
 
 
 def test_config_rs_flag_parser_sees_known_flags():
