@@ -470,6 +470,15 @@ async fn bad_requests() {
             Code::InvalidArgument,
         ),
         (
+            "mkfsOptions naming a device",
+            vec![
+                ("clusterID", CLUSTER),
+                ("pool", "rbd"),
+                ("mkfsOptions", "-E x /dev/sda"),
+            ],
+            Code::InvalidArgument,
+        ),
+        (
             "unknown parameter",
             vec![("clusterID", CLUSTER), ("pool", "rbd"), ("pools", "x")],
             Code::InvalidArgument,

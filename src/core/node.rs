@@ -12,6 +12,10 @@ use crate::error::{Error, Result};
 use crate::host::{blockdev, fs, mount};
 use crate::runner::Runner;
 
+/// Volume context key with extra mkfs arguments (a StorageClass's
+/// `mkfsOptions`, passed on by the controller).
+pub const CTX_MKFS_OPTIONS: &str = "mkfsOptions";
+
 pub struct NodeOps {
     pub backend: Arc<dyn NodeBackend>,
     pub runner: Arc<Runner>,
@@ -151,7 +155,11 @@ impl NodeOps {
                 formatted = true;
                 let fs = wanted.unwrap_or(FsType::Ext4);
                 tracing::info!(volume = id, fs = fs.as_str(), "formatting blank volume");
-                fs::mkfs(&self.runner, fs, &device).await?;
+                let extra = match context.get(CTX_MKFS_OPTIONS) {
+                    Some(o) => fs::mkfs_options(o)?,
+                    None => Vec::new(),
+                };
+                fs::mkfs(&self.runner, fs, &device, &extra).await?;
                 fs.as_str().to_string()
             }
             fs::Content::Filesystem(found) => {

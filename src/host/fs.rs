@@ -51,23 +51,43 @@ pub async fn probe(runner: &Runner, device: &Path) -> Result<Content> {
 
 /// mkfs arguments: quiet, and no discard (new volumes are already blank:
 /// thin blocks are unallocated, thick LVs were zeroed on delete).
-pub fn mkfs_command(fs: FsType, device: &Path) -> Cmd {
-    match fs {
-        FsType::Ext4 => Cmd::new("mkfs.ext4")
-            .args([
-                "-q",
-                "-E",
-                "nodiscard,lazy_itable_init=1,lazy_journal_init=1",
-            ])
-            .arg(device),
-        FsType::Xfs => Cmd::new("mkfs.xfs").args(["-q", "-K"]).arg(device),
-        FsType::Btrfs => Cmd::new("mkfs.btrfs").args(["-q", "-K"]).arg(device),
-    }
+/// The mkfs command; `extra` (checked by [`mkfs_options`]) goes before the
+/// device and replaces our defaults when given.
+pub fn mkfs_command(fs: FsType, device: &Path, extra: &[String]) -> Cmd {
+    let cmd = match fs {
+        FsType::Ext4 if extra.is_empty() => Cmd::new("mkfs.ext4").args([
+            "-q",
+            "-E",
+            "nodiscard,lazy_itable_init=1,lazy_journal_init=1",
+        ]),
+        FsType::Ext4 => Cmd::new("mkfs.ext4").arg("-q"),
+        FsType::Xfs => Cmd::new("mkfs.xfs").args(["-q", "-K"]),
+        FsType::Btrfs => Cmd::new("mkfs.btrfs").args(["-q", "-K"]),
+    };
+    cmd.args(extra).arg(device)
 }
 
-pub async fn mkfs(runner: &Runner, fs: FsType, device: &Path) -> Result<()> {
-    runner.run(&mkfs_command(fs, device)).await?;
+pub async fn mkfs(runner: &Runner, fs: FsType, device: &Path, extra: &[String]) -> Result<()> {
+    runner.run(&mkfs_command(fs, device, extra)).await?;
     Ok(())
+}
+
+/// Extra mkfs arguments from a StorageClass (`mkfsOptions`), split on
+/// whitespace. Each must be a plain option or value: no path (so nothing
+/// can name another device), no shell or quoting characters, at most 16.
+pub fn mkfs_options(s: &str) -> Result<Vec<String>> {
+    let args: Vec<String> = s.split_whitespace().map(String::from).collect();
+    let plain = |a: &str| {
+        a.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"=,._:+-".contains(&b))
+    };
+    if args.len() > 16 || args.iter().any(|a| !plain(a)) {
+        return Err(Error::InvalidArgument(format!(
+            "mkfsOptions {s:?}: at most 16 options of letters, digits and = , . _ : + - \
+             (no paths)"
+        )));
+    }
+    Ok(args)
 }
 
 /// The command that grows a mounted filesystem to its device's size.
@@ -186,9 +206,17 @@ mod tests {
     fn commands() {
         let dev = Path::new("/dev/vg/lv");
         assert_eq!(
-            mkfs_command(FsType::Xfs, dev).display(),
+            mkfs_command(FsType::Xfs, dev, &[]).display(),
             "mkfs.xfs -q -K /dev/vg/lv"
         );
+        let extra = mkfs_options(" -m 0  -E lazy_itable_init=0 ").unwrap();
+        assert_eq!(
+            mkfs_command(FsType::Ext4, dev, &extra).display(),
+            "mkfs.ext4 -q -m 0 -E lazy_itable_init=0 /dev/vg/lv"
+        );
+        for bad in ["/dev/sda", "-L a;b", "$(x)", "a'b", "-d /tmp"] {
+            assert!(mkfs_options(bad).is_err(), "{bad}");
+        }
         assert_eq!(
             grow_command("xfs", dev, Path::new("/mnt/x"))
                 .unwrap()

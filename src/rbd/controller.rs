@@ -55,7 +55,7 @@ pub const CTX_CLUSTER: &str = "clusterID";
 pub const CTX_POOL: &str = "pool";
 pub const CTX_IMAGE: &str = "imageName";
 pub const CTX_MOUNTER: &str = "mounter";
-pub const CTX_MKFS_OPTIONS: &str = "mkfsOptions";
+pub use crate::core::node::CTX_MKFS_OPTIONS;
 
 /// Image metadata: the accessible topology (JSON), for Get/List.
 const META_TOPOLOGY: &str = "lodestone.v1.topology";
@@ -556,6 +556,9 @@ impl ControllerBackend for RbdController {
                     "{P_MOUNTER} must be krbd, not {m:?}"
                 )))
             }
+        }
+        if let Some(o) = req.params.get(P_MKFS_OPTIONS) {
+            crate::host::fs::mkfs_options(o)?;
         }
         // The source: same cluster, must exist; its pool and size.
         let source = match &req.source {
