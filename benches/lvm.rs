@@ -1130,6 +1130,19 @@ impl Bench {
         );
         tb.driver(class, "DeleteSnapshot", &del_snap);
         tb.driver(class, "DeleteVolume (restored)", &del_restore);
+        // What the design promises: thin snapshot/restore one lvcreate;
+        // thick snapshot: target, COW snapshot, COW fullness check,
+        // untag, remove COW; thick restore: target and untag; deletes one
+        // lvremove (a thick read-only snapshot first turns writable).
+        let expect = [
+            ("CreateSnapshot (until ready)", if thick { 5 } else { 1 }),
+            ("CreateVolume from snapshot (until done)", if thick { 2 } else { 1 }),
+            ("DeleteSnapshot", if thick { 2 } else { 1 }),
+            ("DeleteVolume (restored)", 1),
+        ];
+        for (op, n) in expect {
+            tb.op(class, op).expected_lvm = n;
+        }
         let shape_lv = format!("ldsnap-{}", key(&snap.snapshot_id));
         self.shape(class, "CreateSnapshot", &shape_lv, &snap_call.ran);
         if thick {

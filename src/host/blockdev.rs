@@ -62,9 +62,13 @@ fn size_of(f: &File, path: &Path) -> Result<u64> {
 /// EBUSY while the device is mounted or otherwise claimed. Holding the file
 /// keeps anyone else from mounting it.
 pub fn open_exclusive(path: &Path) -> Result<File> {
+    open_exclusive_with(path, 0)
+}
+
+fn open_exclusive_with(path: &Path, extra_flags: i32) -> Result<File> {
     OpenOptions::new()
         .write(true)
-        .custom_flags(libc_o_excl())
+        .custom_flags(libc_o_excl() | extra_flags)
         .open(path)
         .map_err(|e| {
             if e.raw_os_error() == Some(nix::libc::EBUSY) {
@@ -123,10 +127,16 @@ pub fn copy(
     use std::os::unix::fs::FileExt;
     use std::sync::atomic::Ordering;
 
-    let mut input = File::open(src)
+    // O_DIRECT both ways: no page-cache copies of data read once, and no
+    // cache of the target to flush at the end.
+    let direct = nix::libc::O_DIRECT;
+    let mut input = OpenOptions::new()
+        .read(true)
+        .custom_flags(direct)
+        .open(src)
         .map_err(|e| Error::Internal(format!("cannot open {}: {e}", src.display())))?;
     let total = size_of(&input, src)?;
-    let output = open_exclusive(dst)?;
+    let output = open_exclusive_with(dst, direct)?;
     let dst_size = size_of(&output, dst)?;
     if dst_size < total {
         return Err(Error::Internal(format!(
@@ -136,7 +146,8 @@ pub fn copy(
         )));
     }
     const CHUNK: usize = 4 << 20;
-    let mut buf = vec![0u8; CHUNK];
+    let mut aligned = AlignedBuf::new(CHUNK);
+    let buf = aligned.as_mut_slice();
     // Slice equality against zeroes is a memcmp: fast even in debug builds.
     let zeroes = vec![0u8; CHUNK];
     let mut offset: u64 = 0;
@@ -180,4 +191,32 @@ pub fn copy(
         .sync_all()
         .map_err(|e| Error::Internal(format!("sync {}: {e}", dst.display())))?;
     Ok(total)
+}
+
+/// A zeroed, 4 KiB-aligned buffer (O_DIRECT needs aligned memory).
+struct AlignedBuf {
+    ptr: std::ptr::NonNull<u8>,
+    layout: std::alloc::Layout,
+}
+
+impl AlignedBuf {
+    fn new(len: usize) -> Self {
+        let layout = std::alloc::Layout::from_size_align(len, 4096).expect("valid layout");
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr = std::ptr::NonNull::new(ptr).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        AlignedBuf { ptr, layout }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: ptr points to layout.size() initialised bytes we own.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.layout.size()) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+    }
 }
