@@ -409,7 +409,16 @@ impl RbdController {
             }
         }
         if preferred.is_empty() && requisite.is_empty() {
-            return Ok(placed(&pools[0], "first-pool"));
+            // No topology in the request: `pool` if given, else the first.
+            return Ok(match params.get(P_POOL) {
+                Some(pool) => Placement {
+                    pool: pool.clone(),
+                    data_pool,
+                    topology: None,
+                    rule: "pool",
+                },
+                None => placed(&pools[0], "first-pool"),
+            });
         }
         Err(Error::ResourceExhausted(format!(
             "no pool of {P_TOPOLOGY_POOLS} lies in the requested topology"
