@@ -272,6 +272,16 @@ pub struct RunArgs {
     )]
     pub max_volumes_per_node: i64,
 
+    /// Serve Prometheus metrics (GET /metrics) and a health check
+    /// (GET /healthz) on this host:port, e.g. 0.0.0.0:9808. Empty: off.
+    #[arg(
+        long,
+        env = "LODESTONE_METRICS_ADDRESS",
+        default_value = "",
+        global = true
+    )]
+    pub metrics_address: String,
+
     /// Log format.
     #[arg(
         long,

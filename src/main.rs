@@ -40,7 +40,12 @@ async fn main() {
 
 async fn serve(args: lodestone::config::RunArgs) -> Result<(), String> {
     let socket = args.socket_path()?;
+    let metrics = lodestone::metrics::bind(&args.metrics_address).await?;
     let services = lodestone::server::build(&args).await?;
+    if let Some(listener) = metrics {
+        let limits = lodestone::metrics::HttpLimits::default();
+        lodestone::metrics::spawn(listener, services.metrics.clone(), limits);
+    }
     let listener = lodestone::server::bind(&socket)?;
     tracing::info!(
         driver = %args.driver_name(), mode = ?args.mode, socket = %socket.display(),

@@ -42,6 +42,8 @@ mod controller_lvm;
 mod identity;
 #[path = "conformance/lifecycle.rs"]
 mod lifecycle;
+#[path = "conformance/metrics.rs"]
+mod metrics;
 #[path = "conformance/multinode_lvm.rs"]
 mod multinode_lvm;
 #[path = "conformance/node.rs"]
