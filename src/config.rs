@@ -73,6 +73,8 @@ pub enum Command {
     /// Walk one volume through its whole life on a throw-away loop-file
     /// volume group, printing each step. Needs root and device-mapper.
     Demo(DemoArgs),
+    /// A CSI client for operators: call the driver on `--endpoint`.
+    Ctl(crate::ctl::CtlArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]

@@ -9,6 +9,7 @@
 pub mod client;
 pub mod config;
 pub mod core;
+pub mod ctl;
 pub mod demo;
 pub mod driver;
 pub mod error;

@@ -20,8 +20,9 @@ fn init_logging(format: LogFormat, default_filter: &str) {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let cli = Cli::parse();
-    // The demo prints its own steps; only warnings and errors interleave.
-    let default_filter = if matches!(cli.command, Some(Command::Demo(_))) {
+    // The demo and ctl print their own output; only warnings and errors
+    // interleave.
+    let default_filter = if matches!(cli.command, Some(Command::Demo(_) | Command::Ctl(_))) {
         "warn"
     } else {
         "info"
@@ -30,6 +31,7 @@ async fn main() {
     let result = match cli.command {
         None | Some(Command::Serve) => serve(cli.run).await,
         Some(Command::Demo(demo)) => lodestone::demo::run(&demo).await,
+        Some(Command::Ctl(ctl)) => std::process::exit(lodestone::ctl::run(&cli.run, &ctl).await),
     };
     if let Err(e) = result {
         tracing::error!("{e}");
