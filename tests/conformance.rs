@@ -40,6 +40,8 @@ mod controller;
 mod controller_lvm;
 #[path = "conformance/ctl.rs"]
 mod ctl;
+#[path = "conformance/ctl_lvm.rs"]
+mod ctl_lvm;
 #[path = "conformance/identity.rs"]
 mod identity;
 #[path = "conformance/lifecycle.rs"]
