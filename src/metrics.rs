@@ -167,6 +167,15 @@ fn number(v: f64) -> String {
 
 type Series<T> = Mutex<BTreeMap<Vec<String>, T>>;
 
+/// (name, value) pairs of a series.
+fn label_pairs<'a>(labels: &[&'a str], values: &'a [String]) -> Vec<(&'a str, &'a str)> {
+    labels
+        .iter()
+        .copied()
+        .zip(values.iter().map(String::as_str))
+        .collect()
+}
+
 fn key(labels: &[&str], values: &[&str]) -> Vec<String> {
     debug_assert_eq!(labels.len(), values.len(), "label values of {labels:?}");
     values.iter().map(|v| v.to_string()).collect()
@@ -217,13 +226,7 @@ impl CounterVec {
         out.family(self.name, self.help, "counter");
         let series = self.series.lock().expect("counter poisoned").clone();
         for (values, n) in &series {
-            let pairs: Vec<(&str, &str)> = self
-                .labels
-                .iter()
-                .copied()
-                .zip(values.iter().map(String::as_str))
-                .collect();
-            out.sample(self.name, &pairs, *n as f64);
+            out.sample(self.name, &label_pairs(self.labels, values), *n as f64);
         }
     }
 }
@@ -329,12 +332,7 @@ impl HistogramVec {
         let sum = format!("{}_sum", self.name);
         let count = format!("{}_count", self.name);
         for (values, h) in &series {
-            let pairs: Vec<(&str, &str)> = self
-                .labels
-                .iter()
-                .copied()
-                .zip(values.iter().map(String::as_str))
-                .collect();
+            let pairs = label_pairs(self.labels, values);
             for (bound, n) in h.cumulative() {
                 let le = number(bound);
                 let mut with_le = pairs.clone();
