@@ -178,6 +178,7 @@ pub enum CtlCommand {
     CreateVolume(CreateVolumeArgs),
     /// DeleteVolume (an unknown id is success).
     DeleteVolume {
+        /// The volume id.
         id: String,
         #[command(flatten)]
         secrets: SecretArgs,
@@ -189,10 +190,15 @@ pub enum CtlCommand {
         page_size: i32,
     },
     /// ControllerGetVolume.
-    GetVolume { id: String },
+    GetVolume {
+        /// The volume id.
+        id: String,
+    },
     /// ControllerExpandVolume to at least SIZE bytes (e.g. 2Gi).
     ExpandVolume {
+        /// The volume id.
         id: String,
+        /// The new size (e.g. 2Gi).
         #[arg(value_parser = size)]
         size: i64,
         /// The volume is a raw block volume (no node expansion needed).
@@ -203,7 +209,9 @@ pub enum CtlCommand {
     },
     /// CreateSnapshot of a volume.
     CreateSnapshot {
+        /// The request name (the CO's idempotency key).
         name: String,
+        /// The volume to snapshot.
         source_volume_id: String,
         /// A VolumeSnapshotClass parameter, KEY=VALUE. Repeatable.
         #[arg(long = "param", value_name = "KEY=VALUE", value_parser = key_value)]
@@ -213,6 +221,7 @@ pub enum CtlCommand {
     },
     /// DeleteSnapshot (an unknown id is success).
     DeleteSnapshot {
+        /// The snapshot id.
         id: String,
         #[command(flatten)]
         secrets: SecretArgs,
@@ -233,7 +242,10 @@ pub enum CtlCommand {
     },
     /// NodeStageVolume (the staging directory must exist).
     Stage {
+        /// The volume id.
         id: String,
+        /// An existing directory to mount the volume at (relative paths are
+        /// made absolute).
         staging_path: String,
         #[command(flatten)]
         capability: CapabilityArgs,
@@ -244,11 +256,19 @@ pub enum CtlCommand {
         secrets: SecretArgs,
     },
     /// NodeUnstageVolume.
-    Unstage { id: String, staging_path: String },
+    Unstage {
+        /// The volume id.
+        id: String,
+        /// Where the volume is staged.
+        staging_path: String,
+    },
     /// NodePublishVolume of a staged volume.
     Publish {
+        /// The volume id.
         id: String,
+        /// Where the volume is staged.
         staging_path: String,
+        /// Where to publish it (the driver creates it).
         target_path: String,
         /// Publish read-only.
         #[arg(long)]
@@ -262,9 +282,19 @@ pub enum CtlCommand {
         secrets: SecretArgs,
     },
     /// NodeUnpublishVolume.
-    Unpublish { id: String, target_path: String },
+    Unpublish {
+        /// The volume id.
+        id: String,
+        /// Where the volume is published.
+        target_path: String,
+    },
     /// NodeGetVolumeStats of a staged or published path.
-    Stats { id: String, path: String },
+    Stats {
+        /// The volume id.
+        id: String,
+        /// The staging or target path.
+        path: String,
+    },
     /// GetCapacity.
     Capacity {
         /// A StorageClass parameter, KEY=VALUE. Repeatable.
@@ -278,6 +308,7 @@ pub enum CtlCommand {
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct CreateVolumeArgs {
+    /// The request name (the CO's idempotency key), e.g. pvc-1234.
     pub name: String,
     /// Required bytes (e.g. 1073741824 or 1Gi); default: the driver's.
     #[arg(long, value_parser = size)]
@@ -485,6 +516,26 @@ async fn call<T>(
     }
 }
 
+/// Every page of a list call: `fetch` gets the starting token and returns
+/// one page and the next token. Stops at an empty token, or at a token that
+/// does not move (a driver that would loop).
+async fn all_pages<T, F, Fut>(mut fetch: F) -> Result<Vec<T>, Failure>
+where
+    F: FnMut(String) -> Fut,
+    Fut: Future<Output = Result<(Vec<T>, String), Failure>>,
+{
+    let mut all = Vec::new();
+    let mut token = String::new();
+    loop {
+        let (page, next) = fetch(token.clone()).await?;
+        all.extend(page);
+        if next.is_empty() || next == token {
+            return Ok(all);
+        }
+        token = next;
+    }
+}
+
 impl Caller {
     async fn command(&mut self, cmd: &CtlCommand, p: Prepared) -> Result<Printed, Failure> {
         let t = self.timeout;
@@ -513,20 +564,19 @@ impl Caller {
                 ))
             }
             CtlCommand::ListVolumes { page_size } => {
-                let mut volumes = Vec::new();
-                let mut token = String::new();
-                loop {
+                let volumes = all_pages(|token| {
                     let req = csi::ListVolumesRequest {
                         max_entries: *page_size,
-                        starting_token: token.clone(),
+                        starting_token: token,
                     };
-                    let r = call("ListVolumes", t, ctrl.list_volumes(req)).await?;
-                    volumes.extend(r.entries.iter().map(|e| VolumeOut::from(e.volume.as_ref())));
-                    if r.next_token.is_empty() || r.next_token == token {
-                        break;
+                    let mut c = ctrl.clone();
+                    async move {
+                        let r = call("ListVolumes", t, c.list_volumes(req)).await?;
+                        let page = r.entries.iter().map(|e| VolumeOut::from(e.volume.as_ref()));
+                        Ok((page.collect(), r.next_token))
                     }
-                    token = r.next_token;
-                }
+                })
+                .await?;
                 let rows: Vec<Vec<String>> = volumes.iter().map(VolumeOut::row).collect();
                 Ok(Printed {
                     text: table(
@@ -625,27 +675,25 @@ impl Caller {
                 page_size,
                 ..
             } => {
-                let mut snapshots = Vec::new();
-                let mut token = String::new();
-                loop {
+                let snapshots = all_pages(|token| {
                     let req = csi::ListSnapshotsRequest {
                         max_entries: *page_size,
-                        starting_token: token.clone(),
+                        starting_token: token,
                         source_volume_id: source.clone().unwrap_or_default(),
                         snapshot_id: id.clone().unwrap_or_default(),
                         secrets: p.secrets.clone(),
                     };
-                    let r = call("ListSnapshots", t, ctrl.list_snapshots(req)).await?;
-                    snapshots.extend(
-                        r.entries
+                    let mut c = ctrl.clone();
+                    async move {
+                        let r = call("ListSnapshots", t, c.list_snapshots(req)).await?;
+                        let page = r
+                            .entries
                             .iter()
-                            .map(|e| SnapshotOut::from(e.snapshot.as_ref())),
-                    );
-                    if r.next_token.is_empty() || r.next_token == token {
-                        break;
+                            .map(|e| SnapshotOut::from(e.snapshot.as_ref()));
+                        Ok((page.collect(), r.next_token))
                     }
-                    token = r.next_token;
-                }
+                })
+                .await?;
                 let rows: Vec<Vec<String>> = snapshots.iter().map(SnapshotOut::row).collect();
                 let header = [
                     "SNAPSHOT_ID",
