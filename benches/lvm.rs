@@ -1136,7 +1136,10 @@ impl Bench {
         // lvremove (a thick read-only snapshot first turns writable).
         let expect = [
             ("CreateSnapshot (until ready)", if thick { 5 } else { 1 }),
-            ("CreateVolume from snapshot (until done)", if thick { 2 } else { 1 }),
+            (
+                "CreateVolume from snapshot (until done)",
+                if thick { 2 } else { 1 },
+            ),
             ("DeleteSnapshot", if thick { 2 } else { 1 }),
             ("DeleteVolume (restored)", 1),
         ];

@@ -73,6 +73,8 @@ pub enum Command {
     /// Walk one volume through its whole life on a throw-away loop-file
     /// volume group, printing each step. Needs root and device-mapper.
     Demo(DemoArgs),
+    /// A CSI client for operators: call the driver on `--endpoint`.
+    Ctl(crate::ctl::CtlArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -290,13 +292,9 @@ pub struct RunArgs {
     pub rbd_hard_clone_depth: usize,
 
     /// `--driver rbd`, node plugin: a topology segment this node reports,
-    /// KEY=VALUE (e.g. topology.kubernetes.io/zone=a). Repeatable.
-    #[arg(
-        long = "topology",
-        env = "LODESTONE_TOPOLOGY",
-        value_delimiter = ';',
-        global = true
-    )]
+    /// KEY=VALUE (e.g. topology.kubernetes.io/zone=a). Repeatable. (Not
+    /// global: `lodestone ctl` has a --topology of its own.)
+    #[arg(long = "topology", env = "LODESTONE_TOPOLOGY", value_delimiter = ';')]
     pub topology: Vec<String>,
 
     /// Timeout for one external command, in seconds.
@@ -317,6 +315,16 @@ pub struct RunArgs {
         global = true
     )]
     pub max_volumes_per_node: i64,
+
+    /// Serve Prometheus metrics (GET /metrics) and a health check
+    /// (GET /healthz) on this host:port, e.g. 0.0.0.0:9808. Empty: off.
+    #[arg(
+        long,
+        env = "LODESTONE_METRICS_ADDRESS",
+        default_value = "",
+        global = true
+    )]
+    pub metrics_address: String,
 
     /// Log format.
     #[arg(

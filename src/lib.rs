@@ -4,17 +4,19 @@
 //! error mapping), `core` (backend-neutral logic: capacity, placement, node
 //! mount work), and one module per backend (`lvm`). `runner` is the one way
 //! to run an external program; `host` holds the mount and block-device
-//! syscalls.
+//! syscalls; `metrics` the Prometheus registry and its HTTP endpoint.
 
 pub mod client;
 pub mod config;
 pub mod core;
+pub mod ctl;
 pub mod demo;
 pub mod driver;
 pub mod error;
 pub mod host;
 pub mod kube;
 pub mod lvm;
+pub mod metrics;
 #[cfg(feature = "rbd")]
 pub mod rbd;
 pub mod runner;

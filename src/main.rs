@@ -20,8 +20,9 @@ fn init_logging(format: LogFormat, default_filter: &str) {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let cli = Cli::parse();
-    // The demo prints its own steps; only warnings and errors interleave.
-    let default_filter = if matches!(cli.command, Some(Command::Demo(_))) {
+    // The demo and ctl print their own output; only warnings and errors
+    // interleave.
+    let default_filter = if matches!(cli.command, Some(Command::Demo(_) | Command::Ctl(_))) {
         "warn"
     } else {
         "info"
@@ -30,6 +31,7 @@ async fn main() {
     let result = match cli.command {
         None | Some(Command::Serve) => serve(cli.run).await,
         Some(Command::Demo(demo)) => lodestone::demo::run(&demo).await,
+        Some(Command::Ctl(ctl)) => std::process::exit(lodestone::ctl::run(&cli.run, &ctl).await),
     };
     if let Err(e) = result {
         tracing::error!("{e}");
@@ -40,7 +42,12 @@ async fn main() {
 
 async fn serve(args: lodestone::config::RunArgs) -> Result<(), String> {
     let socket = args.socket_path()?;
+    let metrics = lodestone::metrics::bind(&args.metrics_address).await?;
     let services = lodestone::server::build(&args).await?;
+    if let Some(listener) = metrics {
+        let limits = lodestone::metrics::HttpLimits::default();
+        lodestone::metrics::spawn(listener, services.metrics.clone(), limits);
+    }
     let listener = lodestone::server::bind(&socket)?;
     tracing::info!(
         driver = %args.driver_name(), mode = ?args.mode, socket = %socket.display(),

@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 use serde::de::DeserializeOwned;
 use tokio::process::Command;
 
+use crate::metrics::{CounterVec, Exposition, HistogramVec, DURATION_BUCKETS};
+
 /// A program invocation: program name or path, arguments, extra environment.
 #[derive(Debug, Clone)]
 pub struct Cmd {
@@ -115,11 +117,36 @@ impl RunError {
     }
 }
 
+/// How a command ended, for the metrics: exit code 0, another exit code (or
+/// a signal), killed at its timeout, or not started at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Success,
+    Failure,
+    Timeout,
+    Error,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Success => "success",
+            Outcome::Failure => "failure",
+            Outcome::Timeout => "timeout",
+            Outcome::Error => "error",
+        }
+    }
+}
+
 /// Runs commands with a default timeout and counts them.
 #[derive(Debug)]
 pub struct Runner {
     default_timeout: Duration,
     spawned: Mutex<BTreeMap<String, u64>>,
+    /// Commands by program and outcome.
+    outcomes: CounterVec,
+    /// Run time of the commands that started, by program.
+    durations: HistogramVec,
 }
 
 impl Runner {
@@ -127,12 +154,42 @@ impl Runner {
         Runner {
             default_timeout,
             spawned: Mutex::new(BTreeMap::new()),
+            outcomes: CounterVec::new(
+                "lodestone_commands_total",
+                "External commands run, by program and outcome (success, failure: non-zero \
+                 exit, timeout: killed, error: could not be started).",
+                &["program", "outcome"],
+            ),
+            durations: HistogramVec::new(
+                "lodestone_command_duration_seconds",
+                "Run time of external commands that started, by program.",
+                &["program"],
+                DURATION_BUCKETS,
+            ),
         }
     }
 
     /// How many processes of each program this runner has started.
     pub fn spawn_counts(&self) -> BTreeMap<String, u64> {
         self.spawned.lock().expect("spawn counter poisoned").clone()
+    }
+
+    /// How many commands of `program` ended with `outcome`.
+    pub fn outcome_count(&self, program: &str, outcome: Outcome) -> u64 {
+        self.outcomes.get(&[program, outcome.as_str()])
+    }
+
+    /// The command counters and duration histograms, for a metrics scrape.
+    pub fn render_metrics(&self, out: &mut Exposition) {
+        self.outcomes.render(out);
+        self.durations.render(out);
+    }
+
+    fn record(&self, program: &str, outcome: Outcome, elapsed: Option<Duration>) {
+        self.outcomes.inc(&[program, outcome.as_str()]);
+        if let Some(elapsed) = elapsed {
+            self.durations.observe(&[program], elapsed.as_secs_f64());
+        }
     }
 
     /// Runs the command; a non-zero exit is an error.
@@ -169,20 +226,31 @@ impl Runner {
             command.env(k, v);
         }
         let started = Instant::now();
-        let child = command.spawn().map_err(|source| RunError::Spawn {
-            program: cmd.program.clone(),
-            source,
+        let program = program_name(&cmd.program);
+        let child = command.spawn().map_err(|source| {
+            self.record(&program, Outcome::Error, None);
+            RunError::Spawn {
+                program: cmd.program.clone(),
+                source,
+            }
         })?;
         *self
             .spawned
             .lock()
             .expect("spawn counter poisoned")
-            .entry(program_name(&cmd.program))
+            .entry(program.clone())
             .or_default() += 1;
         // Dropping the wait future on timeout drops the child, and
         // kill_on_drop sends it SIGKILL.
         let result = tokio::time::timeout(timeout, child.wait_with_output()).await;
         let elapsed = started.elapsed();
+        let outcome = match &result {
+            Err(_) => Outcome::Timeout,
+            Ok(Err(_)) => Outcome::Error,
+            Ok(Ok(o)) if o.status.success() => Outcome::Success,
+            Ok(Ok(_)) => Outcome::Failure,
+        };
+        self.record(&program, outcome, Some(elapsed));
         let output = match result {
             Err(_) => {
                 tracing::warn!(command = %cmd.display(), ?timeout, "command timed out; killed");
@@ -246,6 +314,8 @@ mod tests {
         assert_eq!(err.exit_code(), Some(3));
         assert_eq!(err.stderr(), "boom");
         assert_eq!(r.spawn_counts().get("sh"), Some(&2));
+        assert_eq!(r.outcome_count("sh", Outcome::Success), 1);
+        assert_eq!(r.outcome_count("sh", Outcome::Failure), 1);
     }
 
     #[tokio::test]
@@ -272,6 +342,7 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, RunError::Timeout { .. }));
         assert!(started.elapsed() < Duration::from_secs(5));
+        assert_eq!(r.outcome_count("sleep", Outcome::Timeout), 1);
     }
 
     #[tokio::test]
@@ -282,9 +353,27 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, RunError::Spawn { .. }));
+        assert_eq!(r.outcome_count("lodestone-x", Outcome::Error), 1);
         let err = r
             .run_json::<serde_json::Value>(&Cmd::new("echo").arg("{nope"))
             .await;
         assert!(matches!(err, Err(RunError::Parse { .. })));
+    }
+
+    #[tokio::test]
+    async fn renders_command_metrics() {
+        let r = Runner::new(Duration::from_secs(5));
+        r.run(&Cmd::new("/bin/true")).await.unwrap();
+        let mut out = Exposition::default();
+        r.render_metrics(&mut out);
+        let page = out.finish();
+        assert!(
+            page.contains("lodestone_commands_total{program=\"true\",outcome=\"success\"} 1\n"),
+            "{page}"
+        );
+        assert!(
+            page.contains("lodestone_command_duration_seconds_count{program=\"true\"} 1\n"),
+            "{page}"
+        );
     }
 }

@@ -25,6 +25,7 @@ use crate::lvm::node::LvmNode;
 use crate::lvm::remote::Deadlines;
 use crate::lvm::resolver::{Directory, Resolver};
 use crate::lvm::rpc::AgentService;
+use crate::metrics::{BuildInfo, Sources};
 use crate::runner::Runner;
 use crate::tls::{require_peer, TlsMaterial};
 
@@ -54,6 +55,8 @@ pub struct Services {
     pub identity: IdentityService,
     pub controller: Option<ControllerService>,
     pub node: Option<NodeService>,
+    /// What `--metrics-address` reads.
+    pub metrics: Sources,
 }
 
 /// Starts this node's LVM agent (the only code here that runs LVM).
@@ -194,6 +197,13 @@ pub async fn lvm_services(args: &RunArgs) -> Result<Services, String> {
     if args.mode == Mode::Node {
         serve_agent(args, local.clone().expect("node mode runs an agent")).await?;
     }
+    let metrics = Sources {
+        build: build_info(args),
+        runner: Some(runner.clone()),
+        lvm: local.clone(),
+        lvm_controller: controller.clone(),
+        readiness: checks.clone(),
+    };
     let controller = controller.map(|backend| ControllerService {
         backend: backend as Arc<dyn crate::core::backend::ControllerBackend>,
         locks: locks.clone(),
@@ -211,6 +221,7 @@ pub async fn lvm_services(args: &RunArgs) -> Result<Services, String> {
         },
         controller,
         node,
+        metrics,
     })
 }
 
@@ -247,6 +258,7 @@ pub async fn rbd_services(args: &RunArgs) -> Result<Services, String> {
             locks: locks.clone(),
         }
     });
+    let runner = Arc::new(Runner::new(args.command_timeout()));
     let node = if args.mode.runs_node() {
         let mut topology = std::collections::BTreeMap::new();
         for t in &args.topology {
@@ -261,7 +273,6 @@ pub async fn rbd_services(args: &RunArgs) -> Result<Services, String> {
             .parent()
             .map(|p| p.join("keys"))
             .ok_or("the socket path has no directory")?;
-        let runner = Arc::new(Runner::new(args.command_timeout()));
         let backend = crate::rbd::node::RbdNode::new(
             args.node_id()?,
             topology,
@@ -270,7 +281,7 @@ pub async fn rbd_services(args: &RunArgs) -> Result<Services, String> {
             key_dir,
         );
         Some(NodeService {
-            ops: Arc::new(NodeOps::new(Arc::new(backend), runner)),
+            ops: Arc::new(NodeOps::new(Arc::new(backend), runner.clone())),
             locks: locks.clone(),
             max_volumes: args.max_volumes_per_node,
         })
@@ -285,7 +296,27 @@ pub async fn rbd_services(args: &RunArgs) -> Result<Services, String> {
         },
         controller,
         node,
+        metrics: Sources {
+            build: build_info(args),
+            runner: Some(runner),
+            lvm: None,
+            lvm_controller: None,
+            readiness: Vec::new(),
+        },
     })
+}
+
+/// The labels of `lodestone_build_info`.
+fn build_info(args: &RunArgs) -> BuildInfo {
+    use clap::ValueEnum;
+    let name = |v: Option<clap::builder::PossibleValue>| {
+        v.map(|v| v.get_name().to_string()).unwrap_or_default()
+    };
+    BuildInfo {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        driver: name(args.driver.to_possible_value()),
+        mode: name(args.mode.to_possible_value()),
+    }
 }
 
 pub async fn build(args: &RunArgs) -> Result<Services, String> {

@@ -38,10 +38,16 @@ mod agent_tls;
 mod controller;
 #[path = "conformance/controller_lvm.rs"]
 mod controller_lvm;
+#[path = "conformance/ctl.rs"]
+mod ctl;
+#[path = "conformance/ctl_lvm.rs"]
+mod ctl_lvm;
 #[path = "conformance/identity.rs"]
 mod identity;
 #[path = "conformance/lifecycle.rs"]
 mod lifecycle;
+#[path = "conformance/metrics.rs"]
+mod metrics;
 #[path = "conformance/multinode_lvm.rs"]
 mod multinode_lvm;
 #[path = "conformance/node.rs"]

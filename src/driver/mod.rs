@@ -12,7 +12,8 @@ use tonic::{Response, Status};
 
 use crate::error::Result;
 
-/// Runs one RPC body, logs its outcome and latency, and maps its error.
+/// Runs one RPC body, logs its outcome and latency, counts it in the
+/// metrics (method, gRPC code, latency), and maps its error.
 pub(crate) async fn traced<T>(
     method: &'static str,
     subject: &str,
@@ -20,7 +21,12 @@ pub(crate) async fn traced<T>(
 ) -> Result<Response<T>, Status> {
     let started = Instant::now();
     let result = body.await;
-    let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let elapsed = started.elapsed();
+    let code = result
+        .as_ref()
+        .map_or_else(|e| e.code(), |_| tonic::Code::Ok);
+    crate::metrics::observe_rpc(method, code, elapsed);
+    let elapsed_ms = elapsed.as_secs_f64() * 1000.0;
     match &result {
         Ok(_) => tracing::info!(method, subject, elapsed_ms, "ok"),
         Err(e) => {

@@ -57,6 +57,33 @@ pub struct ClassCapacity {
     pub used_percent: f64,
 }
 
+/// What the metrics show of one device class, from the in-memory state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClassStats {
+    pub class: String,
+    pub vg: String,
+    pub pool: Option<String>,
+    /// None while the VG is missing from the last report.
+    pub vg_size: Option<u64>,
+    pub vg_free: Option<u64>,
+    /// Thin classes whose pool is in the last report.
+    pub pool_size: Option<u64>,
+    pub pool_data_percent: Option<f64>,
+    pub pool_metadata_percent: Option<f64>,
+    /// What GetCapacity would answer for the class now.
+    pub available: Option<u64>,
+    pub volumes: u64,
+    pub snapshots: u64,
+}
+
+/// The in-memory LVM state as the metrics show it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LvmStats {
+    pub classes: Vec<ClassStats>,
+    /// Time since the last full report (None before the first).
+    pub report_age: Option<Duration>,
+}
+
 /// The narrow API a controller uses to reach a node's LVM. In one process
 /// it is a direct call; across nodes it is the agent's gRPC service.
 #[tonic::async_trait]
@@ -183,6 +210,56 @@ impl LocalAgent {
             Ok(())
         } else {
             Err(st.problems.join("; "))
+        }
+    }
+
+    /// Per device class sizes, usage and counts for the metrics. Reads the
+    /// in-memory state only: never runs lvm, never refreshes a dirty state.
+    pub fn stats(&self) -> LvmStats {
+        let (mut classes, report_age) = {
+            let st = self.state.read().expect("state poisoned");
+            let classes: Vec<ClassStats> = self
+                .config
+                .classes
+                .iter()
+                .map(|c| {
+                    let vg = st.vgs.get(&c.volume_group);
+                    let pool = c
+                        .thin_pool
+                        .as_ref()
+                        .and_then(|p| st.lvs.get(&(c.volume_group.clone(), p.clone())))
+                        .filter(|lv| lv.is_thin_pool());
+                    let count = |kind: Kind| {
+                        st.lvs
+                            .values()
+                            .filter(|lv| kind.key_of_lv(&lv.name).is_some())
+                            .filter(|lv| self.class_of(lv).is_some_and(|o| o.name == c.name))
+                            .count() as u64
+                    };
+                    ClassStats {
+                        class: c.name.clone(),
+                        vg: c.volume_group.clone(),
+                        pool: c.thin_pool.clone(),
+                        vg_size: vg.map(|v| v.size),
+                        vg_free: vg.map(|v| v.free),
+                        pool_size: pool.map(|p| p.size),
+                        pool_data_percent: pool.and_then(|p| p.data_percent),
+                        pool_metadata_percent: pool.and_then(|p| p.metadata_percent),
+                        available: None,
+                        volumes: count(Kind::Volume),
+                        snapshots: count(Kind::Snapshot),
+                    }
+                })
+                .collect();
+            (classes, st.refreshed.map(|t| t.elapsed()))
+        };
+        // capacity_now takes the state lock itself.
+        for (stats, class) in classes.iter_mut().zip(&self.config.classes) {
+            stats.available = self.capacity_now(class).ok().map(|c| c.available);
+        }
+        LvmStats {
+            classes,
+            report_age,
         }
     }
 
@@ -825,6 +902,123 @@ impl Agent for LocalAgent {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn lv(vg: &str, name: &str, size: u64, attr: &str, pool: Option<&str>) -> Lv {
+        Lv {
+            vg: vg.into(),
+            name: name.into(),
+            size,
+            attr: attr.into(),
+            tags: Vec::new(),
+            pool: pool.map(String::from),
+            data_percent: None,
+            metadata_percent: None,
+            when_full: String::new(),
+            zeroing: false,
+            created: None,
+        }
+    }
+
+    #[test]
+    fn stats_come_from_memory_only() {
+        let config = LvmConfig::load(None, &["thin=vg0/pool0".into(), "thick=vg1".into()]);
+        let runner = Arc::new(Runner::new(Duration::from_secs(5)));
+        let agent = LocalAgent::new(
+            "n1".into(),
+            config.unwrap(),
+            runner.clone(),
+            AgentOptions {
+                udev: false,
+                copy_wait: Duration::from_secs(1),
+            },
+        );
+        // Before any report: the classes, nothing known about them.
+        let before = agent.stats();
+        assert_eq!(before.report_age, None);
+        assert_eq!(before.classes.len(), 2);
+        assert_eq!(before.classes[0].vg_size, None);
+        assert_eq!(before.classes[0].available, None);
+
+        let key = "0123456789abcdef0123456789abcdef";
+        let mut pool = lv("vg0", "pool0", 1 << 30, "twi-aotz--", None);
+        pool.data_percent = Some(12.5);
+        pool.metadata_percent = Some(3.0);
+        {
+            let mut st = agent.state.write().unwrap();
+            for (name, size, free) in [("vg0", 2u64 << 30, 512u64 << 20), ("vg1", 1 << 30, 1 << 29)]
+            {
+                let vg = Vg {
+                    name: name.into(),
+                    size,
+                    free,
+                    extent_size: 4 << 20,
+                };
+                st.vgs.insert(name.into(), vg);
+            }
+            let lvs = [
+                pool,
+                lv(
+                    "vg0",
+                    &format!("lds-{key}"),
+                    1 << 28,
+                    "Vwi-a-tz--",
+                    Some("pool0"),
+                ),
+                lv(
+                    "vg0",
+                    &format!("ldsnap-{key}"),
+                    1 << 28,
+                    "Vri---tz-k",
+                    Some("pool0"),
+                ),
+                lv(
+                    "vg0",
+                    &format!("ldtmp-{key}"),
+                    1 << 28,
+                    "Vri---tz-k",
+                    Some("pool0"),
+                ),
+                lv("vg0", "someone-elses", 1 << 28, "-wi-a-----", None),
+                lv("vg1", &format!("lds-{key}"), 1 << 28, "-wi-a-----", None),
+                lv(
+                    "vg1",
+                    &format!("lds-{}", &key[1..]),
+                    1 << 28,
+                    "-wi-a-----",
+                    None,
+                ),
+            ];
+            for l in lvs {
+                st.lvs.insert((l.vg.clone(), l.name.clone()), l);
+            }
+            st.refreshed = Some(Instant::now());
+            // A dirty state is shown as it is, not refreshed.
+            st.dirty = true;
+        }
+        let stats = agent.stats();
+        assert!(stats.report_age.is_some());
+        let thin = &stats.classes[0];
+        assert_eq!(
+            (thin.class.as_str(), thin.vg.as_str(), thin.pool.as_deref()),
+            ("thin", "vg0", Some("pool0"))
+        );
+        assert_eq!(
+            (thin.vg_size, thin.vg_free),
+            (Some(2 << 30), Some(512 << 20))
+        );
+        assert_eq!(thin.pool_size, Some(1 << 30));
+        assert_eq!(thin.pool_data_percent, Some(12.5));
+        assert_eq!(thin.pool_metadata_percent, Some(3.0));
+        assert_eq!((thin.volumes, thin.snapshots), (1, 1));
+        // 5 x 1 GiB may be promised; two thin LVs of 256 MiB plus the
+        // temporary one are.
+        assert_eq!(thin.available, Some((5 << 30) - 3 * (1 << 28)));
+        let thick = &stats.classes[1];
+        assert_eq!((thick.pool.as_deref(), thick.pool_size), (None, None));
+        assert_eq!((thick.volumes, thick.snapshots), (1, 0));
+        assert_eq!(thick.available, Some(1 << 29));
+        assert!(runner.spawn_counts().is_empty(), "a scrape ran a command");
+    }
 
     #[test]
     fn maps_lvm_errors() {
