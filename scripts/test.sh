@@ -32,14 +32,20 @@ section "RBD driver against a single-node Ceph cluster on this host"
 bash tests/ceph/packages.sh --no-mgr
 export CARGO_TARGET_DIR_RBD=target/rbd
 CARGO_TARGET_DIR=$CARGO_TARGET_DIR_RBD cargo clippy --all-targets --locked --features rbd -- -D warnings
-LODESTONE_CEPH_MGR=0 bash tests/ceph/cluster.sh start >/dev/null
-trap 'bash tests/ceph/cluster.sh stop >/dev/null 2>&1 || true' EXIT
+# Its own directory and ports (a developer's cluster may run on the
+# defaults; tests/rbd_ffi.rs starts one more on ports of its own).
+ceph() {
+  env LODESTONE_CEPH_MON_V2_PORT=3337 LODESTONE_CEPH_MON_V1_PORT=6817 LODESTONE_CEPH_MGR=0 \
+    bash tests/ceph/cluster.sh "$1" target/ceph-test
+}
+ceph start >/dev/null
+trap 'ceph stop >/dev/null 2>&1 || true' EXIT
 (
-  eval "$(bash tests/ceph/cluster.sh env)"
+  eval "$(ceph env)"
   CARGO_TARGET_DIR=$CARGO_TARGET_DIR_RBD LODESTONE_TEST_RBD=1 LODESTONE_CEPH_MGR=0 \
     cargo test --locked --features rbd --lib --test rbd --test rbd_ffi -- --test-threads=1
 )
-bash tests/ceph/cluster.sh stop >/dev/null
+ceph stop >/dev/null
 trap - EXIT
 
 section "deploy manifests, Dockerfile and RBAC checks"
