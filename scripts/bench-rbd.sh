@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Usage: scripts/bench-rbd.sh
+#
+# The RBD driver benchmark (see BENCHMARKS.md): starts a throw-away
+# single-node Ceph cluster on this host (tests/ceph/cluster.sh, its own
+# directory and ports, no mgr), builds the release driver with the rbd
+# feature and the bench binary (benches/rbd.rs, in target/rbd), runs it and
+# stops the cluster. The markdown report goes to stdout and to
+# target/bench/rbd.md; builds and progress go to stderr.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+case "${1:-}" in -h|--help) sed -n '2,9p' "$0"; exit 0 ;; esac
+
+bash tests/ceph/packages.sh --no-mgr >&2
+export LODESTONE_CEPH_MON_V2_PORT=${LODESTONE_CEPH_MON_V2_PORT:-3327}
+export LODESTONE_CEPH_MON_V1_PORT=${LODESTONE_CEPH_MON_V1_PORT:-6807}
+export LODESTONE_CEPH_MGR=0
+dir=target/ceph-bench
+export CARGO_TARGET_DIR=target/rbd
+cargo build --release --locked --features rbd --bin lodestone >&2
+bench=$(cargo bench --locked --features rbd --bench rbd --no-run --message-format=json \
+  | python3 -c 'import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") \
+            and m["target"]["name"] == "rbd" and "bench" in m["target"]["kind"]:
+        print(m["executable"])')
+[[ -x "$bench" ]] || { echo "bench-rbd.sh: bench binary not found" >&2; exit 1; }
+
+bash tests/ceph/cluster.sh start "$dir" >&2
+trap 'bash tests/ceph/cluster.sh stop "$dir" >/dev/null 2>&1 || true' EXIT
+eval "$(bash tests/ceph/cluster.sh env "$dir")"
+mkdir -p target/bench
+LODESTONE_BENCH_BIN=target/rbd/release/lodestone "$bench" --bench | tee target/bench/rbd.md
