@@ -345,6 +345,12 @@ impl RbdController {
         self.config.cluster(id)
     }
 
+    /// A well-formed id of a configured cluster (anything else names
+    /// nothing that exists).
+    fn known_id(&self, kind: Kind, id: &str) -> Option<RbdId> {
+        RbdId::parse(kind, id).filter(|r| self.config.cluster(&r.cluster).is_ok())
+    }
+
     fn creds(&self, cluster: &Cluster, secrets: &Secrets) -> Result<Credentials> {
         self.config.credentials(cluster, secrets)
     }
@@ -772,12 +778,9 @@ impl ControllerBackend for RbdController {
     }
 
     async fn get_volume(&self, id: &str) -> Result<Option<VolumeInfo>> {
-        let Some(rid) = RbdId::parse(Kind::Volume, id) else {
+        let Some(rid) = self.known_id(Kind::Volume, id) else {
             return Ok(None);
         };
-        if self.config.cluster(&rid.cluster).is_err() {
-            return Ok(None);
-        }
         Ok(self
             .lookup(&rid, &Secrets::default())
             .await?
@@ -1010,12 +1013,9 @@ impl ControllerBackend for RbdController {
     }
 
     async fn get_snapshot(&self, id: &str) -> Result<Option<SnapshotInfo>> {
-        let Some(sid) = RbdId::parse(Kind::Snapshot, id) else {
+        let Some(sid) = self.known_id(Kind::Snapshot, id) else {
             return Ok(None);
         };
-        if self.config.cluster(&sid.cluster).is_err() {
-            return Ok(None);
-        }
         Ok(self
             .lookup(&sid, &Secrets::default())
             .await?
