@@ -274,6 +274,21 @@ async fn volume_lifecycle() {
     assert_eq!(got.volume.unwrap().capacity_bytes, 64 * MIB);
     let listed = d.list_all(0).await;
     assert!(listed.iter().any(|l| l.volume_id == v.volume_id));
+    // GetCapacity with the StorageClass's parameters, and with none (every
+    // configured cluster). The figures come from the mgr's statistics
+    // (zero when the test cluster runs without a mgr).
+    for p in [ceph.params(), HashMap::new()] {
+        let r = d
+            .controller()
+            .get_capacity(csi::GetCapacityRequest {
+                parameters: p.clone(),
+                ..Default::default()
+            })
+            .await;
+        let cap = expect_ok(r, &format!("GetCapacity({p:?})"));
+        assert!(cap.available_capacity >= 0, "{cap:?}");
+        assert_eq!(cap.minimum_volume_size, Some(MIB), "{cap:?}");
+    }
 
     let r = d
         .controller()

@@ -836,6 +836,24 @@ impl ControllerBackend for RbdController {
         params: &BTreeMap<String, String>,
         topology: Option<&csi::Topology>,
     ) -> Result<Capacity> {
+        if !params.contains_key(P_CLUSTER) {
+            // No StorageClass: what every configured cluster has (each
+            // read through the first of its listed pools).
+            let mut total = Capacity {
+                minimum_volume: GRAIN,
+                ..Capacity::default()
+            };
+            for cluster in &self.config.clusters {
+                let Some(pool) = cluster.pools.first() else {
+                    continue;
+                };
+                let creds = self.creds(cluster, &Secrets::default())?;
+                let stat = self.pool.run(&creds, pool, |io| io.cluster().stat()).await?;
+                total.available += stat.available_bytes;
+                total.maximum_volume = total.maximum_volume.max(stat.available_bytes);
+            }
+            return Ok(total);
+        }
         let cluster = self.cluster_for(params)?;
         let requirement = topology.map(|t| csi::TopologyRequirement {
             requisite: vec![t.clone()],
