@@ -848,7 +848,10 @@ impl ControllerBackend for RbdController {
                     continue;
                 };
                 let creds = self.creds(cluster, &Secrets::default())?;
-                let stat = self.pool.run(&creds, pool, |io| io.cluster().stat()).await?;
+                let stat = self
+                    .pool
+                    .run(&creds, pool, |io| io.cluster().stat())
+                    .await?;
                 total.available += stat.available_bytes;
                 total.maximum_volume = total.maximum_volume.max(stat.available_bytes);
             }
