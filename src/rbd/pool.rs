@@ -50,7 +50,13 @@ struct Shared {
     hasher: RandomState,
     options: ConnectOptions,
     idle: Duration,
+    /// Bounds the librbd calls in flight, hence the blocking threads (each
+    /// costs memory: a stack and a malloc arena) in a burst of requests.
+    calls: tokio::sync::Semaphore,
 }
+
+/// librbd calls in flight at once; more wait for a slot.
+const MAX_CALLS: usize = 8;
 
 /// Connections to Ceph clusters, shared by async callers. Create it inside a
 /// Tokio runtime (it spawns the reaper).
@@ -86,6 +92,7 @@ impl ConnectionPool {
             hasher: RandomState::new(),
             options,
             idle,
+            calls: tokio::sync::Semaphore::new(MAX_CALLS),
         });
         let weak: Weak<Shared> = Arc::downgrade(&shared);
         let period = (idle / 2).clamp(Duration::from_secs(1), Duration::from_secs(60));
@@ -238,6 +245,7 @@ impl ConnectionPool {
     {
         let io = self.ioctx(creds, pool).await?;
         let io2 = Arc::clone(&io);
+        let _slot = self.shared.calls.acquire().await.expect("never closed");
         let out = tokio::task::spawn_blocking(move || f(&io2))
             .await
             .map_err(join_error)?;
@@ -259,6 +267,7 @@ impl ConnectionPool {
         let fingerprint = self.shared.hasher.hash_one(creds.key.expose());
         let cluster = self.connection(creds, &key, fingerprint).await?;
         let c = Arc::clone(&cluster);
+        let _slot = self.shared.calls.acquire().await.expect("never closed");
         let out = tokio::task::spawn_blocking(move || f(&c.ioctx_by_id(pool_id)?))
             .await
             .map_err(join_error)?;
