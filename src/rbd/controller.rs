@@ -347,8 +347,10 @@ impl RbdController {
 
     /// A well-formed id of a configured cluster (anything else names
     /// nothing that exists).
-    fn known_id(&self, kind: Kind, id: &str) -> Option<RbdId> {
-        RbdId::parse(kind, id).filter(|r| self.config.cluster(&r.cluster).is_ok())
+    fn known_id(&self, kind: Kind, id: &str) -> Option<(RbdId, &Cluster)> {
+        let rid = RbdId::parse(kind, id)?;
+        let cluster = self.config.cluster(&rid.cluster).ok()?;
+        Some((rid, cluster))
     }
 
     fn creds(&self, cluster: &Cluster, secrets: &Secrets) -> Result<Credentials> {
@@ -756,10 +758,7 @@ impl ControllerBackend for RbdController {
     }
 
     async fn delete_volume(&self, id: &str, secrets: &Secrets) -> Result<()> {
-        let Some(rid) = RbdId::parse(Kind::Volume, id) else {
-            return Ok(());
-        };
-        let Ok(cluster) = self.config.cluster(&rid.cluster) else {
+        let Some((rid, cluster)) = self.known_id(Kind::Volume, id) else {
             return Ok(());
         };
         let creds = self.creds(cluster, secrets)?;
@@ -778,7 +777,7 @@ impl ControllerBackend for RbdController {
     }
 
     async fn get_volume(&self, id: &str) -> Result<Option<VolumeInfo>> {
-        let Some(rid) = self.known_id(Kind::Volume, id) else {
+        let Some((rid, _)) = self.known_id(Kind::Volume, id) else {
             return Ok(None);
         };
         Ok(self
@@ -799,12 +798,9 @@ impl ControllerBackend for RbdController {
     }
 
     async fn expand_volume(&self, id: &str, range: Range, secrets: &Secrets) -> Result<u64> {
-        let rid = RbdId::parse(Kind::Volume, id)
+        let (rid, cluster) = self
+            .known_id(Kind::Volume, id)
             .ok_or_else(|| Error::NotFound(format!("volume {id} does not exist")))?;
-        let cluster = self
-            .config
-            .cluster(&rid.cluster)
-            .map_err(|_| Error::NotFound(format!("volume {id} does not exist")))?;
         let creds = self.creds(cluster, secrets)?;
         let image = rid.image();
         let r = self
@@ -889,8 +885,8 @@ impl ControllerBackend for RbdController {
     }
 
     async fn create_snapshot(&self, req: &CreateSnapshot) -> Result<SnapshotInfo> {
-        let src = RbdId::parse(Kind::Volume, &req.source_volume_id)
-            .filter(|s| self.config.cluster(&s.cluster).is_ok())
+        let (src, cluster) = self
+            .known_id(Kind::Volume, &req.source_volume_id)
             .ok_or_else(|| {
                 Error::NotFound(format!(
                     "source volume {} does not exist",
@@ -905,7 +901,6 @@ impl ControllerBackend for RbdController {
                 )));
             }
         }
-        let cluster = self.config.cluster(&src.cluster)?;
         let creds = self.creds(cluster, &req.secrets)?;
         let mut params = req.params.clone();
         params.insert(SOURCE_KEY.to_string(), src.encode());
@@ -1004,10 +999,7 @@ impl ControllerBackend for RbdController {
     }
 
     async fn delete_snapshot(&self, id: &str, secrets: &Secrets) -> Result<()> {
-        let Some(sid) = RbdId::parse(Kind::Snapshot, id) else {
-            return Ok(());
-        };
-        let Ok(cluster) = self.config.cluster(&sid.cluster) else {
+        let Some((sid, cluster)) = self.known_id(Kind::Snapshot, id) else {
             return Ok(());
         };
         let creds = self.creds(cluster, secrets)?;
@@ -1034,7 +1026,7 @@ impl ControllerBackend for RbdController {
     }
 
     async fn get_snapshot(&self, id: &str) -> Result<Option<SnapshotInfo>> {
-        let Some(sid) = self.known_id(Kind::Snapshot, id) else {
+        let Some((sid, _)) = self.known_id(Kind::Snapshot, id) else {
             return Ok(None);
         };
         Ok(self
