@@ -64,12 +64,12 @@ const CLUSTER: &str = "test-ceph";
 
 impl Ceph {
     /// The driver's config and secret dir in `dir`.
-    fn write_config(&self, dir: &Path) -> (PathBuf, PathBuf) {
+    fn write_config(&self, dir: &Path, pools: &[&str]) -> (PathBuf, PathBuf) {
         let config = dir.join("rbd-config.json");
         let json = serde_json::json!([{
             "clusterID": CLUSTER,
             "monitors": [self.monitors],
-            "pools": [self.pool],
+            "pools": pools,
         }]);
         std::fs::write(&config, json.to_string()).unwrap();
         let secrets = dir.join("rbd-secrets");
@@ -80,8 +80,12 @@ impl Ceph {
     }
 
     async fn driver(&self, extra: &[&str]) -> Driver {
+        self.driver_for_pools(&[&self.pool], extra).await
+    }
+
+    async fn driver_for_pools(&self, pools: &[&str], extra: &[&str]) -> Driver {
         let dir = new_temp_dir();
-        let (config, secrets) = self.write_config(dir.path());
+        let (config, secrets) = self.write_config(dir.path(), pools);
         Driver::builder()
             .mode("controller")
             .class_args(Vec::<String>::new())
@@ -118,7 +122,13 @@ impl Ceph {
 
     /// `rbd <args>` as the admin (test-side inspection only).
     fn rbd(&self, args: &[&str]) -> String {
-        let out = Command::new("rbd")
+        String::from_utf8(self.admin("rbd", args)).expect("utf-8")
+    }
+
+    /// `<program> <args>` (rbd, ceph) as the admin: test-side set-up and
+    /// inspection only; stdout.
+    fn admin(&self, program: &str, args: &[&str]) -> Vec<u8> {
+        let out = Command::new(program)
             .env("CEPH_CONF", &self.conf)
             .arg("--id")
             .arg("admin")
@@ -126,18 +136,22 @@ impl Ceph {
             .arg(&self.admin_keyring)
             .args(args)
             .output()
-            .expect("run rbd");
+            .expect("run an admin command");
         assert!(
             out.status.success(),
-            "rbd {args:?}: {}",
+            "{program} {args:?}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        out.stdout
     }
 
     fn images(&self) -> Vec<String> {
+        self.images_in(&self.pool)
+    }
+
+    fn images_in(&self, pool: &str) -> Vec<String> {
         let v: serde_json::Value =
-            serde_json::from_str(&self.rbd(&["ls", "--format", "json", &self.pool])).unwrap();
+            serde_json::from_str(&self.rbd(&["ls", "--format", "json", pool])).unwrap();
         v.as_array()
             .unwrap()
             .iter()
@@ -158,7 +172,11 @@ impl Ceph {
 
     /// The image's parent image name, if it is a clone.
     fn parent(&self, image: &str) -> Option<String> {
-        let spec = format!("{}/{image}", self.pool);
+        self.parent_in(&self.pool, image)
+    }
+
+    fn parent_in(&self, pool: &str, image: &str) -> Option<String> {
+        let spec = format!("{pool}/{image}");
         let v: serde_json::Value =
             serde_json::from_str(&self.rbd(&["info", "--format", "json", &spec])).unwrap();
         v.get("parent")
@@ -452,6 +470,166 @@ async fn clone_chain_past_hard_depth_is_flattened() {
     delete_volume(&d, &ceph, &v.volume_id).await;
 }
 
+/// At the soft depth a new clone is usable at once and flattened in the
+/// background: the call returns with the parent still linked, and the link
+/// goes soon after.
+#[tokio::test]
+async fn clone_at_soft_depth_is_flattened_in_the_background() {
+    let Some(ceph) = ceph() else { return };
+    let d = ceph
+        .driver(&["--rbd-soft-clone-depth", "2", "--rbd-hard-clone-depth", "8"])
+        .await;
+    let v = d
+        .create_ok(ceph.create_req(&unique_name("rbd-soft"), 64 * MIB))
+        .await;
+    // the snapshot's hidden clone is depth 1 (below soft: stays a clone)
+    let s = snapshot(&d, &ceph, &unique_name("rbd-soft-s"), &v.volume_id).await;
+    let mut r = ceph.create_req(&unique_name("rbd-soft-r"), 0);
+    r.capacity_range = None;
+    r.volume_content_source = from_snapshot(&s.snapshot_id);
+    let restored = d.create_ok(r).await;
+    let image = image_of(&restored.volume_id);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while ceph.parent(&image).is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a clone at the soft depth was not flattened within 60 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert!(
+        ceph.parent(&image_of(&s.snapshot_id)).is_some(),
+        "the snapshot's hidden clone (depth 1) must stay a clone"
+    );
+    while !d.log().contains("flattened in the background") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no flatten in the log"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    delete_volume(&d, &ceph, &restored.volume_id).await;
+    delete_snapshot(&d, &ceph, &s.snapshot_id).await;
+    delete_volume(&d, &ceph, &v.volume_id).await;
+}
+
+/// A second pool the test user may use (made once; idempotent).
+fn second_pool(ceph: &Ceph) -> &'static str {
+    const POOL2: &str = "lodestone-b";
+    static MADE: std::sync::Once = std::sync::Once::new();
+    MADE.call_once(|| {
+        ceph.admin("ceph", &["osd", "pool", "create", POOL2, "8"]);
+        ceph.rbd(&["pool", "init", POOL2]);
+        let user = format!("client.{}", ceph.user.trim_start_matches("client."));
+        let both = format!("profile rbd pool={}, profile rbd pool={POOL2}", ceph.pool);
+        ceph.admin(
+            "ceph",
+            &[
+                "auth",
+                "caps",
+                &user,
+                "mon",
+                "profile rbd",
+                "osd",
+                &both,
+                "mgr",
+                &both,
+            ],
+        );
+    });
+    POOL2
+}
+
+/// Data gravity across pools: a restore whose topology allows the source's
+/// pool stays there as a clone, against the scheduler's preference; one
+/// whose topology excludes it is copied into an allowed pool (flattened, so
+/// it does not depend on the other pool) with the snapshot's data.
+#[tokio::test]
+async fn restore_stays_in_the_source_pool_unless_topology_forbids() {
+    let Some(ceph) = ceph() else { return };
+    let pool2 = second_pool(&ceph);
+    let d = ceph.driver_for_pools(&[&ceph.pool, pool2], &[]).await;
+    let key = "topology.lodestone.dev/zone";
+    let pools = serde_json::json!([
+        {"poolName": ceph.pool, "domainSegments": [{"domainLabel": key, "value": "a"}]},
+        {"poolName": pool2, "domainSegments": [{"domainLabel": key, "value": "b"}]},
+    ])
+    .to_string();
+    let zone = |z: &str| csi::Topology {
+        segments: [(key.to_string(), z.to_string())].into(),
+    };
+    let req = |name: &str, preferred: &[&str], requisite: &[&str]| {
+        let mut r = ceph.create_req(name, 16 * MIB);
+        r.parameters = params(&[("clusterID", CLUSTER), ("topologyConstrainedPools", &pools)]);
+        r.accessibility_requirements = Some(csi::TopologyRequirement {
+            preferred: preferred.iter().map(|z| zone(z)).collect(),
+            requisite: requisite.iter().map(|z| zone(z)).collect(),
+        });
+        r
+    };
+    let v = d
+        .create_ok(req(&unique_name("rbd-grav"), &["a"], &["a", "b"]))
+        .await;
+    assert_eq!(v.accessible_topology, vec![zone("a")]);
+    let img = image_of(&v.volume_id);
+    assert!(ceph.images().contains(&img));
+    let spec = format!("{}/{img}", ceph.pool);
+    ceph.rbd(&[
+        "bench",
+        "--io-type",
+        "write",
+        "--io-size",
+        "65536",
+        "--io-total",
+        "4M",
+        "--io-pattern",
+        "rand",
+        &spec,
+    ]);
+    let s = snapshot(&d, &ceph, &unique_name("rbd-grav-s"), &v.volume_id).await;
+    let snap_data = ceph.admin(
+        "rbd",
+        &[
+            "export",
+            &format!("{}/{}@csi", ceph.pool, image_of(&s.snapshot_id)),
+            "-",
+        ],
+    );
+
+    // preferred b, but a is allowed: stays next to its source, as a clone
+    let mut r = req(&unique_name("rbd-grav-near"), &["b", "a"], &["a", "b"]);
+    r.volume_content_source = from_snapshot(&s.snapshot_id);
+    let near = d.create_ok(r).await;
+    assert_eq!(near.accessible_topology, vec![zone("a")]);
+    assert!(ceph.images().contains(&image_of(&near.volume_id)));
+    assert!(
+        ceph.parent(&image_of(&near.volume_id)).is_some(),
+        "a same-pool restore is a clone"
+    );
+
+    // only b allowed: copied into pool b, flattened, same data
+    let mut r = req(&unique_name("rbd-grav-far"), &[], &["b"]);
+    r.volume_content_source = from_snapshot(&s.snapshot_id);
+    let far = d.create_ok(r).await;
+    assert_eq!(far.accessible_topology, vec![zone("b")]);
+    let far_img = image_of(&far.volume_id);
+    assert!(ceph.images_in(pool2).contains(&far_img));
+    assert_eq!(
+        ceph.parent_in(pool2, &far_img),
+        None,
+        "a cross-pool copy is flattened"
+    );
+    let far_data = ceph.admin("rbd", &["export", &format!("{pool2}/{far_img}"), "-"]);
+    assert!(far_data == snap_data, "the copy differs from the snapshot");
+
+    for id in [&far.volume_id, &near.volume_id] {
+        delete_volume(&d, &ceph, id).await;
+    }
+    delete_snapshot(&d, &ceph, &s.snapshot_id).await;
+    delete_volume(&d, &ceph, &v.volume_id).await;
+    assert!(!ceph.images_in(pool2).contains(&far_img));
+}
+
 /// Bad input gets a clear code; a wrong key is refused and never logged.
 #[tokio::test]
 async fn bad_requests() {
@@ -545,7 +723,7 @@ fn node_enabled() -> bool {
 impl Ceph {
     /// Controller and node plugin in one process.
     async fn node_driver(&self, dir: tempfile::TempDir) -> Driver {
-        let (config, secrets) = self.write_config(dir.path());
+        let (config, secrets) = self.write_config(dir.path(), &[&self.pool]);
         Driver::builder()
             .mode("all")
             .class_args(Vec::<String>::new())

@@ -345,6 +345,21 @@ fn image_lifecycle(io: &IoCtx) -> Vec<(&'static str, Duration)> {
     assert!(a.created().unwrap() > 1_600_000_000);
     let a_id = a.id().unwrap();
     assert!(!a_id.is_empty());
+    // the id and metadata paths that skip an image open (rbd object class)
+    let start = Instant::now();
+    assert_eq!(io.image_id("ffi-a").unwrap(), a_id);
+    time("image_id (rbd.get_id)", start);
+    assert!(io.image_id("ffi-none").unwrap_err().is_not_found());
+    let start = Instant::now();
+    io.metadata_set_unopened(&a_id, &[("lodestone.x", "1"), ("lodestone.y", "two")])
+        .unwrap();
+    time("metadata_set_unopened (2 keys)", start);
+    for (k, v) in [("lodestone.x", "1"), ("lodestone.y", "two")] {
+        let fresh = io.open_read_only("ffi-a", None).unwrap();
+        assert_eq!(fresh.metadata_get(k).unwrap().as_deref(), Some(v));
+        fresh.metadata_remove(k).unwrap_err(); // read-only handle
+        a.metadata_remove(k).unwrap();
+    }
 
     // metadata
     assert_eq!(a.metadata_get("lodestone.name").unwrap(), None);

@@ -100,6 +100,10 @@ pub struct Capacity {
 pub trait ControllerBackend: Send + Sync + 'static {
     /// StorageClass parameter keys this backend accepts.
     fn parameter_keys(&self) -> &'static [&'static str];
+    /// The ones among them whose values are JSON documents.
+    fn json_parameter_keys(&self) -> &'static [&'static str] {
+        &[]
+    }
     /// Whether `id` is well-formed for this backend (used for page tokens).
     fn is_valid_id(&self, id: &str) -> bool;
     /// None when ready; otherwise why not (served by Probe, spawns nothing).

@@ -218,9 +218,13 @@ pub fn validate_path(path: &str, what: &str) -> Result<PathBuf> {
 
 /// StorageClass parameters of ours, with sidecar metadata dropped. Any other
 /// key is refused so that a typo does not silently give a default volume.
+/// Values of `json` keys must be JSON (they are only ever parsed, never
+/// passed on); every other value is refused when it carries characters a
+/// shell or a flag parser would read.
 pub fn storage_params(
     params: &HashMap<String, String>,
     known: &[&str],
+    json: &[&str],
 ) -> Result<BTreeMap<String, String>> {
     let mut out = BTreeMap::new();
     for (k, v) in params {
@@ -233,7 +237,11 @@ pub fn storage_params(
                 known.join(", ")
             ));
         }
-        if v.starts_with('-')
+        if json.contains(&k.as_str()) {
+            if serde_json::from_str::<serde_json::Value>(v).is_err() {
+                return Err(invalid!("parameter {k:?} must be JSON"));
+            }
+        } else if v.starts_with('-')
             || v.chars()
                 .any(|c| c.is_control() || "`$;|&<>(){}\\'\"".contains(c))
         {
@@ -349,14 +357,22 @@ mod tests {
         let mut p = HashMap::new();
         p.insert("deviceClass".to_string(), "thin".to_string());
         p.insert("csi.storage.k8s.io/pvc/name".to_string(), "x".to_string());
-        let out = storage_params(&p, &["deviceClass"]).unwrap();
+        let out = storage_params(&p, &["deviceClass"], &[]).unwrap();
         assert_eq!(out.len(), 1);
         p.insert("devicClass".to_string(), "thin".to_string());
-        assert!(storage_params(&p, &["deviceClass"]).is_err());
+        assert!(storage_params(&p, &["deviceClass"], &[]).is_err());
         let mut p = HashMap::new();
         p.insert("deviceClass".to_string(), "--force".to_string());
-        assert!(storage_params(&p, &["deviceClass"]).is_err());
+        assert!(storage_params(&p, &["deviceClass"], &[]).is_err());
         p.insert("deviceClass".to_string(), "a;rm".to_string());
-        assert!(storage_params(&p, &["deviceClass"]).is_err());
+        assert!(storage_params(&p, &["deviceClass"], &[]).is_err());
+        // a JSON parameter takes JSON (multi-line too), and only JSON
+        let mut p = HashMap::new();
+        p.insert("pools".to_string(), "[{\"a\": \"b\"},\n {}]".to_string());
+        assert!(storage_params(&p, &["pools"], &[]).is_err());
+        assert!(storage_params(&p, &["pools"], &["pools"]).is_ok());
+        p.insert("pools".to_string(), "[{\"a\": ".to_string());
+        let e = storage_params(&p, &["pools"], &["pools"]).unwrap_err();
+        assert!(e.to_string().contains("must be JSON"), "{e}");
     }
 }

@@ -122,7 +122,11 @@ impl Controller for ControllerService {
             validate_name(&req.name, "name")?;
             let capabilities = parse_capabilities(&req.volume_capabilities)?;
             let range = range_of(req.capacity_range.as_ref())?;
-            let params = storage_params(&req.parameters, self.backend.parameter_keys())?;
+            let params = storage_params(
+                &req.parameters,
+                self.backend.parameter_keys(),
+                self.backend.json_parameter_keys(),
+            )?;
             let source = source_of(req.volume_content_source.as_ref())?;
             let _guard = self.locks.try_lock([format!("name:{}", req.name)])?;
             let create = CreateVolume {
@@ -268,7 +272,11 @@ impl Controller for ControllerService {
             if !req.volume_capabilities.is_empty() {
                 parse_capabilities(&req.volume_capabilities)?;
             }
-            let params = storage_params(&req.parameters, self.backend.parameter_keys())?;
+            let params = storage_params(
+                &req.parameters,
+                self.backend.parameter_keys(),
+                self.backend.json_parameter_keys(),
+            )?;
             let cap = self
                 .backend
                 .capacity(&params, req.accessible_topology.as_ref())
@@ -309,7 +317,8 @@ impl Controller for ControllerService {
         traced("CreateSnapshot", &req.name, async {
             validate_name(&req.name, "name")?;
             require_id(&req.source_volume_id, "source_volume_id")?;
-            let params = storage_params(&req.parameters, self.backend.snapshot_parameter_keys())?;
+            let params =
+                storage_params(&req.parameters, self.backend.snapshot_parameter_keys(), &[])?;
             let _guard = self.locks.try_lock([
                 format!("snapname:{}", req.name),
                 format!("vol:{}", req.source_volume_id),

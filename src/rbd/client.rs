@@ -142,6 +142,50 @@ fn from_buf(buf: &[u8]) -> String {
     String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
+/// Ceph's wire encoding of the two shapes the `rbd` object class methods
+/// used here take and return (little-endian u32 lengths).
+mod denc {
+    fn put(out: &mut Vec<u8>, bytes: &[u8]) {
+        out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+        out.extend_from_slice(bytes);
+    }
+
+    /// `std::map<std::string, bufferlist>`.
+    pub fn string_map(pairs: &[(&str, &str)]) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&(pairs.len() as u32).to_le_bytes());
+        for (k, v) in pairs {
+            put(&mut out, k.as_bytes());
+            put(&mut out, v.as_bytes());
+        }
+        out
+    }
+
+    /// `std::string`, the whole input.
+    pub fn string(buf: &[u8]) -> Option<String> {
+        let len = u32::from_le_bytes(buf.get(..4)?.try_into().ok()?) as usize;
+        let body = buf.get(4..)?;
+        (body.len() == len).then(|| String::from_utf8(body.to_vec()).ok())?
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn round_trip_shapes() {
+            assert_eq!(
+                super::string_map(&[("ab", "c")]),
+                [1, 0, 0, 0, 2, 0, 0, 0, b'a', b'b', 1, 0, 0, 0, b'c']
+            );
+            assert_eq!(
+                super::string(&[3, 0, 0, 0, b'1', b'2', b'f']).as_deref(),
+                Some("12f")
+            );
+            assert_eq!(super::string(&[3, 0, 0, 0, b'1']), None);
+            assert_eq!(super::string(&[1, 0]), None);
+        }
+    }
+}
+
 /// Bounds retries of "buffer too short" (-ERANGE) loops.
 const MAX_GROW: usize = 16;
 
@@ -326,11 +370,23 @@ impl Cluster {
         check(ret.into(), || {
             format!("rados_ioctx_create2 pool id {pool_id}")
         })?;
-        Ok(IoCtx {
+        let mut io = IoCtx {
             handle: io,
             pool: format!("#{pool_id}"),
             cluster: Arc::clone(self),
-        })
+        };
+        // The name, from the cluster map this client holds (no round trip):
+        // placement compares pools by name.
+        let mut buf = [0u8; 256];
+        // SAFETY: live ioctx; `buf` holds the length given.
+        let ret = unsafe {
+            ffi::rados_ioctx_get_pool_name(io.handle, buf.as_mut_ptr().cast(), buf.len() as u32)
+        };
+        check(ret.into(), || {
+            format!("rados_ioctx_get_pool_name of pool id {pool_id}")
+        })?;
+        io.pool = from_buf(&buf);
+        Ok(io)
     }
 }
 
@@ -600,6 +656,63 @@ impl IoCtx {
         check(ret.into(), what).map(drop)
     }
 
+    /// Calls `method` of the OSD object class `rbd` on `object`: one round
+    /// trip, the way librbd itself reads and writes its objects. `out_cap`
+    /// bounds the reply.
+    fn exec_rbd(
+        &self,
+        object: &str,
+        method: &str,
+        input: &[u8],
+        out_cap: usize,
+    ) -> RbdResult<Vec<u8>> {
+        let what = || format!("rados_exec rbd.{method} on {}/{object}", self.pool);
+        let c_obj = cstring(object, what)?;
+        let c_method = cstring(method, what)?;
+        let mut out = vec![0u8; out_cap];
+        // SAFETY: live ioctx; NUL-terminated names; `input` and `out` are
+        // valid for the lengths given.
+        let ret = unsafe {
+            ffi::rados_exec(
+                self.handle,
+                c_obj.as_ptr(),
+                c"rbd".as_ptr(),
+                c_method.as_ptr(),
+                input.as_ptr().cast(),
+                input.len(),
+                out.as_mut_ptr().cast(),
+                out.len(),
+            )
+        };
+        let n = check(ret.into(), what)?;
+        out.truncate(n as usize);
+        Ok(out)
+    }
+
+    /// The id of image `name`, read from its id object (no image open).
+    pub fn image_id(&self, name: &str) -> RbdResult<String> {
+        let out = self.exec_rbd(&format!("rbd_id.{name}"), "get_id", &[], 256)?;
+        denc::string(&out).ok_or_else(|| RbdError::Other {
+            errno: super::error::EIO,
+            what: format!("rbd.get_id of {}/{name}: malformed reply", self.pool),
+        })
+    }
+
+    /// Sets image metadata on the image with id `image_id` in a single OSD
+    /// operation (every pair or none), without opening the image: an open
+    /// costs several round trips and, with exclusive-lock, taking the lock.
+    /// Only for an image nobody has open (one this call just created): open
+    /// handles are not told of the change.
+    pub fn metadata_set_unopened(&self, image_id: &str, pairs: &[(&str, &str)]) -> RbdResult<()> {
+        self.exec_rbd(
+            &format!("rbd_header.{image_id}"),
+            "metadata_set",
+            &denc::string_map(pairs),
+            0,
+        )
+        .map(drop)
+    }
+
     /// Every image in the pool (trash excluded), sorted by name.
     pub fn list(&self) -> RbdResult<Vec<ImageSpec>> {
         let what = || format!("rbd_list2 {}", self.pool);
@@ -839,6 +952,16 @@ impl Image<'_> {
         let ret = unsafe { ffi::rbd_resize(self.handle, size) };
         check(ret.into(), || {
             format!("rbd_resize {} to {size}", self.label)
+        })
+        .map(drop)
+    }
+
+    /// Turns features on (`enabled`) or off on an existing image.
+    pub fn update_features(&self, features: u64, enabled: bool) -> RbdResult<()> {
+        // SAFETY: open image.
+        let ret = unsafe { ffi::rbd_update_features(self.handle, features, u8::from(enabled)) };
+        check(ret.into(), || {
+            format!("rbd_update_features {} {features:#x} {enabled}", self.label)
         })
         .map(drop)
     }

@@ -548,6 +548,10 @@ impl ControllerBackend for RbdController {
         PARAMETER_KEYS
     }
 
+    fn json_parameter_keys(&self) -> &'static [&'static str] {
+        &[P_TOPOLOGY_POOLS]
+    }
+
     fn is_valid_id(&self, id: &str) -> bool {
         RbdId::parse(Kind::Volume, id).is_some()
     }
@@ -653,6 +657,29 @@ impl ControllerBackend for RbdController {
         let (pool_id, found, background) = self
             .pool
             .run(&creds, &placement.pool, move |io| {
+                // A plain create: create first (EEXIST means a retry or a
+                // clash, checked below), tag in one operation, and answer
+                // from what was written, without opening the image.
+                if src.is_none() {
+                    match io.create(&image, size, &options) {
+                        Ok(()) => {
+                            let pairs: Vec<(&str, &str)> =
+                                meta.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                            io.metadata_set_unopened(&io.image_id(&image)?, &pairs)?;
+                            let found = Found {
+                                size,
+                                name: Some(name),
+                                digest: Some(digest),
+                                source: None,
+                                topology: topology_json,
+                                created: Some(now()),
+                            };
+                            return Ok((io.pool_id(), found, false));
+                        }
+                        Err(RbdError::Exists { .. }) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
                 let mut background = false;
                 match inspect(io, &image)? {
                     Some(f) => {

@@ -46,6 +46,7 @@ pub type RbdResult<T> = std::result::Result<T, RbdError>;
 // errno values (Linux, all architectures Ceph builds on).
 pub(crate) const EPERM: i32 = 1;
 pub(crate) const ENOENT: i32 = 2;
+pub(crate) const EIO: i32 = 5;
 pub(crate) const EACCES: i32 = 13;
 pub(crate) const EBUSY: i32 = 16;
 pub(crate) const EEXIST: i32 = 17;

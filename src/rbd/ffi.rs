@@ -180,7 +180,18 @@ extern "C" {
     pub fn rados_ioctx_create2(cluster: rados_t, pool_id: i64, ioctx: *mut rados_ioctx_t) -> c_int;
     pub fn rados_ioctx_destroy(io: rados_ioctx_t);
     pub fn rados_ioctx_get_id(io: rados_ioctx_t) -> i64;
+    pub fn rados_ioctx_get_pool_name(io: rados_ioctx_t, buf: *mut c_char, maxlen: u32) -> c_int;
     pub fn rados_ioctx_pool_stat(io: rados_ioctx_t, stats: *mut rados_pool_stat_t) -> c_int;
+    pub fn rados_exec(
+        io: rados_ioctx_t,
+        oid: *const c_char,
+        cls: *const c_char,
+        method: *const c_char,
+        in_buf: *const c_char,
+        in_len: usize,
+        buf: *mut c_char,
+        out_len: usize,
+    ) -> c_int;
 }
 
 #[link(name = "rbd")]
@@ -255,6 +266,7 @@ extern "C" {
     pub fn rbd_close(image: rbd_image_t) -> c_int;
 
     pub fn rbd_resize(image: rbd_image_t, size: u64) -> c_int;
+    pub fn rbd_update_features(image: rbd_image_t, features: u64, enabled: u8) -> c_int;
     pub fn rbd_stat(image: rbd_image_t, info: *mut rbd_image_info_t, infosize: usize) -> c_int;
     pub fn rbd_get_size(image: rbd_image_t, size: *mut u64) -> c_int;
     pub fn rbd_get_features(image: rbd_image_t, features: *mut u64) -> c_int;
