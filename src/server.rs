@@ -233,6 +233,7 @@ pub async fn rbd_services(args: &RunArgs) -> Result<Services, String> {
     use crate::rbd::{ConnectOptions, ConnectionPool};
 
     let config = RbdConfig::load(&args.rbd_config, args.rbd_secret_dir.clone())?;
+    crate::rbd::memory::limit_arenas();
     if args.rbd_soft_clone_depth == 0 || args.rbd_hard_clone_depth < args.rbd_soft_clone_depth {
         return Err("--rbd-soft-clone-depth must be at least 1 and at most \
                     --rbd-hard-clone-depth"

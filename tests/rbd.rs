@@ -676,6 +676,16 @@ async fn bad_requests() {
             vec![("clusterID", CLUSTER), ("pool", "rbd"), ("pools", "x")],
             Code::InvalidArgument,
         ),
+        (
+            "a pool the config does not list",
+            vec![("clusterID", CLUSTER), ("pool", "unlisted")],
+            Code::InvalidArgument,
+        ),
+        (
+            "topologyConstrainedPools not JSON",
+            vec![("clusterID", CLUSTER), ("topologyConstrainedPools", "[{")],
+            Code::InvalidArgument,
+        ),
     ];
     for (what, p, code) in cases {
         let mut r = ceph.create_req(&unique_name("rbd-bad"), 16 * MIB);
@@ -724,7 +734,10 @@ impl Ceph {
     /// Controller and node plugin in one process.
     async fn node_driver(&self, dir: tempfile::TempDir) -> Driver {
         let (config, secrets) = self.write_config(dir.path(), &[&self.pool]);
+        let (path, argv_log) = rbd_shim(dir.path());
         Driver::builder()
+            .env("PATH", &path)
+            .env("LODESTONE_TEST_RBD_ARGV_LOG", &argv_log)
             .mode("all")
             .class_args(Vec::<String>::new())
             .args(["--driver", "rbd"])
@@ -769,10 +782,47 @@ fn write_file(path: &Path, data: &[u8]) {
     nix::unistd::sync();
 }
 
+/// The recording `rbd` of [`rbd_shim`] (test only; REAL is the real one).
+const SHIM: &str = r#"#!/bin/sh
+{ printf 'argv:'; printf ' %s' "$@"; printf '\n'
+  prev=
+  for a in "$@"; do
+    [ "$prev" = --keyring ] && printf 'keyring: %s %s\n' "$(stat -c %a "$a")" "$a"
+    prev=$a
+  done
+  env | sed 's/^/env: /'
+} >>"$LODESTONE_TEST_RBD_ARGV_LOG"
+exec REAL "$@"
+"#;
+
+/// A PATH whose `rbd` first records its argv, its environment and the mode
+/// of the keyring file it is given into a log (the returned path), then
+/// runs the real `rbd`: what any process listing would have shown.
+fn rbd_shim(dir: &Path) -> (String, String) {
+    let real = std::env::var("PATH")
+        .unwrap()
+        .split(':')
+        .map(|d| Path::new(d).join("rbd"))
+        .find(|p| p.is_file())
+        .expect("rbd in PATH");
+    let shim = dir.join("shim");
+    std::fs::create_dir_all(&shim).unwrap();
+    let log = dir.join("rbd-argv.log");
+    let script = SHIM.replace("REAL", &real.display().to_string());
+    std::fs::write(shim.join("rbd"), script).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(shim.join("rbd"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    (
+        format!("{}:{}", shim.display(), std::env::var("PATH").unwrap()),
+        log.display().to_string(),
+    )
+}
+
 /// Map, format, mount, write; unstage unmaps; stage again reads the data
 /// back; a snapshot restores the data it saw (not later writes); a clone
 /// diverges from its source; unstage works after the plugin was killed and
-/// restarted; no keyring file is left behind.
+/// restarted; no keyring file is left behind, and no rbd process ever saw
+/// the key in its argv or environment.
 #[tokio::test]
 async fn node_map_mount_snapshot_restore() {
     let Some(ceph) = ceph() else { return };
@@ -866,6 +916,27 @@ async fn node_map_mount_snapshot_restore() {
         .unwrap_or_default();
     assert!(keys.is_empty(), "keyring files left behind: {keys:?}");
     assert!(!d.log().contains(&ceph.key), "the key reached the log");
+    // Every rbd the driver ran: the key in no argv or environment, only in
+    // a keyring file readable by its owner alone, gone afterwards.
+    let argv = std::fs::read_to_string(d.path("rbd-argv.log")).unwrap();
+    assert!(argv.contains("argv: map "), "no rbd map recorded:\n{argv}");
+    assert!(
+        !argv.contains(&ceph.key),
+        "the key reached an rbd argv or environment"
+    );
+    let keyrings: Vec<&str> = argv
+        .lines()
+        .filter_map(|l| l.strip_prefix("keyring: "))
+        .collect();
+    assert!(
+        !keyrings.is_empty(),
+        "rbd map ran without a keyring file:\n{argv}"
+    );
+    for k in keyrings {
+        let (mode, path) = k.split_once(' ').unwrap();
+        assert_eq!(mode, "600", "keyring {path} mode");
+        assert!(!Path::new(path).exists(), "keyring {path} left behind");
+    }
     delete_volume(&d, &ceph, &restored.volume_id).await;
     delete_snapshot(&d, &ceph, &s.snapshot_id).await;
     delete_volume(&d, &ceph, &v.volume_id).await;

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use lodestone::error::Error;
 use lodestone::rbd::client::DEFAULT_FEATURES;
+use lodestone::rbd::pool::MAX_CALLS;
 use lodestone::rbd::{
     ffi, ConnectOptions, ConnectionPool, Credentials, ImageOptions, IoCtx, RbdError, Secret,
 };
@@ -198,6 +199,51 @@ async fn rbd_ffi_against_a_real_cluster() {
         .is_not_found());
     assert!(!io.cluster().fsid().unwrap().is_empty());
     drop((io, io2));
+
+    // At most MAX_CALLS librbd calls run at once (each holds a blocking
+    // thread); the others wait for a slot and then run.
+    {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let bounded = Arc::new(ConnectionPool::new(
+            ConnectOptions::default(),
+            Duration::from_secs(60),
+        ));
+        let (running, peak, done) = (
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicUsize::new(0)),
+        );
+        let tasks: Vec<_> = (0..3 * MAX_CALLS)
+            .map(|_| {
+                let (bounded, running, peak, done) =
+                    (bounded.clone(), running.clone(), peak.clone(), done.clone());
+                let creds = Credentials {
+                    mon_host: creds.mon_host.clone(),
+                    user: creds.user.clone(),
+                    key: read_key(&keyring),
+                };
+                let pool_name = pool_name.clone();
+                tokio::spawn(async move {
+                    bounded
+                        .run(&creds, &pool_name, move |_io| {
+                            let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                            peak.fetch_max(now, Ordering::SeqCst);
+                            std::thread::sleep(Duration::from_millis(50));
+                            running.fetch_sub(1, Ordering::SeqCst);
+                            done.fetch_add(1, Ordering::SeqCst);
+                            Ok(())
+                        })
+                        .await
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        assert_eq!(done.load(Ordering::SeqCst), 3 * MAX_CALLS);
+        assert_eq!(peak.load(Ordering::SeqCst), MAX_CALLS, "calls in flight");
+        bounded.close_all().await;
+    }
 
     // a wrong key neither connects nor reuses the good connection
     let bad = Credentials {

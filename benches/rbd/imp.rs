@@ -110,7 +110,7 @@ impl Driver {
         }
     }
 
-    fn memory(&self) -> (u64, u64) {
+    fn memory(&self) -> Mem {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
             .unwrap_or_default();
         let field = |name: &str| {
@@ -121,7 +121,36 @@ impl Driver {
                 .and_then(|v| v.parse::<u64>().ok())
                 .unwrap_or(0)
         };
-        (field("VmRSS:"), field("VmHWM:"))
+        Mem {
+            rss: field("VmRSS:"),
+            anon: field("RssAnon:"),
+            file: field("RssFile:"),
+            hwm: field("VmHWM:"),
+            threads: field("Threads:"),
+        }
+    }
+}
+
+/// The driver's memory from /proc (KiB), threads.
+struct Mem {
+    rss: u64,
+    anon: u64,
+    file: u64,
+    hwm: u64,
+    threads: u64,
+}
+
+impl Mem {
+    fn row(&self, when: &str) -> String {
+        let mib = |k: u64| k as f64 / 1024.0;
+        format!(
+            "| {when} | {:.1} | {:.1} | {:.1} | {:.1} | {} |\n",
+            mib(self.rss),
+            mib(self.anon),
+            mib(self.file),
+            mib(self.hwm),
+            self.threads
+        )
     }
 }
 
@@ -196,7 +225,7 @@ async fn run() -> R<String> {
     let env = env()?;
     let run = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
     let d = Driver::start(&env).await?;
-    let (idle_rss, _) = d.memory();
+    let idle_mem = d.memory();
     let mut c = d.client.clone();
     let mut out = String::new();
     let mut rows: Vec<(String, Stats, String, Option<Stats>)> = Vec::new();
@@ -326,7 +355,10 @@ async fn run() -> R<String> {
         }
         bursts.push((n, created_ms, ms(t.elapsed())));
     }
-    let (rss, hwm) = d.memory();
+    let burst_mem = d.memory();
+    // The pool hands freed heap back once calls stop (checked each second).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let settled_mem = d.memory();
 
     // The same librbd work in-process, one pooled connection.
     let pool = Arc::new(ConnectionPool::new(
@@ -350,31 +382,53 @@ async fn run() -> R<String> {
     pool.remove_image(&creds(), &env.pool, &format!("bench-{run}-rawwarm"))
         .await
         .map_err(|e| e.to_string())?;
+    // Three ways to make a tagged image: the driver's (create, then the
+    // rbd object class: get_id + one metadata_set of every key), librbd's
+    // image API (open, one metadata_set per key), and create alone.
     let (mut raw_create, mut raw_delete) = (Vec::new(), Vec::new());
+    let (mut api_create, mut bare_create) = (Vec::new(), Vec::new());
     for i in 0..SEQUENTIAL {
-        let name = format!("bench-{run}-raw-{i}");
-        let t = Instant::now();
-        let n2 = name.clone();
-        pool.run(&creds(), &env.pool, move |io| {
-            io.create(&n2, 16 << 20, &ImageOptions::default())?;
-            let img = io.open(&n2)?;
-            img.metadata_set("lodestone.v1.name", &n2)?;
-            img.metadata_set("lodestone.v1.params", "0123456789abcdef")
-        })
-        .await
-        .map_err(|e| e.to_string())?;
-        raw_create.push(ms(t.elapsed()));
-        let t = Instant::now();
-        pool.remove_image(&creds(), &env.pool, &name)
+        for (way, times) in [
+            (0, &mut raw_create),
+            (1, &mut api_create),
+            (2, &mut bare_create),
+        ] {
+            let name = format!("bench-{run}-raw{way}-{i}");
+            let t = Instant::now();
+            let n2 = name.clone();
+            pool.run(&creds(), &env.pool, move |io| {
+                io.create(&n2, 16 << 20, &ImageOptions::default())?;
+                let (k1, k2) = ("lodestone.v1.name", "lodestone.v1.params");
+                match way {
+                    0 => io.metadata_set_unopened(
+                        &io.image_id(&n2)?,
+                        &[(k1, &n2), (k2, "0123456789abcdef")],
+                    ),
+                    1 => {
+                        let img = io.open(&n2)?;
+                        img.metadata_set(k1, &n2)?;
+                        img.metadata_set(k2, "0123456789abcdef")
+                    }
+                    _ => Ok(()),
+                }
+            })
             .await
             .map_err(|e| e.to_string())?;
-        raw_delete.push(ms(t.elapsed()));
+            times.push(ms(t.elapsed()));
+            let t = Instant::now();
+            pool.remove_image(&creds(), &env.pool, &name)
+                .await
+                .map_err(|e| e.to_string())?;
+            if way == 0 {
+                raw_delete.push(ms(t.elapsed()));
+            }
+        }
     }
 
     rows.push((
         "CreateVolume (16 MiB)".into(),
         Stats(create),
-        "create + open + 2 × metadata_set".into(),
+        "create + rbd.get_id + rbd.metadata_set (2 keys)".into(),
         Some(Stats(raw_create)),
     ));
     rows.push((
@@ -420,12 +474,21 @@ async fn run() -> R<String> {
     for (n, c, d) in bursts {
         out.push_str(&format!("| {n} concurrent | {c:.0} | {d:.0} |\n"));
     }
+    let brief = |v: Vec<f64>| {
+        let row = Stats(v).row();
+        let (p50, range) = row.split_once(" | ").unwrap_or((&row, ""));
+        format!("{p50} ({range})")
+    };
     out.push_str(&format!(
-        "\nDriver memory: VmRSS {:.1} MiB idle after start, {:.1} MiB after the bursts (VmHWM {:.1} MiB).\n",
-        idle_rss as f64 / 1024.0,
-        rss as f64 / 1024.0,
-        hwm as f64 / 1024.0
+        "\nOther ways to make the same tagged 16 MiB image, direct p50 (min–max) in ms: \
+         create + open + 2 × metadata_set (librbd's image API) {}; create alone {}.\n",
+        brief(api_create),
+        brief(bare_create)
     ));
+    out.push_str("\n| driver memory | VmRSS (MiB) | RssAnon | RssFile | VmHWM | threads |\n|---|--:|--:|--:|--:|--:|\n");
+    out.push_str(&idle_mem.row("idle after start"));
+    out.push_str(&burst_mem.row("right after the bursts"));
+    out.push_str(&settled_mem.row("3 s later"));
     Ok(out)
 }
 

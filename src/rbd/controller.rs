@@ -608,6 +608,13 @@ impl ControllerBackend for RbdController {
             req.requirement.as_ref(),
             source.as_ref().map(|(_, p, _)| p.as_str()),
         )?;
+        if !cluster.pools.is_empty() && !cluster.pools.contains(&placement.pool) {
+            return Err(Error::InvalidArgument(format!(
+                "pool {} is not among the pools of cluster {} in the driver's --rbd-config; \
+                 add it there first (ListVolumes and ListSnapshots read only those pools)",
+                placement.pool, cluster.cluster_id
+            )));
+        }
         let mut params = req.params.clone();
         if let Some((sid, _, _)) = &source {
             params.insert(SOURCE_KEY.to_string(), sid.encode());

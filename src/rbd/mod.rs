@@ -6,6 +6,7 @@
 //! * [`pool`]: async access for the controller: pooled connections, calls
 //!   run under `spawn_blocking`, idle connections reaped.
 //! * [`error`]: `RbdError` (typed errno) and its mapping to gRPC codes.
+//! * [`memory`]: keeps the heap librbd calls leave behind small.
 
 pub mod client;
 pub mod config;
@@ -13,6 +14,7 @@ pub mod controller;
 pub mod error;
 pub mod ffi;
 pub mod ids;
+pub mod memory;
 pub mod node;
 pub mod pool;
 

@@ -12,6 +12,7 @@
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -53,16 +54,22 @@ struct Shared {
     /// Bounds the librbd calls in flight, hence the blocking threads (each
     /// costs memory: a stack and a malloc arena) in a burst of requests.
     calls: tokio::sync::Semaphore,
+    /// Calls made since the heap was last trimmed.
+    calls_since_trim: AtomicUsize,
 }
 
+/// How often the pool checks whether calls stopped (then trims the heap).
+const TRIM_CHECK: Duration = Duration::from_secs(1);
+
 /// librbd calls in flight at once; more wait for a slot.
-const MAX_CALLS: usize = 8;
+pub const MAX_CALLS: usize = 8;
 
 /// Connections to Ceph clusters, shared by async callers. Create it inside a
 /// Tokio runtime (it spawns the reaper).
 pub struct ConnectionPool {
     shared: Arc<Shared>,
     reaper: tokio::task::JoinHandle<()>,
+    trimmer: tokio::task::JoinHandle<()>,
 }
 
 impl std::fmt::Debug for ConnectionPool {
@@ -93,6 +100,7 @@ impl ConnectionPool {
             options,
             idle,
             calls: tokio::sync::Semaphore::new(MAX_CALLS),
+            calls_since_trim: AtomicUsize::new(0),
         });
         let weak: Weak<Shared> = Arc::downgrade(&shared);
         let period = (idle / 2).clamp(Duration::from_secs(1), Duration::from_secs(60));
@@ -109,7 +117,26 @@ impl ConnectionPool {
                 }
             }
         });
-        ConnectionPool { shared, reaper }
+        let weak: Weak<Shared> = Arc::downgrade(&shared);
+        let trimmer = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(TRIM_CHECK);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(shared) = weak.upgrade() else { break };
+                // Calls ran, and none is running now: the burst is over.
+                let idle = shared.calls.available_permits() == MAX_CALLS;
+                if idle && shared.calls_since_trim.swap(0, Ordering::Relaxed) > 0 {
+                    drop(shared);
+                    let _ = tokio::task::spawn_blocking(super::memory::release_free_heap).await;
+                }
+            }
+        });
+        ConnectionPool {
+            shared,
+            reaper,
+            trimmer,
+        }
     }
 
     /// Open connections.
@@ -246,6 +273,7 @@ impl ConnectionPool {
         let io = self.ioctx(creds, pool).await?;
         let io2 = Arc::clone(&io);
         let _slot = self.shared.calls.acquire().await.expect("never closed");
+        self.shared.calls_since_trim.fetch_add(1, Ordering::Relaxed);
         let out = tokio::task::spawn_blocking(move || f(&io2))
             .await
             .map_err(join_error)?;
@@ -268,6 +296,7 @@ impl ConnectionPool {
         let cluster = self.connection(creds, &key, fingerprint).await?;
         let c = Arc::clone(&cluster);
         let _slot = self.shared.calls.acquire().await.expect("never closed");
+        self.shared.calls_since_trim.fetch_add(1, Ordering::Relaxed);
         let out = tokio::task::spawn_blocking(move || f(&c.ioctx_by_id(pool_id)?))
             .await
             .map_err(join_error)?;
@@ -391,6 +420,7 @@ impl ConnectionPool {
 impl Drop for ConnectionPool {
     fn drop(&mut self) {
         self.reaper.abort();
+        self.trimmer.abort();
         // Remaining connections shut down as their last Arc goes (here, or
         // in whichever call still holds one): rados_shutdown blocks briefly.
     }
