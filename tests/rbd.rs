@@ -630,6 +630,182 @@ async fn restore_stays_in_the_source_pool_unless_topology_forbids() {
     assert!(!ceph.images_in(pool2).contains(&far_img));
 }
 
+/// The spec's codes and idempotency rules on the RBD controller: paging
+/// through ListVolumes and ListSnapshots, bad page tokens, ids that do not
+/// exist (NOT_FOUND where the spec says so, success for deletes),
+/// capability validation, snapshot idempotency and name conflicts.
+#[tokio::test]
+async fn spec_codes_and_paging() {
+    let Some(ceph) = ceph() else { return };
+    let d = ceph.driver(&[]).await;
+    let mut vols = Vec::new();
+    for i in 0..3 {
+        vols.push(
+            d.create_ok(ceph.create_req(&unique_name(&format!("rbd-page{i}")), 16 * MIB))
+                .await,
+        );
+    }
+    // (other tests create and delete volumes in the pool meanwhile: compare
+    // ours, and see that no page repeats an entry)
+    let ours = |l: &[csi::Volume]| -> Vec<String> {
+        l.iter()
+            .map(|v| v.volume_id.clone())
+            .filter(|id| vols.iter().any(|o| &o.volume_id == id))
+            .collect()
+    };
+    let all = d.list_all(0).await;
+    let paged = d.list_all(1).await;
+    assert_eq!(ours(&all).len(), 3, "{all:?}");
+    assert_eq!(
+        ours(&all),
+        ours(&paged),
+        "paging by one lists what one page does"
+    );
+    let distinct: std::collections::HashSet<_> = paged.iter().map(|v| &v.volume_id).collect();
+    assert_eq!(distinct.len(), paged.len(), "a volume listed twice");
+    let r = d
+        .controller()
+        .list_volumes(csi::ListVolumesRequest {
+            max_entries: 1,
+            starting_token: "not-a-token".into(),
+        })
+        .await;
+    expect_code(r, Code::Aborted, "ListVolumes with a bad token");
+
+    let missing = {
+        let id = &vols[0].volume_id;
+        let (head, _) = id.rsplit_once(':').unwrap();
+        format!("{head}:{}", "0".repeat(32))
+    };
+    let r = d
+        .controller()
+        .validate_volume_capabilities(csi::ValidateVolumeCapabilitiesRequest {
+            volume_id: missing.clone(),
+            volume_capabilities: vec![mount_cap("ext4")],
+            ..Default::default()
+        })
+        .await;
+    expect_code(
+        r,
+        Code::NotFound,
+        "ValidateVolumeCapabilities of a missing volume",
+    );
+    let ok = expect_ok(
+        d.controller()
+            .validate_volume_capabilities(csi::ValidateVolumeCapabilitiesRequest {
+                volume_id: vols[0].volume_id.clone(),
+                volume_capabilities: vec![mount_cap("ext4"), block_cap()],
+                ..Default::default()
+            })
+            .await,
+        "ValidateVolumeCapabilities",
+    );
+    assert!(ok.confirmed.is_some(), "{ok:?}");
+    let r = d
+        .controller()
+        .controller_expand_volume(csi::ControllerExpandVolumeRequest {
+            volume_id: missing.clone(),
+            capacity_range: range(32 * MIB, 0),
+            secrets: ceph.secrets(),
+            ..Default::default()
+        })
+        .await;
+    expect_code(
+        r,
+        Code::NotFound,
+        "ControllerExpandVolume of a missing volume",
+    );
+    delete_volume(&d, &ceph, &missing).await;
+
+    // Snapshots: idempotent by name, ALREADY_EXISTS for another source,
+    // NOT_FOUND for a missing source, paged listing, filters.
+    let sname = unique_name("rbd-page-s");
+    let s = snapshot(&d, &ceph, &sname, &vols[0].volume_id).await;
+    let again = snapshot(&d, &ceph, &sname, &vols[0].volume_id).await;
+    assert_eq!(again.snapshot_id, s.snapshot_id);
+    let r = d
+        .controller()
+        .create_snapshot(csi::CreateSnapshotRequest {
+            name: sname.clone(),
+            source_volume_id: vols[1].volume_id.clone(),
+            secrets: ceph.secrets(),
+            ..Default::default()
+        })
+        .await;
+    expect_code(
+        r,
+        Code::AlreadyExists,
+        "snapshot name reused for another source",
+    );
+    let r = d
+        .controller()
+        .create_snapshot(csi::CreateSnapshotRequest {
+            name: unique_name("rbd-page-s2"),
+            source_volume_id: missing.clone(),
+            secrets: ceph.secrets(),
+            ..Default::default()
+        })
+        .await;
+    expect_code(r, Code::NotFound, "snapshot of a missing volume");
+    let s2 = snapshot(&d, &ceph, &unique_name("rbd-page-s3"), &vols[1].volume_id).await;
+    let mut token = String::new();
+    let mut listed = Vec::new();
+    loop {
+        let page = expect_ok(
+            d.controller()
+                .list_snapshots(csi::ListSnapshotsRequest {
+                    max_entries: 1,
+                    starting_token: token.clone(),
+                    ..Default::default()
+                })
+                .await,
+            "ListSnapshots",
+        );
+        assert!(page.entries.len() <= 1);
+        listed.extend(page.entries.into_iter().filter_map(|e| e.snapshot));
+        if page.next_token.is_empty() {
+            break;
+        }
+        token = page.next_token;
+    }
+    for want in [&s, &s2] {
+        assert!(listed.iter().any(|l| l.snapshot_id == want.snapshot_id));
+    }
+    let by_source = expect_ok(
+        d.controller()
+            .list_snapshots(csi::ListSnapshotsRequest {
+                source_volume_id: vols[1].volume_id.clone(),
+                ..Default::default()
+            })
+            .await,
+        "ListSnapshots by source",
+    );
+    let ids: Vec<_> = by_source
+        .entries
+        .iter()
+        .filter_map(|e| e.snapshot.as_ref().map(|s| s.snapshot_id.clone()))
+        .collect();
+    assert_eq!(ids, vec![s2.snapshot_id.clone()]);
+    let by_id = expect_ok(
+        d.controller()
+            .list_snapshots(csi::ListSnapshotsRequest {
+                snapshot_id: s.snapshot_id.clone(),
+                ..Default::default()
+            })
+            .await,
+        "ListSnapshots by id",
+    );
+    assert_eq!(by_id.entries.len(), 1);
+
+    for snap in [&s, &s2] {
+        delete_snapshot(&d, &ceph, &snap.snapshot_id).await;
+        delete_snapshot(&d, &ceph, &snap.snapshot_id).await;
+    }
+    for v in &vols {
+        delete_volume(&d, &ceph, &v.volume_id).await;
+    }
+}
+
 /// Bad input gets a clear code; a wrong key is refused and never logged.
 #[tokio::test]
 async fn bad_requests() {

@@ -400,6 +400,19 @@ fn image_lifecycle(io: &IoCtx) -> Vec<(&'static str, Duration)> {
     io.metadata_set_unopened(&a_id, &[("lodestone.x", "1"), ("lodestone.y", "two")])
         .unwrap();
     time("metadata_set_unopened (2 keys)", start);
+    assert_eq!(io.image_size_unopened(&a_id).unwrap(), 64 * MIB);
+    let created = io.image_created_unopened(&a_id).unwrap();
+    assert!((created - a.created().unwrap()).abs() <= 1, "{created}");
+    a.metadata_set("other.key", "not ours").unwrap();
+    assert_eq!(
+        io.metadata_unopened(&a_id, "lodestone.").unwrap(),
+        vec![
+            ("lodestone.x".to_string(), "1".to_string()),
+            ("lodestone.y".to_string(), "two".to_string())
+        ]
+    );
+    a.metadata_remove("other.key").unwrap();
+    assert!(io.image_size_unopened("0000").unwrap_err().is_not_found());
     for (k, v) in [("lodestone.x", "1"), ("lodestone.y", "two")] {
         let fresh = io.open_read_only("ffi-a", None).unwrap();
         assert_eq!(fresh.metadata_get(k).unwrap().as_deref(), Some(v));

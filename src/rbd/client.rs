@@ -161,6 +161,26 @@ mod denc {
         out
     }
 
+    fn take<'a>(buf: &mut &'a [u8]) -> Option<&'a [u8]> {
+        let len = u32::from_le_bytes(buf.get(..4)?.try_into().ok()?) as usize;
+        let body = buf.get(4..4 + len)?;
+        *buf = &buf[4 + len..];
+        Some(body)
+    }
+
+    /// `std::map<std::string, bufferlist>` (values as UTF-8), the whole input.
+    pub fn string_pairs(mut buf: &[u8]) -> Option<Vec<(String, String)>> {
+        let n = u32::from_le_bytes(buf.get(..4)?.try_into().ok()?);
+        buf = &buf[4..];
+        let mut out = Vec::new();
+        for _ in 0..n {
+            let k = String::from_utf8(take(&mut buf)?.to_vec()).ok()?;
+            let v = String::from_utf8(take(&mut buf)?.to_vec()).ok()?;
+            out.push((k, v));
+        }
+        buf.is_empty().then_some(out)
+    }
+
     /// `std::string`, the whole input.
     pub fn string(buf: &[u8]) -> Option<String> {
         let len = u32::from_le_bytes(buf.get(..4)?.try_into().ok()?) as usize;
@@ -182,6 +202,12 @@ mod denc {
             );
             assert_eq!(super::string(&[3, 0, 0, 0, b'1']), None);
             assert_eq!(super::string(&[1, 0]), None);
+            let map = super::string_map(&[("ab", "c"), ("d", "")]);
+            assert_eq!(
+                super::string_pairs(&map),
+                Some(vec![("ab".into(), "c".into()), ("d".into(), String::new())])
+            );
+            assert_eq!(super::string_pairs(&map[..map.len() - 1]), None);
         }
     }
 }
@@ -711,6 +737,89 @@ impl IoCtx {
             0,
         )
         .map(drop)
+    }
+
+    /// Size in bytes of the image with id `image_id` (its head), read from
+    /// its header object without opening it.
+    pub fn image_size_unopened(&self, image_id: &str) -> RbdResult<u64> {
+        const CEPH_NOSNAP: u64 = u64::MAX - 1;
+        let out = self.exec_rbd(
+            &format!("rbd_header.{image_id}"),
+            "get_size",
+            &CEPH_NOSNAP.to_le_bytes(),
+            16,
+        )?;
+        // u8 order, u64 size
+        out.get(1..9)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes)
+            .ok_or_else(|| RbdError::Other {
+                errno: super::error::EIO,
+                what: format!("rbd.get_size of {}/{image_id}: malformed reply", self.pool),
+            })
+    }
+
+    /// Creation time (Unix seconds) of the image with id `image_id`, from
+    /// its header object without opening it.
+    pub fn image_created_unopened(&self, image_id: &str) -> RbdResult<i64> {
+        let out = self.exec_rbd(
+            &format!("rbd_header.{image_id}"),
+            "get_create_timestamp",
+            &[],
+            16,
+        )?;
+        // utime_t: u32 seconds, u32 nanoseconds
+        out.get(..4)
+            .and_then(|b| b.try_into().ok())
+            .map(|b| i64::from(u32::from_le_bytes(b)))
+            .ok_or_else(|| RbdError::Other {
+                errno: super::error::EIO,
+                what: format!(
+                    "rbd.get_create_timestamp of {}/{image_id}: malformed reply",
+                    self.pool
+                ),
+            })
+    }
+
+    /// Image metadata of the image with id `image_id` whose keys start with
+    /// `prefix` (at most 64 of them), from its header object without
+    /// opening it.
+    pub fn metadata_unopened(
+        &self,
+        image_id: &str,
+        prefix: &str,
+    ) -> RbdResult<Vec<(String, String)>> {
+        const MAX: u64 = 64;
+        let mut input = Vec::new();
+        // start after the prefix itself (keys are sorted), at most MAX keys
+        input.extend_from_slice(&(prefix.len() as u32).to_le_bytes());
+        input.extend_from_slice(prefix.as_bytes());
+        input.extend_from_slice(&MAX.to_le_bytes());
+        let object = format!("rbd_header.{image_id}");
+        let mut cap = 16 << 10;
+        for _ in 0..MAX_GROW {
+            match self.exec_rbd(&object, "metadata_list", &input, cap) {
+                Err(e) if e.errno() == ERANGE => cap *= 4,
+                Err(e) => return Err(e),
+                Ok(out) => {
+                    let pairs = denc::string_pairs(&out).ok_or_else(|| RbdError::Other {
+                        errno: super::error::EIO,
+                        what: format!(
+                            "rbd.metadata_list of {}/{image_id}: malformed reply",
+                            self.pool
+                        ),
+                    })?;
+                    return Ok(pairs
+                        .into_iter()
+                        .filter(|(k, _)| k.starts_with(prefix))
+                        .collect());
+                }
+            }
+        }
+        Err(RbdError::from_errno(
+            -(ERANGE as i64),
+            format!("rbd.metadata_list of {}/{image_id}", self.pool),
+        ))
     }
 
     /// Every image in the pool (trash excluded), sorted by name.

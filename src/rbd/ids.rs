@@ -9,6 +9,8 @@ use std::collections::BTreeMap;
 
 use uuid::Uuid;
 
+/// What every metadata key of ours starts with.
+pub const META_PREFIX: &str = "lodestone.v1.";
 pub const META_NAME: &str = "lodestone.v1.name";
 pub const META_PARAMS: &str = "lodestone.v1.params";
 pub const META_SOURCE: &str = "lodestone.v1.source";
