@@ -36,8 +36,12 @@ printf '%s' "$LODESTONE_CEPH_USER" >"$work/secret/userID"
 (umask 077 && printf '%s' "$key" >"$work/secret/userKey")
 printf '[{"clusterID": "sanity", "monitors": ["%s"], "pools": ["%s"]}]\n' \
   "$LODESTONE_CEPH_MON_HOST" "$LODESTONE_CEPH_POOL" >"$work/config.json"
-printf 'clusterID: sanity\npool: %s\n' "$LODESTONE_CEPH_POOL" >"$work/params.yaml"
-# csi-sanity's secrets file: the same user for every call that takes secrets.
+if [[ "$LODESTONE_CEPH_POOL" != rbd ]]; then
+  echo "csi-sanity/rbd.yaml names pool rbd; this cluster's is $LODESTONE_CEPH_POOL" >&2
+  exit 1
+fi
+# csi-sanity's secrets file (shape: rbd-secrets.example.yaml): the same user
+# for every call that takes secrets.
 (
   umask 077
   for call in CreateVolumeSecret DeleteVolumeSecret ControllerPublishVolumeSecret \
@@ -62,7 +66,7 @@ for m in "${modes[@]}"; do
   access=${m#rbd-}
   echo "=== csi-sanity: rbd, access type $access"
   if ! "$sanity" --csi.endpoint "$work/csi.sock" \
-      --csi.testvolumeparameters "$work/params.yaml" \
+      --csi.testvolumeparameters "$here/rbd.yaml" \
       --csi.secrets "$work/secrets.yaml" \
       --csi.testvolumeaccesstype "$access" \
       --csi.testvolumesize 67108864 --csi.testvolumeexpandsize 134217728 \

@@ -120,6 +120,18 @@ impl Ceph {
         }
     }
 
+    /// A restore or clone request: no size (the source's), from `source`.
+    fn copy_req(
+        &self,
+        name: &str,
+        source: Option<csi::VolumeContentSource>,
+    ) -> csi::CreateVolumeRequest {
+        let mut r = self.create_req(name, 0);
+        r.capacity_range = None;
+        r.volume_content_source = source;
+        r
+    }
+
     /// `rbd <args>` as the admin (test-side inspection only).
     fn rbd(&self, args: &[&str]) -> String {
         String::from_utf8(self.admin("rbd", args)).expect("utf-8")
@@ -376,17 +388,16 @@ async fn snapshots_restores_and_clones() {
     let restored = d.create_ok(r).await;
     assert_eq!(restored.capacity_bytes, 48 * MIB);
     assert_eq!(restored.content_source, from_snapshot(&s.snapshot_id));
-    let mut r = ceph.create_req(&unique_name("rbd-clone"), 0);
-    r.capacity_range = None;
-    r.volume_content_source = from_volume(&v.volume_id);
+    let r = ceph.copy_req(&unique_name("rbd-clone"), from_volume(&v.volume_id));
     let cloned = d.create_ok(r).await;
     assert_eq!(cloned.capacity_bytes, 32 * MIB);
 
     // The source goes; its snapshots stay restorable.
     delete_volume(&d, &ceph, &v.volume_id).await;
-    let mut r = ceph.create_req(&unique_name("rbd-restore-after"), 0);
-    r.capacity_range = None;
-    r.volume_content_source = from_snapshot(&s.snapshot_id);
+    let r = ceph.copy_req(
+        &unique_name("rbd-restore-after"),
+        from_snapshot(&s.snapshot_id),
+    );
     let late = d.create_ok(r).await;
     let listed = expect_ok(
         d.controller()
@@ -456,9 +467,7 @@ async fn clone_chain_past_hard_depth_is_flattened() {
     // snapshot (depth 1) -> restore (depth 2: flattened) -> snapshot ...
     let s = snapshot(&d, &ceph, &unique_name("rbd-chain-s"), &v.volume_id).await;
     assert!(ceph.parent(&image_of(&s.snapshot_id)).is_some());
-    let mut r = ceph.create_req(&unique_name("rbd-chain-r"), 0);
-    r.capacity_range = None;
-    r.volume_content_source = from_snapshot(&s.snapshot_id);
+    let r = ceph.copy_req(&unique_name("rbd-chain-r"), from_snapshot(&s.snapshot_id));
     let restored = d.create_ok(r).await;
     assert_eq!(
         ceph.parent(&image_of(&restored.volume_id)),
@@ -484,9 +493,7 @@ async fn clone_at_soft_depth_is_flattened_in_the_background() {
         .await;
     // the snapshot's hidden clone is depth 1 (below soft: stays a clone)
     let s = snapshot(&d, &ceph, &unique_name("rbd-soft-s"), &v.volume_id).await;
-    let mut r = ceph.create_req(&unique_name("rbd-soft-r"), 0);
-    r.capacity_range = None;
-    r.volume_content_source = from_snapshot(&s.snapshot_id);
+    let r = ceph.copy_req(&unique_name("rbd-soft-r"), from_snapshot(&s.snapshot_id));
     let restored = d.create_ok(r).await;
     let image = image_of(&restored.volume_id);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
@@ -1042,9 +1049,10 @@ async fn node_map_mount_snapshot_restore() {
     assert_eq!(mapped(&image), None, "still mapped after unstage");
 
     // The restore holds what the snapshot saw.
-    let mut r = ceph.create_req(&unique_name("rbd-node-restore"), 0);
-    r.capacity_range = None;
-    r.volume_content_source = from_snapshot(&s.snapshot_id);
+    let r = ceph.copy_req(
+        &unique_name("rbd-node-restore"),
+        from_snapshot(&s.snapshot_id),
+    );
     let restored = d.create_ok(r).await;
     ceph.stage(&d, &restored, "rstaging", mount_cap("ext4"))
         .await;
