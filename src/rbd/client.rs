@@ -145,7 +145,8 @@ fn from_buf(buf: &[u8]) -> String {
 /// Ceph's wire encoding of the two shapes the `rbd` object class methods
 /// used here take and return (little-endian u32 lengths).
 mod denc {
-    fn put(out: &mut Vec<u8>, bytes: &[u8]) {
+    /// A length-prefixed string.
+    pub fn put(out: &mut Vec<u8>, bytes: &[u8]) {
         out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
         out.extend_from_slice(bytes);
     }
@@ -715,19 +716,24 @@ impl IoCtx {
         Ok(out)
     }
 
+    /// A reply of the rbd object class that does not decode.
+    fn malformed(&self, method: &str, object: &str) -> RbdError {
+        RbdError::Other {
+            errno: super::error::EIO,
+            what: format!("rbd.{method} on {}/{object}: malformed reply", self.pool),
+        }
+    }
+
     /// The id of image `name`, read from its id object (no image open).
     pub fn image_id(&self, name: &str) -> RbdResult<String> {
         let out = self.exec_rbd(&format!("rbd_id.{name}"), "get_id", &[], 256)?;
-        denc::string(&out).ok_or_else(|| RbdError::Other {
-            errno: super::error::EIO,
-            what: format!("rbd.get_id of {}/{name}: malformed reply", self.pool),
-        })
+        denc::string(&out).ok_or_else(|| self.malformed("get_id", name))
     }
 
     /// Sets image metadata on the image with id `image_id` in a single OSD
     /// operation (every pair or none), without opening the image: an open
     /// costs several round trips and, with exclusive-lock, taking the lock.
-    /// Only for an image nobody has open (one this call just created): open
+    /// Only for an image nobody has open (e.g. one just created or cloned):
     /// handles are not told of the change.
     pub fn metadata_set_unopened(&self, image_id: &str, pairs: &[(&str, &str)]) -> RbdResult<()> {
         self.exec_rbd(
@@ -753,10 +759,7 @@ impl IoCtx {
         out.get(1..9)
             .and_then(|b| b.try_into().ok())
             .map(u64::from_le_bytes)
-            .ok_or_else(|| RbdError::Other {
-                errno: super::error::EIO,
-                what: format!("rbd.get_size of {}/{image_id}: malformed reply", self.pool),
-            })
+            .ok_or_else(|| self.malformed("get_size", image_id))
     }
 
     /// Creation time (Unix seconds) of the image with id `image_id`, from
@@ -772,13 +775,7 @@ impl IoCtx {
         out.get(..4)
             .and_then(|b| b.try_into().ok())
             .map(|b| i64::from(u32::from_le_bytes(b)))
-            .ok_or_else(|| RbdError::Other {
-                errno: super::error::EIO,
-                what: format!(
-                    "rbd.get_create_timestamp of {}/{image_id}: malformed reply",
-                    self.pool
-                ),
-            })
+            .ok_or_else(|| self.malformed("get_create_timestamp", image_id))
     }
 
     /// Image metadata of the image with id `image_id` whose keys start with
@@ -790,10 +787,9 @@ impl IoCtx {
         prefix: &str,
     ) -> RbdResult<Vec<(String, String)>> {
         const MAX: u64 = 64;
-        let mut input = Vec::new();
         // start after the prefix itself (keys are sorted), at most MAX keys
-        input.extend_from_slice(&(prefix.len() as u32).to_le_bytes());
-        input.extend_from_slice(prefix.as_bytes());
+        let mut input = Vec::new();
+        denc::put(&mut input, prefix.as_bytes());
         input.extend_from_slice(&MAX.to_le_bytes());
         let object = format!("rbd_header.{image_id}");
         let mut cap = 16 << 10;
@@ -802,13 +798,8 @@ impl IoCtx {
                 Err(e) if e.errno() == ERANGE => cap *= 4,
                 Err(e) => return Err(e),
                 Ok(out) => {
-                    let pairs = denc::string_pairs(&out).ok_or_else(|| RbdError::Other {
-                        errno: super::error::EIO,
-                        what: format!(
-                            "rbd.metadata_list of {}/{image_id}: malformed reply",
-                            self.pool
-                        ),
-                    })?;
+                    let pairs = denc::string_pairs(&out)
+                        .ok_or_else(|| self.malformed("metadata_list", image_id))?;
                     return Ok(pairs
                         .into_iter()
                         .filter(|(k, _)| k.starts_with(prefix))

@@ -231,14 +231,12 @@ fn read_header(io: &IoCtx, image: &str) -> RbdResult<Found> {
     })
 }
 
+/// Writes identity metadata onto an image in one OSD operation (see
+/// [`IoCtx::metadata_set_unopened`]): only ever onto images no node has
+/// mapped yet (a create's own new image or clone, a hidden snapshot clone).
 fn tag(io: &IoCtx, image: &str, meta: &[(&str, String)]) -> RbdResult<()> {
-    let img = io.open(image)?;
-    for (k, v) in meta {
-        if img.metadata_get(k)?.as_deref() != Some(v.as_str()) {
-            img.metadata_set(k, v)?;
-        }
-    }
-    Ok(())
+    let pairs: Vec<(&str, &str)> = meta.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    io.metadata_set_unopened(&io.image_id(image)?, &pairs)
 }
 
 fn ignore_missing(r: RbdResult<()>) -> RbdResult<()> {
@@ -681,9 +679,7 @@ impl ControllerBackend for RbdController {
                 if src.is_none() {
                     match io.create(&image, size, &options) {
                         Ok(()) => {
-                            let pairs: Vec<(&str, &str)> =
-                                meta.iter().map(|(k, v)| (*k, v.as_str())).collect();
-                            io.metadata_set_unopened(&io.image_id(&image)?, &pairs)?;
+                            tag(io, &image, &meta)?;
                             let found = Found {
                                 size,
                                 name: Some(name),
