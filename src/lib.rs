@@ -13,6 +13,7 @@ pub mod ctl;
 pub mod demo;
 pub mod driver;
 pub mod error;
+pub mod failpoint;
 pub mod host;
 pub mod kube;
 pub mod lvm;
