@@ -60,6 +60,8 @@ mod resolver;
 mod snapshot;
 #[path = "conformance/snapshot_lvm.rs"]
 mod snapshot_lvm;
+#[path = "conformance/soak_lvm.rs"]
+mod soak_lvm;
 #[path = "conformance/validation.rs"]
 mod validation;
 #[path = "conformance/zz_leaks.rs"]
