@@ -332,3 +332,49 @@ impl pb::agent_server::Agent for AgentService {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lv(name: &str, tags: &[&str]) -> Lv {
+        Lv {
+            vg: "vg0".into(),
+            name: name.into(),
+            size: 4 << 20,
+            attr: "Vwi-a-tz--".into(),
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+            pool: Some("pool0".into()),
+            data_percent: None,
+            metadata_percent: None,
+            when_full: String::new(),
+            zeroing: false,
+            created: None,
+        }
+    }
+
+    #[test]
+    fn only_lodestone_names_and_tags_are_ours() {
+        let key = "0123456789abcdef0123456789abcdef";
+        assert_eq!(own_kind(&format!("lds-{key}")).unwrap(), Kind::Volume);
+        assert_eq!(own_kind(&format!("ldsnap-{key}")).unwrap(), Kind::Snapshot);
+        for name in [
+            "pool0",
+            "root",
+            "lds-",
+            &format!("ldtmp-{key}"),
+            &format!("lds-{key}x"),
+        ] {
+            let e = own_kind(name).unwrap_err();
+            assert_eq!(e.code(), Code::PermissionDenied, "{name}");
+        }
+        assert!(is_own(&lv(&format!("lds-{key}"), &["lodestone.v1.vol"])));
+        assert!(is_own(&lv(
+            &format!("ldsnap-{key}"),
+            &["x", "lodestone.v1.snap"]
+        )));
+        assert!(!is_own(&lv(&format!("lds-{key}"), &[])));
+        assert!(!is_own(&lv(&format!("lds-{key}"), &["lodestone.v1.snap"])));
+        assert!(!is_own(&lv("pool0", &["lodestone.v1.vol"])));
+    }
+}
