@@ -3,8 +3,10 @@
 //! Calls the driver on `--endpoint` (a Unix socket) one RPC or a few at a
 //! time and prints the answer as compact text or as one JSON document. A
 //! failed call prints its gRPC code and message on stderr and exits 1; a
-//! command line that cannot be used exits 2. Secrets given with `--secret`
-//! are sent to the driver and never printed, not even in error messages.
+//! command line that cannot be used exits 2. Secrets come from a file or
+//! standard input (`--secrets-file`), never from the command line, which
+//! every user of the machine can see; they are sent to the driver and never
+//! printed, not even in error messages.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -109,27 +111,101 @@ impl CapabilityArgs {
     }
 }
 
-/// A `--secret KEY=VALUE`: sent to the driver, never shown. Its parser
-/// accepts anything, so that clap never echoes it in an error; the shape is
-/// checked later with a message that leaves the value out.
-#[derive(Clone)]
-pub struct Secret(String);
+/// A refused `--secret`. Its parser accepts anything, so that clap never
+/// echoes it in an error, and drops the value at once.
+#[derive(Debug, Clone)]
+pub struct Secret;
 
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Secret(<redacted>)")
-    }
-}
-
-fn secret(s: &str) -> Result<Secret, String> {
-    Ok(Secret(s.to_string()))
+fn secret(_: &str) -> Result<Secret, String> {
+    Ok(Secret)
 }
 
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct SecretArgs {
-    /// A secret for the driver, KEY=VALUE. Repeatable. Never printed.
-    #[arg(long = "secret", value_name = "KEY=VALUE", value_parser = secret)]
-    pub secrets: Vec<Secret>,
+    /// Secrets for the driver, read from PATH (`-`: standard input): a JSON
+    /// object of strings, or KEY=VALUE lines (`#` starts a comment line).
+    /// Never printed.
+    #[arg(long = "secrets-file", value_name = "PATH")]
+    pub secrets_file: Option<std::path::PathBuf>,
+    /// Refused: a command line is visible to every user of the machine.
+    #[arg(long = "secret", hide = true, value_parser = secret)]
+    pub refused: Vec<Secret>,
+}
+
+/// The secrets of a `--secrets-file`'s text. Errors name keys and line
+/// numbers, never a value nor a line's text.
+fn parse_secrets(text: &str) -> Result<HashMap<String, String>, String> {
+    let mut out = HashMap::new();
+    if text.trim_start().starts_with('{') {
+        let map: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(text).map_err(|e| {
+                format!(
+                    "the secrets file is not a JSON object of strings (line {}, column {}; \
+                     the text is not shown)",
+                    e.line(),
+                    e.column()
+                )
+            })?;
+        for (k, v) in map {
+            let serde_json::Value::String(v) = v else {
+                return Err(format!("secret {k:?}: the value must be a JSON string"));
+            };
+            if k.is_empty() {
+                return Err("a secret's key must not be empty".into());
+            }
+            out.insert(k, v);
+        }
+        return Ok(out);
+    }
+    for (n, line) in text.lines().enumerate() {
+        let line = line.strip_suffix('\r').unwrap_or(line);
+        if line.trim().is_empty() || line.trim_start().starts_with('#') {
+            continue;
+        }
+        let Some((k, v)) = line.split_once('=').filter(|(k, _)| !k.trim().is_empty()) else {
+            return Err(format!(
+                "line {} of the secrets file is not KEY=VALUE (the line is not shown)",
+                n + 1
+            ));
+        };
+        let k = k.trim();
+        if out.insert(k.to_string(), v.to_string()).is_some() {
+            return Err(format!("secret {k:?} is given twice in the secrets file"));
+        }
+    }
+    Ok(out)
+}
+
+impl SecretArgs {
+    /// The secrets, read from the file or standard input.
+    fn read(&self) -> Result<HashMap<String, String>, Failure> {
+        if !self.refused.is_empty() {
+            return Err(Failure::Usage(
+                "--secret is not accepted (the argument is not shown): a command line is \
+                 visible to every user of the machine; put the secrets in a file readable only \
+                 by you and pass --secrets-file PATH, or --secrets-file - to read standard input"
+                    .into(),
+            ));
+        }
+        let Some(path) = &self.secrets_file else {
+            return Ok(HashMap::new());
+        };
+        let text = if path.as_os_str() == "-" {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).map_err(|e| {
+                Failure::Usage(format!("cannot read secrets from standard input: {e}"))
+            })?;
+            text
+        } else {
+            std::fs::read_to_string(path).map_err(|e| {
+                Failure::Usage(format!(
+                    "cannot read the secrets file {}: {e}",
+                    path.display()
+                ))
+            })?
+        };
+        parse_secrets(&text).map_err(Failure::Usage)
+    }
 }
 
 /// `KEY=VALUE` of `--param`, `--topology` and `--context`.
@@ -461,24 +537,12 @@ impl Prepared {
             CtlCommand::Capacity { params, topology } => (&none, params, &[], topology),
             _ => (&none, &[], &[], &[]),
         };
-        let mut out = Prepared {
+        Ok(Prepared {
             params: unique(params, "--param")?,
             context: unique(context, "--context")?,
             topology: unique(topology, "--topology")?,
-            ..Prepared::default()
-        };
-        for Secret(s) in &secrets.secrets {
-            // Neither the value nor anything that might be it is shown.
-            let Some((k, v)) = s.split_once('=').filter(|(k, _)| !k.is_empty()) else {
-                return Err(Failure::Usage(
-                    "--secret expects KEY=VALUE (the argument is not shown)".into(),
-                ));
-            };
-            if out.secrets.insert(k.to_string(), v.to_string()).is_some() {
-                return Err(Failure::Usage(format!("--secret {k} is given twice")));
-            }
-        }
-        Ok(out)
+            secrets: secrets.read()?,
+        })
     }
 }
 
@@ -1495,25 +1559,58 @@ mod tests {
     }
 
     #[test]
-    fn secrets_are_never_shown() {
-        let c = parse(&["delete-volume", "v", "--secret", "hunter2"]).unwrap();
-        assert!(!format!("{c:?}").contains("hunter2"));
-        let Err(Failure::Usage(m)) = Prepared::new(&c.command) else {
-            panic!("a secret without '=' is a usage error")
-        };
-        assert!(!m.contains("hunter2"), "{m}");
-        let c = parse(&["delete-volume", "v", "--secret", "password=hunter2"]).unwrap();
-        assert!(!format!("{c:?}").contains("hunter2"));
+    fn secrets_are_never_taken_from_the_command_line() {
+        for args in [
+            &["delete-volume", "v", "--secret", "password=hunter2"][..],
+            &["delete-volume", "v", "--secret=hunter2"],
+        ] {
+            let c = parse(args).unwrap();
+            assert!(!format!("{c:?}").contains("hunter2"));
+            let Err(Failure::Usage(m)) = Prepared::new(&c.command) else {
+                panic!("--secret is a usage error")
+            };
+            assert!(
+                !m.contains("hunter2") && m.contains("--secrets-file"),
+                "{m}"
+            );
+        }
+    }
+
+    #[test]
+    fn secrets_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let lines = dir.path().join("lines");
+        std::fs::write(&lines, "# comment\n\nuserID = admin\nkey=a=b c\r\n").unwrap();
+        let c = parse(&[
+            "delete-volume",
+            "v",
+            "--secrets-file",
+            lines.to_str().unwrap(),
+        ])
+        .unwrap();
         let p = Prepared::new(&c.command).unwrap();
-        assert_eq!(
-            p.secrets.get("password").map(String::as_str),
-            Some("hunter2")
-        );
-        let c = parse(&["delete-volume", "v", "--secret", "a=1", "--secret", "a=2"]).unwrap();
-        let Err(Failure::Usage(m)) = Prepared::new(&c.command) else {
-            panic!("a repeated key is a usage error")
-        };
-        assert!(!m.contains('1') && !m.contains('2'), "{m}");
+        assert_eq!(p.secrets.len(), 2);
+        assert_eq!(p.secrets["userID"], " admin");
+        assert_eq!(p.secrets["key"], "a=b c");
+        let json = parse_secrets(r#" {"userID": "admin", "userKey": "hunter2"}"#).unwrap();
+        assert_eq!(json["userKey"], "hunter2");
+        assert!(parse_secrets("").unwrap().is_empty());
+        for bad in [
+            "hunter2",
+            "=hunter2",
+            "a=1\na=hunter2",
+            r#"{"a": 5}"#,
+            r#"{"a": "hunter2""#,
+            r#"{"a": "x", "a": "hunter2"}"#,
+        ] {
+            match parse_secrets(bad) {
+                Err(m) => assert!(!m.contains("hunter2"), "{m}"),
+                // serde_json keeps the last of repeated keys
+                Ok(map) => assert_eq!(bad, r#"{"a": "x", "a": "hunter2"}"#, "{map:?}"),
+            }
+        }
+        let c = parse(&["delete-volume", "v", "--secrets-file", "/nonexistent/s"]).unwrap();
+        assert!(matches!(Prepared::new(&c.command), Err(Failure::Usage(_))));
     }
 
     #[test]

@@ -111,17 +111,11 @@ async fn serve_agent(args: &RunArgs, agent: Arc<LocalAgent>) -> Result<(), Strin
         AgentService { agent },
         require_peer(args.controller_identity.clone()),
     );
-    let server = tonic::transport::Server::builder()
-        .tls_config(tls.server())
-        .map_err(|e| format!("agent API TLS: {e}"))?
-        .add_service(service);
+    let server = tonic::transport::Server::builder().add_service(service);
     tracing::info!(listen = %args.agent_listen, controller = %args.controller_identity,
         "serving the LVM agent API (mutual TLS)");
     tokio::spawn(async move {
-        if let Err(e) = server
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-            .await
-        {
+        if let Err(e) = server.serve_with_incoming(tls.incoming(listener)).await {
             tracing::error!(error = %e, "the agent API server failed");
         }
     });

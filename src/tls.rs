@@ -5,13 +5,34 @@
 //! so it only talks to the node it meant; the agent requires a client
 //! certificate from that CA and then checks that it names the controller's
 //! identity before any LVM work.
+//!
+//! Certificates are reloaded without a restart: before every new connection
+//! (an agent accepting one, the controller opening one) the three files are
+//! looked at (inode, size, modification time, one `stat` each); when any of
+//! them changed, they are read and checked again, and the new certificate,
+//! key and CA serve that connection and the ones after it. Connections
+//! already open keep the material they were made with. A set of files that
+//! does not load (a half-written renewal, a key that does not match its
+//! certificate) is reported once and the last good material stays in use.
 
+use std::future::Future;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
 
-use rustls_pki_types::{CertificateDer, ServerName};
-use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+use hyper_util::rt::TokioIo;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::rustls::{self, ClientConfig, RootCertStore, ServerConfig};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tonic::{Request, Status};
+
+/// How long a TLS handshake may take before the connection is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The PEM files of one end.
 #[derive(Debug, Clone)]
@@ -21,45 +42,259 @@ pub struct TlsFiles {
     pub ca: PathBuf,
 }
 
-/// Loaded PEM material. The key stays in memory only.
+/// One loaded set of certificate, key and CA, as rustls configurations of
+/// both roles. The key stays in memory only and is never logged.
+struct Loaded {
+    server: Arc<ServerConfig>,
+    client: Arc<ClientConfig>,
+}
+
+/// Identity of the three files' current contents, without reading them.
+type Fingerprint = [(u64, u64, u64, i64, i64); 3];
+
+struct Watched {
+    files: TlsFiles,
+    state: Mutex<WatchState>,
+}
+
+struct WatchState {
+    seen: Fingerprint,
+    current: Arc<Loaded>,
+    /// The fingerprint of files that failed to load, reported once.
+    failed: Option<Fingerprint>,
+}
+
+enum Source {
+    Fixed(Arc<Loaded>),
+    Files(Box<Watched>),
+}
+
+/// The TLS material of one end: fixed PEM, or files reloaded when they
+/// change. Cheap to clone (shared).
 #[derive(Clone)]
 pub struct TlsMaterial {
-    identity: Identity,
-    ca: Certificate,
+    source: Arc<Source>,
 }
 
 fn read(path: &Path, what: &str) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| format!("cannot read the TLS {what} {}: {e}", path.display()))
 }
 
-impl TlsMaterial {
-    pub fn load(files: &TlsFiles) -> Result<Self, String> {
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn fingerprint(files: &TlsFiles) -> Fingerprint {
+    let one = |p: &Path| match std::fs::metadata(p) {
+        Ok(m) => (m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec()),
+        Err(_) => (0, 0, 0, 0, 0),
+    };
+    [one(&files.cert), one(&files.key), one(&files.ca)]
+}
+
+impl Loaded {
+    fn from_pem(cert: &[u8], key: &[u8], ca: &[u8]) -> Result<Loaded, String> {
+        let chain = CertificateDer::pem_slice_iter(cert)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("the TLS certificate is not valid PEM: {e}"))?;
+        if chain.is_empty() {
+            return Err("the TLS certificate file holds no certificate".into());
+        }
+        let key = PrivateKeyDer::from_pem_slice(key)
+            .map_err(|_| "the TLS key file holds no usable private key".to_string())?;
+        let mut roots = RootCertStore::empty();
+        let mut any = false;
+        for c in CertificateDer::pem_slice_iter(ca) {
+            let c = c.map_err(|e| format!("the TLS CA bundle is not valid PEM: {e}"))?;
+            roots
+                .add(c)
+                .map_err(|e| format!("a certificate of the TLS CA bundle is not usable: {e}"))?;
+            any = true;
+        }
+        if !any {
+            return Err("the TLS CA bundle holds no certificate".into());
+        }
+        let roots = Arc::new(roots);
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+                .build()
+                .map_err(|e| format!("the TLS CA bundle cannot verify clients: {e}"))?;
+        let mut server = ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS setup: {e}"))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain.clone(), key.clone_key())
+            .map_err(|e| format!("the TLS certificate and key do not go together: {e}"))?;
+        server.alpn_protocols = vec![b"h2".to_vec()];
+        let mut client = ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS setup: {e}"))?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| format!("the TLS certificate and key do not go together: {e}"))?;
+        client.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Loaded {
+            server: Arc::new(server),
+            client: Arc::new(client),
+        })
+    }
+
+    fn load(files: &TlsFiles) -> Result<Loaded, String> {
         let cert = read(&files.cert, "certificate")?;
         let key = read(&files.key, "key")?;
         let ca = read(&files.ca, "CA bundle")?;
-        Ok(Self::from_pem(cert, key, ca))
+        Loaded::from_pem(&cert, &key, &ca)
+    }
+}
+
+impl TlsMaterial {
+    /// Loads the files now (an error stops the process at start) and
+    /// reloads them whenever they change.
+    pub fn load(files: &TlsFiles) -> Result<Self, String> {
+        let seen = fingerprint(files);
+        let current = Arc::new(Loaded::load(files)?);
+        Ok(TlsMaterial {
+            source: Arc::new(Source::Files(Box::new(Watched {
+                files: files.clone(),
+                state: Mutex::new(WatchState {
+                    seen,
+                    current,
+                    failed: None,
+                }),
+            }))),
+        })
     }
 
-    pub fn from_pem(cert: Vec<u8>, key: Vec<u8>, ca: Vec<u8>) -> Self {
-        TlsMaterial {
-            identity: Identity::from_pem(cert, key),
-            ca: Certificate::from_pem(ca),
+    /// Material from PEM in memory, never reloaded.
+    pub fn from_pem(cert: Vec<u8>, key: Vec<u8>, ca: Vec<u8>) -> Result<Self, String> {
+        Ok(TlsMaterial {
+            source: Arc::new(Source::Fixed(Arc::new(Loaded::from_pem(&cert, &key, &ca)?))),
+        })
+    }
+
+    /// The material for a new connection: the files are read again when
+    /// they changed since the last look.
+    fn current(&self) -> Arc<Loaded> {
+        let w = match self.source.as_ref() {
+            Source::Fixed(l) => return l.clone(),
+            Source::Files(w) => w,
+        };
+        let now = fingerprint(&w.files);
+        let mut st = w.state.lock().expect("TLS state poisoned");
+        if now == st.seen || st.failed == Some(now) {
+            return st.current.clone();
+        }
+        match Loaded::load(&w.files) {
+            Ok(l) => {
+                tracing::info!(cert = %w.files.cert.display(), ca = %w.files.ca.display(),
+                    "reloaded the agent API's TLS certificate, key and CA");
+                st.current = Arc::new(l);
+                st.seen = now;
+                st.failed = None;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e,
+                    "the agent API's TLS files changed but do not load; keeping the previous ones");
+                st.failed = Some(now);
+            }
+        }
+        st.current.clone()
+    }
+
+    /// Agent side: every accepted TCP connection gets a TLS handshake with
+    /// the current material (a client certificate signed by the CA is
+    /// mandatory) in its own task; the stream yields the connections that
+    /// completed it. tonic reads the peer's certificates from them.
+    pub fn incoming(
+        &self,
+        listener: TcpListener,
+    ) -> tokio_stream::wrappers::ReceiverStream<
+        std::io::Result<tokio_rustls::server::TlsStream<TcpStream>>,
+    > {
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let tls = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, peer) = match listener.accept().await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "agent API: accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                if tx.is_closed() {
+                    return;
+                }
+                let _ = tcp.set_nodelay(true);
+                let acceptor = TlsAcceptor::from(tls.current().server.clone());
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => {
+                            let _ = tx.send(Ok(stream)).await;
+                        }
+                        Ok(Err(e)) => {
+                            tracing::warn!(%peer, error = %e, "agent API: TLS handshake failed")
+                        }
+                        Err(_) => tracing::warn!(%peer, "agent API: TLS handshake timed out"),
+                    }
+                });
+            }
+        });
+        tokio_stream::wrappers::ReceiverStream::new(rx)
+    }
+
+    /// Controller side: a connector for tonic that opens TCP to the
+    /// address of the URI and makes a TLS handshake with the current
+    /// material, in which the agent must prove it is `node`.
+    pub fn connector(&self, node: &str) -> AgentConnector {
+        AgentConnector {
+            tls: self.clone(),
+            node: node.to_string(),
         }
     }
+}
 
-    /// Agent side: a client certificate signed by the CA is mandatory.
-    pub fn server(&self) -> ServerTlsConfig {
-        ServerTlsConfig::new()
-            .identity(self.identity.clone())
-            .client_ca_root(self.ca.clone())
+/// See [`TlsMaterial::connector`].
+#[derive(Clone)]
+pub struct AgentConnector {
+    tls: TlsMaterial,
+    node: String,
+}
+
+type Connecting = Pin<
+    Box<
+        dyn Future<Output = std::io::Result<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>>>
+            + Send,
+    >,
+>;
+
+impl tower::Service<http::Uri> for AgentConnector {
+    type Response = TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
+    type Error = std::io::Error;
+    type Future = Connecting;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
     }
 
-    /// Controller side: the agent must prove it is `node`.
-    pub fn client(&self, node: &str) -> ClientTlsConfig {
-        ClientTlsConfig::new()
-            .ca_certificate(self.ca.clone())
-            .identity(self.identity.clone())
-            .domain_name(node)
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let config = self.tls.current().client.clone();
+        let node = self.node.clone();
+        Box::pin(async move {
+            let address = uri
+                .authority()
+                .map(|a| a.as_str().to_string())
+                .ok_or_else(|| std::io::Error::other(format!("no address in {uri}")))?;
+            let name = ServerName::try_from(node.clone()).map_err(|_| {
+                std::io::Error::other(format!("node name {node:?} is not a DNS name"))
+            })?;
+            let tcp = TcpStream::connect(&address).await?;
+            let _ = tcp.set_nodelay(true);
+            let tls = TlsConnector::from(config).connect(name, tcp).await?;
+            Ok(TokioIo::new(tls))
+        })
     }
 }
 
@@ -129,5 +364,61 @@ mod tests {
         assert!(!cert_names(der, "not a name"));
         assert!(valid_server_name("worker-1.example"));
         assert!(!valid_server_name("under_score node"));
+    }
+
+    fn self_signed(name: &str) -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
+        params.is_ca = rcgen::IsCa::NoCa;
+        let cert = params.self_signed(&key).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    fn client_cert_of(m: &TlsMaterial) -> Vec<u8> {
+        // The certificate a new client connection would present.
+        let l = m.current();
+        let resolver = l.client.client_auth_cert_resolver.clone();
+        let key = resolver
+            .resolve(&[], &[rustls::SignatureScheme::ECDSA_NISTP256_SHA256])
+            .expect("a client certificate");
+        key.cert[0].to_vec()
+    }
+
+    #[test]
+    fn files_are_reloaded_when_they_change_and_bad_ones_are_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = TlsFiles {
+            cert: dir.path().join("tls.crt"),
+            key: dir.path().join("tls.key"),
+            ca: dir.path().join("ca.crt"),
+        };
+        let write = |(cert, key): &(String, String)| {
+            // A new inode each time, like a renewal that renames files in.
+            for (path, text) in [(&files.cert, cert), (&files.key, key), (&files.ca, cert)] {
+                let tmp = path.with_extension("tmp");
+                std::fs::write(&tmp, text).unwrap();
+                std::fs::rename(&tmp, path).unwrap();
+            }
+        };
+        let first = self_signed("one");
+        write(&first);
+        let m = TlsMaterial::load(&files).unwrap();
+        let a = client_cert_of(&m);
+        assert_eq!(
+            client_cert_of(&m),
+            a,
+            "unchanged files give the same material"
+        );
+        let second = self_signed("two");
+        write(&second);
+        let b = client_cert_of(&m);
+        assert_ne!(a, b, "the new certificate was not picked up");
+        // A key that does not match its certificate: the last good material stays.
+        let third = self_signed("three");
+        let tmp = files.key.with_extension("tmp");
+        std::fs::write(&tmp, &third.1).unwrap();
+        std::fs::rename(&tmp, &files.key).unwrap();
+        assert_eq!(client_cert_of(&m), b);
+        assert!(TlsMaterial::load(&files).is_err());
     }
 }

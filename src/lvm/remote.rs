@@ -47,17 +47,17 @@ impl RemoteAgent {
                 "node name {node:?} cannot be checked against a certificate (not a DNS name)"
             ));
         }
-        let endpoint = Endpoint::from_shared(format!("https://{address}"))
+        // TLS comes from the connector, with the certificates current at
+        // each new connection.
+        let endpoint = Endpoint::from_shared(format!("http://{address}"))
             .map_err(|e| format!("bad agent address {address:?} for node {node}: {e}"))?
-            .tls_config(tls.client(node))
-            .map_err(|e| format!("TLS setup for node {node}: {e}"))?
             .connect_timeout(deadlines.connect)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(10));
         Ok(RemoteAgent {
             node: node.to_string(),
-            client: AgentClient::new(endpoint.connect_lazy()),
+            client: AgentClient::new(endpoint.connect_with_connector_lazy(tls.connector(node))),
             deadlines,
         })
     }

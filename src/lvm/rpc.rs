@@ -8,6 +8,7 @@ use tonic::{Code, Request, Response, Status};
 use crate::agentpb as pb;
 use crate::error::Error;
 use crate::lvm::agent::{Agent, ClassCapacity, LocalAgent, LvSpec, Origin};
+use crate::lvm::ids::{has_tag, Kind};
 use crate::lvm::report::Lv;
 
 impl From<Lv> for pb::Lv {
@@ -149,12 +150,67 @@ fn describe_transport(s: &Status) -> String {
 }
 
 /// The agent's gRPC service over the node's [`LocalAgent`].
+///
+/// It acts only on Lodestone's own LVs, whoever holds the controller's
+/// certificate: a name that is not a volume's or a snapshot's (`lds-` or
+/// `ldsnap-` and 32 hex digits: the thin pool, another program's LV) is
+/// refused with PERMISSION_DENIED before LVM is asked anything, and an
+/// existing LV with such a name that lacks its kind's tag is refused the
+/// same way by remove, extend, resume and create (as an origin), and is
+/// absent for find and list, as a missing LV is.
 pub struct AgentService {
     pub agent: Arc<LocalAgent>,
 }
 
 fn lv_ref(r: Request<pb::LvRef>) -> pb::LvRef {
     r.into_inner()
+}
+
+/// The kind of LV a name of ours denotes, or PERMISSION_DENIED.
+fn own_kind(name: &str) -> Result<Kind, Status> {
+    [Kind::Volume, Kind::Snapshot]
+        .into_iter()
+        .find(|k| k.key_of_lv(name).is_some())
+        .ok_or_else(|| {
+            tracing::warn!(lv = %name, "refused an agent API call on an LV that is not Lodestone's");
+            Status::permission_denied(format!(
+                "{name:?} is not a Lodestone volume or snapshot; the agent API acts on no other LV"
+            ))
+        })
+}
+
+/// Whether an LV carries the tag of the kind its name says.
+fn is_own(lv: &Lv) -> bool {
+    [Kind::Volume, Kind::Snapshot]
+        .into_iter()
+        .any(|k| k.key_of_lv(&lv.name).is_some() && has_tag(&lv.tags, k.tag()))
+}
+
+fn not_tagged(class: &str, name: &str) -> Status {
+    tracing::warn!(class = %class, lv = %name,
+        "refused an agent API call on an LV without Lodestone's tag");
+    Status::permission_denied(format!(
+        "{name} does not carry Lodestone's tag; the agent API acts on no other LV"
+    ))
+}
+
+impl AgentService {
+    /// The LV `name` of `class` if it exists and is ours; PERMISSION_DENIED
+    /// when the name or the tag says it is not.
+    async fn own_lv(&self, class: &str, name: &str) -> Result<Option<Lv>, Status> {
+        own_kind(name)?;
+        let vg = match self.agent.config().class(class) {
+            Some(c) => c.volume_group.clone(),
+            None => {
+                let e = Error::NotFound(format!("device class {class:?} is not configured"));
+                return Err(e.into());
+            }
+        };
+        match self.agent.lookup(&vg, name).await? {
+            Some(lv) if !is_own(&lv) => Err(not_tagged(class, name)),
+            found => Ok(found),
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -178,6 +234,22 @@ impl pb::agent_server::Agent for AgentService {
 
     async fn create(&self, r: Request<pb::CreateRequest>) -> Result<Response<pb::LvReply>, Status> {
         let spec = LvSpec::from(r.into_inner());
+        let kind = own_kind(&spec.name)?;
+        if !has_tag(&spec.tags, kind.tag()) {
+            return Err(Status::invalid_argument(format!(
+                "a new {} must carry the tag {}",
+                spec.name,
+                kind.tag()
+            )));
+        }
+        if let Some(o) = &spec.origin {
+            if self.own_lv(&o.class, &o.lv).await?.is_none() {
+                return Err(Status::not_found(format!(
+                    "the origin {} does not exist",
+                    o.lv
+                )));
+            }
+        }
         tracing::info!(class = %spec.class, lv = %spec.name, size = spec.size, "agent: create");
         let lv = self.agent.create(&spec).await?;
         Ok(Response::new(pb::LvReply {
@@ -187,6 +259,7 @@ impl pb::agent_server::Agent for AgentService {
 
     async fn remove(&self, r: Request<pb::LvRef>) -> Result<Response<pb::RemoveReply>, Status> {
         let r = lv_ref(r);
+        self.own_lv(&r.class, &r.name).await?;
         tracing::info!(class = %r.class, lv = %r.name, "agent: remove");
         self.agent.remove(&r.class, &r.name).await?;
         Ok(Response::new(pb::RemoveReply {}))
@@ -194,6 +267,7 @@ impl pb::agent_server::Agent for AgentService {
 
     async fn extend(&self, r: Request<pb::ExtendRequest>) -> Result<Response<pb::LvReply>, Status> {
         let r = r.into_inner();
+        self.own_lv(&r.class, &r.name).await?;
         tracing::info!(class = %r.class, lv = %r.name, size = r.size, "agent: extend");
         let lv = self.agent.extend(&r.class, &r.name, r.size).await?;
         Ok(Response::new(pb::LvReply {
@@ -203,7 +277,8 @@ impl pb::agent_server::Agent for AgentService {
 
     async fn find(&self, r: Request<pb::LvRef>) -> Result<Response<pb::FindReply>, Status> {
         let r = lv_ref(r);
-        let lv = self.agent.find(&r.class, &r.name).await?;
+        own_kind(&r.name)?;
+        let lv = self.agent.find(&r.class, &r.name).await?.filter(is_own);
         Ok(Response::new(pb::FindReply {
             lv: lv.map(Into::into),
         }))
@@ -214,6 +289,7 @@ impl pb::agent_server::Agent for AgentService {
         Ok(Response::new(pb::ListReply {
             lvs: lvs
                 .into_iter()
+                .filter(|(_, lv)| is_own(lv))
                 .map(|(class, lv)| pb::ClassLv {
                     class,
                     lv: Some(lv.into()),
@@ -232,6 +308,7 @@ impl pb::agent_server::Agent for AgentService {
 
     async fn resume(&self, r: Request<pb::LvRef>) -> Result<Response<pb::FindReply>, Status> {
         let r = lv_ref(r);
+        self.own_lv(&r.class, &r.name).await?;
         let lv = self.agent.resume(&r.class, &r.name).await?;
         Ok(Response::new(pb::FindReply {
             lv: lv.map(Into::into),
@@ -243,6 +320,7 @@ impl pb::agent_server::Agent for AgentService {
         r: Request<pb::LvRef>,
     ) -> Result<Response<pb::CopyProgressReply>, Status> {
         let r = lv_ref(r);
+        own_kind(&r.name)?;
         let (message, failed_for_good) = self
             .agent
             .copy_progress(&r.class, &r.name)
@@ -252,5 +330,51 @@ impl pb::agent_server::Agent for AgentService {
             message,
             failed_for_good,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lv(name: &str, tags: &[&str]) -> Lv {
+        Lv {
+            vg: "vg0".into(),
+            name: name.into(),
+            size: 4 << 20,
+            attr: "Vwi-a-tz--".into(),
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+            pool: Some("pool0".into()),
+            data_percent: None,
+            metadata_percent: None,
+            when_full: String::new(),
+            zeroing: false,
+            created: None,
+        }
+    }
+
+    #[test]
+    fn only_lodestone_names_and_tags_are_ours() {
+        let key = "0123456789abcdef0123456789abcdef";
+        assert_eq!(own_kind(&format!("lds-{key}")).unwrap(), Kind::Volume);
+        assert_eq!(own_kind(&format!("ldsnap-{key}")).unwrap(), Kind::Snapshot);
+        for name in [
+            "pool0",
+            "root",
+            "lds-",
+            &format!("ldtmp-{key}"),
+            &format!("lds-{key}x"),
+        ] {
+            let e = own_kind(name).unwrap_err();
+            assert_eq!(e.code(), Code::PermissionDenied, "{name}");
+        }
+        assert!(is_own(&lv(&format!("lds-{key}"), &["lodestone.v1.vol"])));
+        assert!(is_own(&lv(
+            &format!("ldsnap-{key}"),
+            &["x", "lodestone.v1.snap"]
+        )));
+        assert!(!is_own(&lv(&format!("lds-{key}"), &[])));
+        assert!(!is_own(&lv(&format!("lds-{key}"), &["lodestone.v1.snap"])));
+        assert!(!is_own(&lv("pool0", &["lodestone.v1.vol"])));
     }
 }

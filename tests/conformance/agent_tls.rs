@@ -5,7 +5,8 @@
 use std::time::Duration;
 
 use lodestone::agentpb::agent_client::AgentClient;
-use lodestone::agentpb::{CreateRequest, DescribeRequest};
+use lodestone::agentpb::{CreateRequest, DescribeRequest, ExtendRequest, LvRef, Origin};
+use lodestone::csi;
 use lodestone::lvm::agent::Agent as _;
 use lodestone::lvm::remote::{Deadlines, RemoteAgent};
 use lodestone::tls::TlsMaterial;
@@ -21,12 +22,12 @@ fn read(p: &std::path::Path) -> Vec<u8> {
 }
 
 fn material(files: &TlsFiles) -> TlsMaterial {
-    TlsMaterial::from_pem(read(&files.cert), read(&files.key), read(&files.ca))
+    TlsMaterial::from_pem(read(&files.cert), read(&files.key), read(&files.ca)).unwrap()
 }
 
 /// A raw client of the agent at `address` that trusts `ca` for the server
 /// and presents `identity` (if any).
-async fn client(
+pub async fn client(
     address: &str,
     server_name: &str,
     ca: &std::path::Path,
@@ -191,5 +192,265 @@ fn central_modes_need_tls_and_agents() {
         let status = status.unwrap_or_else(|| panic!("{args:?}: still running\n{log}"));
         assert!(!status.success(), "{args:?} started:\n{log}");
         assert!(log.contains(want), "{args:?}: log lacks {want:?}:\n{log}");
+    }
+}
+
+/// Copies `from` to `live` (written beside and renamed in, as a renewal
+/// does) and returns the live paths.
+fn install(from: &TlsFiles, live: &std::path::Path) -> TlsFiles {
+    std::fs::create_dir_all(live).unwrap();
+    let to = TlsFiles {
+        cert: live.join("tls.crt"),
+        key: live.join("tls.key"),
+        ca: live.join("ca.crt"),
+    };
+    for (src, dst) in [
+        (&from.cert, &to.cert),
+        (&from.key, &to.key),
+        (&from.ca, &to.ca),
+    ] {
+        let tmp = dst.with_extension("new");
+        std::fs::copy(src, &tmp).unwrap();
+        std::fs::rename(&tmp, dst).unwrap();
+    }
+    to
+}
+
+async fn start_agent_with(node: &str, files: &TlsFiles) -> (Driver, String) {
+    let address = format!("127.0.0.1:{}", crate::common::pki::free_port("127.0.0.1"));
+    let d = Driver::builder()
+        .mode("node")
+        .node_id(node)
+        .class_args(default_class_args())
+        .args(["--agent-listen", address.as_str()])
+        .args(files.args())
+        .start()
+        .await;
+    (d, address)
+}
+
+/// GetCapacity of `node` through the controller: the agents here have no
+/// volume group, so an agent that was reached answers that its volume
+/// group is missing; one the controller could not reach over TLS fails
+/// with the transport's error.
+async fn capacity_answer(controller: &Driver, node: &str) -> String {
+    let r = controller
+        .controller()
+        .get_capacity(csi::GetCapacityRequest {
+            volume_capabilities: vec![ext4()],
+            parameters: class_params(THIN),
+            accessible_topology: Some(node_topology(node)),
+        })
+        .await;
+    match r {
+        Ok(r) => format!("answered: {:?}", r.into_inner()),
+        Err(s) => s.message().to_string(),
+    }
+}
+
+fn reached(answer: &str) -> bool {
+    answer.contains("volume group") || answer.starts_with("answered")
+}
+
+/// Certificates are re-read when their files change, with no restart: a
+/// whole new CA, node and controller certificates replace the old files;
+/// new connections to the running agent need the new CA, and the running
+/// controller's new connections present the new certificate and trust only
+/// the new CA.
+#[tokio::test]
+async fn certificates_are_reloaded_without_a_restart() {
+    let dir = new_temp_dir();
+    let old = Ca::new(dir.path(), "old");
+    let new = Ca::new(dir.path(), "new");
+    let agent_files = install(&old.issue("node-a"), &dir.path().join("agent"));
+    let ctl_files = install(
+        &old.issue(CONTROLLER_IDENTITY),
+        &dir.path().join("controller"),
+    );
+    let (agent_a, address_a) = start_agent_with("node-a", &agent_files).await;
+    let address_b = format!("127.0.0.1:{}", crate::common::pki::free_port("127.0.0.1"));
+    let address_c = format!("127.0.0.1:{}", crate::common::pki::free_port("127.0.0.1"));
+    let controller = Driver::builder()
+        .mode("controller")
+        .node_id("controller")
+        .args(ctl_files.args())
+        .args(["--agent", &format!("node-a={address_a}")])
+        .args(["--agent", &format!("node-b={address_b}")])
+        .args(["--agent", &format!("node-c={address_c}")])
+        .start()
+        .await;
+    let answer = capacity_answer(&controller, "node-a").await;
+    assert!(reached(&answer), "before the change: {answer}");
+
+    // The renewal: a new CA and new certificates under the same paths.
+    install(&new.issue("node-a"), &dir.path().join("agent"));
+    install(
+        &new.issue(CONTROLLER_IDENTITY),
+        &dir.path().join("controller"),
+    );
+
+    // The running agent: the new controller certificate is answered ...
+    let mut c = client(
+        &address_a,
+        "node-a",
+        &new.ca_path(),
+        Some(&new.issue(CONTROLLER_IDENTITY)),
+    )
+    .await
+    .expect("connect with the new CA");
+    let d = c
+        .describe(DescribeRequest {})
+        .await
+        .expect("Describe with the new CA");
+    assert_eq!(d.into_inner().node, "node-a");
+    // ... and the old one is not, from either side's point of view.
+    let old_ctl = old.issue(CONTROLLER_IDENTITY);
+    let refused = match client(&address_a, "node-a", &old.ca_path(), Some(&old_ctl)).await {
+        Err(_) => true,
+        Ok(mut c) => c.describe(DescribeRequest {}).await.is_err(),
+    };
+    assert!(refused, "the agent still serves the old CA");
+    assert!(agent_a.log().contains("reloaded"), "{}", agent_a.log());
+
+    // The running controller: a node that comes up with the new CA is
+    // reached, one still on the old CA is refused.
+    let b_files = install(&new.issue("node-b"), &dir.path().join("agent-b"));
+    let c_files = install(&old.issue("node-c"), &dir.path().join("agent-c"));
+    let _b = Driver::builder()
+        .mode("node")
+        .node_id("node-b")
+        .class_args(default_class_args())
+        .args(["--agent-listen", address_b.as_str()])
+        .args(b_files.args())
+        .start()
+        .await;
+    let _c = Driver::builder()
+        .mode("node")
+        .node_id("node-c")
+        .class_args(default_class_args())
+        .args(["--agent-listen", address_c.as_str()])
+        .args(c_files.args())
+        .start()
+        .await;
+    let answer = capacity_answer(&controller, "node-b").await;
+    assert!(
+        reached(&answer),
+        "the controller did not reach the new node: {answer}"
+    );
+    let answer = capacity_answer(&controller, "node-c").await;
+    assert!(
+        !reached(&answer),
+        "the controller still trusts the old CA: {answer}"
+    );
+    assert!(
+        controller.log().contains("reloaded"),
+        "{}",
+        controller.log()
+    );
+}
+
+/// A renewal that leaves files that do not load (here a key that does
+/// not match the certificate) changes nothing: the agent keeps serving with
+/// the last good material, and picks up the files once they are whole.
+#[tokio::test]
+async fn a_broken_renewal_keeps_the_last_good_certificate() {
+    let dir = new_temp_dir();
+    let ca = Ca::new(dir.path(), "ca");
+    let live = dir.path().join("agent");
+    let files = install(&ca.issue("node-a"), &live);
+    let (agent_a, address) = start_agent_with("node-a", &files).await;
+    let other = ca.issue("node-a");
+    std::fs::copy(&other.key, live.join("tls.key.new")).unwrap();
+    std::fs::rename(live.join("tls.key.new"), &files.key).unwrap();
+    let ctl = ca.issue(CONTROLLER_IDENTITY);
+    let mut c = client(&address, "node-a", &ca.ca_path(), Some(&ctl))
+        .await
+        .expect("connect");
+    c.describe(DescribeRequest {})
+        .await
+        .expect("served with the last good certificate");
+    assert!(agent_a.log().contains("do not load"), "{}", agent_a.log());
+    install(&other, &live);
+    let mut c = client(&address, "node-a", &ca.ca_path(), Some(&ctl))
+        .await
+        .expect("connect");
+    c.describe(DescribeRequest {})
+        .await
+        .expect("served with the new certificate");
+    assert!(agent_a.log().contains("reloaded"), "{}", agent_a.log());
+}
+
+/// The agent API acts on Lodestone's LVs only, even for the controller's
+/// own certificate: names that are not a volume's or a snapshot's (the thin
+/// pool, another program's LV, a temporary copy source) are refused with
+/// PERMISSION_DENIED before any LVM work. (The tag check on real LVs is in
+/// `agent_scope_lvm`.)
+#[tokio::test]
+async fn agent_refuses_lvs_that_are_not_lodestones() {
+    let dir = new_temp_dir();
+    let ca = Ca::new(dir.path(), "good");
+    let a = agent(&ca).await;
+    let ctl = ca.issue(CONTROLLER_IDENTITY);
+    let mut c = client(&a.address, "node-a", &ca.ca_path(), Some(&ctl))
+        .await
+        .expect("connect");
+    let r = |name: &str| LvRef {
+        class: THIN.into(),
+        name: name.into(),
+    };
+    for name in [
+        "pool0",
+        "pool0_tdata",
+        "root",
+        "lds-x",
+        "ldtmp-00000000000000000000000000000000",
+        "lds-0000000000000000000000000000000G",
+        "../lds-00000000000000000000000000000000",
+    ] {
+        let codes = [
+            c.remove(r(name)).await.map(drop),
+            c.extend(ExtendRequest {
+                class: THIN.into(),
+                name: name.into(),
+                size: 1 << 30,
+            })
+            .await
+            .map(drop),
+            c.find(r(name)).await.map(drop),
+            c.resume(r(name)).await.map(drop),
+            c.copy_progress(r(name)).await.map(drop),
+            c.create(CreateRequest {
+                name: name.into(),
+                tags: vec!["lodestone.v1.vol".into()],
+                ..create_req()
+            })
+            .await
+            .map(drop),
+            c.create(CreateRequest {
+                tags: vec!["lodestone.v1.vol".into()],
+                origin: Some(Origin {
+                    class: THIN.into(),
+                    lv: name.into(),
+                    frozen: false,
+                }),
+                ..create_req()
+            })
+            .await
+            .map(drop),
+        ];
+        for (i, got) in codes.into_iter().enumerate() {
+            let e = got.expect_err(name);
+            assert_eq!(e.code(), Code::PermissionDenied, "{name} call {i}: {e:?}");
+        }
+    }
+    // A new LV must carry its kind's tag.
+    let e = c.create(create_req()).await.expect_err("untagged create");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let log = a.driver.log();
+    for work in ["agent: create", "agent: remove", "agent: extend"] {
+        assert!(
+            !log.contains(work),
+            "the agent worked on a foreign LV:\n{log}"
+        );
     }
 }

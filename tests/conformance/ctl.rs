@@ -1,7 +1,7 @@
 //! `lodestone ctl` against a running driver (host and guest): `info` and
 //! `list-volumes` in text and JSON, exit codes (1 for a failed call, 2 for a
-//! command line that cannot be used), `CSI_ENDPOINT`, and secrets that are
-//! never printed. The full volume lifecycle through ctl is in `ctl_lvm`.
+//! command line that cannot be used), `CSI_ENDPOINT`, and secrets that come
+//! from a file or standard input and are never printed. The full volume lifecycle through ctl is in `ctl_lvm`.
 
 use std::process::{Command, Output, Stdio};
 
@@ -152,6 +152,12 @@ async fn usage_errors_exit_2() {
         &["create-volume", "x", "--block", "--fs-type", "ext4"],
         &["create-volume", "x", "--param", "novalue"],
         &["delete-volume", "v", "--secret", "novalue"],
+        &[
+            "delete-volume",
+            "v",
+            "--secrets-file",
+            "/nonexistent/secrets",
+        ],
         &["no-such-command"],
         &["--output", "yaml", "info"],
     ] {
@@ -167,11 +173,41 @@ async fn usage_errors_exit_2() {
     assert_eq!(r.code, 2, "{}", r.stderr);
 }
 
-/// Secrets reach the driver but are never printed: not by ctl (success,
-/// failure, or a malformed --secret), not in the driver's log.
+/// `ctl` with `input` on its standard input.
+fn ctl_stdin(d: &Driver, args: &[&str], input: &str) -> Ctl {
+    use std::io::Write as _;
+    let endpoint = format!("unix://{}", d.socket.display());
+    let mut child = ctl_command()
+        .args(["--endpoint", endpoint.as_str(), "--timeout", "120"])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run lodestone ctl");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    finish(child.wait_with_output().unwrap())
+}
+
+/// Secrets come from a file or standard input, never from the command
+/// line (`--secret` is refused before any call, its text not shown); they
+/// are never printed: not by ctl (success, failure, a malformed file), not
+/// in the driver's log.
 #[tokio::test]
-async fn secrets_are_never_printed() {
+async fn secrets_come_from_a_file_and_are_never_printed() {
     let d = Driver::start().await;
+    let file = d.path("secrets");
+    std::fs::write(&file, "# ceph user\npassword=hunter2\n").unwrap();
+    let json = d.path("secrets.json");
+    std::fs::write(&json, r#"{"token": "hunter2"}"#).unwrap();
+    let bad = d.path("bad-secrets");
+    std::fs::write(&bad, "hunter2\n").unwrap();
+    let file = file.to_str().unwrap();
     let runs = [
         ctl(
             &d,
@@ -180,8 +216,8 @@ async fn secrets_are_never_printed() {
                 "secret-test",
                 "--param",
                 "deviceClass=nosuch",
-                "--secret",
-                "password=hunter2",
+                "--secrets-file",
+                file,
             ],
         ),
         ctl(
@@ -189,25 +225,29 @@ async fn secrets_are_never_printed() {
             &[
                 "delete-volume",
                 "no-such-volume",
-                "--secret",
-                "token=hunter2",
+                "--secrets-file",
+                json.to_str().unwrap(),
             ],
-        ),
-        ctl(
-            &d,
-            &["delete-volume", "no-such-volume", "--secret", "hunter2"],
         ),
         ctl(
             &d,
             &[
-                "-o",
-                "json",
-                "delete-snapshot",
-                "x",
-                "--secret",
-                "k=hunter2",
+                "delete-volume",
+                "no-such-volume",
+                "--secrets-file",
+                bad.to_str().unwrap(),
             ],
         ),
+        ctl_stdin(
+            &d,
+            &["-o", "json", "delete-snapshot", "x", "--secrets-file", "-"],
+            "k=hunter2\n",
+        ),
+        ctl(
+            &d,
+            &["delete-volume", "no-such-volume", "--secret", "k=hunter2"],
+        ),
+        ctl(&d, &["delete-volume", "no-such-volume", "--secret=hunter2"]),
     ];
     for r in &runs {
         assert!(
@@ -217,9 +257,21 @@ async fn secrets_are_never_printed() {
             r.stderr
         );
     }
+    assert_eq!(runs[0].code, 1, "{}", runs[0].stderr);
+    assert!(
+        runs[0].stderr.contains("INVALID_ARGUMENT"),
+        "{}",
+        runs[0].stderr
+    );
     assert_eq!(runs[1].code, 0, "{}", runs[1].stderr);
     assert_eq!(runs[2].code, 2, "{}", runs[2].stderr);
+    assert!(runs[2].stderr.contains("line 1"), "{}", runs[2].stderr);
     assert_eq!(runs[3].json()["deleted"], true);
+    for r in &runs[4..] {
+        assert_eq!(r.code, 2, "{}", r.stderr);
+        assert!(r.stderr.contains("--secrets-file"), "{}", r.stderr);
+        assert!(r.stdout.is_empty(), "{}", r.stdout);
+    }
     let log = d.log();
     assert!(!log.contains("hunter2"), "the driver logged a secret");
 }

@@ -1,7 +1,9 @@
 """The certificate tools of deploy/lvm/certs make what the driver accepts:
-certificates that verify for their purpose and name, Secrets with the names
-and keys the overlays mount, and, when a built lodestone binary is at hand,
-a real mutual-TLS handshake between a controller and a node agent."""
+certificates that verify for their purpose and name, the controller's Secret
+with the keys its Deployment mounts, one directory per node holding that
+node's files only (no Secret of node keys), and, when a built lodestone
+binary is at hand, a real mutual-TLS handshake between a controller and a
+node agent."""
 
 from __future__ import annotations
 
@@ -45,17 +47,22 @@ def openssl_verify(pki: Path, cert: Path, purpose: str, name: str) -> bool:
     return proc.returncode == 0
 
 
+def _node(pki: Path, node: str, file: str = "tls.crt") -> Path:
+    return pki / "nodes" / node / file
+
+
 def test_certificates_verify_for_their_purpose_and_name(pki):
     ctrl = pki / "controller.crt"
-    node = pki / "nodes" / "node-a.crt"
+    node = _node(pki, "node-a")
     assert openssl_verify(pki, ctrl, "sslclient", "lodestone-controller")
     assert openssl_verify(pki, node, "sslserver", "node-a")
-    assert openssl_verify(pki, pki / "nodes" / "node-b.example.com.crt", "sslserver",
+    assert openssl_verify(pki, _node(pki, "node-b.example.com"), "sslserver",
                           "node-b.example.com")
     assert not openssl_verify(pki, node, "sslserver", "node-b.example.com")
     assert not openssl_verify(pki, node, "sslclient", "node-a"), "a node cannot act as controller"
     assert not openssl_verify(pki, ctrl, "sslserver", "lodestone-controller")
-    for key in [pki / "controller.key", *sorted((pki / "nodes").glob("*.key")), pki / "ca.key"]:
+    for key in [pki / "controller.key", *sorted((pki / "nodes").glob("*/tls.key")),
+                pki / "ca.key"]:
         assert key.read_text().startswith("-----BEGIN PRIVATE KEY-----"), key  # PKCS#8
         assert (key.stat().st_mode & 0o077) == 0, f"{key} is readable by others"
 
@@ -65,12 +72,23 @@ def _secret(pki: Path, name: str) -> dict:
     return doc
 
 
-def test_secrets_hold_the_files_the_overlays_read(pki):
+def _public_key(path: Path) -> str:
+    """The public key of a certificate or a private key, PEM."""
+    args = ["x509", "-pubkey", "-noout", "-in"] if path.name.endswith(".crt") else \
+        ["pkey", "-pubout", "-in"]
+    return subprocess.run(["openssl", *args, str(path)], capture_output=True, text=True,
+                          check=True).stdout
+
+
+def test_only_the_controller_secret_and_one_directory_per_node(pki):
+    """The one Secret is the controller's; every node's key is only in that
+    node's own directory (copied to that node alone), next to its
+    certificate and the CA."""
+    assert sorted(p.name for p in (pki / "secrets").iterdir()) == [
+        "lodestone-lvm-controller-tls.yaml"]
     ctrl = _secret(pki, "lodestone-lvm-controller-tls")
-    node = _secret(pki, "lodestone-lvm-node-tls")
-    for s in (ctrl, node):
-        assert schema_errors(s) == []
-        assert s["metadata"]["namespace"] == "lodestone-lvm"
+    assert schema_errors(ctrl) == []
+    assert ctrl["metadata"]["namespace"] == "lodestone-lvm"
 
     def data(s, key):
         return base64.b64decode(s["data"][key])
@@ -78,22 +96,37 @@ def test_secrets_hold_the_files_the_overlays_read(pki):
     assert set(ctrl["data"]) == {"ca.crt", "tls.crt", "tls.key"}
     assert data(ctrl, "tls.crt") == (pki / "controller.crt").read_bytes()
     assert data(ctrl, "tls.key") == (pki / "controller.key").read_bytes()
-    assert set(node["data"]) == {"ca.crt", "node-a.crt", "node-a.key", "node-b.example.com.crt",
-                                 "node-b.example.com.key"}
-    assert data(node, "node-a.key") == (pki / "nodes" / "node-a.key").read_bytes()
-    assert data(node, "ca.crt") == data(ctrl, "ca.crt") == (pki / "ca.crt").read_bytes()
+    assert data(ctrl, "ca.crt") == (pki / "ca.crt").read_bytes()
+    nodes = sorted(p.name for p in (pki / "nodes").iterdir())
+    assert nodes == ["node-a", "node-b.example.com"]
+    for node in nodes:
+        d = pki / "nodes" / node
+        assert sorted(p.name for p in d.iterdir()) == ["ca.crt", "tls.crt", "tls.key"]
+        assert (d / "ca.crt").read_bytes() == (pki / "ca.crt").read_bytes()
+        assert _public_key(d / "tls.key") == _public_key(d / "tls.crt")
+        assert openssl_verify(pki, d / "tls.crt", "sslserver", node)
+        for other in nodes:
+            if other != node:
+                assert not openssl_verify(pki, d / "tls.crt", "sslserver", other)
 
 
 def test_a_second_run_keeps_the_ca_and_adds_nodes(tmp_path):
     make_certs(tmp_path, "node-a")
     ca = (tmp_path / "ca.crt").read_bytes()
-    node_a = (tmp_path / "nodes" / "node-a.crt").read_bytes()
+    node_a = _node(tmp_path, "node-a").read_bytes()
     make_certs(tmp_path, "node-a", "node-c")
     assert (tmp_path / "ca.crt").read_bytes() == ca
-    assert (tmp_path / "nodes" / "node-a.crt").read_bytes() == node_a
-    assert openssl_verify(tmp_path, tmp_path / "nodes" / "node-c.crt", "sslserver", "node-c")
-    node = _secret(tmp_path, "lodestone-lvm-node-tls")
-    assert set(node["data"]) == {"ca.crt", "node-a.crt", "node-a.key", "node-c.crt", "node-c.key"}
+    assert _node(tmp_path, "node-a").read_bytes() == node_a
+    assert openssl_verify(tmp_path, _node(tmp_path, "node-c"), "sslserver", "node-c")
+    assert sorted(p.name for p in (tmp_path / "nodes").iterdir()) == ["node-a", "node-c"]
+
+
+def test_the_old_all_nodes_secret_is_removed(tmp_path):
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "lodestone-lvm-node-tls.yaml").write_text("old\n")
+    proc = make_certs(tmp_path, "node-a")
+    assert not (tmp_path / "secrets" / "lodestone-lvm-node-tls.yaml").exists()
+    assert "delete secret lodestone-lvm-node-tls" in proc.stderr
 
 
 @pytest.mark.parametrize("bad", ["Node-A", "node_a", "-node", "a" * 64, "node..a", "../x"])
@@ -138,10 +171,12 @@ def _handshake(pki: Path, server_cert: str, client_cert: str, server_name: str) 
 
 
 def test_tls_handshake_between_controller_and_node(pki):
-    assert _handshake(pki, "nodes/node-a", "controller", "node-a") is None
-    assert "node-a" in (_handshake(pki, "nodes/node-b.example.com", "controller", "node-a") or "")
+    assert _handshake(pki, "nodes/node-a/tls", "controller", "node-a") is None
+    assert "node-a" in (_handshake(pki, "nodes/node-b.example.com/tls", "controller", "node-a")
+                        or "")
     # a node's certificate cannot be used as the controller's
-    assert _handshake(pki, "nodes/node-a", "nodes/node-b.example.com", "node-a") is not None
+    assert _handshake(pki, "nodes/node-a/tls", "nodes/node-b.example.com/tls", "node-a") \
+        is not None
 
 
 def _lodestone_binary() -> Path | None:
@@ -186,8 +221,8 @@ def test_the_driver_accepts_these_certificates(pki, tmp_path, served_cert, reach
                 common + ["--mode", "node", "--node-id", "node-a",
                           "--endpoint", f"unix://{tmp_path}/node.sock",
                           "--agent-listen", f"127.0.0.1:{port}",
-                          "--tls-cert", str(pki / "nodes" / f"{served_cert}.crt"),
-                          "--tls-key", str(pki / "nodes" / f"{served_cert}.key")],
+                          "--tls-cert", str(_node(pki, served_cert, "tls.crt")),
+                          "--tls-key", str(_node(pki, served_cert, "tls.key"))],
                 stdout=log, stderr=subprocess.STDOUT, env=env))
         assert _wait_for(node_log, "serving the LVM agent API", 10), node_log.read_text()
         ctl_log = tmp_path / "controller.log"
@@ -253,14 +288,19 @@ def test_cert_manager_node_certificates(fake_kubectl):
     assert "lodestone-lvm-ca" in {i["metadata"]["name"] for i in issuers if i["kind"] == "Issuer"}
 
 
-def test_cert_manager_bundle(fake_kubectl):
-    proc = _nodes_script(fake_kubectl, "bundle", "node-a")
+def test_cert_manager_export(fake_kubectl, tmp_path):
+    """`export` writes one node's files, from that node's Secret only, for
+    copying to that node; nothing is written for a node not issued yet."""
+    out = tmp_path / "node-a"
+    proc = _nodes_script(fake_kubectl, "export", "node-a", str(out))
     assert proc.returncode == 0, proc.stderr
-    (secret,) = [d for d in yaml.safe_load_all(proc.stdout) if d]
-    assert schema_errors(secret) == []
-    assert secret["metadata"]["name"] == "lodestone-lvm-node-tls"
-    assert secret["data"] == {"ca.crt": "Q0E=", "node-a.crt": "Q1JU", "node-a.key": "S0VZ"}
-    # a node whose certificate is not issued yet: an error and no output at all
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == {
+        "ca.crt": b"CA", "tls.crt": b"CRT", "tls.key": b"KEY"}
+    assert all((p.stat().st_mode & 0o077) == 0 for p in out.iterdir())
+    assert proc.stdout == ""
+    out_b = tmp_path / "node-b"
+    proc = _nodes_script(fake_kubectl, "export", "node-b", str(out_b))
+    assert proc.returncode != 0 and "lodestone-lvm-node-node-b" in proc.stderr
+    assert not out_b.exists()
     proc = _nodes_script(fake_kubectl, "bundle")
     assert proc.returncode != 0 and proc.stdout == ""
-    assert "lodestone-lvm-node-node-b" in proc.stderr

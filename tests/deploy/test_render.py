@@ -46,8 +46,11 @@ overlay_ids = [rel(d) for d in OVERLAYS]
 # name -> the keys the pods read.
 OUT_OF_BAND_SECRETS = {
     "lodestone-lvm-controller-tls": {"tls.crt", "tls.key", "ca.crt"},
-    "lodestone-lvm-node-tls": {"ca.crt"},  # plus <node>.crt/.key per node
 }
+
+# Where each node's own agent certificate, key and CA are on that node
+# (put there by the operator; never in a Secret).
+NODE_TLS_HOST_DIR = "/etc/lodestone/agent-tls"
 
 
 def test_every_overlay_is_found():
@@ -544,16 +547,22 @@ def test_lvm_tls_wiring():
     script = (DEPLOY / "lvm" / "certs" / "make-certs.sh").read_text()
     identity = re.search(r"^identity=(\S+)$", script, re.M).group(1)
     cm_cert = load_docs(DEPLOY / "lvm" / "certs" / "cert-manager" / "controller-certificate.yaml")[0]
-    for role, secret, cert in (
-        ("lodestone-controller", "lodestone-lvm-controller-tls", "tls.crt"),
-        ("lodestone-node", "lodestone-lvm-node-tls", "$(NODE_NAME).crt"),
-    ):
-        w, c = by_comp[role]
-        (vol,) = [v for v in pod_spec(w)["volumes"] if v.get("secret", {}).get("secretName") == secret]
-        where = _mount_dir(c, vol["name"])
-        assert flag(c, "tls-cert") == f"{where}/{cert}"
-        assert flag(c, "tls-key") == f"{where}/{cert[:-4]}.key"
-        assert flag(c, "tls-ca") == f"{where}/ca.crt"
+    w, c = by_comp["lodestone-controller"]
+    (vol,) = [v for v in pod_spec(w)["volumes"]
+              if v.get("secret", {}).get("secretName") == "lodestone-lvm-controller-tls"]
+    where = _mount_dir(c, vol["name"])
+    for name, file in (("tls-cert", "tls.crt"), ("tls-key", "tls.key"), ("tls-ca", "ca.crt")):
+        assert flag(c, name) == f"{where}/{file}"
+    # Each node plugin reads its own files from a directory of its node.
+    w, c = by_comp["lodestone-node"]
+    (vol,) = [v for v in pod_spec(w)["volumes"]
+              if v.get("hostPath", {}).get("path") == NODE_TLS_HOST_DIR]
+    assert vol["hostPath"]["type"] == "Directory", vol
+    where = _mount_dir(c, vol["name"])
+    (mount,) = [m for m in c["volumeMounts"] if m["name"] == vol["name"]]
+    assert mount.get("readOnly") is True, mount
+    for name, file in (("tls-cert", "tls.crt"), ("tls-key", "tls.key"), ("tls-ca", "ca.crt")):
+        assert flag(c, name) == f"{where}/{file}"
     _, node = by_comp["lodestone-node"]
     assert flag(node, "controller-identity") == identity
     assert cm_cert["spec"]["dnsNames"] == [identity]
@@ -602,3 +611,80 @@ patches:
     (node,) = [o for o in yaml.safe_load_all(out.stdout) if o and o["kind"] == "DaemonSet"]
     assert node["spec"]["template"]["spec"]["nodeSelector"] == {"storage.example.com/lvm": "true"}
     assert schema_errors(node) == []
+
+
+def _mounted_secrets(w: dict) -> set[str]:
+    """Every Secret a workload's pods can read: volumes (also projected),
+    env and envFrom."""
+    spec = pod_spec(w)
+    names = set()
+    for v in spec.get("volumes", []):
+        if "secret" in v:
+            names.add(v["secret"]["secretName"])
+        for src in v.get("projected", {}).get("sources", []):
+            if "secret" in src:
+                names.add(src["secret"]["name"])
+    for c in spec.get("containers", []) + spec.get("initContainers", []):
+        for e in c.get("env", []):
+            ref = e.get("valueFrom", {}).get("secretKeyRef")
+            if ref:
+                names.add(ref["name"])
+        for e in c.get("envFrom", []):
+            if "secretRef" in e:
+                names.add(e["secretRef"]["name"])
+    return names
+
+
+def _secrets_with_private_keys(objs, tool_secrets: dict[str, set[str]]) -> set[str]:
+    """Secrets that hold a TLS private key: rendered ones, the ones the
+    users make (OUT_OF_BAND_SECRETS) and those the certificate tools write
+    or have cert-manager write (name -> keys)."""
+    out = set()
+    known = dict(OUT_OF_BAND_SECRETS)
+    known.update(tool_secrets)
+    for o in objs:
+        if o["kind"] == "Secret":
+            known[o["metadata"]["name"]] = set(o.get("data", {})) | set(o.get("stringData", {}))
+    for name, keys in known.items():
+        if any(k.endswith(".key") for k in keys):
+            out.add(name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def cert_tool_secrets(tmp_path_factory) -> dict[str, set[str]]:
+    """name -> keys of every Secret the certificate tools make, for two
+    nodes: make-certs.sh's manifests and cert-manager's per-node Secrets."""
+    out = tmp_path_factory.mktemp("pki")
+    subprocess.run(["bash", str(DEPLOY / "lvm" / "certs" / "make-certs.sh"), str(out),
+                    "node-a", "node-b"], check=True, capture_output=True)
+    secrets = {}
+    for f in sorted((out / "secrets").glob("*.yaml")):
+        for d in load_docs(f):
+            secrets[d["metadata"]["name"]] = set(d["data"])
+    proc = subprocess.run(["bash", str(DEPLOY / "lvm" / "certs" / "cert-manager-nodes.sh"),
+                           "certificates", "node-a", "node-b"],
+                          check=True, capture_output=True, text=True)
+    for d in yaml.safe_load_all(proc.stdout):
+        if d:
+            # cert-manager writes tls.crt, tls.key and ca.crt
+            secrets[d["spec"]["secretName"]] = {"tls.crt", "tls.key", "ca.crt"}
+    cm = load_docs(DEPLOY / "lvm" / "certs" / "cert-manager" / "controller-certificate.yaml")
+    for d in cm:
+        secrets[d["spec"]["secretName"]] = {"tls.crt", "tls.key", "ca.crt"}
+    return secrets
+
+
+@pytest.mark.parametrize("directory", OVERLAYS, ids=overlay_ids)
+def test_no_daemonset_mounts_a_secret_with_keys(directory, cert_tool_secrets):
+    """A DaemonSet's pods run on every node, so any Secret they mount is
+    readable by root on every node: none of them may mount a Secret holding
+    a private key (another node's agent key, or the controller's)."""
+    objs = render(directory)
+    with_keys = _secrets_with_private_keys(objs, cert_tool_secrets)
+    assert "lodestone-lvm-node-node-a" in with_keys  # the fixture found them
+    for w in workloads(objs):
+        if w["kind"] != "DaemonSet":
+            continue
+        leaked = _mounted_secrets(w) & with_keys
+        assert not leaked, f"{name_of(w)} mounts Secrets with private keys: {sorted(leaked)}"

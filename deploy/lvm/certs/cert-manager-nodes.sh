@@ -4,38 +4,47 @@
 #
 #   cert-manager-nodes.sh certificates [NODE...] | kubectl apply -f -
 #       one Certificate per node (DNS SAN: the node's name), issued by the
-#       lodestone-lvm-ca Issuer into the Secret lodestone-lvm-node-<node>
+#       lodestone-lvm-ca Issuer into the Secret lodestone-lvm-node-<node>;
+#       no pod mounts these Secrets
 #
-#   cert-manager-nodes.sh bundle [NODE...] | kubectl apply -f -
-#       once they are issued: the Secret lodestone-lvm-node-tls that every
-#       node plugin mounts (ca.crt, <node>.crt, <node>.key for each node),
-#       copied from the per-node Secrets
+#   cert-manager-nodes.sh export NODE DIR
+#       once issued: that node's tls.crt, tls.key and ca.crt, from its
+#       Secret, written to DIR (mode 0600), to copy to that node only, into
+#       /etc/lodestone/agent-tls/ (the host directory the node plugin
+#       mounts), e.g.
+#         cert-manager-nodes.sh export worker-1 ./worker-1
+#         scp -p ./worker-1/* root@worker-1:/etc/lodestone/agent-tls/
+#         rm -r ./worker-1
 #
-# Without NODE arguments, every Node of the cluster (kubectl get nodes).
-# Options: --namespace NS (default lodestone-lvm).
+# Without NODE arguments, `certificates` covers every Node of the cluster
+# (kubectl get nodes). Options: --namespace NS (default lodestone-lvm).
 #
-# cert-manager renews the per-node Secrets by itself; the bundle is a copy,
-# so run `bundle` again after a renewal (or from a CronJob) and restart the
-# node plugins, which read their certificate at start:
-#   kubectl -n lodestone-lvm rollout restart daemonset/lodestone-lvm-node
+# Node keys never go into a Secret that a DaemonSet mounts (it would reach
+# every node). cert-manager renews the per-node Secrets by itself; run
+# `export` and the copy again after a renewal (the node plugin re-reads the
+# files when they change: no restart).
 set -euo pipefail
 
 prog=cert-manager-nodes.sh
 namespace=lodestone-lvm
 die() { echo "$prog: $*" >&2; exit 2; }
 
-[[ $# -ge 1 ]] || die "usage: $prog certificates|bundle [--namespace NS] [NODE...]"
+[[ $# -ge 1 ]] || die "usage: $prog certificates [--namespace NS] [NODE...] | export [--namespace NS] NODE DIR"
 command=$1; shift
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --namespace) namespace=${2:?--namespace needs a value}; shift 2 ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     -*) die "unknown option: $1" ;;
     *) break ;;
   esac
 done
 
-if [[ $# -gt 0 ]]; then
+if [[ "$command" == export ]]; then
+  [[ $# -eq 2 ]] || die "usage: $prog export [--namespace NS] NODE DIR"
+  export_dir=$2
+  nodes=("$1")
+elif [[ $# -gt 0 ]]; then
   nodes=("$@")
 else
   mapfile -t nodes < <(kubectl get nodes -o jsonpath='{range .items[*]}{.metadata.name}{"\n"}{end}')
@@ -90,32 +99,25 @@ field() {
   printf '%s' "$value"
 }
 
-bundle() {
-  # Everything is read before anything is printed, so a missing Secret
-  # never yields a partial bundle.
-  local node ca text crt key
-  ca=$(field "lodestone-lvm-node-${nodes[0]}" ca.crt)
-  text=$(printf '%s\n' \
-    "apiVersion: v1" \
-    "kind: Secret" \
-    "metadata:" \
-    "  name: lodestone-lvm-node-tls" \
-    "  namespace: $namespace" \
-    "  labels:" \
-    "    app.kubernetes.io/part-of: lodestone" \
-    "type: Opaque" \
-    "data:" \
-    "  ca.crt: $ca")
-  for node in "${nodes[@]}"; do
-    crt=$(field "lodestone-lvm-node-$node" tls.crt)
-    key=$(field "lodestone-lvm-node-$node" tls.key)
-    text+=$'\n'"  $node.crt: $crt"$'\n'"  $node.key: $key"
-  done
-  printf '%s\n' "$text"
+export_node() {
+  # Everything is read before anything is written, so a missing Secret
+  # never leaves a partial set of files.
+  local node=${nodes[0]} secret ca crt key
+  secret="lodestone-lvm-node-$node"
+  ca=$(field "$secret" ca.crt)
+  crt=$(field "$secret" tls.crt)
+  key=$(field "$secret" tls.key)
+  umask 077
+  mkdir -p "$export_dir"
+  printf '%s' "$ca" | base64 -d >"$export_dir/ca.crt"
+  printf '%s' "$crt" | base64 -d >"$export_dir/tls.crt"
+  printf '%s' "$key" | base64 -d >"$export_dir/tls.key"
+  echo "$prog: wrote $export_dir/{tls.crt,tls.key,ca.crt} of $node; copy them to" \
+    "/etc/lodestone/agent-tls/ on $node only, then delete them here" >&2
 }
 
 case "$command" in
   certificates) certificates ;;
-  bundle) bundle ;;
-  *) die "unknown command: $command (certificates or bundle)" ;;
+  export) export_node ;;
+  *) die "unknown command: $command (certificates or export)" ;;
 esac

@@ -1,29 +1,39 @@
 #!/usr/bin/env bash
-# Makes the certificates of the LVM controller-agent link with openssl, and
-# the two Secret manifests the deployment mounts:
+# Makes the certificates of the LVM controller-agent link with openssl:
 #
-#   lodestone-lvm-controller-tls  tls.crt, tls.key, ca.crt
-#       the controller's client certificate (DNS SAN lodestone-controller)
-#   lodestone-lvm-node-tls        ca.crt, and <node>.crt, <node>.key per node
-#       each node's server certificate (DNS SAN: the node's name); every node
-#       plugin mounts this Secret and picks its own files by its node name
+#   OUTDIR/secrets/lodestone-lvm-controller-tls.yaml
+#       a Secret (tls.crt, tls.key, ca.crt) with the controller's client
+#       certificate (DNS SAN lodestone-controller), mounted by the
+#       controller Deployment only
+#   OUTDIR/nodes/<node>/tls.crt, tls.key, ca.crt
+#       each node's server certificate (DNS SAN: the node's name), its key
+#       and the CA, to be copied to that node only, into
+#       /etc/lodestone/agent-tls/ (the node plugin mounts that host
+#       directory). No Secret holds node keys: a Secret mounted by a
+#       DaemonSet reaches every node, and root on any node would then hold
+#       every node's key.
 #
 # Usage: make-certs.sh [options] OUTDIR NODE [NODE...]
-#   --namespace NS          namespace of the Secrets (default lodestone-lvm)
+#   --namespace NS          namespace of the Secret (default lodestone-lvm)
 #   --days N                validity of the controller and node certificates
 #                           (default 365); the CA gets 10 years
 #   --controller-identity N the controller's DNS name (default
 #                           lodestone-controller; must match the node
 #                           plugins' --controller-identity)
 #
-# OUTDIR is yours to choose and keep private: it holds the CA key. Files that
-# already exist there are reused, so running the script again with more nodes
-# adds their certificates and rewrites the Secrets with the same CA; delete a
-# file to have it made anew. Apply the result with:
+# OUTDIR is yours to choose and keep private: it holds the CA key and every
+# node's key. Files that already exist there are reused, so running the
+# script again with more nodes adds their certificates with the same CA;
+# delete a file to have it made anew. Then:
 #
 #   kubectl apply -f OUTDIR/secrets/
+#   for node in NODE...; do    # as root on the node, e.g. over ssh:
+#     ssh root@$node 'install -d -m 0700 /etc/lodestone/agent-tls'
+#     scp -p OUTDIR/nodes/$node/* root@$node:/etc/lodestone/agent-tls/
+#   done
 #
-# List every node that runs the node plugin, e.g.
+# The driver re-reads the files when they change: a renewal needs no
+# restart. List every node that runs the node plugin, e.g.
 #   make-certs.sh ~/lodestone-pki $(kubectl get nodes -o name | cut -d/ -f2)
 set -euo pipefail
 umask 077
@@ -40,7 +50,7 @@ while [[ $# -gt 0 ]]; do
     --namespace) namespace=${2:?--namespace needs a value}; shift 2 ;;
     --days) days=${2:?--days needs a value}; shift 2 ;;
     --controller-identity) identity=${2:?--controller-identity needs a value}; shift 2 ;;
-    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,39p' "$0"; exit 0 ;;
     --) shift; break ;;
     -*) die "unknown option: $1" ;;
     *) break ;;
@@ -99,7 +109,9 @@ issue() {
 
 issue "$identity" clientAuth "$out/controller"
 for node in "${nodes[@]}"; do
-  issue "$node" serverAuth "$out/nodes/$node"
+  mkdir -p "$out/nodes/$node"
+  issue "$node" serverAuth "$out/nodes/$node/tls"
+  cp "$out/ca.crt" "$out/nodes/$node/ca.crt"
 done
 
 # --- the Secret manifests -------------------------------------------------
@@ -127,18 +139,13 @@ secret_header() {
   echo "  tls.key: $(b64 "$out/controller.key")"
 } >"$out/secrets/lodestone-lvm-controller-tls.yaml"
 
-{
-  secret_header lodestone-lvm-node-tls
-  echo "  ca.crt: $(b64 "$out/ca.crt")"
-  for node in "${nodes[@]}"; do
-    echo "  $node.crt: $(b64 "$out/nodes/$node.crt")"
-    echo "  $node.key: $(b64 "$out/nodes/$node.key")"
-  done
-} >"$out/secrets/lodestone-lvm-node-tls.yaml"
-
-# A Secret holds at most 1 MiB; each node adds about 1.5 KiB.
-size=$(wc -c <"$out/secrets/lodestone-lvm-node-tls.yaml")
-if ((size > 900 * 1024)); then
-  echo "$prog: warning: the node Secret is $size bytes, close to the 1 MiB limit" >&2
+# Earlier versions wrote one Secret with every node's key; it must go.
+if [[ -e "$out/secrets/lodestone-lvm-node-tls.yaml" ]]; then
+  rm -f "$out/secrets/lodestone-lvm-node-tls.yaml"
+  echo "$prog: removed $out/secrets/lodestone-lvm-node-tls.yaml (every node's key in one" \
+    "Secret); delete it from the cluster too:" \
+    "kubectl -n $namespace delete secret lodestone-lvm-node-tls" >&2
 fi
-echo "$prog: wrote $out/secrets/ (${#nodes[@]} nodes); apply with: kubectl apply -f $out/secrets/" >&2
+echo "$prog: wrote $out/secrets/ and $out/nodes/<node>/ (${#nodes[@]} nodes); apply the" \
+  "Secret with: kubectl apply -f $out/secrets/ and copy each $out/nodes/<node>/ to" \
+  "/etc/lodestone/agent-tls/ on that node only" >&2
