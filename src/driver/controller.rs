@@ -190,9 +190,10 @@ impl Controller for ControllerService {
                 return Err(invalid!("volume_capabilities is required"));
             }
             for c in &req.volume_capabilities {
-                if c.access_type.is_none() || c.access_mode.is_none() {
+                if c.block.is_some() == c.mount.is_some() || c.access_mode.is_none() {
                     return Err(invalid!(
-                        "each volume capability needs access_type and access_mode"
+                        "each volume capability needs exactly one access type (block or mount) \
+                         and an access_mode"
                     ));
                 }
             }
