@@ -24,6 +24,25 @@ pub struct ControllerService {
     pub locks: OpLocks,
 }
 
+impl ControllerService {
+    /// NOT_FOUND for a volume id this backend could never have issued (no
+    /// volume can have it), without asking the backend.
+    fn volume_id_may_exist(&self, id: &str) -> Result<()> {
+        match self.backend.is_valid_id(id) {
+            true => Ok(()),
+            false => Err(Error::NotFound(format!("volume {id} does not exist"))),
+        }
+    }
+
+    /// The same for snapshot ids.
+    fn snapshot_id_may_exist(&self, id: &str) -> Result<()> {
+        match self.backend.is_valid_snapshot_id(id) {
+            true => Ok(()),
+            false => Err(Error::NotFound(format!("snapshot {id} does not exist"))),
+        }
+    }
+}
+
 fn to_volume(v: &VolumeInfo) -> Volume {
     Volume {
         capacity_bytes: v.capacity as i64,
@@ -82,6 +101,18 @@ fn source_of(src: Option<&VolumeContentSource>) -> Result<Option<Source>> {
     }
 }
 
+/// The operation locks CreateVolume takes: its name and its source (the
+/// keys DeleteVolume and DeleteSnapshot take for that id).
+fn create_lock_keys(name: &str, source: Option<&Source>) -> Vec<String> {
+    let mut keys = vec![format!("name:{name}")];
+    match source {
+        Some(Source::Volume(id)) => keys.push(format!("vol:{id}")),
+        Some(Source::Snapshot(id)) => keys.push(format!("snap:{id}")),
+        None => {}
+    }
+    keys
+}
+
 fn range_of(r: Option<&CapacityRange>) -> Result<Range> {
     match r {
         None => Ok(Range::default()),
@@ -128,7 +159,16 @@ impl Controller for ControllerService {
                 self.backend.json_parameter_keys(),
             )?;
             let source = source_of(req.volume_content_source.as_ref())?;
-            let _guard = self.locks.try_lock([format!("name:{}", req.name)])?;
+            match &source {
+                Some(Source::Volume(id)) => self.volume_id_may_exist(id)?,
+                Some(Source::Snapshot(id)) => self.snapshot_id_may_exist(id)?,
+                None => {}
+            }
+            // The source is locked too: a clone must not copy a volume or
+            // snapshot that a DeleteVolume or DeleteSnapshot is removing.
+            let _guard = self
+                .locks
+                .try_lock(create_lock_keys(&req.name, source.as_ref()))?;
             let create = CreateVolume {
                 name: req.name.clone(),
                 range,
@@ -154,6 +194,10 @@ impl Controller for ControllerService {
         let req = req.into_inner();
         traced("DeleteVolume", &req.volume_id, async {
             require_id(&req.volume_id, "volume_id")?;
+            if !self.backend.is_valid_id(&req.volume_id) {
+                // No volume can have this id: it is already gone.
+                return Ok(DeleteVolumeResponse {});
+            }
             let _guard = self.locks.try_lock([format!("vol:{}", req.volume_id)])?;
             self.backend
                 .delete_volume(&req.volume_id, &Secrets::from(&req.secrets))
@@ -197,6 +241,7 @@ impl Controller for ControllerService {
                     ));
                 }
             }
+            self.volume_id_may_exist(&req.volume_id)?;
             if self.backend.get_volume(&req.volume_id).await?.is_none() {
                 return Err(Error::NotFound(format!(
                     "volume {} does not exist",
@@ -320,6 +365,7 @@ impl Controller for ControllerService {
             require_id(&req.source_volume_id, "source_volume_id")?;
             let params =
                 storage_params(&req.parameters, self.backend.snapshot_parameter_keys(), &[])?;
+            self.volume_id_may_exist(&req.source_volume_id)?;
             let _guard = self.locks.try_lock([
                 format!("snapname:{}", req.name),
                 format!("vol:{}", req.source_volume_id),
@@ -346,6 +392,10 @@ impl Controller for ControllerService {
         let req = req.into_inner();
         traced("DeleteSnapshot", &req.snapshot_id, async {
             require_id(&req.snapshot_id, "snapshot_id")?;
+            if !self.backend.is_valid_snapshot_id(&req.snapshot_id) {
+                // No snapshot can have this id: it is already gone.
+                return Ok(DeleteSnapshotResponse {});
+            }
             let _guard = self.locks.try_lock([format!("snap:{}", req.snapshot_id)])?;
             self.backend
                 .delete_snapshot(&req.snapshot_id, &Secrets::from(&req.secrets))
@@ -374,10 +424,24 @@ impl Controller for ControllerService {
                     req.starting_token
                 )));
             }
-            let all: Vec<SnapshotInfo> = self
-                .backend
-                .list_snapshots()
-                .await?
+            // Filtering by an id no snapshot or volume can have lists
+            // nothing; one snapshot is looked up, not listed.
+            let all: Vec<SnapshotInfo> = if (!req.snapshot_id.is_empty()
+                && !self.backend.is_valid_snapshot_id(&req.snapshot_id))
+                || (!req.source_volume_id.is_empty()
+                    && !self.backend.is_valid_id(&req.source_volume_id))
+            {
+                Vec::new()
+            } else if !req.snapshot_id.is_empty() {
+                self.backend
+                    .get_snapshot(&req.snapshot_id)
+                    .await?
+                    .into_iter()
+                    .collect()
+            } else {
+                self.backend.list_snapshots().await?
+            };
+            let all: Vec<SnapshotInfo> = all
                 .into_iter()
                 .filter(|s| req.snapshot_id.is_empty() || s.id == req.snapshot_id)
                 .filter(|s| {
@@ -408,6 +472,7 @@ impl Controller for ControllerService {
         let req = req.into_inner();
         traced("GetSnapshot", &req.snapshot_id, async {
             require_id(&req.snapshot_id, "snapshot_id")?;
+            self.snapshot_id_may_exist(&req.snapshot_id)?;
             let s = self
                 .backend
                 .get_snapshot(&req.snapshot_id)
@@ -439,6 +504,7 @@ impl Controller for ControllerService {
                 Some(c) => parse_capability(c)?.is_block(),
                 None => false,
             };
+            self.volume_id_may_exist(&req.volume_id)?;
             let _guard = self.locks.try_lock([format!("vol:{}", req.volume_id)])?;
             let secrets = Secrets::from(&req.secrets);
             let size = self
@@ -460,6 +526,7 @@ impl Controller for ControllerService {
         let req = req.into_inner();
         traced("ControllerGetVolume", &req.volume_id, async {
             require_id(&req.volume_id, "volume_id")?;
+            self.volume_id_may_exist(&req.volume_id)?;
             let v = self
                 .backend
                 .get_volume(&req.volume_id)
@@ -516,6 +583,236 @@ pub fn page<'a, T>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
+    use tokio::sync::{Notify, Semaphore};
+
+    use crate::core::backend::Capacity;
+    use crate::csi::volume_capability::{access_mode, AccessMode, MountVolume};
+
+    /// A backend whose operations on ids or names starting with "slow" wait
+    /// for `gate` after telling `entered`; everything else answers at once.
+    struct Fake {
+        gate: Semaphore,
+        entered: Notify,
+    }
+
+    impl Fake {
+        async fn maybe_hold(&self, id: &str) {
+            if id.starts_with("slow") {
+                self.entered.notify_one();
+                self.gate.acquire().await.expect("gate").forget();
+            }
+        }
+    }
+
+    fn volume(id: &str) -> VolumeInfo {
+        VolumeInfo {
+            id: id.to_string(),
+            capacity: 1 << 20,
+            topology: Vec::new(),
+            context: BTreeMap::new(),
+            abnormal: None,
+            source: None,
+        }
+    }
+
+    #[tonic::async_trait]
+    impl ControllerBackend for Fake {
+        fn parameter_keys(&self) -> &'static [&'static str] {
+            &[]
+        }
+        fn is_valid_id(&self, _: &str) -> bool {
+            true
+        }
+        fn not_ready(&self) -> Option<String> {
+            None
+        }
+        async fn create_volume(&self, req: &CreateVolume) -> Result<VolumeInfo> {
+            self.maybe_hold(&req.name).await;
+            Ok(volume(&req.name))
+        }
+        async fn delete_volume(&self, id: &str, _: &Secrets) -> Result<()> {
+            self.maybe_hold(id).await;
+            Ok(())
+        }
+        async fn get_volume(&self, id: &str) -> Result<Option<VolumeInfo>> {
+            Ok(Some(volume(id)))
+        }
+        async fn list_volumes(&self) -> Result<Vec<VolumeInfo>> {
+            Ok(Vec::new())
+        }
+        async fn expand_volume(&self, _: &str, _: Range, _: &Secrets) -> Result<u64> {
+            Ok(1 << 20)
+        }
+        async fn capacity(
+            &self,
+            _: &BTreeMap<String, String>,
+            _: Option<&Topology>,
+        ) -> Result<Capacity> {
+            Ok(Capacity::default())
+        }
+        fn snapshot_parameter_keys(&self) -> &'static [&'static str] {
+            &[]
+        }
+        fn is_valid_snapshot_id(&self, _: &str) -> bool {
+            true
+        }
+        async fn create_snapshot(&self, req: &CreateSnapshot) -> Result<SnapshotInfo> {
+            Ok(SnapshotInfo {
+                id: req.name.clone(),
+                source_volume_id: req.source_volume_id.clone(),
+                size: 1 << 20,
+                created: 0,
+                ready: true,
+            })
+        }
+        async fn delete_snapshot(&self, id: &str, _: &Secrets) -> Result<()> {
+            self.maybe_hold(id).await;
+            Ok(())
+        }
+        async fn get_snapshot(&self, _: &str) -> Result<Option<SnapshotInfo>> {
+            Ok(None)
+        }
+        async fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>> {
+            Ok(Vec::new())
+        }
+    }
+
+    fn service() -> (Arc<Fake>, Arc<ControllerService>) {
+        let fake = Arc::new(Fake {
+            gate: Semaphore::new(0),
+            entered: Notify::new(),
+        });
+        let svc = Arc::new(ControllerService {
+            backend: fake.clone(),
+            locks: OpLocks::default(),
+        });
+        (fake, svc)
+    }
+
+    fn create_from(name: &str, source: volume_content_source::Type) -> CreateVolumeRequest {
+        CreateVolumeRequest {
+            name: name.to_string(),
+            volume_capabilities: vec![VolumeCapability {
+                block: None,
+                mount: Some(MountVolume::default()),
+                access_mode: Some(AccessMode {
+                    mode: access_mode::Mode::SingleNodeWriter as i32,
+                }),
+            }],
+            volume_content_source: Some(VolumeContentSource {
+                r#type: Some(source),
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn from_volume(id: &str) -> volume_content_source::Type {
+        volume_content_source::Type::Volume(volume_content_source::VolumeSource {
+            volume_id: id.to_string(),
+        })
+    }
+
+    fn from_snapshot(id: &str) -> volume_content_source::Type {
+        volume_content_source::Type::Snapshot(volume_content_source::SnapshotSource {
+            snapshot_id: id.to_string(),
+        })
+    }
+
+    fn delete_volume_req(id: &str) -> Request<DeleteVolumeRequest> {
+        Request::new(DeleteVolumeRequest {
+            volume_id: id.to_string(),
+            ..Default::default()
+        })
+    }
+
+    fn delete_snapshot_req(id: &str) -> Request<DeleteSnapshotRequest> {
+        Request::new(DeleteSnapshotRequest {
+            snapshot_id: id.to_string(),
+            ..Default::default()
+        })
+    }
+
+    /// While a source volume or snapshot is being deleted, CreateVolume from
+    /// it is ABORTED; once the delete is done it proceeds.
+    #[tokio::test]
+    async fn a_clone_waits_for_the_deletion_of_its_source() {
+        let (fake, svc) = service();
+        let s = svc.clone();
+        let deleting =
+            tokio::spawn(async move { s.delete_volume(delete_volume_req("slow-v")).await });
+        fake.entered.notified().await;
+        let r = svc
+            .create_volume(Request::new(create_from("clone-1", from_volume("slow-v"))))
+            .await;
+        assert_eq!(r.unwrap_err().code(), tonic::Code::Aborted);
+        // Another source is not held up.
+        svc.create_volume(Request::new(create_from("clone-2", from_volume("other"))))
+            .await
+            .unwrap();
+        fake.gate.add_permits(1);
+        deleting.await.unwrap().unwrap();
+        svc.create_volume(Request::new(create_from("clone-1", from_volume("slow-v"))))
+            .await
+            .unwrap();
+
+        let s = svc.clone();
+        let deleting =
+            tokio::spawn(async move { s.delete_snapshot(delete_snapshot_req("slow-s")).await });
+        fake.entered.notified().await;
+        let r = svc
+            .create_volume(Request::new(create_from(
+                "restore-1",
+                from_snapshot("slow-s"),
+            )))
+            .await;
+        assert_eq!(r.unwrap_err().code(), tonic::Code::Aborted);
+        fake.gate.add_permits(1);
+        deleting.await.unwrap().unwrap();
+        svc.create_volume(Request::new(create_from(
+            "restore-1",
+            from_snapshot("slow-s"),
+        )))
+        .await
+        .unwrap();
+    }
+
+    /// While a clone or restore is copying its source, deleting that source
+    /// is ABORTED.
+    #[tokio::test]
+    async fn a_source_being_copied_cannot_be_deleted() {
+        let (fake, svc) = service();
+        for (source, volume) in [
+            (from_volume("src-v"), true),
+            (from_snapshot("src-s"), false),
+        ] {
+            let s = svc.clone();
+            let creating = tokio::spawn(async move {
+                s.create_volume(Request::new(create_from("slow-clone", source)))
+                    .await
+            });
+            fake.entered.notified().await;
+            let r = if volume {
+                svc.delete_volume(delete_volume_req("src-v"))
+                    .await
+                    .map(|_| ())
+            } else {
+                svc.delete_snapshot(delete_snapshot_req("src-s"))
+                    .await
+                    .map(|_| ())
+            };
+            assert_eq!(r.unwrap_err().code(), tonic::Code::Aborted);
+            fake.gate.add_permits(1);
+            creating.await.unwrap().unwrap();
+            if volume {
+                svc.delete_volume(delete_volume_req("src-v")).await.unwrap();
+            } else {
+                svc.delete_snapshot(delete_snapshot_req("src-s"))
+                    .await
+                    .unwrap();
+            }
+        }
+    }
 
     #[test]
     fn pages_by_last_key() {
