@@ -248,11 +248,28 @@ impl Controller for ControllerService {
                     req.volume_id
                 )));
             }
-            let unsupported: Vec<String> = req
+            // Confirmed echoes what was validated, and the CO compares it
+            // with its request: confirm nothing unless every capability
+            // and every parameter is one this driver understands.
+            let mut unsupported: Vec<String> = req
                 .volume_capabilities
                 .iter()
                 .filter_map(|c| parse_capability(c).err().map(|e| e.to_string()))
                 .collect();
+            if let Err(e) = storage_params(
+                &req.parameters,
+                self.backend.parameter_keys(),
+                self.backend.json_parameter_keys(),
+            ) {
+                unsupported.push(e.to_string());
+            }
+            if !req.mutable_parameters.is_empty() {
+                unsupported.push(
+                    "mutable_parameters are not supported (the driver does not offer \
+                     MODIFY_VOLUME)"
+                        .to_string(),
+                );
+            }
             if !unsupported.is_empty() {
                 return Ok(ValidateVolumeCapabilitiesResponse {
                     confirmed: None,
@@ -598,6 +615,10 @@ mod tests {
 
     impl Fake {
         async fn maybe_hold(&self, id: &str) {
+            assert!(
+                !id.starts_with("bad"),
+                "malformed id {id} reached the backend"
+            );
             if id.starts_with("slow") {
                 self.entered.notify_one();
                 self.gate.acquire().await.expect("gate").forget();
@@ -616,13 +637,23 @@ mod tests {
         }
     }
 
+    fn snapshot(id: &str, source: &str) -> SnapshotInfo {
+        SnapshotInfo {
+            id: id.to_string(),
+            source_volume_id: source.to_string(),
+            size: 1 << 20,
+            created: 0,
+            ready: true,
+        }
+    }
+
     #[tonic::async_trait]
     impl ControllerBackend for Fake {
         fn parameter_keys(&self) -> &'static [&'static str] {
             &[]
         }
-        fn is_valid_id(&self, _: &str) -> bool {
-            true
+        fn is_valid_id(&self, id: &str) -> bool {
+            !id.starts_with("bad")
         }
         fn not_ready(&self) -> Option<String> {
             None
@@ -636,12 +667,14 @@ mod tests {
             Ok(())
         }
         async fn get_volume(&self, id: &str) -> Result<Option<VolumeInfo>> {
+            self.maybe_hold(id).await;
             Ok(Some(volume(id)))
         }
         async fn list_volumes(&self) -> Result<Vec<VolumeInfo>> {
             Ok(Vec::new())
         }
-        async fn expand_volume(&self, _: &str, _: Range, _: &Secrets) -> Result<u64> {
+        async fn expand_volume(&self, id: &str, _: Range, _: &Secrets) -> Result<u64> {
+            self.maybe_hold(id).await;
             Ok(1 << 20)
         }
         async fn capacity(
@@ -654,10 +687,11 @@ mod tests {
         fn snapshot_parameter_keys(&self) -> &'static [&'static str] {
             &[]
         }
-        fn is_valid_snapshot_id(&self, _: &str) -> bool {
-            true
+        fn is_valid_snapshot_id(&self, id: &str) -> bool {
+            !id.starts_with("bad")
         }
         async fn create_snapshot(&self, req: &CreateSnapshot) -> Result<SnapshotInfo> {
+            self.maybe_hold(&req.source_volume_id).await;
             Ok(SnapshotInfo {
                 id: req.name.clone(),
                 source_volume_id: req.source_volume_id.clone(),
@@ -670,11 +704,15 @@ mod tests {
             self.maybe_hold(id).await;
             Ok(())
         }
-        async fn get_snapshot(&self, _: &str) -> Result<Option<SnapshotInfo>> {
-            Ok(None)
+        async fn get_snapshot(&self, id: &str) -> Result<Option<SnapshotInfo>> {
+            self.maybe_hold(id).await;
+            Ok(Some(snapshot(id, "vol-1")))
         }
         async fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>> {
-            Ok(Vec::new())
+            Ok(vec![
+                snapshot("snap-1", "vol-1"),
+                snapshot("snap-2", "vol-2"),
+            ])
         }
     }
 
@@ -827,5 +865,169 @@ mod tests {
         let items = vec!["a", "c", "d"];
         assert_eq!(page(&items, "b", 0, |s| s).0, &["c", "d"][..]);
         assert_eq!(page(&items, "", 0, |s| s), (&items[..], String::new()));
+    }
+
+    fn mount_cap(fs: &str) -> VolumeCapability {
+        VolumeCapability {
+            block: None,
+            mount: Some(MountVolume {
+                fs_type: fs.to_string(),
+                ..Default::default()
+            }),
+            access_mode: Some(AccessMode {
+                mode: access_mode::Mode::SingleNodeWriter as i32,
+            }),
+        }
+    }
+
+    /// Ids the backend could never have issued are answered here, and never
+    /// reach the backend (the fake panics if they do): NOT_FOUND, OK for
+    /// deletes, an empty list for ListSnapshots filters.
+    #[tokio::test]
+    async fn impossible_ids_are_answered_without_the_backend() {
+        let (_, svc) = service();
+        let code = |r: Result<(), Status>| r.map_err(|s| s.code()).err();
+        let not_found = Some(tonic::Code::NotFound);
+        let r = svc
+            .controller_get_volume(Request::new(ControllerGetVolumeRequest {
+                volume_id: "bad-v".into(),
+            }))
+            .await;
+        assert_eq!(code(r.map(|_| ())), not_found);
+        let r = svc
+            .validate_volume_capabilities(Request::new(ValidateVolumeCapabilitiesRequest {
+                volume_id: "bad-v".into(),
+                volume_capabilities: vec![mount_cap("")],
+                ..Default::default()
+            }))
+            .await;
+        assert_eq!(code(r.map(|_| ())), not_found);
+        let r = svc
+            .controller_expand_volume(Request::new(ControllerExpandVolumeRequest {
+                volume_id: "bad-v".into(),
+                capacity_range: Some(CapacityRange {
+                    required_bytes: 1 << 30,
+                    limit_bytes: 0,
+                }),
+                ..Default::default()
+            }))
+            .await;
+        assert_eq!(code(r.map(|_| ())), not_found);
+        let r = svc
+            .get_snapshot(Request::new(GetSnapshotRequest {
+                snapshot_id: "bad-s".into(),
+                ..Default::default()
+            }))
+            .await;
+        assert_eq!(code(r.map(|_| ())), not_found);
+        let r = svc
+            .create_snapshot(Request::new(CreateSnapshotRequest {
+                name: "snap".into(),
+                source_volume_id: "bad-v".into(),
+                ..Default::default()
+            }))
+            .await;
+        assert_eq!(code(r.map(|_| ())), not_found);
+        for source in [from_volume("bad-v"), from_snapshot("bad-s")] {
+            let r = svc
+                .create_volume(Request::new(create_from("from-bad", source)))
+                .await;
+            assert_eq!(code(r.map(|_| ())), not_found);
+        }
+        svc.delete_volume(delete_volume_req("bad-v")).await.unwrap();
+        svc.delete_snapshot(delete_snapshot_req("bad-s"))
+            .await
+            .unwrap();
+        for (snapshot_id, source_volume_id) in [
+            ("bad-s", ""),
+            ("", "bad-v"),
+            ("snap-1", "bad-v"),
+            ("bad-s", "vol-1"),
+        ] {
+            let r = svc
+                .list_snapshots(Request::new(ListSnapshotsRequest {
+                    snapshot_id: snapshot_id.into(),
+                    source_volume_id: source_volume_id.into(),
+                    ..Default::default()
+                }))
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(
+                r.entries.is_empty(),
+                "{snapshot_id} {source_volume_id}: {r:?}"
+            );
+        }
+        // Well-formed filters still find what exists.
+        let ids = |r: ListSnapshotsResponse| -> Vec<String> {
+            r.entries
+                .into_iter()
+                .map(|e| e.snapshot.unwrap().snapshot_id)
+                .collect()
+        };
+        for (snapshot_id, source_volume_id, want) in [
+            ("snap-1", "", vec!["snap-1"]),
+            ("snap-1", "vol-1", vec!["snap-1"]),
+            ("snap-1", "vol-2", vec![]),
+            ("", "vol-2", vec!["snap-2"]),
+            ("", "", vec!["snap-1", "snap-2"]),
+        ] {
+            let r = svc
+                .list_snapshots(Request::new(ListSnapshotsRequest {
+                    snapshot_id: snapshot_id.into(),
+                    source_volume_id: source_volume_id.into(),
+                    ..Default::default()
+                }))
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(ids(r), want, "{snapshot_id} {source_volume_id}");
+        }
+    }
+
+    /// ValidateVolumeCapabilities of an existing volume confirms exactly
+    /// what it was asked when everything is supported, and nothing (with a
+    /// message) when a capability, a parameter or a mutable parameter is
+    /// not.
+    #[tokio::test]
+    async fn validate_volume_capabilities_confirms_only_what_it_understands() {
+        let (_, svc) = service();
+        let validate = |caps: Vec<VolumeCapability>, params: &[(&str, &str)], mutable: bool| {
+            let svc = svc.clone();
+            let parameters = params
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            async move {
+                svc.validate_volume_capabilities(Request::new(ValidateVolumeCapabilitiesRequest {
+                    volume_id: "vol-1".into(),
+                    volume_capabilities: caps,
+                    parameters,
+                    mutable_parameters: if mutable {
+                        [("iops".to_string(), "1000".to_string())].into()
+                    } else {
+                        Default::default()
+                    },
+                    ..Default::default()
+                }))
+                .await
+                .unwrap()
+                .into_inner()
+            }
+        };
+        let sidecar = ("csi.storage.k8s.io/pvc/name", "pvc-1");
+        let ok = validate(vec![mount_cap("xfs")], &[sidecar], false).await;
+        let confirmed = ok.confirmed.expect("confirmed");
+        assert_eq!(confirmed.volume_capabilities, vec![mount_cap("xfs")]);
+        assert_eq!(confirmed.parameters.len(), 1);
+        for (caps, params, mutable) in [
+            (vec![mount_cap("ntfs")], vec![], false),
+            (vec![mount_cap("xfs")], vec![("noSuchKey", "1")], false),
+            (vec![mount_cap("xfs")], vec![], true),
+        ] {
+            let r = validate(caps, &params, mutable).await;
+            assert!(r.confirmed.is_none(), "{params:?} {mutable}: {r:?}");
+            assert!(!r.message.is_empty());
+        }
     }
 }
