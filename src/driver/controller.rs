@@ -158,6 +158,13 @@ impl Controller for ControllerService {
                 self.backend.parameter_keys(),
                 self.backend.json_parameter_keys(),
             )?;
+            if !req.mutable_parameters.is_empty() {
+                // Only for plugins with MODIFY_VOLUME, which this one lacks.
+                return Err(invalid!(
+                    "mutable_parameters are not supported (the driver does not offer \
+                     MODIFY_VOLUME)"
+                ));
+            }
             let source = source_of(req.volume_content_source.as_ref())?;
             match &source {
                 Some(Source::Volume(id)) => self.volume_id_may_exist(id)?,

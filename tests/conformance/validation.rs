@@ -706,6 +706,17 @@ async fn well_formed_requests_pass_validation() {
     }
 }
 
+/// `mutable_parameters` may only be sent to a plugin with MODIFY_VOLUME,
+/// which Lodestone does not offer: CreateVolume with them is
+/// INVALID_ARGUMENT rather than a volume that silently ignores them.
+#[tokio::test]
+async fn create_volume_rejects_mutable_parameters() {
+    let d = Driver::start().await;
+    let mut req = good_create("mutable-params");
+    req.mutable_parameters = params(&[("iops", "1000")]);
+    create_fails(&d, req, Code::InvalidArgument, "mutable_parameters").await;
+}
+
 /// A capability that sets both `block` and `mount`. The spec declares them
 /// as a oneof, so a decoder that follows it would keep only the last one;
 /// on the wire both are there, as this checks.
