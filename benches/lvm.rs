@@ -39,7 +39,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use lodestone::client::{self, Client};
-use lodestone::csi::volume_capability::{access_mode, AccessMode, AccessType, MountVolume};
+use lodestone::csi::volume_capability::{access_mode, AccessMode, MountVolume};
 use lodestone::csi::*;
 
 type R<T> = Result<T, String>;
@@ -651,11 +651,12 @@ struct Templates {
 
 fn mount_cap() -> VolumeCapability {
     VolumeCapability {
-        access_type: Some(AccessType::Mount(MountVolume {
+        block: None,
+        mount: Some(MountVolume {
             fs_type: "ext4".into(),
             mount_flags: vec![],
             volume_mount_group: String::new(),
-        })),
+        }),
         access_mode: Some(AccessMode {
             mode: access_mode::Mode::SingleNodeWriter as i32,
         }),

@@ -26,6 +26,9 @@ cargo clippy --all-targets --locked -- -D warnings
 section "host tests (unit tests; conformance validation against the driver on this host)"
 cargo test --locked
 
+section "interop: a grpcio (gRPC C-core) client on the CSI Unix socket"
+bash tests/interop/run.sh
+
 section "RBD driver against a single-node Ceph cluster on this host"
 # The rbd feature links librbd; its build lives in its own target dir so the
 # default binary (used by the LVM guest suite) stays the default build.

@@ -22,7 +22,7 @@ use crate::client::{self, Client};
 use crate::config::{socket_path, RunArgs, TOPOLOGY_NODE_KEY};
 use crate::csi;
 use crate::csi::volume_capability::access_mode::Mode as WireMode;
-use crate::csi::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
+use crate::csi::volume_capability::{AccessMode, BlockVolume, MountVolume};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Output {
@@ -93,17 +93,13 @@ pub struct CapabilityArgs {
 
 impl CapabilityArgs {
     fn wire(&self) -> csi::VolumeCapability {
-        let access_type = if self.block {
-            AccessType::Block(BlockVolume {})
-        } else {
-            AccessType::Mount(MountVolume {
+        csi::VolumeCapability {
+            block: self.block.then_some(BlockVolume {}),
+            mount: (!self.block).then(|| MountVolume {
                 fs_type: self.fs_type.clone().unwrap_or_default(),
                 mount_flags: self.mount_flags.clone(),
                 volume_mount_group: String::new(),
-            })
-        };
-        csi::VolumeCapability {
-            access_type: Some(access_type),
+            }),
             access_mode: Some(AccessMode {
                 mode: self.access_mode.wire() as i32,
             }),
@@ -977,7 +973,8 @@ impl Caller {
 /// only needs to know that it is block).
 fn block_capability() -> csi::VolumeCapability {
     csi::VolumeCapability {
-        access_type: Some(AccessType::Block(BlockVolume {})),
+        block: Some(BlockVolume {}),
+        mount: None,
         access_mode: Some(AccessMode {
             mode: WireMode::SingleNodeWriter as i32,
         }),
@@ -1532,10 +1529,8 @@ mod tests {
         let req_top = req.accessibility_requirements.unwrap();
         assert_eq!(req_top.requisite.len(), 1);
         assert_eq!(req.capacity_range.unwrap().required_bytes, 1 << 30);
-        assert!(matches!(
-            req.volume_capabilities[0].access_type,
-            Some(AccessType::Block(_))
-        ));
+        assert!(req.volume_capabilities[0].block.is_some());
+        assert!(req.volume_capabilities[0].mount.is_none());
     }
 
     #[test]

@@ -13,7 +13,7 @@ use crate::client;
 use clap::Parser;
 
 use crate::config::DemoArgs;
-use crate::csi::volume_capability::{access_mode, AccessMode, AccessType, MountVolume};
+use crate::csi::volume_capability::{access_mode, AccessMode, MountVolume};
 use crate::csi::*;
 use crate::runner::{Cmd, Runner};
 
@@ -178,11 +178,12 @@ async fn walk(args: &DemoArgs, runner: &Runner, dir: &Path, image: &Path) -> Res
     );
 
     let cap = VolumeCapability {
-        access_type: Some(AccessType::Mount(MountVolume {
+        block: None,
+        mount: Some(MountVolume {
             fs_type: "ext4".into(),
             mount_flags: vec![],
             volume_mount_group: String::new(),
-        })),
+        }),
         access_mode: Some(AccessMode {
             mode: access_mode::Mode::SingleNodeWriter as i32,
         }),

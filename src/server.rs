@@ -1,12 +1,17 @@
 //! Assembles the services a process runs (by driver and mode) and serves
 //! them on the CSI Unix socket until SIGTERM or SIGINT.
 
+mod authority;
+
+pub use authority::FixAuthority;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
+use tokio_stream::StreamExt;
 
 use crate::agentpb::agent_server::AgentServer;
 use crate::config::{AgentResolver, DriverKind, LvmConfig, Mode, RunArgs};
@@ -324,7 +329,9 @@ pub async fn build(args: &RunArgs) -> Result<Services, String> {
     }
 }
 
-/// Serves until `shutdown` resolves.
+/// Serves until `shutdown` resolves. Every connection goes through
+/// [`FixAuthority`], so clients that send the socket path as `:authority`
+/// (gRPC C-core and Java clients) are served too.
 pub async fn serve(
     services: Services,
     listener: UnixListener,
@@ -339,7 +346,10 @@ pub async fn serve(
         router = router.add_service(NodeServer::new(n));
     }
     router
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(
+            UnixListenerStream::new(listener).map(|conn| conn.map(FixAuthority::new)),
+            shutdown,
+        )
         .await
         .map_err(|e| format!("gRPC server failed: {e}"))
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lodestone::client::{self, Client};
-use lodestone::csi::volume_capability::{access_mode, AccessMode, AccessType, MountVolume};
+use lodestone::csi::volume_capability::{access_mode, AccessMode, MountVolume};
 use lodestone::csi::*;
 use lodestone::rbd::{ConnectOptions, ConnectionPool, Credentials, ImageOptions, Secret};
 
@@ -177,10 +177,11 @@ fn create_req(env: &Env, name: &str, source: Option<VolumeContentSource>) -> Cre
             limit_bytes: 0,
         }),
         volume_capabilities: vec![VolumeCapability {
-            access_type: Some(AccessType::Mount(MountVolume {
+            block: None,
+            mount: Some(MountVolume {
                 fs_type: "ext4".into(),
                 ..Default::default()
-            })),
+            }),
             access_mode: Some(AccessMode {
                 mode: access_mode::Mode::SingleNodeWriter as i32,
             }),

@@ -7,7 +7,6 @@ use std::path::{Component, Path, PathBuf};
 
 use crate::csi;
 use crate::csi::volume_capability::access_mode::Mode as AccessMode;
-use crate::csi::volume_capability::AccessType as WireAccessType;
 use crate::error::{Error, Result};
 use crate::invalid;
 
@@ -103,14 +102,21 @@ pub fn parse_capability(cap: &csi::VolumeCapability) -> Result<Capability> {
         .as_ref()
         .map(|m| m.mode())
         .ok_or_else(|| invalid!("volume_capability.access_mode is required"))?;
-    let access = match &cap.access_type {
-        None => {
+    // `block` and `mount` are a oneof in the spec, plain fields in our copy
+    // of the proto so that a message setting both is seen (and refused).
+    let access = match (&cap.block, &cap.mount) {
+        (None, None) => {
             return Err(invalid!(
                 "volume_capability.access_type (block or mount) is required"
             ))
         }
-        Some(WireAccessType::Block(_)) => Access::Block,
-        Some(WireAccessType::Mount(m)) => {
+        (Some(_), Some(_)) => {
+            return Err(invalid!(
+                "volume_capability sets both block and mount; exactly one access type is allowed"
+            ))
+        }
+        (Some(_), None) => Access::Block,
+        (None, Some(m)) => {
             let fs = FsType::parse(&m.fs_type)?;
             for flag in &m.mount_flags {
                 validate_mount_flag(flag)?;
@@ -288,24 +294,31 @@ mod tests {
     use super::*;
     use crate::csi::volume_capability::{AccessMode as WireMode, BlockVolume, MountVolume};
 
-    fn cap(access: Option<WireAccessType>, mode: AccessMode) -> csi::VolumeCapability {
+    /// A capability with the given access fields (both may be set: the
+    /// wire allows it, the parser must refuse it).
+    fn cap(block: bool, mount: Option<MountVolume>, mode: AccessMode) -> csi::VolumeCapability {
         csi::VolumeCapability {
-            access_type: access,
+            block: block.then_some(BlockVolume {}),
+            mount,
             access_mode: Some(WireMode { mode: mode as i32 }),
         }
     }
 
-    fn mount(fs: &str, flags: &[&str]) -> Option<WireAccessType> {
-        Some(WireAccessType::Mount(MountVolume {
+    fn mount(fs: &str, flags: &[&str]) -> Option<MountVolume> {
+        Some(MountVolume {
             fs_type: fs.into(),
             mount_flags: flags.iter().map(|s| s.to_string()).collect(),
             volume_mount_group: String::new(),
-        }))
+        })
     }
 
     #[test]
     fn capabilities() {
-        let c = parse_capability(&cap(mount("", &["noatime"]), AccessMode::SingleNodeWriter));
+        let c = parse_capability(&cap(
+            false,
+            mount("", &["noatime"]),
+            AccessMode::SingleNodeWriter,
+        ));
         assert_eq!(
             c.unwrap().access,
             Access::Mount {
@@ -313,19 +326,20 @@ mod tests {
                 flags: vec!["noatime".into()]
             }
         );
-        let block = Some(WireAccessType::Block(BlockVolume {}));
         assert!(
-            parse_capability(&cap(block.clone(), AccessMode::SingleNodeReaderOnly))
+            parse_capability(&cap(true, None, AccessMode::SingleNodeReaderOnly))
                 .unwrap()
                 .is_block()
         );
         for bad in [
-            cap(None, AccessMode::SingleNodeWriter),
-            cap(block.clone(), AccessMode::MultiNodeMultiWriter),
-            cap(block, AccessMode::Unknown),
-            cap(mount("ntfs", &[]), AccessMode::SingleNodeWriter),
-            cap(mount("xfs", &["-o"]), AccessMode::SingleNodeWriter),
-            cap(mount("xfs", &["a;b"]), AccessMode::SingleNodeWriter),
+            cap(false, None, AccessMode::SingleNodeWriter),
+            cap(true, mount("", &[]), AccessMode::SingleNodeWriter),
+            cap(true, mount("xfs", &[]), AccessMode::SingleNodeReaderOnly),
+            cap(true, None, AccessMode::MultiNodeMultiWriter),
+            cap(true, None, AccessMode::Unknown),
+            cap(false, mount("ntfs", &[]), AccessMode::SingleNodeWriter),
+            cap(false, mount("xfs", &["-o"]), AccessMode::SingleNodeWriter),
+            cap(false, mount("xfs", &["a;b"]), AccessMode::SingleNodeWriter),
         ] {
             assert!(
                 matches!(parse_capability(&bad), Err(Error::InvalidArgument(_))),
@@ -333,6 +347,21 @@ mod tests {
             );
         }
         assert!(parse_capabilities(&[]).is_err());
+    }
+
+    /// Both access types on the wire (what a oneof decoder would collapse
+    /// into the last one) decode into both fields and are refused.
+    #[test]
+    fn both_access_types_on_the_wire_are_refused() {
+        use prost::Message;
+        // field 1 (block, empty message), field 2 (mount, empty message),
+        // field 3 (access_mode { mode: SINGLE_NODE_WRITER })
+        let wire = [0x0a, 0x00, 0x12, 0x00, 0x1a, 0x02, 0x08, 0x01];
+        let decoded = csi::VolumeCapability::decode(&wire[..]).unwrap();
+        assert!(decoded.block.is_some() && decoded.mount.is_some());
+        let e = parse_capability(&decoded).unwrap_err();
+        assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
+        assert!(e.to_string().contains("both block and mount"), "{e}");
     }
 
     #[test]

@@ -27,7 +27,7 @@ use lodestone::csi::controller_client::ControllerClient;
 use lodestone::csi::identity_client::IdentityClient;
 use lodestone::csi::node_client::NodeClient;
 use lodestone::csi::volume_capability::access_mode::Mode;
-use lodestone::csi::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
+use lodestone::csi::volume_capability::{AccessMode, BlockVolume, MountVolume};
 use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
 
@@ -559,11 +559,12 @@ pub fn mount_cap(fs: &str) -> csi::VolumeCapability {
 
 pub fn mount_cap_with(fs: &str, flags: &[&str], mode: Mode) -> csi::VolumeCapability {
     csi::VolumeCapability {
-        access_type: Some(AccessType::Mount(MountVolume {
+        block: None,
+        mount: Some(MountVolume {
             fs_type: fs.to_string(),
             mount_flags: flags.iter().map(|s| s.to_string()).collect(),
             volume_mount_group: String::new(),
-        })),
+        }),
         access_mode: access_mode(mode),
     }
 }
@@ -587,7 +588,8 @@ pub fn block_cap() -> csi::VolumeCapability {
 
 pub fn block_cap_with(mode: Mode) -> csi::VolumeCapability {
     csi::VolumeCapability {
-        access_type: Some(AccessType::Block(BlockVolume {})),
+        block: Some(BlockVolume {}),
+        mount: None,
         access_mode: access_mode(mode),
     }
 }

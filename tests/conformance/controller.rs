@@ -272,3 +272,210 @@ async fn get_capacity_unknown_class_is_invalid() {
         );
     }
 }
+
+/// A well-formed id of this node for a snapshot that does not exist.
+fn absent_snapshot_id() -> String {
+    format!("lvs1:{NODE_ID}:{THIN}:{}", uuid::Uuid::new_v4().simple())
+}
+
+/// A well-formed id of this node for a volume that does not exist.
+fn absent_volume_id() -> String {
+    format!("lvm1:{NODE_ID}:{THIN}:{}", uuid::Uuid::new_v4().simple())
+}
+
+/// Snapshot ids no Lodestone snapshot can have: the impossible volume ids,
+/// and volume ids (another kind).
+fn impossible_snapshot_ids() -> Vec<String> {
+    let mut ids = impossible_ids();
+    ids.push(absent_volume_id());
+    ids.push(format!("lvs1:{NODE_ID}:{THIN}:not-hex"));
+    ids
+}
+
+/// ListSnapshots: filtering by a snapshot id or a source volume id that no
+/// snapshot or volume has (malformed, of the wrong kind, or just absent) is
+/// an empty list, not an error.
+#[tokio::test]
+async fn list_snapshots_filtered_by_unknown_ids_is_empty() {
+    let d = Driver::start().await;
+    let mut c = d.controller();
+    let mut snapshot_ids = impossible_snapshot_ids();
+    snapshot_ids.push(absent_snapshot_id());
+    for id in snapshot_ids {
+        let r = c
+            .list_snapshots(csi::ListSnapshotsRequest {
+                snapshot_id: id.clone(),
+                ..Default::default()
+            })
+            .await;
+        let page = expect_ok(r, &format!("ListSnapshots(snapshot_id={id:?})"));
+        assert!(
+            page.entries.is_empty() && page.next_token.is_empty(),
+            "{id:?}: {page:?}"
+        );
+    }
+    let mut volume_ids = impossible_ids();
+    volume_ids.push(absent_snapshot_id());
+    volume_ids.push(absent_volume_id());
+    for id in volume_ids {
+        let r = c
+            .list_snapshots(csi::ListSnapshotsRequest {
+                source_volume_id: id.clone(),
+                ..Default::default()
+            })
+            .await;
+        let page = expect_ok(r, &format!("ListSnapshots(source_volume_id={id:?})"));
+        assert!(page.entries.is_empty(), "{id:?}: {page:?}");
+    }
+    // Both filters at once, neither known.
+    let r = c
+        .list_snapshots(csi::ListSnapshotsRequest {
+            snapshot_id: absent_snapshot_id(),
+            source_volume_id: absent_volume_id(),
+            ..Default::default()
+        })
+        .await;
+    assert!(expect_ok(r, "ListSnapshots(both filters)")
+        .entries
+        .is_empty());
+}
+
+/// GetSnapshot: a snapshot id no snapshot can have is NOT_FOUND;
+/// DeleteSnapshot of it is OK (nothing to delete).
+#[tokio::test]
+async fn snapshot_rpcs_on_impossible_ids() {
+    let d = Driver::start().await;
+    let mut c = d.controller();
+    for id in impossible_snapshot_ids() {
+        let r = c
+            .get_snapshot(csi::GetSnapshotRequest {
+                snapshot_id: id.clone(),
+                ..Default::default()
+            })
+            .await;
+        expect_code(r, Code::NotFound, &format!("GetSnapshot({id:?})"));
+        let r = c
+            .delete_snapshot(csi::DeleteSnapshotRequest {
+                snapshot_id: id.clone(),
+                ..Default::default()
+            })
+            .await;
+        expect_ok(r, &format!("DeleteSnapshot({id:?})"));
+    }
+}
+
+/// CreateSnapshot from a source volume that does not exist (malformed id,
+/// a snapshot id, or a well-formed absent id) is NOT_FOUND.
+#[tokio::test]
+async fn create_snapshot_from_unknown_source_is_not_found() {
+    let d = Driver::start().await;
+    let mut c = d.controller();
+    let mut ids = impossible_ids();
+    ids.push(absent_snapshot_id());
+    ids.push(absent_volume_id());
+    for (i, id) in ids.into_iter().enumerate() {
+        let r = c
+            .create_snapshot(csi::CreateSnapshotRequest {
+                name: format!("snap-of-unknown-{i}"),
+                source_volume_id: id.clone(),
+                ..Default::default()
+            })
+            .await;
+        expect_code(r, Code::NotFound, &format!("CreateSnapshot(source={id:?})"));
+    }
+}
+
+/// CreateVolume from a snapshot or a volume that does not exist (malformed
+/// id, an id of the other kind, or a well-formed absent id) is NOT_FOUND.
+#[tokio::test]
+async fn create_volume_from_unknown_source_is_not_found() {
+    use csi::volume_content_source::{SnapshotSource, Type, VolumeSource};
+    let d = Driver::start().await;
+    let mut c = d.controller();
+    let mut sources = Vec::new();
+    for id in impossible_snapshot_ids()
+        .into_iter()
+        .chain([absent_snapshot_id()])
+    {
+        sources.push(Type::Snapshot(SnapshotSource { snapshot_id: id }));
+    }
+    for id in impossible_ids()
+        .into_iter()
+        .chain([absent_snapshot_id(), absent_volume_id()])
+    {
+        sources.push(Type::Volume(VolumeSource { volume_id: id }));
+    }
+    for (i, source) in sources.into_iter().enumerate() {
+        let mut req = create_req(&format!("from-unknown-{i}"), THIN, ext4(), 64 * MIB, 0);
+        req.volume_content_source = Some(csi::VolumeContentSource {
+            r#type: Some(source.clone()),
+        });
+        let r = c.create_volume(req).await;
+        expect_code(r, Code::NotFound, &format!("CreateVolume from {source:?}"));
+    }
+}
+
+/// ValidateVolumeCapabilities, ControllerGetVolume and
+/// ControllerExpandVolume of a well-formed id of a volume that does not
+/// exist are NOT_FOUND, and so are they for a snapshot id; DeleteVolume of
+/// either is OK.
+#[tokio::test]
+async fn controller_rpcs_on_absent_volumes() {
+    let d = Driver::start().await;
+    let mut c = d.controller();
+    for id in [absent_volume_id(), absent_snapshot_id()] {
+        let r = c
+            .controller_get_volume(csi::ControllerGetVolumeRequest {
+                volume_id: id.clone(),
+            })
+            .await;
+        expect_code(r, Code::NotFound, &format!("ControllerGetVolume({id:?})"));
+        let r = c
+            .validate_volume_capabilities(csi::ValidateVolumeCapabilitiesRequest {
+                volume_id: id.clone(),
+                volume_capabilities: vec![ext4(), block_cap()],
+                ..Default::default()
+            })
+            .await;
+        expect_code(
+            r,
+            Code::NotFound,
+            &format!("ValidateVolumeCapabilities({id:?})"),
+        );
+        // An unsupported (not malformed) capability does not hide NOT_FOUND.
+        let r = c
+            .validate_volume_capabilities(csi::ValidateVolumeCapabilitiesRequest {
+                volume_id: id.clone(),
+                volume_capabilities: vec![with_mode(
+                    ext4(),
+                    csi::volume_capability::access_mode::Mode::MultiNodeMultiWriter,
+                )],
+                ..Default::default()
+            })
+            .await;
+        expect_code(
+            r,
+            Code::NotFound,
+            &format!("ValidateVolumeCapabilities({id:?}, RWX)"),
+        );
+        let r = c
+            .controller_expand_volume(csi::ControllerExpandVolumeRequest {
+                volume_id: id.clone(),
+                capacity_range: range(GIB, 0),
+                ..Default::default()
+            })
+            .await;
+        expect_code(
+            r,
+            Code::NotFound,
+            &format!("ControllerExpandVolume({id:?})"),
+        );
+        let r = c
+            .delete_volume(csi::DeleteVolumeRequest {
+                volume_id: id.clone(),
+                ..Default::default()
+            })
+            .await;
+        expect_ok(r, &format!("DeleteVolume({id:?})"));
+    }
+}

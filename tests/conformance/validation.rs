@@ -6,7 +6,7 @@
 use lodestone::csi;
 use lodestone::csi::controller_service_capability::rpc::Type as Rpc;
 use lodestone::csi::volume_capability::access_mode::Mode;
-use lodestone::csi::volume_capability::{AccessMode, AccessType, MountVolume};
+use lodestone::csi::volume_capability::{AccessMode, BlockVolume, MountVolume};
 use lodestone::csi::volume_content_source;
 use tonic::Code;
 
@@ -74,7 +74,7 @@ async fn create_volume_requires_complete_capabilities() {
     create_fails(&d, req, Code::InvalidArgument, "no volume_capabilities").await;
 
     let mut req = good_create("caps-no-type");
-    req.volume_capabilities[0].access_type = None;
+    req.volume_capabilities[0].mount = None;
     create_fails(
         &d,
         req,
@@ -309,7 +309,7 @@ async fn validate_volume_capabilities_requires_fields() {
         .await;
     expect_code(r, Code::InvalidArgument, "no volume_capabilities");
     let mut cap = ext4();
-    cap.access_type = None;
+    cap.mount = None;
     let r = c
         .validate_volume_capabilities(csi::ValidateVolumeCapabilitiesRequest {
             volume_id: absent_volume_id(),
@@ -678,7 +678,8 @@ async fn node_expand_volume_validation() {
 async fn well_formed_requests_pass_validation() {
     let d = Driver::start().await;
     let cap = csi::VolumeCapability {
-        access_type: Some(AccessType::Mount(MountVolume::default())),
+        block: None,
+        mount: Some(MountVolume::default()),
         access_mode: access_mode(Mode::SingleNodeWriter),
     };
     for cap in [
@@ -703,4 +704,102 @@ async fn well_formed_requests_pass_validation() {
             &format!("ValidateVolumeCapabilities {cap:?}"),
         );
     }
+}
+
+/// `mutable_parameters` may only be sent to a plugin with MODIFY_VOLUME,
+/// which Lodestone does not offer: CreateVolume with them is
+/// INVALID_ARGUMENT rather than a volume that silently ignores them.
+#[tokio::test]
+async fn create_volume_rejects_mutable_parameters() {
+    let d = Driver::start().await;
+    let mut req = good_create("mutable-params");
+    req.mutable_parameters = params(&[("iops", "1000")]);
+    create_fails(&d, req, Code::InvalidArgument, "mutable_parameters").await;
+}
+
+/// A capability that sets both `block` and `mount`. The spec declares them
+/// as a oneof, so a decoder that follows it would keep only the last one;
+/// on the wire both are there, as this checks.
+fn block_and_mount() -> csi::VolumeCapability {
+    use prost::Message;
+    let mut cap = ext4();
+    cap.block = Some(BlockVolume {});
+    let wire = cap.encode_to_vec();
+    // field 1 (block, length-delimited, empty) then field 2 (mount)
+    assert_eq!(wire[..3], [0x0a, 0x00, 0x12], "{wire:?}");
+    cap
+}
+
+/// Exactly one access type is allowed: a capability with both block and
+/// mount is INVALID_ARGUMENT in every RPC that takes capabilities, whatever
+/// else the request says (here: an existing-looking but absent volume).
+#[tokio::test]
+async fn capabilities_with_both_access_types_are_invalid() {
+    let d = Driver::start().await;
+    let mut c = d.controller();
+    let both = block_and_mount();
+    let mut req = good_create("both-access-types");
+    req.volume_capabilities = vec![both.clone()];
+    create_fails(&d, req, Code::InvalidArgument, "CreateVolume block+mount").await;
+    let mut req = good_create("both-access-types-2");
+    req.volume_capabilities.push(both.clone());
+    create_fails(
+        &d,
+        req,
+        Code::InvalidArgument,
+        "CreateVolume ext4, block+mount",
+    )
+    .await;
+    let r = c
+        .validate_volume_capabilities(csi::ValidateVolumeCapabilitiesRequest {
+            volume_id: absent_volume_id(),
+            volume_capabilities: vec![both.clone()],
+            ..Default::default()
+        })
+        .await;
+    expect_code(
+        r,
+        Code::InvalidArgument,
+        "ValidateVolumeCapabilities block+mount",
+    );
+    let r = c
+        .controller_expand_volume(csi::ControllerExpandVolumeRequest {
+            volume_id: absent_volume_id(),
+            capacity_range: range(GIB, 0),
+            volume_capability: Some(both.clone()),
+            ..Default::default()
+        })
+        .await;
+    expect_code(
+        r,
+        Code::InvalidArgument,
+        "ControllerExpandVolume block+mount",
+    );
+    let r = c
+        .get_capacity(csi::GetCapacityRequest {
+            volume_capabilities: vec![both.clone()],
+            parameters: class_params(THIN),
+            ..Default::default()
+        })
+        .await;
+    expect_code(r, Code::InvalidArgument, "GetCapacity block+mount");
+
+    let mut n = d.node();
+    let id = absent_volume_id();
+    let r = n.node_stage_volume(stage_req(&d, &id, both.clone())).await;
+    expect_code(r, Code::InvalidArgument, "NodeStageVolume block+mount");
+    let r = n
+        .node_publish_volume(publish_req(&d, &id, both.clone()))
+        .await;
+    expect_code(r, Code::InvalidArgument, "NodePublishVolume block+mount");
+    let r = n
+        .node_expand_volume(csi::NodeExpandVolumeRequest {
+            volume_id: id.clone(),
+            volume_path: d.path_str("target"),
+            capacity_range: range(GIB, 0),
+            volume_capability: Some(both),
+            ..Default::default()
+        })
+        .await;
+    expect_code(r, Code::InvalidArgument, "NodeExpandVolume block+mount");
 }
