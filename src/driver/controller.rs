@@ -101,16 +101,16 @@ fn source_of(src: Option<&VolumeContentSource>) -> Result<Option<Source>> {
     }
 }
 
-/// The operation locks CreateVolume takes: its name and its source (the
-/// keys DeleteVolume and DeleteSnapshot take for that id).
-fn create_lock_keys(name: &str, source: Option<&Source>) -> Vec<String> {
-    let mut keys = vec![format!("name:{name}")];
+/// The operation lock CreateVolume takes on its source, shared: the key
+/// DeleteVolume or DeleteSnapshot (and expansion) take exclusively for that
+/// id, so a source is never copied while it is removed or grown, yet many
+/// clones of one source run at once.
+fn source_lock_key(source: Option<&Source>) -> Option<String> {
     match source {
-        Some(Source::Volume(id)) => keys.push(format!("vol:{id}")),
-        Some(Source::Snapshot(id)) => keys.push(format!("snap:{id}")),
-        None => {}
+        Some(Source::Volume(id)) => Some(format!("vol:{id}")),
+        Some(Source::Snapshot(id)) => Some(format!("snap:{id}")),
+        None => None,
     }
-    keys
 }
 
 fn range_of(r: Option<&CapacityRange>) -> Result<Range> {
@@ -173,9 +173,10 @@ impl Controller for ControllerService {
             }
             // The source is locked too: a clone must not copy a volume or
             // snapshot that a DeleteVolume or DeleteSnapshot is removing.
-            let _guard = self
-                .locks
-                .try_lock(create_lock_keys(&req.name, source.as_ref()))?;
+            let _guard = self.locks.try_lock_shared(
+                [format!("name:{}", req.name)],
+                source_lock_key(source.as_ref()),
+            )?;
             let create = CreateVolume {
                 name: req.name.clone(),
                 range,
