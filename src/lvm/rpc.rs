@@ -150,7 +150,7 @@ fn describe_transport(s: &Status) -> String {
 
 /// The agent's gRPC service over the node's [`LocalAgent`].
 pub struct AgentService {
-    pub agent: Arc<LocalAgent>,
+    pub agent: Arc<crate::lvm::detached::Detached<LocalAgent>>,
 }
 
 fn lv_ref(r: Request<pb::LvRef>) -> pb::LvRef {
