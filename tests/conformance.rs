@@ -34,6 +34,8 @@ mod common;
 
 #[path = "conformance/agent_tls.rs"]
 mod agent_tls;
+#[path = "conformance/cancel_lvm.rs"]
+mod cancel_lvm;
 #[path = "conformance/controller.rs"]
 mod controller;
 #[path = "conformance/controller_lvm.rs"]
