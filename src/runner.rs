@@ -1,18 +1,26 @@
 //! The one way Lodestone runs an external program.
 //!
 //! Argument vectors only (never a shell), stdin closed, stdout and stderr
-//! captured, a timeout per call with the child killed when it expires (or
-//! when the caller's future is dropped), and a count of spawns per program so
-//! benchmarks and metrics can show what each CSI call cost.
+//! captured, a timeout per call with the child killed (and reaped) when it
+//! expires, and a count of spawns per program so benchmarks and metrics can
+//! show what each CSI call cost.
+//!
+//! Cancellation rule: a started command runs to its own end. A CSI deadline
+//! or a dropped connection drops the caller's future; killing `lvm`, `mkfs`
+//! or `rbd map` then could leave half-done work behind (a device-mapper
+//! device left suspended). So the child is waited for in a task of its own
+//! and the caller only awaits the result; only the command's own timeout
+//! kills it.
 
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
 use std::process::Stdio;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
-use tokio::process::Command;
+use tokio::io::AsyncReadExt;
+use tokio::process::{Child, Command};
 
 use crate::metrics::{CounterVec, Exposition, HistogramVec, DURATION_BUCKETS};
 
@@ -142,6 +150,12 @@ impl Outcome {
 #[derive(Debug)]
 pub struct Runner {
     default_timeout: Duration,
+    /// Shared with the tasks that wait for the commands.
+    counts: Arc<Counts>,
+}
+
+#[derive(Debug)]
+struct Counts {
     spawned: Mutex<BTreeMap<String, u64>>,
     /// Commands by program and outcome.
     outcomes: CounterVec,
@@ -149,47 +163,55 @@ pub struct Runner {
     durations: HistogramVec,
 }
 
-impl Runner {
-    pub fn new(default_timeout: Duration) -> Self {
-        Runner {
-            default_timeout,
-            spawned: Mutex::new(BTreeMap::new()),
-            outcomes: CounterVec::new(
-                "lodestone_commands_total",
-                "External commands run, by program and outcome (success, failure: non-zero \
-                 exit, timeout: killed, error: could not be started).",
-                &["program", "outcome"],
-            ),
-            durations: HistogramVec::new(
-                "lodestone_command_duration_seconds",
-                "Run time of external commands that started, by program.",
-                &["program"],
-                DURATION_BUCKETS,
-            ),
-        }
-    }
-
-    /// How many processes of each program this runner has started.
-    pub fn spawn_counts(&self) -> BTreeMap<String, u64> {
-        self.spawned.lock().expect("spawn counter poisoned").clone()
-    }
-
-    /// How many commands of `program` ended with `outcome`.
-    pub fn outcome_count(&self, program: &str, outcome: Outcome) -> u64 {
-        self.outcomes.get(&[program, outcome.as_str()])
-    }
-
-    /// The command counters and duration histograms, for a metrics scrape.
-    pub fn render_metrics(&self, out: &mut Exposition) {
-        self.outcomes.render(out);
-        self.durations.render(out);
-    }
-
+impl Counts {
     fn record(&self, program: &str, outcome: Outcome, elapsed: Option<Duration>) {
         self.outcomes.inc(&[program, outcome.as_str()]);
         if let Some(elapsed) = elapsed {
             self.durations.observe(&[program], elapsed.as_secs_f64());
         }
+    }
+}
+
+impl Runner {
+    pub fn new(default_timeout: Duration) -> Self {
+        Runner {
+            default_timeout,
+            counts: Arc::new(Counts {
+                spawned: Mutex::new(BTreeMap::new()),
+                outcomes: CounterVec::new(
+                    "lodestone_commands_total",
+                    "External commands run, by program and outcome (success, failure: non-zero \
+                     exit, timeout: killed, error: could not be started).",
+                    &["program", "outcome"],
+                ),
+                durations: HistogramVec::new(
+                    "lodestone_command_duration_seconds",
+                    "Run time of external commands that started, by program.",
+                    &["program"],
+                    DURATION_BUCKETS,
+                ),
+            }),
+        }
+    }
+
+    /// How many processes of each program this runner has started.
+    pub fn spawn_counts(&self) -> BTreeMap<String, u64> {
+        self.counts
+            .spawned
+            .lock()
+            .expect("spawn counter poisoned")
+            .clone()
+    }
+
+    /// How many commands of `program` ended with `outcome`.
+    pub fn outcome_count(&self, program: &str, outcome: Outcome) -> u64 {
+        self.counts.outcomes.get(&[program, outcome.as_str()])
+    }
+
+    /// The command counters and duration histograms, for a metrics scrape.
+    pub fn render_metrics(&self, out: &mut Exposition) {
+        self.counts.outcomes.render(out);
+        self.counts.durations.render(out);
     }
 
     /// Runs the command; a non-zero exit is an error.
@@ -213,6 +235,8 @@ impl Runner {
     }
 
     /// Runs the command and returns its output whatever the exit code.
+    /// Dropping the returned future does not stop the command (see the
+    /// module documentation).
     pub async fn run_unchecked(&self, cmd: &Cmd) -> Result<Output, RunError> {
         let timeout = cmd.timeout.unwrap_or(self.default_timeout);
         let mut command = Command::new(&cmd.program);
@@ -220,67 +244,106 @@ impl Runner {
             .args(&cmd.args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
+            .stderr(Stdio::piped());
         for (k, v) in &cmd.env {
             command.env(k, v);
         }
         let started = Instant::now();
         let program = program_name(&cmd.program);
         let child = command.spawn().map_err(|source| {
-            self.record(&program, Outcome::Error, None);
+            self.counts.record(&program, Outcome::Error, None);
             RunError::Spawn {
                 program: cmd.program.clone(),
                 source,
             }
         })?;
         *self
+            .counts
             .spawned
             .lock()
             .expect("spawn counter poisoned")
             .entry(program.clone())
             .or_default() += 1;
-        // Dropping the wait future on timeout drops the child, and
-        // kill_on_drop sends it SIGKILL.
-        let result = tokio::time::timeout(timeout, child.wait_with_output()).await;
-        let elapsed = started.elapsed();
-        let outcome = match &result {
-            Err(_) => Outcome::Timeout,
-            Ok(Err(_)) => Outcome::Error,
-            Ok(Ok(o)) if o.status.success() => Outcome::Success,
-            Ok(Ok(_)) => Outcome::Failure,
-        };
-        self.record(&program, outcome, Some(elapsed));
-        let output = match result {
-            Err(_) => {
-                tracing::warn!(command = %cmd.display(), ?timeout, "command timed out; killed");
-                return Err(RunError::Timeout {
-                    command: cmd.display(),
-                    seconds: timeout.as_secs(),
-                });
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (counts, waited) = (self.counts.clone(), cmd.clone());
+        tokio::spawn(async move {
+            let cmd = waited;
+            let result = finish(child, &cmd, timeout).await;
+            let elapsed = started.elapsed();
+            let outcome = match &result {
+                Err(RunError::Timeout { .. }) => Outcome::Timeout,
+                Err(_) => Outcome::Error,
+                Ok(o) if o.code == 0 => Outcome::Success,
+                Ok(_) => Outcome::Failure,
+            };
+            counts.record(&program, outcome, Some(elapsed));
+            if let Ok(o) = &result {
+                tracing::debug!(
+                    target: "lodestone::runner",
+                    command = %cmd.display(),
+                    code = o.code,
+                    elapsed_ms = elapsed.as_secs_f64() * 1000.0,
+                    "ran command"
+                );
             }
-            Ok(Err(source)) => {
-                return Err(RunError::Spawn {
-                    program: cmd.program.clone(),
-                    source,
-                });
+            if tx.send(result).is_err() {
+                tracing::debug!(
+                    target: "lodestone::runner",
+                    command = %cmd.display(),
+                    "the caller left before the command ended; it ran to its end"
+                );
             }
-            Ok(Ok(output)) => output,
-        };
-        let code = output.status.code().unwrap_or(-1);
-        tracing::debug!(
-            target: "lodestone::runner",
-            command = %cmd.display(),
-            code,
-            elapsed_ms = elapsed.as_secs_f64() * 1000.0,
-            "ran command"
-        );
-        Ok(Output {
-            code,
-            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        });
+        rx.await.unwrap_or_else(|_| {
+            Err(RunError::Spawn {
+                program: program_name(&cmd.program),
+                source: std::io::Error::other("the task waiting for the command ended"),
+            })
         })
     }
+}
+
+/// Waits for a started child and collects its output; at `timeout` kills it
+/// and reaps it.
+async fn finish(mut child: Child, cmd: &Cmd, timeout: Duration) -> Result<Output, RunError> {
+    let mut stdout = child.stdout.take().expect("stdout is piped");
+    let mut stderr = child.stderr.take().expect("stderr is piped");
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let waited = tokio::time::timeout(timeout, async {
+        let (status, o, e) = tokio::join!(
+            child.wait(),
+            stdout.read_to_end(&mut out),
+            stderr.read_to_end(&mut err)
+        );
+        o?;
+        e?;
+        status
+    })
+    .await;
+    let status = match waited {
+        Err(_) => {
+            tracing::warn!(command = %cmd.display(), ?timeout, "command timed out; killed");
+            if let Err(e) = child.kill().await {
+                tracing::warn!(command = %cmd.display(), error = %e, "cannot kill command");
+            }
+            return Err(RunError::Timeout {
+                command: cmd.display(),
+                seconds: timeout.as_secs(),
+            });
+        }
+        Ok(Err(source)) => {
+            return Err(RunError::Spawn {
+                program: cmd.program.clone(),
+                source,
+            })
+        }
+        Ok(Ok(status)) => status,
+    };
+    Ok(Output {
+        code: status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out).into_owned(),
+        stderr: String::from_utf8_lossy(&err).into_owned(),
+    })
 }
 
 pub fn parse_json<T: DeserializeOwned>(cmd: &Cmd, text: &str) -> Result<T, RunError> {
@@ -343,6 +406,63 @@ mod tests {
         assert!(matches!(err, RunError::Timeout { .. }));
         assert!(started.elapsed() < Duration::from_secs(5));
         assert_eq!(r.outcome_count("sleep", Outcome::Timeout), 1);
+    }
+
+    /// `sh -c 'sleep SECONDS; touch FILE'`, and the file.
+    fn touch_later(dir: &tempfile::TempDir, seconds: &str) -> (Cmd, std::path::PathBuf) {
+        let file = dir.path().join("done");
+        let cmd = Cmd::new("sh")
+            .args(["-c", "sleep \"$0\"; touch \"$1\""])
+            .arg(seconds)
+            .arg(&file);
+        (cmd, file)
+    }
+
+    async fn appears_within(file: &std::path::Path, limit: Duration) -> bool {
+        let started = Instant::now();
+        while started.elapsed() < limit {
+            if file.exists() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        file.exists()
+    }
+
+    #[tokio::test]
+    async fn a_caller_that_leaves_does_not_stop_the_command() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cmd, file) = touch_later(&dir, "1");
+        let r = Runner::new(Duration::from_secs(10));
+        let gave_up = tokio::time::timeout(Duration::from_millis(100), r.run(&cmd)).await;
+        assert!(gave_up.is_err(), "the command ended within 100 ms");
+        assert!(!file.exists());
+        assert!(
+            appears_within(&file, Duration::from_secs(10)).await,
+            "the command was stopped when its caller left"
+        );
+        // Still counted, though nobody waited for it.
+        let started = Instant::now();
+        while r.outcome_count("sh", Outcome::Success) == 0 {
+            assert!(started.elapsed() < Duration::from_secs(5), "never counted");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(r.spawn_counts().get("sh"), Some(&1));
+    }
+
+    #[tokio::test]
+    async fn its_own_timeout_still_kills_a_command_whose_caller_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cmd, file) = touch_later(&dir, "1");
+        let r = Runner::new(Duration::from_secs(10));
+        let cmd = cmd.timeout(Duration::from_millis(300));
+        let gave_up = tokio::time::timeout(Duration::from_millis(100), r.run(&cmd)).await;
+        assert!(gave_up.is_err());
+        assert!(
+            !appears_within(&file, Duration::from_millis(1500)).await,
+            "the command outlived its timeout"
+        );
+        assert_eq!(r.outcome_count("sh", Outcome::Timeout), 1);
     }
 
     #[tokio::test]

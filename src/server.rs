@@ -26,6 +26,7 @@ use crate::driver::node::NodeService;
 use crate::kube::Kube;
 use crate::lvm::agent::{Agent, AgentOptions, LocalAgent};
 use crate::lvm::controller::LvmController;
+use crate::lvm::detached::Detached;
 use crate::lvm::node::LvmNode;
 use crate::lvm::remote::Deadlines;
 use crate::lvm::resolver::{Directory, Resolver};
@@ -113,7 +114,9 @@ async fn serve_agent(args: &RunArgs, agent: Arc<LocalAgent>) -> Result<(), Strin
             )
         })?;
     let service = AgentServer::with_interceptor(
-        AgentService { agent },
+        AgentService {
+            agent: Arc::new(Detached::new(agent)),
+        },
         require_peer(args.controller_identity.clone()),
     );
     let server = tonic::transport::Server::builder().add_service(service);
@@ -187,7 +190,7 @@ pub async fn lvm_services(args: &RunArgs) -> Result<Services, String> {
             let ready = local_ready.clone().expect("local agent");
             Some(Arc::new(LvmController::new(
                 config.clone(),
-                vec![agent.clone() as Arc<dyn Agent>],
+                vec![Arc::new(Detached::new(agent.clone())) as Arc<dyn Agent>],
                 Box::new(ready),
             )))
         }

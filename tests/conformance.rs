@@ -36,6 +36,8 @@ mod common;
 mod agent_scope_lvm;
 #[path = "conformance/agent_tls.rs"]
 mod agent_tls;
+#[path = "conformance/cancel_lvm.rs"]
+mod cancel_lvm;
 #[path = "conformance/controller.rs"]
 mod controller;
 #[path = "conformance/controller_lvm.rs"]

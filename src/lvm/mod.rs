@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod controller;
 pub mod copy;
+pub mod detached;
 pub mod ids;
 pub mod node;
 pub mod remote;

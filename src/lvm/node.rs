@@ -9,6 +9,7 @@ use crate::config::TOPOLOGY_NODE_KEY;
 use crate::core::backend::{Attach, NodeBackend, NodeVolume};
 use crate::error::{Error, Result};
 use crate::lvm::agent::{Agent, LocalAgent};
+use crate::lvm::detached::detach;
 use crate::lvm::ids::{Kind, LvId};
 use crate::lvm::report::Lv;
 
@@ -59,10 +60,18 @@ impl NodeBackend for LvmNode {
                 "volume {id} is still being filled from its source"
             )));
         }
+        let device = LocalAgent::device_path(&lv.vg, &lv.name);
         if !lv.is_active() {
-            self.agent.activate(&lv.vg, &lv.name).await?;
+            // Like the agent's mutations: the activation and the state update
+            // after it finish even if the caller leaves.
+            let agent = self.agent.clone();
+            detach(
+                "activate",
+                async move { agent.activate(&lv.vg, &lv.name).await },
+            )
+            .await?;
         }
-        Ok(LocalAgent::device_path(&lv.vg, &lv.name))
+        Ok(device)
     }
 
     async fn detach(&self, _id: &str, _staging: &std::path::Path) -> Result<()> {

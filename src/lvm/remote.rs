@@ -2,7 +2,10 @@
 //! trait over the internal gRPC API, with mutual TLS and deadlines.
 //!
 //! Every agent call is idempotent by LV name, so a call that timed out can
-//! be sent again as it is.
+//! be sent again as it is. A mutation the controller gives up on (its
+//! deadline, or its own caller gone) still runs to its end on the node: the
+//! agent's service runs mutations detached from the RPC
+//! ([`crate::lvm::detached`]).
 
 use std::time::Duration;
 

@@ -159,7 +159,7 @@ fn describe_transport(s: &Status) -> String {
 /// same way by remove, extend, resume and create (as an origin), and is
 /// absent for find and list, as a missing LV is.
 pub struct AgentService {
-    pub agent: Arc<LocalAgent>,
+    pub agent: Arc<crate::lvm::detached::Detached<LocalAgent>>,
 }
 
 fn lv_ref(r: Request<pb::LvRef>) -> pb::LvRef {
