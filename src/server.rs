@@ -2,6 +2,7 @@
 //! them on the CSI Unix socket until SIGTERM or SIGINT.
 
 mod authority;
+mod run_to_end;
 
 pub use authority::FixAuthority;
 
@@ -34,6 +35,7 @@ use crate::lvm::rpc::AgentService;
 use crate::metrics::{BuildInfo, Sources};
 use crate::runner::Runner;
 use crate::tls::{require_peer, TlsMaterial};
+use run_to_end::RunToEndLayer;
 
 /// Binds the socket: removes a stale socket file first, refuses to replace
 /// anything that is not a socket.
@@ -119,7 +121,9 @@ async fn serve_agent(args: &RunArgs, agent: Arc<LocalAgent>) -> Result<(), Strin
         },
         require_peer(args.controller_identity.clone()),
     );
-    let server = tonic::transport::Server::builder().add_service(service);
+    let server = tonic::transport::Server::builder()
+        .layer(RunToEndLayer)
+        .add_service(service);
     tracing::info!(listen = %args.agent_listen, controller = %args.controller_identity,
         "serving the LVM agent API (mutual TLS)");
     tokio::spawn(async move {
@@ -340,8 +344,11 @@ pub async fn serve(
     listener: UnixListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), String> {
-    let mut router =
-        tonic::transport::Server::builder().add_service(IdentityServer::new(services.identity));
+    // Calls run to their end even when their client leaves (see
+    // [`run_to_end`]).
+    let mut router = tonic::transport::Server::builder()
+        .layer(RunToEndLayer)
+        .add_service(IdentityServer::new(services.identity));
     if let Some(c) = services.controller {
         router = router.add_service(ControllerServer::new(c));
     }
