@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use sys_mount::{FilesystemType, Mount, MountFlags, UnmountFlags};
+use sys_mount::{FilesystemType, Mount, MountFlags};
 
 use crate::error::{Error, Result};
 
@@ -121,10 +121,18 @@ pub fn shows_device(entry: &MountEntry, device: &Path) -> Result<bool> {
 
 /// Every mount point that shows `device`.
 pub fn mounts_of(device: &Path) -> Result<Vec<PathBuf>> {
+    Ok(entries_of(device)?
+        .into_iter()
+        .map(|m| m.mount_point)
+        .collect())
+}
+
+/// Every mount that shows `device`.
+pub fn entries_of(device: &Path) -> Result<Vec<MountEntry>> {
     let mut out = Vec::new();
     for m in read_mounts()? {
         if shows_device(&m, device)? {
-            out.push(m.mount_point);
+            out.push(m);
         }
     }
     Ok(out)
@@ -157,7 +165,60 @@ fn mount_error(what: &str, target: &Path, e: std::io::Error) -> Error {
     Error::Internal(format!("{what} at {} failed: {e}", target.display()))
 }
 
-/// Mounts a filesystem from a block device.
+/// Refuses `path` when its last component is a symbolic link. A symlink
+/// planted at a staging or target path could point at /etc or at another
+/// volume's mount: nothing is ever created, mounted or unmounted through one.
+///
+/// FAILED_PRECONDITION rather than INVALID_ARGUMENT: the request itself is
+/// well-formed; what is wrong is the state of the node at that path, which
+/// the CO (or an operator) must clear before a retry can succeed.
+pub fn refuse_symlink(path: &Path) -> Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => Err(Error::FailedPrecondition(format!(
+            "{} is a symbolic link; Lodestone never mounts, unmounts or creates anything              through one (remove it and retry)",
+            path.display()
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// An open handle on a mount target that is not a symlink, so that the mount
+/// lands on exactly what was checked even if the path is swapped meanwhile:
+/// the mount goes to `/proc/self/fd/N`, which the kernel resolves to the
+/// opened inode itself.
+struct PinnedTarget {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl PinnedTarget {
+    fn open(target: &Path) -> Result<Self> {
+        use nix::fcntl::{open, OFlag};
+        use nix::sys::stat::{fstat, Mode, SFlag};
+        let fd = open(
+            target,
+            OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| Error::Internal(format!("cannot open {}: {e}", target.display())))?;
+        let st = fstat(&fd)
+            .map_err(|e| Error::Internal(format!("cannot stat {}: {e}", target.display())))?;
+        if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFLNK {
+            return Err(Error::FailedPrecondition(format!(
+                "{} is a symbolic link; Lodestone never mounts through one",
+                target.display()
+            )));
+        }
+        Ok(PinnedTarget { fd })
+    }
+
+    fn path(&self) -> PathBuf {
+        use std::os::fd::AsRawFd;
+        PathBuf::from(format!("/proc/self/fd/{}", self.fd.as_raw_fd()))
+    }
+}
+
+/// Mounts a filesystem from a block device (never through a symlink at
+/// `target`).
 pub fn mount_device(
     device: &Path,
     target: &Path,
@@ -168,6 +229,7 @@ pub fn mount_device(
     let (kernel, mut data) = split_flags(flags);
     data.extend(extra_data.iter().map(|s| s.to_string()));
     let data = data.join(",");
+    let pinned = PinnedTarget::open(target)?;
     let mut builder = Mount::builder()
         .fstype(FilesystemType::Manual(fs_type))
         .flags(kernel);
@@ -175,24 +237,29 @@ pub fn mount_device(
         builder = builder.data(&data);
     }
     builder
-        .mount(device, target)
+        .mount(device, pinned.path())
         .map(|_| ())
         .map_err(|e| mount_error("mount", target, e))
 }
 
-/// Bind-mounts `source` on `target`, then applies read-only and the other
-/// per-mount flags with a remount (the kernel ignores them on the bind itself).
+/// Bind-mounts `source` on `target` (never through a symlink at `target`),
+/// then applies read-only and the other per-mount flags with a remount (the
+/// kernel ignores them on the bind itself).
 pub fn bind(source: &Path, target: &Path, read_only: bool, flags: &[String]) -> Result<()> {
+    let pinned = PinnedTarget::open(target)?;
     Mount::builder()
         .fstype(FilesystemType::Manual("none"))
         .flags(MountFlags::BIND)
-        .mount(source, target)
+        .mount(source, pinned.path())
         .map_err(|e| mount_error("bind mount", target, e))?;
+    drop(pinned);
     let (mut kernel, _data) = split_flags(flags);
     if read_only {
         kernel |= MountFlags::RDONLY;
     }
     if !kernel.is_empty() {
+        // `target` is now a mount point, which cannot be renamed or
+        // replaced while mounted.
         let remount = Mount::builder()
             .fstype(FilesystemType::Manual("none"))
             .flags(MountFlags::BIND | MountFlags::REMOUNT | kernel)
@@ -205,28 +272,71 @@ pub fn bind(source: &Path, target: &Path, read_only: bool, flags: &[String]) -> 
     Ok(())
 }
 
-/// Unmounts `target`. EBUSY becomes FAILED_PRECONDITION with a hint.
+/// Unmounts `target` without following a symlink there (UMOUNT_NOFOLLOW).
+/// EBUSY becomes FAILED_PRECONDITION with a hint.
 pub fn unmount(target: &Path) -> Result<()> {
-    sys_mount::unmount(target, UnmountFlags::empty()).map_err(|e| {
-        if e.raw_os_error() == Some(nix::libc::EBUSY) {
+    use nix::mount::{umount2, MntFlags};
+    umount2(target, MntFlags::UMOUNT_NOFOLLOW).map_err(|e| {
+        if e == nix::errno::Errno::EBUSY {
             Error::FailedPrecondition(format!(
                 "{} is busy (a process still uses it); stop it and retry",
                 target.display()
             ))
         } else {
-            mount_error("unmount", target, e)
+            mount_error("unmount", target, std::io::Error::from(e))
         }
     })
 }
 
 /// Unmounts every mount stacked at `target`; true if anything was unmounted.
 pub fn unmount_all(target: &Path) -> Result<bool> {
+    unmount_while(target, |_| true)
+}
+
+/// Unmounts the mounts stacked at `target` from the top down for as long as
+/// `ours` accepts the top one; true if anything was unmounted. A mount
+/// `ours` refuses is left in place (with what is below it).
+pub fn unmount_while(target: &Path, ours: impl Fn(&MountEntry) -> bool) -> Result<bool> {
+    refuse_symlink(target)?;
     let mut any = false;
-    while mount_at(target)?.is_some() {
+    while let Some(top) = mount_at(target)? {
+        if !ours(&top) {
+            tracing::warn!(
+                path = %target.display(),
+                source = %top.source,
+                "leaving a mount of another device in place"
+            );
+            break;
+        }
         unmount(target)?;
         any = true;
     }
     Ok(any)
+}
+
+/// Whether a mount's device has gone away under it: a bind of a device node
+/// whose node no longer exists, or a filesystem whose source device no longer
+/// exists or is now another device (an LV removed or renamed, an RBD image
+/// unmapped by force, while mounted).
+pub fn source_vanished(entry: &MountEntry) -> bool {
+    if entry.fs_type == "devtmpfs" && entry.root != "/" {
+        let node = Path::new("/dev").join(entry.root.trim_start_matches('/'));
+        return !node.exists();
+    }
+    if !entry.source.starts_with("/dev/") {
+        return false;
+    }
+    match device_numbers(Path::new(&entry.source)) {
+        Err(_) => true,
+        // btrfs shows an anonymous device number: only a missing source counts.
+        Ok(numbers) => entry.major != 0 && numbers != (entry.major, entry.minor),
+    }
+}
+
+/// Whether the mount is a bind of a device node (a staged or published raw
+/// block volume) rather than a filesystem.
+pub fn is_device_bind(entry: &MountEntry) -> bool {
+    entry.fs_type == "devtmpfs" && entry.root != "/"
 }
 
 #[cfg(test)]
