@@ -51,7 +51,9 @@ fn mounted_device(entry: &mount::MountEntry, device: &Path) -> Result<bool> {
 /// volume, or its device node is gone) its own device vanished under it.
 fn belongs(entry: &mount::MountEntry, device: Option<&Path>) -> bool {
     match device {
-        Some(d) => mount::shows_device(entry, d).unwrap_or(false) || mount::source_vanished(entry),
+        // The device node itself gone (an LV removed or renamed, an image
+        // unmapped): judge by the mount's own source.
+        Some(d) => mount::shows_device(entry, d).unwrap_or_else(|_| mount::source_vanished(entry)),
         None => mount::source_vanished(entry),
     }
 }
@@ -407,10 +409,14 @@ impl NodeOps {
             mount::refuse_symlink(&staging)?;
             let file = staged_block_file(&staging);
             let ours = |m: &mount::MountEntry| belongs(m, device.as_deref());
-            let unmounted = mount::unmount_while(&file, ours)?;
-            let leftover = std::fs::symlink_metadata(&file)
-                .map(|m| m.is_file() && m.len() == 0)
-                .unwrap_or(false);
+            // A block volume's staging directory is never a mount point; when
+            // it is one, `device` in it is a file of the mounted filesystem.
+            let block_staging = mount::mount_at(&staging)?.is_none();
+            let unmounted = block_staging && mount::unmount_while(&file, ours)?;
+            let leftover = block_staging
+                && std::fs::symlink_metadata(&file)
+                    .map(|m| m.is_file() && m.len() == 0)
+                    .unwrap_or(false);
             if unmounted || (leftover && mount::mount_at(&file)?.is_none()) {
                 crate::fail_point!("node.unstage.after_unmount_block");
                 // The last user of a block volume on this node: a read-only

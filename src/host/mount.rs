@@ -372,6 +372,65 @@ mod tests {
     }
 
     #[test]
+    fn vanished_sources() {
+        let entry = |fs_type: &str, root: &str, source: &str| MountEntry {
+            major: 253,
+            minor: 99,
+            root: root.into(),
+            mount_point: PathBuf::from("/x"),
+            options: vec!["rw".into()],
+            fs_type: fs_type.into(),
+            source: source.into(),
+        };
+        assert!(source_vanished(&entry(
+            "ext4",
+            "/",
+            "/dev/lodestone-no-such-lv"
+        )));
+        assert!(!source_vanished(&entry("proc", "/", "proc")));
+        assert!(!source_vanished(&entry("tmpfs", "/", "none")));
+        // /dev/null exists but is not device 253:99.
+        assert!(source_vanished(&entry("ext4", "/", "/dev/null")));
+        let bind = entry("devtmpfs", "/lodestone-no-such-node", "udev");
+        assert!(is_device_bind(&bind) && source_vanished(&bind));
+        let bind = entry("devtmpfs", "/null", "udev");
+        assert!(is_device_bind(&bind) && !source_vanished(&bind));
+        assert!(!is_device_bind(&entry("devtmpfs", "/", "udev")));
+    }
+
+    #[test]
+    fn symlinks_are_refused_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        assert!(refuse_symlink(&real).is_ok());
+        assert!(refuse_symlink(&dir.path().join("absent")).is_ok());
+        assert!(matches!(
+            refuse_symlink(&link),
+            Err(Error::FailedPrecondition(_))
+        ));
+        // Refused before any mount is tried, so this needs no privilege.
+        assert!(matches!(
+            bind(&real, &link, false, &[]),
+            Err(Error::FailedPrecondition(_))
+        ));
+        assert!(matches!(
+            mount_device(Path::new("/dev/null"), &link, "ext4", &[], &[]),
+            Err(Error::FailedPrecondition(_))
+        ));
+        assert!(matches!(
+            unmount_all(&link),
+            Err(Error::FailedPrecondition(_))
+        ));
+        assert!(std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+    }
+
+    #[test]
     fn unescapes() {
         assert_eq!(unescape("a\\040b\\134c"), "a b\\c");
         assert_eq!(unescape("plain\\"), "plain\\");
