@@ -242,21 +242,27 @@ pub fn mount_device(
         .map_err(|e| mount_error("mount", target, e))
 }
 
-/// Bind-mounts `source` on `target` (never through a symlink at `target`),
-/// then applies read-only and the other per-mount flags with a remount (the
-/// kernel ignores them on the bind itself).
+/// Bind-mounts `source` on `target` (never through a symlink at `target`)
+/// with read-only and the other per-mount flags. Where the kernel has the
+/// mount API of Linux 5.12 (open_tree, mount_setattr, move_mount), the
+/// flags are set on a detached copy before it appears at `target`, so no
+/// instant exists, not even across a crash, where a read-only publication
+/// is writable; elsewhere a plain bind is followed by a remount.
 pub fn bind(source: &Path, target: &Path, read_only: bool, flags: &[String]) -> Result<()> {
     let pinned = PinnedTarget::open(target)?;
+    let (mut kernel, _data) = split_flags(flags);
+    if read_only {
+        kernel |= MountFlags::RDONLY;
+    }
+    if new_api::bind(source, &pinned, kernel).map_err(|e| mount_error("bind mount", target, e))? {
+        return Ok(());
+    }
     Mount::builder()
         .fstype(FilesystemType::Manual("none"))
         .flags(MountFlags::BIND)
         .mount(source, pinned.path())
         .map_err(|e| mount_error("bind mount", target, e))?;
     drop(pinned);
-    let (mut kernel, _data) = split_flags(flags);
-    if read_only {
-        kernel |= MountFlags::RDONLY;
-    }
     if !kernel.is_empty() {
         // `target` is now a mount point, which cannot be renamed or
         // replaced while mounted.
@@ -270,6 +276,130 @@ pub fn bind(source: &Path, target: &Path, read_only: bool, flags: &[String]) -> 
         }
     }
     Ok(())
+}
+
+/// The detached-mount API (linux/mount.h), through raw system calls.
+mod new_api {
+    use std::ffi::CString;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    use std::path::Path;
+
+    use nix::libc;
+    use sys_mount::MountFlags;
+
+    use super::PinnedTarget;
+
+    const OPEN_TREE_CLONE: libc::c_uint = 1;
+    const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+    const MOVE_MOUNT_T_EMPTY_PATH: libc::c_uint = 0x40;
+    const MOUNT_ATTR_RDONLY: u64 = 0x1;
+    const MOUNT_ATTR_NOSUID: u64 = 0x2;
+    const MOUNT_ATTR_NODEV: u64 = 0x4;
+    const MOUNT_ATTR_NOEXEC: u64 = 0x8;
+    const MOUNT_ATTR_ATIME: u64 = 0x70;
+    const MOUNT_ATTR_NOATIME: u64 = 0x10;
+    const MOUNT_ATTR_STRICTATIME: u64 = 0x20;
+    const MOUNT_ATTR_NODIRATIME: u64 = 0x80;
+
+    #[repr(C)]
+    struct MountAttr {
+        attr_set: u64,
+        attr_clr: u64,
+        propagation: u64,
+        userns_fd: u64,
+    }
+
+    /// The mount attributes for `flags` (sync and dirsync are filesystem
+    /// flags that a bind cannot change, as with a bind remount).
+    fn attrs(flags: MountFlags) -> MountAttr {
+        let mut a = MountAttr {
+            attr_set: 0,
+            attr_clr: 0,
+            propagation: 0,
+            userns_fd: 0,
+        };
+        for (flag, attr) in [
+            (MountFlags::RDONLY, MOUNT_ATTR_RDONLY),
+            (MountFlags::NOSUID, MOUNT_ATTR_NOSUID),
+            (MountFlags::NODEV, MOUNT_ATTR_NODEV),
+            (MountFlags::NOEXEC, MOUNT_ATTR_NOEXEC),
+            (MountFlags::NODIRATIME, MOUNT_ATTR_NODIRATIME),
+        ] {
+            if flags.contains(flag) {
+                a.attr_set |= attr;
+            }
+        }
+        for (flag, attr) in [
+            (MountFlags::NOATIME, MOUNT_ATTR_NOATIME),
+            (MountFlags::STRICTATIME, MOUNT_ATTR_STRICTATIME),
+            (MountFlags::RELATIME, 0),
+        ] {
+            if flags.contains(flag) {
+                a.attr_clr |= MOUNT_ATTR_ATIME;
+                a.attr_set |= attr;
+            }
+        }
+        a
+    }
+
+    fn check(r: libc::c_long) -> std::io::Result<libc::c_long> {
+        if r < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(r)
+        }
+    }
+
+    /// Ok(false) when the kernel lacks the API; the caller falls back.
+    pub(super) fn bind(
+        source: &Path,
+        target: &PinnedTarget,
+        flags: MountFlags,
+    ) -> std::io::Result<bool> {
+        let src = CString::new(source.as_os_str().as_bytes())
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+        let empty = c"";
+        // SAFETY: plain system calls on valid NUL-terminated strings, a
+        // valid attribute struct of the size passed, and descriptors we own.
+        unsafe {
+            let fd = match check(libc::syscall(
+                libc::SYS_open_tree,
+                libc::AT_FDCWD,
+                src.as_ptr(),
+                OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint,
+            )) {
+                Ok(fd) => OwnedFd::from_raw_fd(fd as libc::c_int),
+                Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => return Ok(false),
+                Err(e) => return Err(e),
+            };
+            let attr = attrs(flags);
+            if attr.attr_set != 0 || attr.attr_clr != 0 {
+                match check(libc::syscall(
+                    libc::SYS_mount_setattr,
+                    fd.as_raw_fd(),
+                    empty.as_ptr(),
+                    libc::AT_EMPTY_PATH,
+                    &attr as *const MountAttr,
+                    std::mem::size_of::<MountAttr>(),
+                )) {
+                    Ok(_) => {}
+                    // Dropping the detached copy unmounts it.
+                    Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => return Ok(false),
+                    Err(e) => return Err(e),
+                }
+            }
+            check(libc::syscall(
+                libc::SYS_move_mount,
+                fd.as_raw_fd(),
+                empty.as_ptr(),
+                target.fd.as_raw_fd(),
+                empty.as_ptr(),
+                MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH,
+            ))?;
+        }
+        Ok(true)
+    }
 }
 
 /// Unmounts `target` without following a symlink there (UMOUNT_NOFOLLOW).
@@ -428,6 +558,40 @@ mod tests {
             .unwrap()
             .file_type()
             .is_symlink());
+    }
+
+    /// A read-only bind is read-only from the moment it appears (needs
+    /// CAP_SYS_ADMIN; skipped where mounting is not allowed).
+    #[test]
+    fn read_only_bind() {
+        let dir = tempfile::tempdir().unwrap();
+        let (src, dst) = (dir.path().join("src"), dir.path().join("dst"));
+        std::fs::create_dir(&src).unwrap();
+        std::fs::create_dir(&dst).unwrap();
+        let tmpfs = Mount::builder()
+            .fstype(FilesystemType::Manual("tmpfs"))
+            .data("size=1m")
+            .mount("lodestone-test", &src);
+        if let Err(e) = tmpfs {
+            eprintln!("skipped: cannot mount here ({e})");
+            return;
+        }
+        std::fs::write(src.join("f"), b"x").unwrap();
+        let flags = ["noexec".to_string(), "nosuid".to_string()];
+        let result = bind(&src, &dst, true, &flags);
+        let entry = mount_at(&dst).unwrap();
+        let write = std::fs::write(dst.join("g"), b"y");
+        let _ = unmount_all(&dst);
+        let _ = unmount_all(&src);
+        result.unwrap();
+        let entry = entry.expect("bind mounted");
+        assert!(entry.read_only(), "{entry:?}");
+        assert!(
+            entry.options.iter().any(|o| o == "noexec")
+                && entry.options.iter().any(|o| o == "nosuid"),
+            "{entry:?}"
+        );
+        assert_eq!(write.unwrap_err().raw_os_error(), Some(nix::libc::EROFS));
     }
 
     #[test]
