@@ -19,6 +19,12 @@ shift
 [[ -x "$sanity" ]] || { echo "not executable: $sanity" >&2; exit 2; }
 
 cd "$repo"
+# One class takes several minutes under emulation: give the guest about 15
+# minutes per class unless told otherwise.
+n=0
+for a in "$@"; do [[ "$a" == "--" ]] && break; n=$((n + 1)); done
+((n > 0)) || n=4
+export LODESTONE_VM_TIMEOUT=${LODESTONE_VM_TIMEOUT:-$((900 * n + 600))}
 if [[ "${1:-}" == rbd-* ]]; then
   bash tests/ceph/packages.sh --no-mgr >/dev/null
   CARGO_TARGET_DIR=target/rbd cargo build --locked --features rbd --bin lodestone

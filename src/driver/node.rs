@@ -125,7 +125,7 @@ impl Node for NodeService {
             require_id(&req.volume_id, "volume_id")?;
             let target = validate_path(&req.target_path, "target_path")?;
             let _guard = self.lock(&req.volume_id)?;
-            self.ops.unpublish(&target).await?;
+            self.ops.unpublish(&req.volume_id, &target).await?;
             Ok(NodeUnpublishVolumeResponse {})
         })
         .await

@@ -211,3 +211,161 @@ async fn node_get_volume_stats_on_missing_path_is_not_found() {
         expect_code(r, Code::NotFound, &format!("NodeGetVolumeStats({path})"));
     }
 }
+
+/// Mounts a small tmpfs at `path` (made first), standing for another
+/// volume's mount; false (after saying so) where this process cannot mount.
+fn mount_tmpfs(path: &std::path::Path) -> bool {
+    std::fs::create_dir_all(path).unwrap();
+    match nix::mount::mount(
+        Some("lodestone-ct"),
+        path,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=1m"),
+    ) {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("skipped: cannot mount a tmpfs here ({e})");
+            false
+        }
+    }
+}
+
+fn unmount(path: &std::path::Path) {
+    let _ = nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH);
+}
+
+/// NodeGetVolumeStats: a volume id that names no volume on this node is
+/// NOT_FOUND whatever the path, also a path that is a mount point of
+/// something else (/proc, /dev, a tmpfs) or an unrelated directory (/etc);
+/// the driver never answers with the usage of a filesystem that is not the
+/// volume's.
+#[tokio::test]
+async fn node_get_volume_stats_of_unknown_volume_on_unrelated_paths_is_not_found() {
+    let d = Driver::start().await;
+    let tmpfs = d.path("other-mount");
+    let mounted = mount_tmpfs(&tmpfs);
+    let mut paths = vec!["/etc".to_string(), "/proc".to_string(), "/dev".to_string()];
+    if mounted {
+        paths.push(d.path_str("other-mount"));
+    }
+    for path in paths {
+        let r = d
+            .node()
+            .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+                volume_id: absent_volume_id(),
+                volume_path: path.clone(),
+                staging_target_path: String::new(),
+            })
+            .await;
+        expect_code(r, Code::NotFound, &format!("NodeGetVolumeStats({path})"));
+    }
+    if mounted {
+        unmount(&tmpfs);
+    }
+}
+
+/// NodeUnpublishVolume and NodeUnstageVolume of a volume that is not there
+/// leave a mount of another device at the path alone: the volume is not
+/// published (staged) there, so the reply is OK and nothing is unmounted or
+/// removed.
+#[tokio::test]
+async fn node_teardown_leaves_other_mounts_alone() {
+    let d = Driver::start().await;
+    for name in ["target", "staging"] {
+        let path = d.path(name);
+        if !mount_tmpfs(&path) {
+            return;
+        }
+        std::fs::write(path.join("precious"), b"data").unwrap();
+        let r = if name == "target" {
+            d.node()
+                .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+                    volume_id: absent_volume_id(),
+                    target_path: d.path_str(name),
+                })
+                .await
+                .map(|_| ())
+        } else {
+            d.node()
+                .node_unstage_volume(csi::NodeUnstageVolumeRequest {
+                    volume_id: absent_volume_id(),
+                    staging_target_path: d.path_str(name),
+                })
+                .await
+                .map(|_| ())
+        };
+        let still = is_mount_point(&path);
+        let content = std::fs::read(path.join("precious")).ok();
+        unmount(&path);
+        expect_ok(r.map(tonic::Response::new), &format!("teardown of {name}"));
+        assert!(still, "the other mount at {name} was unmounted");
+        assert_eq!(
+            content.as_deref(),
+            Some(&b"data"[..]),
+            "{name}: content lost"
+        );
+    }
+}
+
+/// A symlink planted at a target or staging path (to /etc, or to another
+/// volume's mount) is never followed: NodeUnpublishVolume,
+/// NodeUnstageVolume and NodeStageVolume refuse with FAILED_PRECONDITION
+/// (the request is well-formed; the node's state at the path is wrong), and
+/// the link, what it points to and any mount there stay as they were.
+#[tokio::test]
+async fn node_rpcs_never_follow_a_symlink_at_the_path() {
+    let d = Driver::start().await;
+    let other = d.path("other-volume");
+    let mounted = mount_tmpfs(&other);
+    if mounted {
+        std::fs::write(other.join("precious"), b"data").unwrap();
+    }
+    let mut links = vec![("to-etc", std::path::PathBuf::from("/etc"))];
+    if mounted {
+        links.push(("to-other", other.clone()));
+    }
+    for (name, to) in &links {
+        std::os::unix::fs::symlink(to, d.path(name)).unwrap();
+        let path = d.path_str(name);
+        let r = d
+            .node()
+            .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+                volume_id: absent_volume_id(),
+                target_path: path.clone(),
+            })
+            .await;
+        expect_code(r, Code::FailedPrecondition, &format!("unpublish {name}"));
+        let r = d
+            .node()
+            .node_unstage_volume(csi::NodeUnstageVolumeRequest {
+                volume_id: absent_volume_id(),
+                staging_target_path: path.clone(),
+            })
+            .await;
+        expect_code(r, Code::FailedPrecondition, &format!("unstage {name}"));
+        let r = d
+            .node()
+            .node_stage_volume(csi::NodeStageVolumeRequest {
+                volume_id: absent_volume_id(),
+                staging_target_path: path.clone(),
+                volume_capability: Some(ext4()),
+                ..Default::default()
+            })
+            .await;
+        expect_code(r, Code::FailedPrecondition, &format!("stage {name}"));
+        let meta = std::fs::symlink_metadata(d.path(name)).expect("the link is still there");
+        assert!(
+            meta.file_type().is_symlink(),
+            "{name} is no longer a symlink"
+        );
+    }
+    assert!(std::path::Path::new("/etc").is_dir());
+    if mounted {
+        let still = is_mount_point(&other);
+        let content = std::fs::read(other.join("precious")).ok();
+        unmount(&other);
+        assert!(still, "the mount behind the symlink was unmounted");
+        assert_eq!(content.as_deref(), Some(&b"data"[..]));
+    }
+}

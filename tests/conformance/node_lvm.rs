@@ -499,3 +499,429 @@ async fn publish_without_staging_path_is_failed_precondition() {
     );
     d.delete(&v.volume_id).await;
 }
+
+// ---------------------------------------------------------------------------
+// Publication rules, the volume's own paths, symlinks and crash safety
+// ---------------------------------------------------------------------------
+
+/// The LV whose device the filesystem or device node at `path` is on, as
+/// (VG, LV), found by device numbers.
+fn lv_at(path: &std::path::Path) -> (String, String) {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).expect("stat");
+    let dev = if meta.file_type().is_block_device() {
+        meta.rdev()
+    } else {
+        meta.dev()
+    };
+    let (major, minor) = (nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
+    let out = std::process::Command::new("lvm")
+        .args(["lvs", "--noheadings", "--separator", ","])
+        .args(["-o", "vg_name,lv_name,lv_kernel_major,lv_kernel_minor"])
+        .args([THIN_VG, THICK_VG])
+        .output()
+        .expect("run lvm lvs");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    for line in text.lines() {
+        let f: Vec<&str> = line.trim().split(',').collect();
+        if f.len() == 4 && f[2] == major.to_string() && f[3] == minor.to_string() {
+            return (f[0].to_string(), f[1].to_string());
+        }
+    }
+    panic!("no LV with device {major}:{minor} in {text}");
+}
+
+fn lvm_ok(args: &[&str]) {
+    let out = std::process::Command::new("lvm")
+        .args(args)
+        .output()
+        .expect("run lvm");
+    assert!(
+        out.status.success(),
+        "lvm {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Whether the kernel refuses writes to the block device behind `node` (a
+/// device node or a bind of one), from sysfs.
+fn device_read_only(node: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let rdev = std::fs::metadata(node).expect("stat device").rdev();
+    let sys = format!(
+        "/sys/dev/block/{}:{}/ro",
+        nix::sys::stat::major(rdev),
+        nix::sys::stat::minor(rdev)
+    );
+    std::fs::read_to_string(&sys).expect("read sysfs ro").trim() == "1"
+}
+
+nix::ioctl_write_ptr_bad!(
+    blkroset,
+    nix::request_code_none!(0x12, 93),
+    nix::libc::c_int
+);
+
+/// Clears the device's read-only flag through a device node (BLKROSET 0).
+fn make_device_writable(node: &std::path::Path) {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(node).expect("open device");
+    let zero: nix::libc::c_int = 0;
+    // SAFETY: BLKROSET reads one int through the pointer.
+    unsafe { blkroset(f.as_raw_fd(), &zero) }.expect("BLKROSET 0");
+}
+
+/// NodePublishVolume with SINGLE_NODE_SINGLE_WRITER (the driver advertises
+/// SINGLE_NODE_MULTI_WRITER): a second publication at another target path
+/// while the first exists is FAILED_PRECONDITION and mounts nothing; the
+/// same target again is OK; once the first is unpublished, the other target
+/// may publish.
+async fn single_writer_publishes_once(cap: csi::VolumeCapability) {
+    use lodestone::csi::volume_capability::access_mode::Mode;
+    let d = Driver::start().await;
+    let cap = with_mode(cap, Mode::SingleNodeSingleWriter);
+    let v = d
+        .create(&unique_name("snsw"), THIN, cap.clone(), 16 * MIB, 0)
+        .await;
+    let id = v.volume_id.clone();
+    d.stage(&id, STAGING, cap.clone()).await;
+    d.publish(&id, STAGING, TARGET, cap.clone(), false).await;
+    d.publish(&id, STAGING, TARGET, cap.clone(), false).await;
+    let r = d
+        .node()
+        .node_publish_volume(d.publish_req(&id, STAGING, "other_target", cap.clone(), false))
+        .await;
+    expect_code(
+        r,
+        Code::FailedPrecondition,
+        "second SINGLE_NODE_SINGLE_WRITER publication",
+    );
+    assert!(
+        !is_mount_point(&d.path("other_target")),
+        "the refused publication mounted something"
+    );
+    d.unpublish(&id, TARGET).await;
+    d.publish(&id, STAGING, "other_target", cap.clone(), false)
+        .await;
+    d.unpublish(&id, "other_target").await;
+    d.unstage(&id, STAGING).await;
+    d.delete(&id).await;
+}
+
+/// See `single_writer_publishes_once`: a filesystem volume.
+#[tokio::test]
+async fn single_node_single_writer_second_target_mount() {
+    if skip_without_lvm() {
+        return;
+    }
+    single_writer_publishes_once(ext4()).await;
+}
+
+/// See `single_writer_publishes_once`: a raw block volume.
+#[tokio::test]
+async fn single_node_single_writer_second_target_block() {
+    if skip_without_lvm() {
+        return;
+    }
+    single_writer_publishes_once(block_cap()).await;
+}
+
+/// A read-only raw block publication must leave the device read-only
+/// (BLKROSET): a read-only bind of a device node does not stop writes. The
+/// driver dies right after the bind (fail point `node.publish.after_bind`);
+/// the device's flag is then cleared (as a device-mapper table reload, or an
+/// older driver that set it after the bind, would leave it); the retried
+/// publish must answer OK only with the device read-only again, and writes
+/// through the target must fail. Unstage makes the device writable again.
+#[tokio::test]
+async fn read_only_block_publish_retry_after_crash_sets_device_read_only() {
+    if skip_without_lvm() {
+        return;
+    }
+    let d = Driver::builder()
+        .env("LODESTONE_FAILPOINTS", "node.publish.after_bind")
+        .start()
+        .await;
+    let cap = block_cap();
+    let v = d
+        .create(&unique_name("ro-crash"), THIN, cap.clone(), 16 * MIB, 0)
+        .await;
+    let id = v.volume_id.clone();
+    d.stage(&id, STAGING, cap.clone()).await;
+    let r = d
+        .node()
+        .node_publish_volume(d.publish_req(&id, STAGING, "target-ro", cap.clone(), true))
+        .await;
+    assert!(r.is_err(), "the fail point did not fire: {r:?}");
+    let (status, dir) = d.stop_and_keep_dir();
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "the driver did not die at the fail point: {status:?}"
+    );
+    let d = Driver::builder().start_in(dir).await;
+    d.track(&id);
+    let ro = d.path("target-ro");
+    assert!(
+        is_mount_point(&ro),
+        "the crash happened before the bind; the test proves nothing"
+    );
+    make_device_writable(&ro);
+    assert!(!device_read_only(&ro));
+
+    d.publish(&id, STAGING, "target-ro", cap.clone(), true)
+        .await;
+    assert!(
+        device_read_only(&ro),
+        "NodePublishVolume answered OK for a read-only block publication of a writable device"
+    );
+    let write = OpenOptions::new()
+        .write(true)
+        .open(&ro)
+        .and_then(|mut f| f.write_all(&[0xff; 4096]).and_then(|_| f.sync_all()));
+    assert!(
+        write.is_err(),
+        "writing through the read-only target worked"
+    );
+    // A read-write publication elsewhere must wait.
+    let r = d
+        .node()
+        .node_publish_volume(d.publish_req(&id, STAGING, TARGET, cap.clone(), false))
+        .await;
+    expect_code(r, Code::FailedPrecondition, "read-write beside read-only");
+
+    let staged = d.path(STAGING).join("device");
+    d.unpublish(&id, "target-ro").await;
+    assert!(device_read_only(&staged), "read-only until unstaged");
+    // Keep a handle on the device to look at it after unstage.
+    let dev = std::fs::canonicalize(format!("/sys/dev/block/{}", {
+        use std::os::unix::fs::MetadataExt;
+        let rdev = std::fs::metadata(&staged).unwrap().rdev();
+        format!(
+            "{}:{}",
+            nix::sys::stat::major(rdev),
+            nix::sys::stat::minor(rdev)
+        )
+    }))
+    .unwrap();
+    d.unstage(&id, STAGING).await;
+    assert_eq!(
+        std::fs::read_to_string(dev.join("ro")).unwrap().trim(),
+        "0",
+        "the device stayed read-only after unstage"
+    );
+    d.delete(&id).await;
+}
+
+/// A symlink planted at a target or staging path (to /etc, to another
+/// volume's mount, to a file) is never followed: NodePublishVolume,
+/// NodeUnpublishVolume and NodeStageVolume refuse with FAILED_PRECONDITION,
+/// nothing is mounted or unmounted through the link, and the link stays.
+#[tokio::test]
+async fn symlink_at_target_or_staging_is_never_followed() {
+    if skip_without_lvm() {
+        return;
+    }
+    let d = Driver::start().await;
+    let cap = ext4();
+    let a = d
+        .create(&unique_name("link-a"), THIN, cap.clone(), 16 * MIB, 0)
+        .await;
+    d.stage(&a.volume_id, STAGING, cap.clone()).await;
+    d.publish(&a.volume_id, STAGING, TARGET, cap.clone(), false)
+        .await;
+    std::os::unix::fs::symlink("/etc", d.path("link-etc")).unwrap();
+    std::os::unix::fs::symlink(d.path(TARGET), d.path("link-vol")).unwrap();
+    for link in ["link-etc", "link-vol"] {
+        let r = d
+            .node()
+            .node_publish_volume(d.publish_req(&a.volume_id, STAGING, link, cap.clone(), false))
+            .await;
+        expect_code(r, Code::FailedPrecondition, &format!("publish at {link}"));
+        let r = d
+            .node()
+            .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+                volume_id: a.volume_id.clone(),
+                target_path: d.path_str(link),
+            })
+            .await;
+        expect_code(r, Code::FailedPrecondition, &format!("unpublish at {link}"));
+        assert!(std::fs::symlink_metadata(d.path(link))
+            .unwrap()
+            .file_type()
+            .is_symlink());
+    }
+    assert!(!is_mount_point(std::path::Path::new("/etc")));
+    assert!(
+        is_mount_point(&d.path(TARGET)),
+        "the volume behind the link was unmounted"
+    );
+
+    // Block: a link to a plain file at the target; a link as staging path.
+    let b = d
+        .create(&unique_name("link-b"), THIN, block_cap(), 16 * MIB, 0)
+        .await;
+    d.stage(&b.volume_id, "staging-b", block_cap()).await;
+    std::fs::write(d.path("plain"), b"").unwrap();
+    std::os::unix::fs::symlink(d.path("plain"), d.path("link-file")).unwrap();
+    let r = d
+        .node()
+        .node_publish_volume(d.publish_req(
+            &b.volume_id,
+            "staging-b",
+            "link-file",
+            block_cap(),
+            false,
+        ))
+        .await;
+    expect_code(r, Code::FailedPrecondition, "block publish at a link");
+    assert!(!is_mount_point(&d.path("plain")));
+    std::fs::create_dir(d.path("elsewhere")).unwrap();
+    std::os::unix::fs::symlink(d.path("elsewhere"), d.path("link-staging")).unwrap();
+    let r = d
+        .node()
+        .node_stage_volume(d.stage_req(&b.volume_id, "link-staging", block_cap()))
+        .await;
+    expect_code(r, Code::FailedPrecondition, "stage at a link");
+    assert!(std::fs::read_dir(d.path("elsewhere"))
+        .unwrap()
+        .next()
+        .is_none());
+
+    d.unstage(&b.volume_id, "staging-b").await;
+    d.unpublish(&a.volume_id, TARGET).await;
+    d.unstage(&a.volume_id, STAGING).await;
+    d.delete(&a.volume_id).await;
+    d.delete(&b.volume_id).await;
+}
+
+/// NodeGetVolumeStats and NodeExpandVolume answer only for a path where the
+/// volume is staged or published: /etc, an empty directory and another
+/// volume's paths are NOT_FOUND; the volume's own target and staging paths
+/// answer (a block volume's staging directory with its device's size).
+#[tokio::test]
+async fn stats_and_expand_only_where_the_volume_is() {
+    if skip_without_lvm() {
+        return;
+    }
+    let d = Driver::start().await;
+    let a = d
+        .create(&unique_name("where-a"), THIN, ext4(), 16 * MIB, 0)
+        .await;
+    let b = d
+        .create(&unique_name("where-b"), THIN, block_cap(), 16 * MIB, 0)
+        .await;
+    d.stage(&a.volume_id, STAGING, ext4()).await;
+    d.publish(&a.volume_id, STAGING, TARGET, ext4(), false)
+        .await;
+    d.stage(&b.volume_id, "staging-b", block_cap()).await;
+    d.publish(&b.volume_id, "staging-b", "target-b", block_cap(), false)
+        .await;
+    std::fs::create_dir(d.path("empty")).unwrap();
+    let unrelated = [
+        "/etc".to_string(),
+        d.path_str("empty"),
+        d.path_str("target-b"),
+        d.path_str("staging-b"),
+    ];
+    for path in &unrelated {
+        let r = d
+            .node()
+            .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+                volume_id: a.volume_id.clone(),
+                volume_path: path.clone(),
+                staging_target_path: String::new(),
+            })
+            .await;
+        expect_code(r, Code::NotFound, &format!("NodeGetVolumeStats(a, {path})"));
+        let r = d
+            .node()
+            .node_expand_volume(csi::NodeExpandVolumeRequest {
+                volume_id: a.volume_id.clone(),
+                volume_path: path.clone(),
+                ..Default::default()
+            })
+            .await;
+        expect_code(r, Code::NotFound, &format!("NodeExpandVolume(a, {path})"));
+    }
+    for path in [TARGET, STAGING] {
+        let r = d
+            .node()
+            .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+                volume_id: b.volume_id.clone(),
+                volume_path: d.path_str(path),
+                staging_target_path: String::new(),
+            })
+            .await;
+        expect_code(r, Code::NotFound, &format!("NodeGetVolumeStats(b, {path})"));
+    }
+    let stats = d.stats(&a.volume_id, TARGET).await;
+    check_usage(&stats, a.capacity_bytes, true, "a at its target");
+    d.stats(&a.volume_id, STAGING).await;
+    for path in ["target-b", "staging-b"] {
+        let stats = d.stats(&b.volume_id, path).await;
+        let bytes = usage(&stats, Unit::Bytes).expect("BYTES");
+        assert_eq!(bytes.total, b.capacity_bytes, "b at {path}: {stats:?}");
+    }
+    let r = d
+        .node()
+        .node_expand_volume(csi::NodeExpandVolumeRequest {
+            volume_id: b.volume_id.clone(),
+            volume_path: d.path_str("target-b"),
+            volume_capability: Some(block_cap()),
+            ..Default::default()
+        })
+        .await;
+    expect_ok(r, "NodeExpandVolume(b, its target)");
+
+    d.unpublish(&b.volume_id, "target-b").await;
+    d.unstage(&b.volume_id, "staging-b").await;
+    d.unpublish(&a.volume_id, TARGET).await;
+    d.unstage(&a.volume_id, STAGING).await;
+    d.delete(&a.volume_id).await;
+    d.delete(&b.volume_id).await;
+}
+
+/// A volume whose LV vanished while it was mounted (here: renamed away, so
+/// the driver no longer finds it and its device path is gone) is reported
+/// by NodeGetVolumeStats with an abnormal condition rather than NOT_FOUND,
+/// and can still be unpublished and unstaged.
+#[tokio::test]
+async fn stats_report_a_volume_whose_lv_vanished_while_mounted() {
+    if skip_without_lvm() {
+        return;
+    }
+    let d = Driver::start().await;
+    let v = d
+        .create(&unique_name("vanish"), THIN, ext4(), 16 * MIB, 0)
+        .await;
+    let id = v.volume_id.clone();
+    d.stage(&id, STAGING, ext4()).await;
+    d.publish(&id, STAGING, TARGET, ext4(), false).await;
+    let (vg, lv) = lv_at(&d.path(TARGET));
+    let gone = format!("{lv}-gone");
+    lvm_ok(&["lvrename", &vg, &lv, &gone]);
+    let (_, dir) = d.stop_and_keep_dir();
+    let d = Driver::builder().start_in(dir).await;
+
+    let stats = d.stats(&id, TARGET).await;
+    let cond = stats.volume_condition.clone().expect("volume_condition");
+    assert!(cond.abnormal, "vanished LV reported normal: {stats:?}");
+    let r = d
+        .node()
+        .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+            volume_id: id.clone(),
+            volume_path: "/etc".into(),
+            staging_target_path: String::new(),
+        })
+        .await;
+    expect_code(r, Code::NotFound, "NodeGetVolumeStats(vanished, /etc)");
+    d.unpublish(&id, TARGET).await;
+    assert!(!is_mount_point(&d.path(TARGET)));
+    d.unstage(&id, STAGING).await;
+    assert!(!is_mount_point(&d.path(STAGING)));
+
+    lvm_ok(&["lvrename", &vg, &gone, &lv]);
+    let (_, dir) = d.stop_and_keep_dir();
+    let d = Driver::builder().start_in(dir).await;
+    d.delete(&id).await;
+}
