@@ -1637,6 +1637,9 @@ async fn node_delete_racing_stage_is_all_or_nothing() {
         return;
     }
     let d = ceph.node_driver(new_temp_dir()).await;
+    // The controller in a process of its own, as deployed: one process
+    // serialises calls on the same volume, which would hide the race.
+    let c = ceph.driver(&[]).await;
     let (mut gone, mut kept) = (0, 0);
     for round in 0..5 {
         let block = round % 2 == 1;
@@ -1664,7 +1667,7 @@ async fn node_delete_racing_stage_is_all_or_nothing() {
             async move { node.node_stage_volume(req).await }
         };
         let delete = {
-            let mut ctl = d.controller();
+            let mut ctl = c.controller();
             let req = csi::DeleteVolumeRequest {
                 volume_id: v.volume_id.clone(),
                 secrets: ceph.secrets(),
@@ -1698,7 +1701,7 @@ async fn node_delete_racing_stage_is_all_or_nothing() {
                 assert_eq!(e.code(), Code::FailedPrecondition, "round {round}: {e:?}");
                 assert_eq!(objects, 1, "round {round}: kept with {objects} objects");
                 d.unstage(&v.volume_id, &staging).await;
-                delete_volume(&d, &ceph, &v.volume_id).await;
+                delete_volume(&c, &ceph, &v.volume_id).await;
                 assert_eq!(backend_objects(&ceph, &image), 0, "round {round}");
                 kept += 1;
             }
