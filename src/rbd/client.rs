@@ -375,6 +375,54 @@ impl Cluster {
         })
     }
 
+    /// Sends a command to the monitors (`cmd` is its JSON, e.g.
+    /// `{"prefix":"df","format":"json"}`) and returns its output.
+    pub fn mon_command(&self, cmd: &str) -> RbdResult<Vec<u8>> {
+        let what = || format!("rados_mon_command {cmd}");
+        let c_cmd = cstring(cmd, what)?;
+        let cmds = [c_cmd.as_ptr()];
+        let (mut out, mut out_len) = (ptr::null_mut::<c_char>(), 0usize);
+        let (mut status, mut status_len) = (ptr::null_mut::<c_char>(), 0usize);
+        // SAFETY: live handle; one NUL-terminated command; no input; the
+        // out pointers are valid; librados allocates what it returns.
+        let ret = unsafe {
+            ffi::rados_mon_command(
+                self.handle,
+                cmds.as_ptr(),
+                1,
+                ptr::null(),
+                0,
+                &mut out,
+                &mut out_len,
+                &mut status,
+                &mut status_len,
+            )
+        };
+        // SAFETY: buffers of the lengths given (or NULL), freed once with
+        // librados' own release function.
+        let (body, status_text) = unsafe {
+            let copy = |p: *mut c_char, n: usize| {
+                if p.is_null() {
+                    Vec::new()
+                } else {
+                    std::slice::from_raw_parts(p.cast::<u8>(), n).to_vec()
+                }
+            };
+            let r = (copy(out, out_len), copy(status, status_len));
+            if !out.is_null() {
+                ffi::rados_buffer_free(out);
+            }
+            if !status.is_null() {
+                ffi::rados_buffer_free(status);
+            }
+            r
+        };
+        check(ret.into(), || {
+            format!("{}: {}", what(), String::from_utf8_lossy(&status_text))
+        })?;
+        Ok(body)
+    }
+
     /// An I/O context on pool `pool` (NotFound when there is none).
     pub fn ioctx(self: &Arc<Self>, pool: &str) -> RbdResult<IoCtx> {
         let c_pool = cstring(pool, || format!("pool name {pool:?}"))?;
@@ -497,6 +545,16 @@ impl Drop for Opts {
 pub struct ImageSpec {
     pub name: String,
     pub id: String,
+}
+
+/// An image in the pool's trash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrashEntry {
+    pub id: String,
+    pub name: String,
+    /// `ffi::RBD_TRASH_IMAGE_SOURCE_*`: USER for a `trash move`, REMOVING
+    /// for an image `rbd_remove` moved there on its way out.
+    pub source: i32,
 }
 
 /// An image in a parent/child relation.
@@ -681,6 +739,93 @@ impl IoCtx {
         // SAFETY: live ioctx, NUL-terminated id.
         let ret = unsafe { ffi::rbd_trash_remove(self.handle, c_id.as_ptr(), force) };
         check(ret.into(), what).map(drop)
+    }
+
+    /// Puts the trashed image with id `id` back as `name`.
+    pub fn trash_restore(&self, id: &str, name: &str) -> RbdResult<()> {
+        let what = || format!("rbd_trash_restore {} (id {id}) as {name}", self.pool);
+        let c_id = cstring(id, what)?;
+        let c_name = cstring(name, what)?;
+        // SAFETY: live ioctx, NUL-terminated strings.
+        let ret = unsafe { ffi::rbd_trash_restore(self.handle, c_id.as_ptr(), c_name.as_ptr()) };
+        check(ret.into(), what).map(drop)
+    }
+
+    /// The images in the pool's trash.
+    pub fn trash_list(&self) -> RbdResult<Vec<TrashEntry>> {
+        let what = || format!("rbd_trash_list {}", self.pool);
+        let mut cap: usize = 16;
+        for _ in 0..MAX_GROW {
+            let mut entries = vec![
+                ffi::rbd_trash_image_info_t {
+                    id: ptr::null_mut(),
+                    name: ptr::null_mut(),
+                    source: 0,
+                    deletion_time: 0,
+                    deferment_end_time: 0,
+                };
+                cap
+            ];
+            let mut max = cap;
+            // SAFETY: live ioctx; `entries` holds `max` zeroed entries.
+            let ret = unsafe { ffi::rbd_trash_list(self.handle, entries.as_mut_ptr(), &mut max) };
+            if ret == -ERANGE {
+                cap = max.max(cap * 2);
+                continue;
+            }
+            check(ret.into(), what)?;
+            let n = max.min(cap);
+            // SAFETY: the n entries librbd filled, released once.
+            let out = unsafe {
+                let out = entries[..n]
+                    .iter()
+                    .map(|e| TrashEntry {
+                        id: owned(e.id),
+                        name: owned(e.name),
+                        source: e.source,
+                    })
+                    .collect();
+                ffi::rbd_trash_list_cleanup(entries.as_mut_ptr(), n);
+                out
+            };
+            return Ok(out);
+        }
+        Err(RbdError::from_errno(-(ERANGE as i64), what()))
+    }
+
+    /// Names of the snapshots of the image with id `image_id` (every
+    /// namespace; librbd renames a snapshot it moves to the trash namespace
+    /// to a UUID), read from its header object without opening it.
+    pub fn snapshot_names_unopened(&self, image_id: &str) -> RbdResult<Vec<String>> {
+        let object = format!("rbd_header.{image_id}");
+        let out = self.exec_rbd(&object, "get_snapcontext", &[], 64 << 10)?;
+        // u64 seq, u32 count, count x u64 snapshot ids
+        let ids = out
+            .get(8..12)
+            .and_then(|b| b.try_into().ok())
+            .map(u32::from_le_bytes)
+            .and_then(|n| {
+                let body = out.get(12..)?;
+                (body.len() == n as usize * 8).then(|| {
+                    body.chunks(8)
+                        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+                        .collect::<Vec<u64>>()
+                })
+            })
+            .ok_or_else(|| self.malformed("get_snapcontext", image_id))?;
+        let mut names = Vec::with_capacity(ids.len());
+        for id in ids {
+            match self.exec_rbd(&object, "get_snapshot_name", &id.to_le_bytes(), 512) {
+                Ok(out) => names.push(
+                    denc::string(&out)
+                        .ok_or_else(|| self.malformed("get_snapshot_name", image_id))?,
+                ),
+                // removed since the snapshot context was read
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(names)
     }
 
     /// Calls `method` of the OSD object class `rbd` on `object`: one round
@@ -1188,6 +1333,41 @@ impl Image<'_> {
         // SAFETY: open image.
         let ret = unsafe { ffi::rbd_flatten(self.handle) };
         check(ret.into(), || self.what("rbd_flatten")).map(drop)
+    }
+
+    /// Clients watching the image (a krbd mapping, an open read-write
+    /// handle), as `addr` strings. A read-only handle watches nothing, so a
+    /// handle opened with [`IoCtx::open_read_only`] does not see itself.
+    pub fn watchers(&self) -> RbdResult<Vec<String>> {
+        let what = || self.what("rbd_watchers_list");
+        let mut cap: usize = 8;
+        for _ in 0..MAX_GROW {
+            let mut ws = vec![
+                ffi::rbd_image_watcher_t {
+                    addr: ptr::null_mut(),
+                    id: 0,
+                    cookie: 0,
+                };
+                cap
+            ];
+            let mut max = cap;
+            // SAFETY: open image; `ws` holds `max` zeroed entries.
+            let ret = unsafe { ffi::rbd_watchers_list(self.handle, ws.as_mut_ptr(), &mut max) };
+            if ret == -ERANGE {
+                cap = max.max(cap * 2);
+                continue;
+            }
+            check(ret.into(), what)?;
+            let n = max.min(cap);
+            // SAFETY: the n entries librbd filled, released once.
+            let out = unsafe {
+                let out = ws[..n].iter().map(|w| owned(w.addr)).collect();
+                ffi::rbd_watchers_list_cleanup(ws.as_mut_ptr(), n);
+                out
+            };
+            return Ok(out);
+        }
+        Err(RbdError::from_errno(-(ERANGE as i64), what()))
     }
 
     /// The parent of the image (at the snapshot it is opened at), if any.

@@ -28,9 +28,30 @@ pub struct Cluster {
     /// capacity for when a request names none.
     #[serde(default)]
     pub pools: Vec<String>,
+    /// Topology keys the node plugins of this cluster report (their
+    /// `--topology KEY=VALUE`); a volume not bound to a pool's topology is
+    /// reachable from every node, i.e. from any topology in these keys.
+    /// Default: [`DEFAULT_TOPOLOGY_KEYS`].
+    #[serde(default)]
+    pub topology_keys: Option<Vec<String>>,
 }
 
+/// The well-known Kubernetes topology keys node plugins report when a
+/// cluster's `topologyKeys` does not say otherwise.
+pub const DEFAULT_TOPOLOGY_KEYS: &[&str] = &[
+    "topology.kubernetes.io/zone",
+    "topology.kubernetes.io/region",
+];
+
 impl Cluster {
+    /// Whether `key` is a topology key this cluster's nodes may report.
+    pub fn knows_topology_key(&self, key: &str) -> bool {
+        match &self.topology_keys {
+            Some(keys) => keys.iter().any(|k| k == key),
+            None => DEFAULT_TOPOLOGY_KEYS.contains(&key),
+        }
+    }
+
     /// librados `mon_host`.
     pub fn mon_host(&self) -> String {
         self.monitors.join(",")
@@ -173,6 +194,15 @@ mod tests {
         assert_eq!(c.clusters[0].mon_host(), "10.0.0.1:6789,10.0.0.2:6789");
         assert!(c.cluster("ceph-a").is_ok());
         assert!(c.cluster("nope").is_err());
+        assert!(c.clusters[0].knows_topology_key("topology.kubernetes.io/zone"));
+        assert!(!c.clusters[0].knows_topology_key("example.com/rack"));
+        let c = RbdConfig::parse(
+            r#"[{"clusterID":"a","monitors":["m"],"topologyKeys":["example.com/rack"]}]"#,
+            None,
+        )
+        .unwrap();
+        assert!(c.clusters[0].knows_topology_key("example.com/rack"));
+        assert!(!c.clusters[0].knows_topology_key("topology.kubernetes.io/zone"));
         for bad in [
             "[]",
             r#"[{"clusterID":"a b","monitors":["m"]}]"#,

@@ -185,10 +185,20 @@ fn now() -> i64 {
 }
 
 /// Whether an image name is ours from this request: tagged with its name,
-/// or (a crash between create and tagging) not tagged at all; the name
-/// itself derives from the request name.
-fn owned_by(meta_name: &Option<String>, name: &str) -> bool {
-    meta_name.as_deref().is_none_or(|n| n == name)
+/// or (a crash between create and tagging) not tagged by us at all; the
+/// name itself derives from the request name. An untagged clone carries the
+/// metadata its parent had (clone copies image metadata), so a foreign name
+/// whose key is not this image's key was inherited, not written for it;
+/// only another name with the same key (a clash) is someone else's.
+fn owned_by(kind: Kind, meta_name: &Option<String>, name: &str) -> bool {
+    meta_name
+        .as_deref()
+        .is_none_or(|n| n == name || kind.key_for_name(n) != kind.key_for_name(name))
+}
+
+/// Whether this request's tag is on the image (not just inherited tags).
+fn tagged_by(meta_name: &Option<String>, name: &str) -> bool {
+    meta_name.as_deref() == Some(name)
 }
 
 /// What a blocking image lookup returns.
@@ -199,6 +209,9 @@ struct Found {
     source: Option<String>,
     topology: Option<String>,
     created: Option<i64>,
+    /// For a snapshot's hidden image: its snapshot `csi` exists (the CSI
+    /// snapshot can be restored). Always true for volumes.
+    ready: bool,
 }
 
 /// Reads an image's size and identity metadata straight from its header
@@ -221,7 +234,13 @@ fn read_header(io: &IoCtx, image: &str) -> RbdResult<Found> {
         Some(t) => Some(t),
         None => io.image_created_unopened(&id).ok(),
     };
+    let ready = Kind::Snapshot.key_of_image(image).is_none()
+        || io
+            .snapshot_names_unopened(&id)?
+            .iter()
+            .any(|n| n == ids::SNAP_NAME);
     Ok(Found {
+        ready,
         size,
         name: get(META_NAME),
         digest: get(META_PARAMS),
@@ -236,7 +255,10 @@ fn read_header(io: &IoCtx, image: &str) -> RbdResult<Found> {
 /// mapped yet (a create's own new image or clone, a hidden snapshot clone).
 fn tag(io: &IoCtx, image: &str, meta: &[(&str, String)]) -> RbdResult<()> {
     let pairs: Vec<(&str, &str)> = meta.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    io.metadata_set_unopened(&io.image_id(image)?, &pairs)
+    crate::fail_point!("rbd.tag.before");
+    io.metadata_set_unopened(&io.image_id(image)?, &pairs)?;
+    crate::fail_point!("rbd.tag.after");
+    Ok(())
 }
 
 fn ignore_missing(r: RbdResult<()>) -> RbdResult<()> {
@@ -255,22 +277,56 @@ fn ignore_exists(r: RbdResult<()>) -> RbdResult<()> {
 
 /// Removes an image; one that still has snapshots with clone children (or
 /// other snapshots) goes to the trash instead, where its children keep
-/// working. An image in use (watchers) is FAILED_PRECONDITION.
+/// working. An image in use (watched: mapped on a node, open elsewhere) is
+/// Busy, and whatever fails, the image is then exactly as it was: still
+/// under its name, out of the trash.
+///
+/// `rbd_remove` moves the image to the trash first and removes it from
+/// there; a client that maps it meanwhile makes the second step fail,
+/// after which librbd restores it only on a best-effort basis. So the
+/// watchers are checked before anything changes, and after a failure an
+/// image left in the trash by the removal is put back. A removal that died
+/// halfway (the process killed) is finished by the next call.
 fn remove_or_trash(io: &IoCtx, image: &str) -> RbdResult<()> {
-    let ancestors = match trashed_ancestors(io, image) {
-        Ok(a) => a,
-        Err(e) if e.is_not_found() => return Ok(()),
+    let (parent, watchers) = match io.open_read_only(image, None) {
+        // a read-only handle watches nothing: every watcher is someone else
+        Ok(img) => (img.parent()?, img.watchers()?),
+        Err(e) if e.is_not_found() => return finish_removal(io, image),
         Err(e) => return Err(e),
     };
+    if !watchers.is_empty() {
+        return Err(RbdError::Busy {
+            what: format!(
+                "image {}/{image} has {} watcher(s) ({})",
+                io.pool(),
+                watchers.len(),
+                watchers.join(", ")
+            ),
+        });
+    }
+    let ancestors = trashed_ancestors(io, parent)?;
+    crate::fail_point!("rbd.trash.before_remove");
     match io.remove(image) {
         Ok(()) => {}
-        Err(e) if e.is_not_found() => return Ok(()),
-        Err(RbdError::NotEmpty { .. }) => return io.trash_move(image, Duration::ZERO),
-        Err(e) => return Err(e),
+        Err(e) if e.is_not_found() => return finish_removal(io, image),
+        Err(RbdError::NotEmpty { .. }) => {
+            crate::fail_point!("rbd.trash.before_move");
+            io.trash_move(image, Duration::ZERO)?;
+            crate::fail_point!("rbd.trash.after_move");
+            return Ok(());
+        }
+        Err(e) => {
+            if let Err(r) = restore_stranded(io, image) {
+                tracing::warn!(image = %image, error = %r, "cannot restore the image from the trash");
+            }
+            return Err(e);
+        }
     }
+    crate::fail_point!("rbd.trash.after_remove");
     // Ancestors of ours that waited in the trash for their last child:
     // gone for good now, unless another child still needs them.
     for (pool_id, id, name) in ancestors {
+        crate::fail_point!("rbd.trash.before_purge");
         let r = io
             .cluster()
             .ioctx_by_id(pool_id)
@@ -284,11 +340,57 @@ fn remove_or_trash(io: &IoCtx, image: &str) -> RbdResult<()> {
     Ok(())
 }
 
+/// The trash entries `rbd_remove` left for `image` (source REMOVING).
+fn removing_entries(io: &IoCtx, image: &str) -> RbdResult<Vec<String>> {
+    Ok(io
+        .trash_list()?
+        .into_iter()
+        .filter(|e| e.name == image && e.source == ffi::RBD_TRASH_IMAGE_SOURCE_REMOVING)
+        .map(|e| e.id)
+        .collect())
+}
+
+/// After a failed `rbd_remove`: puts the image back under its name if the
+/// removal left it in the trash.
+fn restore_stranded(io: &IoCtx, image: &str) -> RbdResult<()> {
+    match io.image_id(image) {
+        Ok(_) => return Ok(()),
+        Err(e) if e.is_not_found() => {}
+        Err(e) => return Err(e),
+    }
+    for id in removing_entries(io, image)? {
+        io.trash_restore(&id, image)?;
+        tracing::info!(image = %image, "restored from the trash after a failed removal");
+    }
+    Ok(())
+}
+
+/// The image is no longer under its name: if an earlier removal died with
+/// it in the trash, finish that removal (or, if a client watches it by
+/// now, put it back and report Busy).
+fn finish_removal(io: &IoCtx, image: &str) -> RbdResult<()> {
+    for id in removing_entries(io, image)? {
+        match io.trash_remove(&id, true) {
+            Ok(()) => tracing::info!(image = %image, "finished an interrupted removal"),
+            Err(e) if e.is_not_found() => {}
+            Err(e) => {
+                if let Err(r) = io.trash_restore(&id, image) {
+                    tracing::warn!(image = %image, error = %r, "cannot restore the image");
+                }
+                return Err(e);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The image's ancestors that are ours and in the trash, nearest first,
 /// up to the first live one (which purges its own when it goes).
-fn trashed_ancestors(io: &IoCtx, image: &str) -> RbdResult<Vec<(i64, String, String)>> {
+fn trashed_ancestors(
+    io: &IoCtx,
+    mut parent: Option<crate::rbd::Parent>,
+) -> RbdResult<Vec<(i64, String, String)>> {
     let mut out = Vec::new();
-    let mut parent = io.open_read_only(image, None)?.parent()?;
     while let Some(p) = parent.take() {
         let ours = [Kind::Volume, Kind::Snapshot]
             .iter()
@@ -309,9 +411,8 @@ fn trashed_ancestors(io: &IoCtx, image: &str) -> RbdResult<Vec<(i64, String, Str
     Ok(out)
 }
 
-/// Clones `parent_io:parent@snap` to `io:child`, takes the result's size
-/// to `size`, and applies the flatten policy (hard: flatten now; soft:
-/// returns true so the caller flattens in the background).
+/// Clones `parent_io:parent@snap` to `io:child`, then settles it (see
+/// [`settle_clone`]).
 #[allow(clippy::too_many_arguments)]
 fn clone_into(
     parent_io: &IoCtx,
@@ -325,17 +426,81 @@ fn clone_into(
     must_flatten: bool,
 ) -> RbdResult<bool> {
     ignore_exists(parent_io.clone_image(parent, snap, io, child, options))?;
-    let img = io.open(child)?;
-    if img.size()? < size {
-        img.resize(size)?;
+    crate::fail_point!("rbd.create.after_clone");
+    settle_clone(io, child, Some(size), policy, must_flatten)
+}
+
+/// What every attempt of a create does to its clone, first or retried:
+/// grows it to `grow_to` (when given and larger), then applies the flatten
+/// rules: a copy across pools (`must_flatten`) or a chain at the hard depth
+/// is flattened now; at the soft depth it returns true so the caller
+/// flattens in the background. A clone already flattened is left alone.
+fn settle_clone(
+    io: &IoCtx,
+    child: &str,
+    grow_to: Option<u64>,
+    policy: FlattenPolicy,
+    must_flatten: bool,
+) -> RbdResult<bool> {
+    if let Some(size) = grow_to {
+        let img = io.open(child)?;
+        if img.size()? < size {
+            img.resize(size)?;
+            crate::fail_point!("rbd.create.after_resize");
+        }
     }
-    drop(img);
     let depth = io.clone_depth(child)?;
-    if must_flatten || depth >= policy.hard_depth {
+    if depth > 0 && (must_flatten || depth >= policy.hard_depth) {
+        crate::fail_point!("rbd.flatten.before");
         io.open(child)?.flatten()?;
+        crate::fail_point!("rbd.flatten.after");
         return Ok(false);
     }
     Ok(depth >= policy.soft_depth)
+}
+
+/// The parts of `ceph df --format json` GetCapacity reads.
+#[derive(Debug, Deserialize)]
+struct Df {
+    stats: DfStats,
+    #[serde(default)]
+    pools: Vec<DfPool>,
+}
+
+#[derive(Debug, Deserialize)]
+struct DfStats {
+    /// Raw bytes of every OSD; zero until a ceph-mgr has reported.
+    total_bytes: u64,
+}
+
+#[derive(Debug, Deserialize)]
+struct DfPool {
+    name: String,
+    stats: DfPoolStats,
+}
+
+#[derive(Debug, Deserialize)]
+struct DfPoolStats {
+    /// Bytes clients can still write to the pool.
+    max_avail: u64,
+}
+
+/// Pool `pool`'s MAX AVAIL from the JSON of the `df` command, or why it is
+/// not known.
+fn pool_max_avail(json: &[u8], pool: &str) -> std::result::Result<u64, String> {
+    let df: Df = serde_json::from_slice(json).map_err(|e| format!("unexpected `df` reply: {e}"))?;
+    if df.stats.total_bytes == 0 {
+        return Err(
+            "Ceph has no usage statistics (no ceph-mgr has reported them; the \
+                    monitors compute per-pool free space from what the mgr sends)"
+                .into(),
+        );
+    }
+    df.pools
+        .iter()
+        .find(|p| p.name == pool)
+        .map(|p| p.stats.max_avail)
+        .ok_or_else(|| format!("the usage statistics list no pool {pool} yet"))
 }
 
 impl RbdController {
@@ -371,6 +536,7 @@ impl RbdController {
     /// source, the source's pool when it is allowed (data gravity).
     fn place(
         &self,
+        cluster: Option<&Cluster>,
         params: &BTreeMap<String, String>,
         requirement: Option<&csi::TopologyRequirement>,
         source_pool: Option<&str>,
@@ -382,6 +548,27 @@ impl RbdController {
                     "StorageClass parameter {P_POOL} (or {P_TOPOLOGY_POOLS}) is required"
                 ))
             })?;
+            // The volume is reachable from every node of the cluster: from
+            // any requisite topology its nodes can report, i.e. one in the
+            // cluster's topology keys; from no other.
+            let requisite = requirement.map(|r| r.requisite.as_slice()).unwrap_or(&[]);
+            let reachable = |t: &csi::Topology| {
+                t.segments
+                    .keys()
+                    .all(|k| cluster.is_none_or(|c| c.knows_topology_key(k)))
+            };
+            if !requisite.is_empty() && !requisite.iter().any(reachable) {
+                return Err(Error::ResourceExhausted(format!(
+                    "no node of this cluster lies in the requested topology: the nodes report \
+                     only the topology keys {} (the cluster's topologyKeys in the RBD config)",
+                    cluster
+                        .map(|c| match &c.topology_keys {
+                            Some(k) => k.join(", "),
+                            None => crate::rbd::config::DEFAULT_TOPOLOGY_KEYS.join(", "),
+                        })
+                        .unwrap_or_default()
+                )));
+            }
             return Ok(Placement {
                 pool: pool.clone(),
                 data_pool,
@@ -477,7 +664,7 @@ impl RbdController {
             source_volume_id: f.source.clone().unwrap_or_default(),
             size: f.size,
             created: f.created.unwrap_or(0),
-            ready: true,
+            ready: f.ready,
         }
     }
 
@@ -487,13 +674,60 @@ impl RbdController {
         tokio::spawn(async move {
             let what = image.clone();
             let r = pool
-                .run_by_id(&creds, pool_id, move |io| io.open(&image)?.flatten())
+                .run_background_by_id(&creds, pool_id, move |io| {
+                    crate::fail_point!("rbd.flatten.background_before");
+                    io.open(&image)?.flatten()?;
+                    crate::fail_point!("rbd.flatten.background_after");
+                    Ok(())
+                })
                 .await;
             match r {
                 Ok(()) => tracing::info!(image = %what, "flattened in the background"),
                 Err(e) => tracing::warn!(image = %what, error = %e, "background flatten failed"),
             }
         });
+    }
+
+    /// What pool `pool` can still take, in bytes, as Ceph computes it for
+    /// `ceph df` (MAX AVAIL: the fullest OSD the pool's CRUSH rule uses,
+    /// the full ratio, and replication or erasure coding taken into
+    /// account). The monitors answer from statistics a ceph-mgr sends them;
+    /// without any (no mgr ever ran) the figure is unknown and the call is
+    /// UNAVAILABLE rather than a zero that would refuse every volume.
+    async fn pool_max_avail(
+        &self,
+        cluster: &Cluster,
+        creds: &Credentials,
+        pool: &str,
+    ) -> Result<u64> {
+        let out = self
+            .pool
+            .run(creds, pool, |io| {
+                io.cluster()
+                    .mon_command(r#"{"prefix":"df","format":"json"}"#)
+            })
+            .await;
+        let out = match out {
+            Ok(o) => o,
+            Err(e) if e.is_not_found() => {
+                return Err(Error::NotFound(format!(
+                    "pool {pool} does not exist in cluster {}",
+                    cluster.cluster_id
+                )))
+            }
+            Err(e) => {
+                return Err(Error::Unavailable(format!(
+                    "cannot read the usage of pool {pool} in cluster {}: {e}",
+                    cluster.cluster_id
+                )))
+            }
+        };
+        pool_max_avail(&out, pool).map_err(|why| {
+            Error::Unavailable(format!(
+                "capacity of pool {pool} in cluster {} is unknown: {why}",
+                cluster.cluster_id
+            ))
+        })
     }
 
     /// An image of `kind` named by `id`, inspected (None if absent).
@@ -613,6 +847,7 @@ impl ControllerBackend for RbdController {
             }
         };
         let placement = self.place(
+            Some(cluster),
             &req.params,
             req.requirement.as_ref(),
             source.as_ref().map(|(_, p, _)| p.as_str()),
@@ -679,7 +914,9 @@ impl ControllerBackend for RbdController {
                 if src.is_none() {
                     match io.create(&image, size, &options) {
                         Ok(()) => {
+                            crate::fail_point!("rbd.create.after_create");
                             tag(io, &image, &meta)?;
+                            crate::fail_point!("rbd.create.after_tag");
                             let found = Found {
                                 size,
                                 name: Some(name),
@@ -687,6 +924,7 @@ impl ControllerBackend for RbdController {
                                 source: None,
                                 topology: topology_json,
                                 created: Some(now()),
+                                ready: true,
                             };
                             return Ok((io.pool_id(), found, false));
                         }
@@ -697,7 +935,7 @@ impl ControllerBackend for RbdController {
                 let mut background = false;
                 match inspect(io, &image)? {
                     Some(f) => {
-                        if !owned_by(&f.name, &name) {
+                        if !owned_by(Kind::Volume, &f.name, &name) {
                             return Err(RbdError::Exists {
                                 what: format!(
                                     "image {}/{image} belongs to another request",
@@ -705,14 +943,15 @@ impl ControllerBackend for RbdController {
                                 ),
                             });
                         }
-                        if f.name.is_some() && f.digest.as_deref() != Some(digest.as_str()) {
+                        let tagged = tagged_by(&f.name, &name);
+                        if tagged && f.digest.as_deref() != Some(digest.as_str()) {
                             return Err(RbdError::Exists {
                                 what: format!(
                                     "volume {name:?} exists with other parameters or source"
                                 ),
                             });
                         }
-                        if f.name.is_none() && f.size < size {
+                        if !tagged && f.size < size {
                             // An attempt that crashed between clone and
                             // resize (images are tagged last).
                             io.open(&image)?.resize(size)?;
@@ -725,9 +964,18 @@ impl ControllerBackend for RbdController {
                                 ),
                             });
                         }
+                        // A retry applies the same flatten rules as the
+                        // first attempt, which may have died before them.
+                        if let Some((_, src_pool)) = &src {
+                            background =
+                                settle_clone(io, &image, None, policy, src_pool != io.pool())?;
+                        }
                     }
                     None => match &src {
-                        None => io.create(&image, size, &options)?,
+                        None => {
+                            io.create(&image, size, &options)?;
+                            crate::fail_point!("rbd.create.after_create");
+                        }
                         Some((sid, src_pool)) => {
                             let parent_io = io.cluster().ioctx_by_id(sid.pool_id)?;
                             // Across pools the data is copied (clone, then
@@ -751,6 +999,7 @@ impl ControllerBackend for RbdController {
                                     let parent = parent_io.open(&sid.image())?;
                                     ignore_exists(parent.snap_create(&temp_snap))?;
                                     drop(parent);
+                                    crate::fail_point!("rbd.create.after_source_snap");
                                     background = clone_into(
                                         &parent_io,
                                         &sid.image(),
@@ -768,6 +1017,7 @@ impl ControllerBackend for RbdController {
                     },
                 }
                 tag(io, &image, &meta)?;
+                crate::fail_point!("rbd.create.after_tag");
                 // A clone's temporary snapshot of its source (clone v2 keeps
                 // it in the trash namespace while the clone needs it).
                 if let Some((sid, _)) = src.as_ref().filter(|(s, _)| s.kind == Kind::Volume) {
@@ -874,23 +1124,24 @@ impl ControllerBackend for RbdController {
         topology: Option<&csi::Topology>,
     ) -> Result<Capacity> {
         if !params.contains_key(P_CLUSTER) {
-            // No StorageClass: what every configured cluster has (each
-            // read through the first of its listed pools).
+            // No StorageClass: what every configured cluster's listed pools
+            // can take (pools of one cluster share their OSDs, so their
+            // figures overlap: the largest counts, not the sum).
             let mut total = Capacity {
                 minimum_volume: GRAIN,
                 ..Capacity::default()
             };
             for cluster in &self.config.clusters {
-                let Some(pool) = cluster.pools.first() else {
+                if cluster.pools.is_empty() {
                     continue;
-                };
+                }
                 let creds = self.creds(cluster, &Secrets::default())?;
-                let stat = self
-                    .pool
-                    .run(&creds, pool, |io| io.cluster().stat())
-                    .await?;
-                total.available += stat.available_bytes;
-                total.maximum_volume = total.maximum_volume.max(stat.available_bytes);
+                let mut best = 0;
+                for pool in &cluster.pools {
+                    best = best.max(self.pool_max_avail(cluster, &creds, pool).await?);
+                }
+                total.available = total.available.saturating_add(best);
+                total.maximum_volume = total.maximum_volume.max(best);
             }
             return Ok(total);
         }
@@ -899,20 +1150,19 @@ impl ControllerBackend for RbdController {
             requisite: vec![t.clone()],
             preferred: vec![],
         });
-        let placement = match self.place(params, requirement.as_ref(), None) {
+        let placement = match self.place(Some(cluster), params, requirement.as_ref(), None) {
             Ok(p) => p,
             // No pool serves this topology: nothing available there.
             Err(Error::ResourceExhausted(_)) => return Ok(Capacity::default()),
             Err(e) => return Err(e),
         };
         let creds = self.creds(cluster, &Secrets::default())?;
-        let stat = self
-            .pool
-            .run(&creds, &placement.pool, |io| io.cluster().stat())
-            .await?;
+        // Image data goes to the data pool when there is one.
+        let data = placement.data_pool.as_deref().unwrap_or(&placement.pool);
+        let avail = self.pool_max_avail(cluster, &creds, data).await?;
         Ok(Capacity {
-            available: stat.available_bytes,
-            maximum_volume: stat.available_bytes,
+            available: avail,
+            maximum_volume: avail,
             minimum_volume: GRAIN,
         })
     }
@@ -965,7 +1215,7 @@ impl ControllerBackend for RbdController {
                 let mut background = false;
                 let existing = inspect(io, &hidden)?;
                 if let Some(f) = &existing {
-                    if !owned_by(&f.name, &name) {
+                    if !owned_by(Kind::Snapshot, &f.name, &name) {
                         return Err(RbdError::Exists {
                             what: format!(
                                 "image {}/{hidden} belongs to another request",
@@ -973,7 +1223,7 @@ impl ControllerBackend for RbdController {
                             ),
                         });
                     }
-                    if f.name.is_some() && f.digest.as_deref() != Some(digest.as_str()) {
+                    if tagged_by(&f.name, &name) && f.digest.as_deref() != Some(digest.as_str()) {
                         return Err(RbdError::Exists {
                             what: format!("snapshot {name:?} exists with another source"),
                         });
@@ -990,15 +1240,13 @@ impl ControllerBackend for RbdController {
                         let source = io.open(&src_image)?;
                         ignore_exists(source.snap_create(&temp))?;
                         drop(source);
+                        crate::fail_point!("rbd.snapshot.after_source_snap");
                         let options = ImageOptions::default();
-                        let depth_after = io.clone_depth(&src_image)? + 1;
                         ignore_exists(io.clone_image(&src_image, &temp, io, &hidden, &options))?;
-                        if depth_after >= policy.hard_depth {
-                            io.open(&hidden)?.flatten()?;
-                        } else {
-                            background = depth_after >= policy.soft_depth;
-                        }
+                        crate::fail_point!("rbd.snapshot.after_clone");
                     }
+                    // First attempt or retry: the same flatten rules.
+                    background = settle_clone(io, &hidden, None, policy, false)?;
                     tag(
                         io,
                         &hidden,
@@ -1010,6 +1258,7 @@ impl ControllerBackend for RbdController {
                         ],
                     )?;
                     ignore_exists(io.open(&hidden)?.snap_create(ids::SNAP_NAME))?;
+                    crate::fail_point!("rbd.snapshot.after_snap");
                 }
                 // The source's temporary snapshot (a retry after a crash may
                 // find it still there).
@@ -1131,23 +1380,92 @@ mod tests {
             requisite: reqs.iter().map(|z| topo(z)).collect(),
         };
         let p = c
-            .place(&params, Some(&req(&["b"], &["a", "b"])), None)
+            .place(None, &params, Some(&req(&["b"], &["a", "b"])), None)
             .unwrap();
         assert_eq!((p.pool.as_str(), p.rule), ("pb", "preferred-topology"));
         let p = c
-            .place(&params, Some(&req(&["b"], &["a", "b"])), Some("pa"))
+            .place(None, &params, Some(&req(&["b"], &["a", "b"])), Some("pa"))
             .unwrap();
         assert_eq!((p.pool.as_str(), p.rule), ("pa", "source-locality"));
         let p = c
-            .place(&params, Some(&req(&[], &["b"])), Some("pa"))
+            .place(None, &params, Some(&req(&[], &["b"])), Some("pa"))
             .unwrap();
         assert_eq!((p.pool.as_str(), p.rule), ("pb", "requisite-topology"));
-        assert!(c.place(&params, Some(&req(&[], &["c"])), None).is_err());
-        let p = c.place(&params, None, None).unwrap();
+        assert!(c
+            .place(None, &params, Some(&req(&[], &["c"])), None)
+            .is_err());
+        let p = c.place(None, &params, None, None).unwrap();
         assert_eq!(p.pool, "pa");
         let plain: BTreeMap<String, String> = [(P_POOL.to_string(), "rbd".to_string())].into();
-        assert_eq!(c.place(&plain, None, None).unwrap().topology, None);
-        assert!(c.place(&BTreeMap::new(), None, None).is_err());
+        assert_eq!(c.place(None, &plain, None, None).unwrap().topology, None);
+        assert!(c.place(None, &BTreeMap::new(), None, None).is_err());
+    }
+
+    /// A plain pool's volume is reachable from every node, so from any
+    /// requisite topology in the keys the cluster's nodes report, and from
+    /// no other: RESOURCE_EXHAUSTED (a valid topology that cannot be
+    /// served), not a volume no node could use.
+    #[test]
+    fn plain_pool_honours_requisite_keys() {
+        let c = RbdController {
+            config: RbdConfig::default(),
+            pool: unreachable_pool(),
+            flatten: FlattenPolicy::default(),
+        };
+        let cluster: Cluster =
+            serde_json::from_str(r#"{"clusterID":"c","monitors":["m"]}"#).unwrap();
+        let plain: BTreeMap<String, String> = [(P_POOL.to_string(), "rbd".to_string())].into();
+        let garbage = csi::Topology {
+            segments: [("example.com/garbage".to_string(), "nowhere".to_string())].into(),
+        };
+        let only = |ts: Vec<csi::Topology>| csi::TopologyRequirement {
+            requisite: ts,
+            preferred: vec![],
+        };
+        let r = c.place(
+            Some(&cluster),
+            &plain,
+            Some(&only(vec![garbage.clone()])),
+            None,
+        );
+        assert!(matches!(r, Err(Error::ResourceExhausted(_))), "{r:?}");
+        let p = c
+            .place(
+                Some(&cluster),
+                &plain,
+                Some(&only(vec![garbage, topo("b")])),
+                None,
+            )
+            .unwrap();
+        assert_eq!((p.pool.as_str(), p.topology), ("rbd", None));
+        assert!(c
+            .place(Some(&cluster), &plain, Some(&only(vec![])), None)
+            .is_ok());
+    }
+
+    /// MAX AVAIL comes from the pool's own entry of `df` (which includes
+    /// replication and the full ratio), never from the raw free space; no
+    /// statistics at all (no mgr) is an error, not zero.
+    #[test]
+    fn max_avail_from_df() {
+        let df = br#"{"stats":{"total_bytes":3221225472,"total_avail_bytes":3000000000,
+            "total_used_bytes":1,"total_used_raw_bytes":1,"total_used_raw_ratio":0,
+            "num_osds":3,"num_per_pool_osds":3,"num_per_pool_omap_osds":3},
+            "stats_by_class":{},
+            "pools":[{"name":"rbd","id":1,"stats":{"stored":0,"objects":0,"kb_used":0,
+            "bytes_used":0,"percent_used":0,"max_avail":950000000}},
+            {"name":"ec","id":2,"stats":{"max_avail":1900000000}}]}"#;
+        assert_eq!(pool_max_avail(df, "rbd"), Ok(950_000_000));
+        assert_eq!(pool_max_avail(df, "ec"), Ok(1_900_000_000));
+        assert!(pool_max_avail(df, "other")
+            .unwrap_err()
+            .contains("no pool other"));
+        // what the monitors answer when no mgr ever reported
+        let none = br#"{"stats":{"total_bytes":0,"total_avail_bytes":0,"total_used_bytes":0,
+            "total_used_raw_bytes":0,"total_used_raw_ratio":0,"num_osds":0,
+            "num_per_pool_osds":0,"num_per_pool_omap_osds":0},"stats_by_class":{},"pools":[]}"#;
+        assert!(pool_max_avail(none, "rbd").unwrap_err().contains("mgr"));
+        assert!(pool_max_avail(b"not json", "rbd").is_err());
     }
 
     fn unreachable_pool() -> Arc<ConnectionPool> {

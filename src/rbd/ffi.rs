@@ -127,6 +127,34 @@ pub struct rbd_snap_info_t {
     pub name: *const c_char,
 }
 
+/// `rbd_trash_image_source_t` (a C enum).
+pub type rbd_trash_image_source_t = c_int;
+pub const RBD_TRASH_IMAGE_SOURCE_USER: c_int = 0;
+pub const RBD_TRASH_IMAGE_SOURCE_REMOVING: c_int = 3;
+pub const RBD_TRASH_IMAGE_SOURCE_USER_PARENT: c_int = 4;
+
+/// `rbd_trash_image_info_t`: strings owned by librbd
+/// (`rbd_trash_list_cleanup`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct rbd_trash_image_info_t {
+    pub id: *mut c_char,
+    pub name: *mut c_char,
+    pub source: rbd_trash_image_source_t,
+    pub deletion_time: i64,
+    pub deferment_end_time: i64,
+}
+
+/// `rbd_image_watcher_t`: `addr` owned by librbd
+/// (`rbd_watchers_list_cleanup`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct rbd_image_watcher_t {
+    pub addr: *mut c_char,
+    pub id: i64,
+    pub cookie: u64,
+}
+
 /// `struct timespec` on 64-bit Linux (`time_t` and `long` are 64 bits).
 #[repr(C)]
 #[derive(Debug, Default, Clone, Copy)]
@@ -170,6 +198,18 @@ extern "C" {
     pub fn rados_connect(cluster: rados_t) -> c_int;
     pub fn rados_shutdown(cluster: rados_t);
     pub fn rados_cluster_stat(cluster: rados_t, result: *mut rados_cluster_stat_t) -> c_int;
+    pub fn rados_mon_command(
+        cluster: rados_t,
+        cmd: *const *const c_char,
+        cmdlen: usize,
+        inbuf: *const c_char,
+        inbuflen: usize,
+        outbuf: *mut *mut c_char,
+        outbuflen: *mut usize,
+        outs: *mut *mut c_char,
+        outslen: *mut usize,
+    ) -> c_int;
+    pub fn rados_buffer_free(buf: *mut c_char);
     pub fn rados_cluster_fsid(cluster: rados_t, buf: *mut c_char, len: usize) -> c_int;
     pub fn rados_pool_lookup(cluster: rados_t, pool_name: *const c_char) -> i64;
     pub fn rados_ioctx_create(
@@ -244,6 +284,19 @@ extern "C" {
     pub fn rbd_remove(io: rados_ioctx_t, name: *const c_char) -> c_int;
     pub fn rbd_trash_move(io: rados_ioctx_t, name: *const c_char, delay: u64) -> c_int;
     pub fn rbd_trash_remove(io: rados_ioctx_t, id: *const c_char, force: bool) -> c_int;
+    pub fn rbd_trash_list(
+        io: rados_ioctx_t,
+        entries: *mut rbd_trash_image_info_t,
+        num_entries: *mut usize,
+    ) -> c_int;
+    pub fn rbd_trash_list_cleanup(entries: *mut rbd_trash_image_info_t, num_entries: usize);
+    pub fn rbd_trash_restore(io: rados_ioctx_t, id: *const c_char, name: *const c_char) -> c_int;
+    pub fn rbd_watchers_list(
+        image: rbd_image_t,
+        watchers: *mut rbd_image_watcher_t,
+        max_watchers: *mut usize,
+    ) -> c_int;
+    pub fn rbd_watchers_list_cleanup(watchers: *mut rbd_image_watcher_t, num_watchers: usize);
 
     pub fn rbd_open(
         io: rados_ioctx_t,

@@ -77,6 +77,35 @@ fn mapped_device(sysfs: &Path, pool_id: i64, image: &str) -> Option<PathBuf> {
     None
 }
 
+/// Removes keyring files an earlier run of the plugin left behind (killed
+/// during `rbd map`, before its guard could remove them). At start no map
+/// of this process is in flight, so every keyring in the directory is
+/// stale. Returns how many went.
+fn sweep_keyrings(key_dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(key_dir) else {
+        return 0;
+    };
+    let mut n = 0;
+    for e in entries.flatten() {
+        let path = e.path();
+        let is_keyring = path.extension().is_some_and(|x| x == "keyring")
+            && e.file_type().is_ok_and(|t| t.is_file());
+        if !is_keyring {
+            continue;
+        }
+        match std::fs::remove_file(&path) {
+            Ok(()) => n += 1,
+            Err(err) => {
+                tracing::warn!(path = %path.display(), error = %err, "cannot remove a stale keyring")
+            }
+        }
+    }
+    if n > 0 {
+        tracing::info!(removed = n, dir = %key_dir.display(), "removed stale keyring files");
+    }
+    n
+}
+
 impl RbdNode {
     pub fn new(
         node_id: String,
@@ -85,6 +114,7 @@ impl RbdNode {
         runner: Arc<Runner>,
         key_dir: PathBuf,
     ) -> Self {
+        sweep_keyrings(&key_dir);
         RbdNode {
             node_id,
             topology,
@@ -174,6 +204,7 @@ impl NodeBackend for RbdNode {
             )));
         };
         let keyring = self.write_keyring(user, key)?;
+        crate::fail_point!("rbd.map.after_keyring");
         let user = user.strip_prefix("client.").unwrap_or(user);
         let cmd = Cmd::new("rbd")
             .args(["map", "--id", user, "--keyring"])
@@ -320,5 +351,34 @@ mod tests {
         };
         assert!(!path.exists());
         assert!(!plain("a b") && !plain("x\n") && plain("AQB+/=="));
+    }
+
+    /// Keyrings left by a plugin killed during `rbd map` are removed when
+    /// the plugin starts again; other files in the directory stay.
+    #[test]
+    fn stale_keyrings_are_swept_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = dir.path().join("keys");
+        std::fs::create_dir(&keys).unwrap();
+        for n in ["0a1b.keyring", "ff00.keyring"] {
+            std::fs::write(keys.join(n), "[client.x]\n\tkey = a2V5\n").unwrap();
+        }
+        std::fs::write(keys.join("notes.txt"), "keep").unwrap();
+        std::fs::create_dir(keys.join("sub.keyring")).unwrap();
+        let _node = RbdNode::new(
+            "n".into(),
+            BTreeMap::new(),
+            RbdConfig::default(),
+            Arc::new(Runner::new(std::time::Duration::from_secs(5))),
+            keys.clone(),
+        );
+        let mut left: Vec<String> = std::fs::read_dir(&keys)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["notes.txt", "sub.keyring"]);
+        // no directory yet (first start): nothing to do, no error
+        assert_eq!(sweep_keyrings(&dir.path().join("none")), 0);
     }
 }

@@ -53,7 +53,12 @@ struct Shared {
     idle: Duration,
     /// Bounds the librbd calls in flight, hence the blocking threads (each
     /// costs memory: a stack and a malloc arena) in a burst of requests.
-    calls: tokio::sync::Semaphore,
+    /// The blocking task holds its permit until it returns, so a caller
+    /// that gives up (a cancelled request) does not free a slot early.
+    calls: Arc<tokio::sync::Semaphore>,
+    /// Bounds background flattens (long: proportional to the data) apart
+    /// from `calls`, so flattens never starve controller calls.
+    flattens: Arc<tokio::sync::Semaphore>,
     /// Calls made since the heap was last trimmed.
     calls_since_trim: AtomicUsize,
 }
@@ -63,6 +68,30 @@ const TRIM_CHECK: Duration = Duration::from_secs(1);
 
 /// librbd calls in flight at once; more wait for a slot.
 pub const MAX_CALLS: usize = 8;
+
+/// Background flattens in flight at once (beside [`MAX_CALLS`]).
+pub const MAX_FLATTENS: usize = 2;
+
+/// Runs `f` on a blocking thread once `slots` grants a permit; the permit
+/// moves into the blocking task and is released when `f` returns, even if
+/// the caller stopped waiting (its future dropped) long before.
+pub async fn run_bounded<R, F>(slots: &Arc<tokio::sync::Semaphore>, f: F) -> RbdResult<R>
+where
+    F: FnOnce() -> R + Send + 'static,
+    R: Send + 'static,
+{
+    let permit = Arc::clone(slots)
+        .acquire_owned()
+        .await
+        .expect("never closed");
+    tokio::task::spawn_blocking(move || {
+        let out = f();
+        drop(permit);
+        out
+    })
+    .await
+    .map_err(join_error)
+}
 
 /// Connections to Ceph clusters, shared by async callers. Create it inside a
 /// Tokio runtime (it spawns the reaper).
@@ -99,7 +128,8 @@ impl ConnectionPool {
             hasher: RandomState::new(),
             options,
             idle,
-            calls: tokio::sync::Semaphore::new(MAX_CALLS),
+            calls: Arc::new(tokio::sync::Semaphore::new(MAX_CALLS)),
+            flattens: Arc::new(tokio::sync::Semaphore::new(MAX_FLATTENS)),
             calls_since_trim: AtomicUsize::new(0),
         });
         let weak: Weak<Shared> = Arc::downgrade(&shared);
@@ -125,7 +155,8 @@ impl ConnectionPool {
                 tick.tick().await;
                 let Some(shared) = weak.upgrade() else { break };
                 // Calls ran, and none is running now: the burst is over.
-                let idle = shared.calls.available_permits() == MAX_CALLS;
+                let idle = shared.calls.available_permits() == MAX_CALLS
+                    && shared.flattens.available_permits() == MAX_FLATTENS;
                 if idle && shared.calls_since_trim.swap(0, Ordering::Relaxed) > 0 {
                     drop(shared);
                     let _ = tokio::task::spawn_blocking(super::memory::release_free_heap).await;
@@ -137,6 +168,16 @@ impl ConnectionPool {
             reaper,
             trimmer,
         }
+    }
+
+    /// librbd calls running now (blocking tasks holding a call slot).
+    pub fn calls_in_flight(&self) -> usize {
+        MAX_CALLS - self.shared.calls.available_permits()
+    }
+
+    /// Background flattens running now.
+    pub fn flattens_in_flight(&self) -> usize {
+        MAX_FLATTENS - self.shared.flattens.available_permits()
     }
 
     /// Open connections.
@@ -272,11 +313,8 @@ impl ConnectionPool {
     {
         let io = self.ioctx(creds, pool).await?;
         let io2 = Arc::clone(&io);
-        let _slot = self.shared.calls.acquire().await.expect("never closed");
         self.shared.calls_since_trim.fetch_add(1, Ordering::Relaxed);
-        let out = tokio::task::spawn_blocking(move || f(&io2))
-            .await
-            .map_err(join_error)?;
+        let out = run_bounded(&self.shared.calls, move || f(&io2)).await?;
         self.touch(&io);
         out
     }
@@ -288,6 +326,38 @@ impl ConnectionPool {
         F: FnOnce(&IoCtx) -> RbdResult<R> + Send + 'static,
         R: Send + 'static,
     {
+        self.run_by_id_in(&self.shared.calls, creds, pool_id, f)
+            .await
+    }
+
+    /// Like [`Self::run_by_id`] for a long background job (a flatten): it
+    /// waits for and holds a slot of its own small bound
+    /// ([`MAX_FLATTENS`]), never one of the controller calls' slots.
+    pub async fn run_background_by_id<R, F>(
+        &self,
+        creds: &Credentials,
+        pool_id: i64,
+        f: F,
+    ) -> RbdResult<R>
+    where
+        F: FnOnce(&IoCtx) -> RbdResult<R> + Send + 'static,
+        R: Send + 'static,
+    {
+        self.run_by_id_in(&self.shared.flattens, creds, pool_id, f)
+            .await
+    }
+
+    async fn run_by_id_in<R, F>(
+        &self,
+        slots: &Arc<tokio::sync::Semaphore>,
+        creds: &Credentials,
+        pool_id: i64,
+        f: F,
+    ) -> RbdResult<R>
+    where
+        F: FnOnce(&IoCtx) -> RbdResult<R> + Send + 'static,
+        R: Send + 'static,
+    {
         let key = ConnKey {
             mon_host: creds.mon_host.clone(),
             user: creds.user.clone(),
@@ -295,11 +365,8 @@ impl ConnectionPool {
         let fingerprint = self.shared.hasher.hash_one(creds.key.expose());
         let cluster = self.connection(creds, &key, fingerprint).await?;
         let c = Arc::clone(&cluster);
-        let _slot = self.shared.calls.acquire().await.expect("never closed");
         self.shared.calls_since_trim.fetch_add(1, Ordering::Relaxed);
-        let out = tokio::task::spawn_blocking(move || f(&c.ioctx_by_id(pool_id)?))
-            .await
-            .map_err(join_error)?;
+        let out = run_bounded(slots, move || f(&c.ioctx_by_id(pool_id)?)).await?;
         if let Some(e) = self
             .shared
             .conns
@@ -451,5 +518,106 @@ async fn drop_blocking(entries: Vec<Entry>) {
     }
     if let Err(e) = tokio::task::spawn_blocking(move || drop(entries)).await {
         tracing::warn!("rbd: shutting down ceph connections failed: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    /// Callers that give up (their futures dropped, as a cancelled gRPC
+    /// request's are) do not free a slot while their blocking work still
+    /// runs: the bound holds for the work, not for the waiting.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bound_holds_under_cancelled_callers() {
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CALLS));
+        let (running, peak, done) = (
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicUsize::new(0)),
+        );
+        let work = || {
+            let (running, peak, done) = (running.clone(), peak.clone(), done.clone());
+            move || {
+                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                peak.fetch_max(now, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(150));
+                running.fetch_sub(1, Ordering::SeqCst);
+                done.fetch_add(1, Ordering::SeqCst);
+            }
+        };
+        // A first wave whose callers all give up after 20 ms, long before
+        // their work is done.
+        for _ in 0..2 * MAX_CALLS {
+            let slots = slots.clone();
+            let w = work();
+            let _ = tokio::time::timeout(Duration::from_millis(20), async move {
+                run_bounded(&slots, w).await
+            })
+            .await;
+        }
+        // A second wave that waits for its work.
+        let tasks: Vec<_> = (0..2 * MAX_CALLS)
+            .map(|_| {
+                let slots = slots.clone();
+                let w = work();
+                tokio::spawn(async move { run_bounded(&slots, w).await })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        assert!(
+            peak.load(Ordering::SeqCst) <= MAX_CALLS,
+            "{} blocking calls ran at once",
+            peak.load(Ordering::SeqCst)
+        );
+        // Every started piece of work finishes and gives its slot back.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while slots.available_permits() < MAX_CALLS && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(slots.available_permits(), MAX_CALLS);
+        assert_eq!(running.load(Ordering::SeqCst), 0);
+        assert!(done.load(Ordering::SeqCst) >= 2 * MAX_CALLS);
+    }
+
+    /// Background flattens have their own bound: with every flatten slot
+    /// taken by long work, a controller call still runs at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn flattens_do_not_take_call_slots() {
+        use std::sync::atomic::AtomicBool;
+        let pool = ConnectionPool::new(ConnectOptions::default(), Duration::from_secs(60));
+        let shared = pool.shared.clone();
+        let release = Arc::new(AtomicBool::new(false));
+        let flattens: Vec<_> = (0..MAX_FLATTENS * 4)
+            .map(|_| {
+                let (shared, release) = (shared.clone(), release.clone());
+                tokio::spawn(async move {
+                    run_bounded(&shared.flattens, move || {
+                        while !release.load(Ordering::SeqCst) {
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
+                    })
+                    .await
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(pool.flattens_in_flight(), MAX_FLATTENS);
+        assert_eq!(pool.calls_in_flight(), 0);
+        let t0 = Instant::now();
+        let out = tokio::time::timeout(Duration::from_secs(5), run_bounded(&shared.calls, || 42))
+            .await
+            .expect("a call waited for flattens")
+            .unwrap();
+        assert_eq!(out, 42);
+        assert!(t0.elapsed() < Duration::from_secs(1));
+        release.store(true, Ordering::SeqCst);
+        for f in flattens {
+            f.await.unwrap().unwrap();
+        }
+        assert_eq!(pool.flattens_in_flight(), 0);
     }
 }
