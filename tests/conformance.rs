@@ -38,6 +38,8 @@ mod agent_tls;
 mod controller;
 #[path = "conformance/controller_lvm.rs"]
 mod controller_lvm;
+#[path = "conformance/crash_lvm.rs"]
+mod crash_lvm;
 #[path = "conformance/ctl.rs"]
 mod ctl;
 #[path = "conformance/ctl_lvm.rs"]

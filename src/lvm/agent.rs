@@ -354,7 +354,18 @@ impl LocalAgent {
                 }
             }
         }
+        self.spawn_orphan_cleanup();
         Ok(())
+    }
+
+    /// Every LV named `prefix*` in the in-memory state.
+    pub(super) fn lvs_named(&self, prefix: &str) -> Vec<Lv> {
+        let st = self.state.read().expect("state poisoned");
+        st.lvs
+            .values()
+            .filter(|l| l.name.starts_with(prefix))
+            .cloned()
+            .collect()
     }
 
     /// Before anything is created in a thin class: its pool must zero new
@@ -639,8 +650,8 @@ impl LocalAgent {
                 self.remember(class, lv)
             }
         };
-        crate::fail_point!("lvm.thin_clone.after_snapshot");
         if !spec.read_only && spec.size > lv.size {
+            crate::fail_point!("lvm.thin_clone.after_snapshot");
             return self.extend(&class.name, &spec.name, spec.size).await;
         }
         Ok(lv)

@@ -316,6 +316,41 @@ impl LocalAgent {
         }
     }
 
+    /// In the background after the start: removes (zeroing COW ones) the
+    /// temporary snapshots no copy needs any more, left by a crash between a
+    /// copy's last steps (its target complete, failed for good, or gone).
+    pub(super) fn spawn_orphan_cleanup(&self) {
+        let orphans: Vec<Lv> = self
+            .lvs_named(ids::TEMP_PREFIX)
+            .into_iter()
+            .filter(|temp| {
+                let key = &temp.name[ids::TEMP_PREFIX.len()..];
+                let pending = [Kind::Volume, Kind::Snapshot].iter().any(|k| {
+                    self.lvs_named(&k.lv_name(key)).iter().any(|t| {
+                        ids::has_tag(&t.tags, TAG_COPYING)
+                            && !ids::has_tag(&t.tags, TAG_COPY_FAILED)
+                    })
+                });
+                !pending
+            })
+            .collect();
+        if orphans.is_empty() {
+            return;
+        }
+        let Some(agent) = self.me.upgrade() else {
+            return;
+        };
+        tokio::spawn(async move {
+            for temp in orphans {
+                tracing::info!(vg = %temp.vg, lv = %temp.name, "removing a temporary snapshot no copy needs");
+                if let Err(e) = agent.remove_lv(&temp.vg, &temp.name).await {
+                    tracing::warn!(vg = %temp.vg, lv = %temp.name, error = %e,
+                        "could not remove a temporary snapshot");
+                }
+            }
+        });
+    }
+
     /// Removes a temporary snapshot left for `target` by a failed copy.
     pub(super) async fn remove_temp_of(&self, target: &Lv) -> Result<()> {
         let temp = temp_for(target);

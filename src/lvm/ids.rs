@@ -99,9 +99,12 @@ fn is_key(key: &str) -> bool {
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
+/// Name prefix of the short-lived snapshots copies read from.
+pub const TEMP_PREFIX: &str = "ldtmp-";
+
 /// Name of the short-lived snapshot a copy reads from.
 pub fn temp_lv_name(key: &str) -> String {
-    format!("ldtmp-{key}")
+    format!("{TEMP_PREFIX}{key}")
 }
 
 /// `<prefix>:<node>:<device class>:<key>`: at most 4+1+63+1+24+1+32 = 126 bytes.
