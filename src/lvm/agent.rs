@@ -126,6 +126,9 @@ pub struct LocalAgent {
     zeroing: Arc<std::sync::Mutex<BTreeMap<String, ZeroJob>>>,
     /// Full copies under way or failed, by "vg/lv" of the target.
     pub(super) copies: std::sync::Mutex<BTreeMap<String, super::copy::CopyEntry>>,
+    /// Leftover temporary snapshots ("vg/lv") being removed in the
+    /// background after the start.
+    pub(super) removing: std::sync::Mutex<std::collections::BTreeSet<String>>,
     /// This agent, for tasks that outlive the call that started them.
     pub(super) me: std::sync::Weak<LocalAgent>,
     /// How long a call that starts or resumes a full copy waits for it
@@ -176,6 +179,7 @@ impl LocalAgent {
             refreshing: tokio::sync::Mutex::new(()),
             zeroing: Arc::default(),
             copies: Default::default(),
+            removing: Default::default(),
             me: me.clone(),
             copy_wait: opts.copy_wait,
         })

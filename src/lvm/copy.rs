@@ -2,13 +2,18 @@
 //! clones that cannot be thin snapshots (thick classes, or a class other
 //! than the source's).
 //!
-//! The target LV is created first, tagged `copying`; the copy reads a
-//! consistent source (a snapshot LV as it is; a live volume through a
-//! short-lived thin or COW snapshot), writes every block that may hold data
-//! (zero chunks are zeroed, or skipped on a thin target), checks that a COW
-//! snapshot did not overflow, removes it, and only then drops the tag. The
-//! tag lives in LVM, so after a crash the LV is still marked incomplete and
-//! the next retry starts the copy again: a half copy is never reported ready.
+//! A live source is cut first: a short-lived thin or COW snapshot
+//! (`ldtmp-*`). The target LV is created next, tagged `copying`, and only
+//! then does the call answer, so a snapshot reported as taken always has its
+//! point in time, and a target whose cut is gone has lost it for good (the
+//! failure is tagged in LVM and outlives restarts). A snapshot source is read
+//! as it is. The copy writes every block that may hold data (zero chunks are
+//! zeroed, or skipped on a thin target on its first pass only), checks that
+//! a COW snapshot did not overflow, drops the tag, and only then removes the
+//! cut (a COW one zeroed first: it holds the source's old blocks). The tag
+//! lives in LVM, so after a crash the LV is still marked incomplete and the
+//! next retry copies again from the same cut: a half copy is never reported
+//! ready.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -44,7 +49,11 @@ pub enum CopyEntry {
 
 /// The temporary snapshot a copy into `target` reads from.
 fn temp_for(target: &Lv) -> String {
-    ids::temp_lv_name(target.name.rsplit('-').next().unwrap_or(&target.name))
+    temp_for_name(&target.name)
+}
+
+fn temp_for_name(target: &str) -> String {
+    ids::temp_lv_name(target.rsplit('-').next().unwrap_or(target))
 }
 
 fn key(vg: &str, lv: &str) -> String {
@@ -89,20 +98,26 @@ impl LocalAgent {
         if !ids::has_tag(&spec.tags, TAG_COPYING) {
             spec.tags.push(TAG_COPYING.to_string());
         }
-        let lv = self.create_blank(class, &spec).await?;
-        crate::fail_point!("lvm.copy.after_target");
         // A live source is cut (its temporary snapshot taken) before the
-        // call answers: a snapshot reported as taken, even not yet ready,
-        // stands for a point in time that exists. If the cut cannot be made,
-        // the target goes again and the call fails.
+        // target exists, and so before any answer: a snapshot reported as
+        // taken, even not yet ready, stands for a point in time that exists,
+        // and a copy target without its cut has lost it for good.
         if !origin.frozen {
-            if let Err(e) = self.take_cut(&lv, origin).await {
-                if let Err(rm) = self.drop_blank(&lv).await {
-                    tracing::warn!(lv = %lv.name, error = %rm, "could not remove the copy target");
+            self.take_cut(&spec.name, origin).await?;
+        }
+        let lv = match self.create_blank(class, &spec).await {
+            Ok(lv) => lv,
+            Err(e) => {
+                if !origin.frozen {
+                    let (vg, temp) = self.temp_of(&spec.name, origin)?;
+                    if let Err(rm) = self.remove_lv(&vg, &temp).await {
+                        tracing::warn!(vg, lv = temp, error = %rm, "could not remove the cut");
+                    }
                 }
                 return Err(e);
             }
-        }
+        };
+        crate::fail_point!("lvm.copy.after_target");
         self.start_copy(&lv, origin.clone(), spec.read_only, true)?;
         self.wait_copy(&lv, self.copy_wait).await;
         Ok(self.lookup(&lv.vg, &lv.name).await?.unwrap_or(lv))
@@ -340,15 +355,28 @@ impl LocalAgent {
         let Some(agent) = self.me.upgrade() else {
             return;
         };
+        let keys: Vec<String> = orphans.iter().map(|t| key(&t.vg, &t.name)).collect();
+        self.removing
+            .lock()
+            .expect("removing poisoned")
+            .extend(keys.iter().cloned());
         tokio::spawn(async move {
-            for temp in orphans {
+            for (temp, k) in orphans.into_iter().zip(keys) {
                 tracing::info!(vg = %temp.vg, lv = %temp.name, "removing a temporary snapshot no copy needs");
                 if let Err(e) = agent.remove_lv(&temp.vg, &temp.name).await {
                     tracing::warn!(vg = %temp.vg, lv = %temp.name, error = %e,
                         "could not remove a temporary snapshot");
                 }
+                agent.removing.lock().expect("removing poisoned").remove(&k);
             }
         });
+    }
+
+    fn is_being_removed(&self, vg: &str, lv: &str) -> bool {
+        self.removing
+            .lock()
+            .expect("removing poisoned")
+            .contains(&key(vg, lv))
     }
 
     /// Removes a temporary snapshot left for `target` by a failed copy.
@@ -451,31 +479,23 @@ impl LocalAgent {
         Ok(())
     }
 
-    /// Removes a copy target that was never written (its cut could not be
-    /// made): a blank LV holds no data, so no zeroing.
-    async fn drop_blank(&self, target: &Lv) -> Result<()> {
-        let cmd = self
-            .lvm("lvremove")
-            .arg("--yes")
-            .arg(format!("{}/{}", target.vg, target.name));
-        match self.runner.run(&cmd).await.map_err(lvm_error) {
-            Ok(_) | Err(Error::NotFound(_)) => {
-                self.forget(&target.vg, &target.name);
-                Ok(())
-            }
-            Err(e) => {
-                self.mark_dirty();
-                Err(e)
-            }
-        }
+    /// VG and name of the temporary snapshot of a copy into `target`.
+    fn temp_of(&self, target: &str, origin: &Origin) -> Result<(String, String)> {
+        let vg = self.class(&origin.class)?.volume_group.clone();
+        Ok((vg, temp_for_name(target)))
     }
 
     /// Takes the temporary snapshot a copy into `target` reads a live origin
-    /// through, unless it exists (an earlier attempt's cut is kept).
-    async fn take_cut(&self, target: &Lv, origin: &Origin) -> Result<()> {
+    /// through, unless it exists: one left by an attempt that never answered
+    /// (its target was not made yet) is as good a cut.
+    async fn take_cut(&self, target: &str, origin: &Origin) -> Result<()> {
         let origin_class = self.class(&origin.class)?.clone();
-        let vg = origin_class.volume_group.clone();
-        let temp = temp_for(target);
+        let (vg, temp) = self.temp_of(target, origin)?;
+        if self.is_being_removed(&vg, &temp) {
+            return Err(Error::Aborted(format!(
+                "{vg}/{temp}, left by an earlier attempt, is being removed; retry shortly"
+            )));
+        }
         if self.lookup(&vg, &temp).await?.is_some() {
             return Ok(());
         }
@@ -585,10 +605,12 @@ impl LocalAgent {
             }
             temp.clone()
         } else {
-            // Only after a crash between creating the target and cutting:
-            // no call has answered for this copy yet.
-            self.take_cut(target, origin).await?;
-            temp.clone()
+            // The cut is made before the target: it is lost (an overflow, a
+            // removal), and a new one would be a later point in time.
+            return Err(Error::FailedPrecondition(format!(
+                "the temporary snapshot {vg}/{temp} holding the point in time of this copy is \
+                 gone"
+            )));
         };
         let temp_used = source == temp;
 

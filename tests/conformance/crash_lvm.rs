@@ -167,11 +167,31 @@ fn reached_in(log: &str) -> Vec<String> {
 
 /// A driver whose armed fail points are `armed`.
 async fn start_armed(dir: tempfile::TempDir, armed: &[String]) -> Driver {
+    try_start_armed(dir, armed)
+        .await
+        .unwrap_or_else(|log| panic!("the driver did not start: {log}"))
+}
+
+/// A driver whose armed fail points are `armed`, or, when it died while
+/// starting (a point crossed by work the start does, e.g. removing leftover
+/// temporary snapshots), what the fixture said about it, log included.
+async fn try_start_armed(dir: tempfile::TempDir, armed: &[String]) -> Result<Driver, String> {
     let mut b = Driver::builder();
     if !armed.is_empty() {
         b = b.env("LODESTONE_FAILPOINTS", &armed.join(","));
     }
-    b.start_in(dir).await
+    match tokio::spawn(b.start_in(dir)).await {
+        Ok(d) => Ok(d),
+        Err(e) if e.is_panic() => {
+            let p = e.into_panic();
+            Err(p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default())
+        }
+        Err(e) => panic!("starting the driver: {e}"),
+    }
 }
 
 /// One attempt of a request, on a fresh client of the current driver.
@@ -183,60 +203,88 @@ type Attempt<T> = std::pin::Pin<Box<dyn std::future::Future<Output = Option<T>>>
 /// answered last and the result. Panics unless the process died with
 /// SIGABRT at every point, one at a time.
 async fn converge<T>(
-    mut d: Driver,
+    d: Driver,
     points: &[&str],
     what: &str,
     mut op: impl FnMut(ControllerClient<Channel>) -> Attempt<T>,
 ) -> (Driver, T) {
     let mut armed: Vec<String> = points.iter().map(|s| s.to_string()).collect();
+    // Points an earlier operation reached are in the same (appended) log.
+    let earlier = reached_in(&d.log());
     let mut reached: Vec<String> = Vec::new();
+    let mut d = Some(d);
     let deadline = Instant::now() + CONVERGE;
     loop {
         assert!(
             Instant::now() < deadline,
             "{what}: no convergence in {CONVERGE:?} (reached {reached:?})"
         );
-        let answer = op(d.controller()).await;
+        let driver = match d.take() {
+            Some(driver) => driver,
+            None => match try_start_armed(new_temp_dir(), &armed).await {
+                Ok(driver) => driver,
+                Err(log) => {
+                    let at = one_new_point(what, &log, &earlier, &reached);
+                    assert!(
+                        log.contains("SIGABRT") || log.contains("signal: 6"),
+                        "{what}: the driver died while starting, at {at}, not by abort: {log}"
+                    );
+                    eprintln!("{what}: died while starting at {at} as armed; restarting");
+                    armed.retain(|p| *p != at);
+                    reached.push(at);
+                    continue;
+                }
+            },
+        };
+        let answer = op(driver.controller()).await;
         if answer.is_none() {
             let until = Instant::now() + Duration::from_secs(3);
-            while !dead(d.pid()) && Instant::now() < until {
+            while !dead(driver.pid()) && Instant::now() < until {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
-        if !dead(d.pid()) {
+        if !dead(driver.pid()) {
             match answer {
                 Some(t) => {
                     assert!(
                         armed.is_empty(),
                         "{what}: converged without reaching {armed:?} (reached {reached:?})"
                     );
-                    return (d, t);
+                    return (driver, t);
                 }
-                None => continue,
+                None => {
+                    d = Some(driver);
+                    continue;
+                }
             }
         }
-        let log = d.log();
-        let (status, dir) = d.stop_and_keep_dir();
-        let now: Vec<String> = reached_in(&log)
-            .into_iter()
-            .filter(|p| !reached.contains(p))
-            .collect();
-        assert_eq!(
-            now.len(),
-            1,
-            "{what}: the driver died ({status:?}) at {now:?}, expected one new fail point; \
-             log:\n{log}"
-        );
+        let log = driver.log();
+        let (status, _) = driver.stop_and_keep_dir();
+        let at = one_new_point(what, &log, &earlier, &reached);
         assert_eq!(
             status.and_then(|s| s.signal()),
             Some(nix::libc::SIGABRT),
-            "{what}: the driver died at {now:?} with {status:?}"
+            "{what}: the driver died at {at} with {status:?}"
         );
-        eprintln!("{what}: died at {} as armed; restarting", now[0]);
-        armed.retain(|p| *p != now[0]);
-        reached.push(now[0].clone());
-        d = start_armed(dir, &armed).await;
+        eprintln!("{what}: died at {at} as armed; restarting");
+        armed.retain(|p| *p != at);
+        reached.push(at);
     }
+}
+
+/// The one fail point reached in `log` that was not reached before.
+#[track_caller]
+fn one_new_point(what: &str, log: &str, earlier: &[String], reached: &[String]) -> String {
+    let now: Vec<String> = reached_in(log)
+        .into_iter()
+        .filter(|p| !reached.contains(p) && !earlier.contains(p))
+        .collect();
+    assert_eq!(
+        now.len(),
+        1,
+        "{what}: the driver died at {now:?}, expected one new fail point; log:\n{log}"
+    );
+    now[0].clone()
 }
 
 /// Waits until a driver that reached a point in the background is dead.
@@ -434,11 +482,13 @@ async fn thick_snapshot_and_delete_converge_after_crashes() {
     let late_written = std::rc::Rc::new(std::cell::Cell::new(false));
     let (d, snap) = converge(d, &points, "thick CreateSnapshot", |mut c| {
         let (req, late, src_dev) = (req.clone(), late.clone(), src_dev.clone());
+        let name = name.clone();
         let late_written = late_written.clone();
         Box::pin(async move {
-            // Once the cut exists (its temporary snapshot), the application
-            // writes again.
-            if !late_written.get() && !temp_lvs().is_empty() {
+            // Once the cut exists (its temporary snapshot) and its target
+            // (so an answer may have been given), the application writes
+            // again.
+            if !late_written.get() && !temp_lvs().is_empty() && !lvs_named(&name).is_empty() {
                 write_dev(&src_dev, &late);
                 late_written.set(true);
             }
@@ -627,4 +677,88 @@ async fn thin_pool_made_later_is_made_safe_on_first_use() {
         fields.len() == 2 && fields[0].chars().nth(7) == Some('z') && fields[1] == "error",
         "pool before the create: {before:?}; after: {after:?} (want zeroing and error when full)"
     );
+}
+
+/// A thick snapshot whose cut (its temporary snapshot) is lost after the
+/// target was made fails for good, across restarts: no retry copies a later
+/// state under the snapshot's identity and creation time.
+#[tokio::test]
+async fn thick_snapshot_with_lost_cut_fails_for_good() {
+    if skip_without_lvm() {
+        return;
+    }
+    let point = "lvm.copy.after_target".to_string();
+    let d = start_armed(new_temp_dir(), std::slice::from_ref(&point)).await;
+    let src = d
+        .create(&unique_name("lostcut"), THICK, block_cap(), SIZE, 0)
+        .await;
+    write_dev(
+        &dev_of(Kind::Volume, THICK_VG, &src.volume_id),
+        &pattern(21, MIB as usize),
+    );
+    let name = unique_name("lostcutsnap");
+    let req = csi::CreateSnapshotRequest {
+        name: name.clone(),
+        source_volume_id: src.volume_id.clone(),
+        ..Default::default()
+    };
+    let r = d.controller().create_snapshot(req.clone()).await;
+    await_death(&d).await;
+    assert!(dead(d.pid()), "the driver did not die at {point}: {r:?}");
+    let temps = temp_lvs();
+    assert_eq!(
+        temps.len(),
+        1,
+        "the cut exists before the target: {temps:?}"
+    );
+    assert_eq!(lvs_named(&name).len(), 1, "the target exists");
+    // The cut is lost (as when a COW snapshot overflows).
+    lvm(&["lvremove", "--yes", &temps[0]]);
+
+    let (_, dir) = d.stop_and_keep_dir();
+    let mut d = start_armed(dir, &[]).await;
+    d.track(&src.volume_id);
+    for round in 0..2 {
+        let r = d.controller().create_snapshot(req.clone()).await;
+        let status = expect_code(
+            r,
+            Code::FailedPrecondition,
+            "CreateSnapshot without its cut",
+        );
+        assert!(
+            status.message().contains("delete it"),
+            "round {round}: {}",
+            status.message()
+        );
+        let lvs = lvs_named(&name);
+        assert!(
+            lvs.len() == 1 && lvs[0].tags.iter().any(|t| t == "lodestone.v1.copyfailed"),
+            "round {round}: the failure is not recorded in LVM: {lvs:?}"
+        );
+        assert_eq!(
+            temp_lvs(),
+            Vec::<String>::new(),
+            "round {round}: a new cut was made"
+        );
+        if round == 0 {
+            let (_, dir) = d.stop_and_keep_dir();
+            d = start_armed(dir, &[]).await;
+            d.track(&src.volume_id);
+        }
+    }
+    let listed = expect_ok(
+        d.controller()
+            .list_snapshots(csi::ListSnapshotsRequest {
+                source_volume_id: src.volume_id.clone(),
+                ..Default::default()
+            })
+            .await,
+        "ListSnapshots",
+    );
+    assert_eq!(listed.entries.len(), 1, "{listed:?}");
+    let s = listed.entries[0].snapshot.clone().expect("snapshot");
+    assert!(!s.ready_to_use, "a failed copy listed ready: {s:?}");
+    delete_snapshot(&d, &s.snapshot_id).await;
+    delete_volume(&d, &src.volume_id).await;
+    assert!(lvs_named(&name).is_empty());
 }
