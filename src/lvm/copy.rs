@@ -496,8 +496,13 @@ impl LocalAgent {
                 "{vg}/{temp}, left by an earlier attempt, is being removed; retry shortly"
             )));
         }
-        if self.lookup(&vg, &temp).await?.is_some() {
-            return Ok(());
+        match self.lookup(&vg, &temp).await? {
+            // Split from its origin by an interrupted removal: no cut at all.
+            Some(left) if left.pool.is_none() && !left.attr.starts_with('s') => {
+                self.remove_lv(&vg, &temp).await?;
+            }
+            Some(_) => return Ok(()),
+            None => {}
         }
         let origin_lv = self.lookup(&vg, &origin.lv).await?.ok_or_else(|| {
             Error::NotFound(format!("the source {vg}/{} no longer exists", origin.lv))
