@@ -718,7 +718,7 @@ impl LocalAgent {
             .ok_or_else(|| Error::Unavailable(format!("volume group {vg} is not available")))
     }
 
-    fn class_of(&self, lv: &Lv) -> Option<&DeviceClass> {
+    pub(super) fn class_of(&self, lv: &Lv) -> Option<&DeviceClass> {
         let ours = [Kind::Volume, Kind::Snapshot]
             .iter()
             .any(|k| k.key_of_lv(&lv.name).is_some());

@@ -169,17 +169,20 @@ impl LocalAgent {
     }
 
     /// Whether the copy into this LV failed for good.
+    /// (A volume's failed copy is not: the volume is removed and the retry
+    /// starts over.)
     pub(super) fn copy_failed_for_good(&self, vg: &str, name: &str) -> bool {
-        matches!(
-            self.copies
-                .lock()
-                .expect("copies poisoned")
-                .get(&key(vg, name)),
-            Some(CopyEntry::Failed {
-                permanent: true,
-                ..
-            })
-        )
+        Kind::Volume.key_of_lv(name).is_none()
+            && matches!(
+                self.copies
+                    .lock()
+                    .expect("copies poisoned")
+                    .get(&key(vg, name)),
+                Some(CopyEntry::Failed {
+                    permanent: true,
+                    ..
+                })
+            )
     }
 
     pub(super) fn describe_copy(&self, vg: &str, name: &str) -> Option<String> {
@@ -199,6 +202,13 @@ impl LocalAgent {
                 permanent: false,
             } => Some(format!(
                 "the last copy attempt failed ({message}); retrying"
+            )),
+            CopyEntry::Failed {
+                message,
+                permanent: true,
+            } if Kind::Volume.key_of_lv(name).is_some() => Some(format!(
+                "the copy failed and cannot be resumed ({message}); the volume is removed and \
+                 the next attempt starts over"
             )),
             CopyEntry::Failed {
                 message,
@@ -253,33 +263,53 @@ impl LocalAgent {
                 .await;
             let permanent = matches!(result, Err(Error::FailedPrecondition(_)))
                 && !cancel.load(Ordering::Relaxed);
-            if permanent {
+            let volume = ids::has_tag(&target.tags, Kind::Volume.tag());
+            if permanent && !volume {
                 // Recorded in LVM, so that a restart does not copy a later
                 // state under this snapshot's identity and creation time.
                 if let Err(e) = agent.mark_copy_failed(&target).await {
                     tracing::warn!(lv = %k, error = %e, "could not tag the failed copy");
                 }
             }
-            let mut copies = agent.copies.lock().expect("copies poisoned");
-            match result {
-                Ok(()) => {
-                    tracing::info!(lv = %k, elapsed = ?started.elapsed(), "copy complete");
-                    copies.remove(&k);
+            {
+                let mut copies = agent.copies.lock().expect("copies poisoned");
+                match result {
+                    Ok(()) => {
+                        tracing::info!(lv = %k, elapsed = ?started.elapsed(), "copy complete");
+                        copies.remove(&k);
+                    }
+                    Err(e) if cancel.load(Ordering::Relaxed) => {
+                        tracing::info!(lv = %k, error = %e, "copy cancelled");
+                        copies.remove(&k);
+                    }
+                    Err(e) => {
+                        let permanent = matches!(e, Error::FailedPrecondition(_));
+                        tracing::warn!(lv = %k, error = %e, permanent, "copy failed");
+                        copies.insert(
+                            k.clone(),
+                            CopyEntry::Failed {
+                                message: e.to_string(),
+                                permanent,
+                            },
+                        );
+                    }
                 }
-                Err(e) if cancel.load(Ordering::Relaxed) => {
-                    tracing::info!(lv = %k, error = %e, "copy cancelled");
-                    copies.remove(&k);
-                }
-                Err(e) => {
-                    let permanent = matches!(e, Error::FailedPrecondition(_));
-                    tracing::warn!(lv = %k, error = %e, permanent, "copy failed");
-                    copies.insert(
-                        k,
-                        CopyEntry::Failed {
-                            message: e.to_string(),
-                            permanent,
-                        },
-                    );
+            }
+            // A restore or clone that failed for good was never reported
+            // (CreateVolume answers only when it is complete), so nothing
+            // would ever delete it: it goes now (zeroed when thick), and the
+            // retry of the request starts over.
+            if permanent && volume {
+                let removed = match agent.class_of(&target).map(|c| c.name.clone()) {
+                    Some(class) => {
+                        crate::lvm::agent::Agent::remove(&*agent, &class, &target.name).await
+                    }
+                    None => Ok(()),
+                };
+                match removed {
+                    Ok(()) => tracing::info!(lv = %k, "removed the volume whose copy failed"),
+                    Err(e) => tracing::warn!(lv = %k, error = %e,
+                        "could not remove the volume whose copy failed"),
                 }
             }
         });

@@ -762,3 +762,64 @@ async fn thick_snapshot_with_lost_cut_fails_for_good() {
     delete_volume(&d, &src.volume_id).await;
     assert!(lvs_named(&name).is_empty());
 }
+
+/// A thick clone whose cut is lost after its target was made: the target
+/// (never reported) is removed, and the retried CreateVolume starts over
+/// and completes with the source's data; one LV, no temporary LV left.
+#[tokio::test]
+async fn thick_clone_with_lost_cut_starts_over() {
+    if skip_without_lvm() {
+        return;
+    }
+    let point = "lvm.copy.after_target".to_string();
+    let d = start_armed(new_temp_dir(), std::slice::from_ref(&point)).await;
+    let src = d
+        .create(&unique_name("lostcutsrc"), THICK, block_cap(), SIZE, 0)
+        .await;
+    let data = pattern(31, SIZE as usize);
+    write_dev(&dev_of(Kind::Volume, THICK_VG, &src.volume_id), &data);
+    let name = unique_name("lostcutclone");
+    let mut req = create_req(&name, THICK, block_cap(), SIZE, 0);
+    req.volume_content_source = Some(csi::VolumeContentSource {
+        r#type: Some(SourceType::Volume(
+            csi::volume_content_source::VolumeSource {
+                volume_id: src.volume_id.clone(),
+            },
+        )),
+    });
+    let r = d.controller().create_volume(req.clone()).await;
+    await_death(&d).await;
+    assert!(dead(d.pid()), "the driver did not die at {point}: {r:?}");
+    let temps = temp_lvs();
+    assert_eq!(
+        temps.len(),
+        1,
+        "the cut exists before the target: {temps:?}"
+    );
+    lvm(&["lvremove", "--yes", &temps[0]]);
+
+    let (_, dir) = d.stop_and_keep_dir();
+    let d = start_armed(dir, &[]).await;
+    d.track(&src.volume_id);
+    let deadline = Instant::now() + CONVERGE;
+    let clone = loop {
+        assert!(Instant::now() < deadline, "the clone did not complete");
+        match retryable(d.controller().create_volume(req.clone()).await, "clone") {
+            Some(r) => break r.volume.expect("volume"),
+            None => tokio::time::sleep(Duration::from_secs(1)).await,
+        }
+    };
+    d.track(&clone.volume_id);
+    let lvs = lvs_named(&name);
+    assert_eq!(lvs.len(), 1, "one LV for the clone: {lvs:?}");
+    assert_eq!(temp_lvs(), Vec::<String>::new(), "temporary LVs left");
+    assert!(
+        read_dev(
+            &dev_of(Kind::Volume, THICK_VG, &clone.volume_id),
+            data.len()
+        ) == data,
+        "the clone does not hold the source's data"
+    );
+    delete_volume(&d, &clone.volume_id).await;
+    delete_volume(&d, &src.volume_id).await;
+}
