@@ -103,7 +103,13 @@ impl LocalAgent {
         // taken, even not yet ready, stands for a point in time that exists,
         // and a copy target without its cut has lost it for good.
         if !origin.frozen {
-            self.take_cut(&spec.name, origin).await?;
+            // The target is made next: its space is not the COW's to take.
+            let reserve = if !class.is_thin() && self.origin_vg(origin)? == class.volume_group {
+                spec.size
+            } else {
+                0
+            };
+            self.take_cut(&spec.name, origin, reserve).await?;
         }
         let lv = match self.create_blank(class, &spec).await {
             Ok(lv) => lv,
@@ -509,16 +515,20 @@ impl LocalAgent {
         Ok(())
     }
 
+    fn origin_vg(&self, origin: &Origin) -> Result<String> {
+        Ok(self.class(&origin.class)?.volume_group.clone())
+    }
+
     /// VG and name of the temporary snapshot of a copy into `target`.
     fn temp_of(&self, target: &str, origin: &Origin) -> Result<(String, String)> {
-        let vg = self.class(&origin.class)?.volume_group.clone();
-        Ok((vg, temp_for_name(target)))
+        Ok((self.origin_vg(origin)?, temp_for_name(target)))
     }
 
     /// Takes the temporary snapshot a copy into `target` reads a live origin
     /// through, unless it exists: one left by an attempt that never answered
     /// (its target was not made yet) is as good a cut.
-    async fn take_cut(&self, target: &str, origin: &Origin) -> Result<()> {
+    /// `reserve`: bytes of the origin's VG the target still needs.
+    async fn take_cut(&self, target: &str, origin: &Origin, reserve: u64) -> Result<()> {
         let origin_class = self.class(&origin.class)?.clone();
         let (vg, temp) = self.temp_of(target, origin)?;
         if self.is_being_removed(&vg, &temp) {
@@ -546,7 +556,7 @@ impl LocalAgent {
             // snapshot cannot overflow; else a quarter of it. Writable, so
             // that it can be zeroed before removal.
             let cap = self.capacity_now(&origin_class)?;
-            let full = cap.available >= origin_lv.size;
+            let full = cap.available >= origin_lv.size.saturating_add(reserve);
             let size = cow_size(origin_lv.size, cap.extent_size, full);
             cmd = cmd.args(["--size", &format!("{size}b")]);
             (size, "swi-a-s---")
