@@ -908,6 +908,7 @@ impl Agent for LocalAgent {
         // snapshot); the caller retries.
         self.cancel_copy(&lv)?;
         if !class.is_thin() {
+            self.remove_cuts_of(&lv).await?;
             // Zero the data before the extents go back to the VG (a
             // read-only snapshot is made writable for that first).
             if !lv.is_active() {

@@ -408,6 +408,40 @@ impl LocalAgent {
         });
     }
 
+    /// Before a thick LV goes: the temporary COW snapshots of it (a copy
+    /// not running, or left by a crash) are zeroed and removed first, since
+    /// removing an origin would drop them unzeroed. Costs nothing when the
+    /// VG holds no temporary COW snapshot (the usual case); else one `lvs`
+    /// per such snapshot to learn its origin.
+    pub(super) async fn remove_cuts_of(&self, origin: &Lv) -> Result<()> {
+        let temps: Vec<Lv> = self
+            .lvs_named(ids::TEMP_PREFIX)
+            .into_iter()
+            .filter(|t| t.vg == origin.vg && t.pool.is_none() && t.attr.starts_with('s'))
+            .collect();
+        for temp in temps {
+            if self.is_being_removed(&temp.vg, &temp.name) {
+                return Err(Error::Aborted(format!(
+                    "{}/{} is being removed; retry shortly",
+                    temp.vg, temp.name
+                )));
+            }
+            let cmd = self
+                .lvm("lvs")
+                .args(["--noheadings", "-o", "origin"])
+                .arg(format!("{}/{}", temp.vg, temp.name));
+            let of = match self.runner.run(&cmd).await.map_err(lvm_error) {
+                Ok(out) => out.stdout.trim().to_string(),
+                Err(Error::NotFound(_)) => continue,
+                Err(e) => return Err(e),
+            };
+            if of == origin.name {
+                self.remove_lv(&temp.vg, &temp.name).await?;
+            }
+        }
+        Ok(())
+    }
+
     fn is_being_removed(&self, vg: &str, lv: &str) -> bool {
         self.removing
             .lock()

@@ -547,15 +547,15 @@ async fn thick_snapshot_and_delete_converge_after_crashes() {
 
 /// A thick temporary snapshot's COW area holds the source's old blocks; it
 /// is zeroed before its extents go back to the VG. The source is filled
-/// with a marker, cut (the driver dies right after), overwritten (so the
-/// COW area holds the marker), and everything is deleted; an LV over all
-/// free space of the VG then holds no marker.
+/// with a marker, cut and its snapshot LV made (the driver dies right after),
+/// overwritten (so the COW area holds the marker), and everything is deleted;
+/// an LV over all free space of the VG then holds no marker.
 #[tokio::test]
 async fn thick_temporary_snapshot_is_zeroed_before_removal() {
     if skip_without_lvm() {
         return;
     }
-    let point = "lvm.copy.after_temp_snapshot".to_string();
+    let point = "lvm.copy.after_target".to_string();
     let d = start_armed(new_temp_dir(), std::slice::from_ref(&point)).await;
     let src = d
         .create(&unique_name("cowleak"), THICK, block_cap(), SIZE, 0)
@@ -599,6 +599,7 @@ async fn thick_temporary_snapshot_is_zeroed_before_removal() {
     }
     delete_volume(&d, &src.volume_id).await;
     assert_eq!(temp_lvs(), Vec::<String>::new(), "temporary LVs left");
+    drop(d);
 
     let scan = "lodestone-ct-scan";
     lvm(&["lvcreate", "--yes", "-n", scan, "-l", "100%FREE", THICK_VG]);
