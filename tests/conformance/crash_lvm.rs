@@ -667,6 +667,8 @@ async fn thin_pool_made_later_is_made_safe_on_first_use() {
         ])
     };
     let before = attrs();
+    // The driver looks for a missing pool again at most every 2 s.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     let v = d
         .create(&unique_name("latepool"), "late", block_cap(), 16 * MIB, 0)
         .await;
