@@ -433,7 +433,10 @@ impl LocalAgent {
         if let Some(lv) = self.lookup(&class.volume_group, name).await? {
             return Ok(Some(lv));
         }
-        self.refresh_if_older(MISSING_REFRESH).await?;
+        if let Err(e) = self.refresh_if_older(MISSING_REFRESH).await {
+            tracing::debug!(error = %e, "looking again for a missing LV failed");
+            return Ok(None);
+        }
         self.lookup(&class.volume_group, name).await
     }
 
@@ -996,8 +999,11 @@ impl Agent for LocalAgent {
         self.ensure_fresh().await?;
         match self.capacity_now(class) {
             // Made after the last report? Look once more (rate-limited).
-            Err(Error::Unavailable(_)) => {
-                self.refresh_if_older(MISSING_REFRESH).await?;
+            Err(Error::Unavailable(e)) => {
+                // A failed report changes nothing: the answer stays.
+                if self.refresh_if_older(MISSING_REFRESH).await.is_err() {
+                    return Err(Error::Unavailable(e));
+                }
                 self.capacity_now(class)
             }
             r => r,
