@@ -42,6 +42,8 @@ mod cancel_lvm;
 mod controller;
 #[path = "conformance/controller_lvm.rs"]
 mod controller_lvm;
+#[path = "conformance/crash_lvm.rs"]
+mod crash_lvm;
 #[path = "conformance/ctl.rs"]
 mod ctl;
 #[path = "conformance/ctl_lvm.rs"]

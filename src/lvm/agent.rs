@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crate::config::{DeviceClass, LvmConfig};
 use crate::error::{Error, Result};
 use crate::host::blockdev;
-use crate::lvm::ids::Kind;
+use crate::lvm::ids::{self, Kind};
 use crate::lvm::report::{self, FullReport, Lv, Vg};
 use crate::runner::{Cmd, RunError, Runner};
 
@@ -126,6 +126,9 @@ pub struct LocalAgent {
     zeroing: Arc<std::sync::Mutex<BTreeMap<String, ZeroJob>>>,
     /// Full copies under way or failed, by "vg/lv" of the target.
     pub(super) copies: std::sync::Mutex<BTreeMap<String, super::copy::CopyEntry>>,
+    /// Leftover temporary snapshots ("vg/lv") being removed in the
+    /// background after the start.
+    pub(super) removing: std::sync::Mutex<std::collections::BTreeSet<String>>,
     /// This agent, for tasks that outlive the call that started them.
     pub(super) me: std::sync::Weak<LocalAgent>,
     /// How long a call that starts or resumes a full copy waits for it
@@ -176,6 +179,7 @@ impl LocalAgent {
             refreshing: tokio::sync::Mutex::new(()),
             zeroing: Arc::default(),
             copies: Default::default(),
+            removing: Default::default(),
             me: me.clone(),
             copy_wait: opts.copy_wait,
         })
@@ -342,49 +346,107 @@ impl LocalAgent {
     }
 
     /// At start: one report, then make every thin pool fail writes fast when
-    /// full (instead of queueing I/O until hung) and zero new blocks.
+    /// full (instead of queueing I/O until hung) and zero new blocks. A pool
+    /// that cannot be set (or is missing now) is not fatal here: every create
+    /// in its class checks it again and refuses while it is unsafe.
     pub async fn start(&self) -> Result<()> {
         self.refresh().await?;
-        let pools: Vec<(String, String, bool, bool)> = {
-            let st = self.state.read().expect("state poisoned");
-            self.config
-                .classes
-                .iter()
-                .filter_map(|c| {
-                    let pool = c.thin_pool.as_ref()?;
-                    let lv = st.lvs.get(&(c.volume_group.clone(), pool.clone()))?;
-                    Some((
-                        c.volume_group.clone(),
-                        pool.clone(),
-                        lv.when_full == "error",
-                        lv.zeroing,
-                    ))
-                })
-                .collect()
-        };
-        for (vg, pool, errors_when_full, zeroing) in pools {
-            let mut cmd = self.lvm("lvchange");
-            if !errors_when_full {
-                cmd = cmd.args(["--errorwhenfull", "y"]);
+        for class in &self.config.classes {
+            if class.is_thin() {
+                if let Err(e) = self.ensure_pool_safe(class).await {
+                    tracing::warn!(class = %class.name, error = %e, "thin pool not safe yet");
+                }
             }
-            if !zeroing {
-                cmd = cmd.args(["--zero", "y"]);
-            }
-            if errors_when_full && zeroing {
-                continue;
-            }
-            tracing::info!(
-                vg,
-                pool,
-                "setting thin pool to error when full and zero new blocks"
-            );
-            self.runner
-                .run(&cmd.arg(format!("{vg}/{pool}")))
-                .await
-                .map_err(lvm_error)?;
-            self.mark_dirty();
         }
-        if self.state.read().expect("state poisoned").dirty {
+        self.spawn_orphan_cleanup();
+        Ok(())
+    }
+
+    /// Every LV named `prefix*` in the in-memory state.
+    pub(super) fn lvs_named(&self, prefix: &str) -> Vec<Lv> {
+        let st = self.state.read().expect("state poisoned");
+        st.lvs
+            .values()
+            .filter(|l| l.name.starts_with(prefix))
+            .cloned()
+            .collect()
+    }
+
+    /// Before anything is created in a thin class: its pool must zero new
+    /// blocks (else a new volume may read blocks another volume freed) and
+    /// fail writes when full (else I/O queues until hung). Checked on the
+    /// in-memory report (no lvm process when it is set, the usual case); set
+    /// with one lvchange when it is not, e.g. for a pool made or changed
+    /// after the start. A pool that cannot be set refuses new volumes.
+    async fn ensure_pool_safe(&self, class: &DeviceClass) -> Result<()> {
+        let Some(pool) = &class.thin_pool else {
+            return Ok(());
+        };
+        let vg = &class.volume_group;
+        let lv = self
+            .lookup_class_lv(class, pool)
+            .await?
+            .filter(|l| l.is_thin_pool())
+            .ok_or_else(|| {
+                Error::Unavailable(format!(
+                    "thin pool {vg}/{pool} of device class {} is not available",
+                    class.name
+                ))
+            })?;
+        let flags = pool_fixes(&lv);
+        if flags.is_empty() {
+            return Ok(());
+        }
+        tracing::info!(
+            vg,
+            pool,
+            ?flags,
+            "setting thin pool to error when full and zero new blocks"
+        );
+        let cmd = self.lvm("lvchange").args(flags).arg(format!("{vg}/{pool}"));
+        if let Err(e) = self.runner.run(&cmd).await {
+            self.mark_dirty();
+            let e = lvm_error(e);
+            return Err(Error::FailedPrecondition(format!(
+                "thin pool {vg}/{pool} of device class {} {}, and setting it failed ({e}); new \
+                 volumes in this class are refused until the pool is set with `lvchange \
+                 --zero y --errorwhenfull y {vg}/{pool}`",
+                class.name,
+                pool_problem(&lv),
+            )));
+        }
+        crate::fail_point!("lvm.pool_safety.after_lvchange");
+        self.update_lv(vg, pool, |l| {
+            l.when_full = "error".into();
+            l.zeroing = true;
+            if l.attr.len() > 7 {
+                l.attr.replace_range(7..8, "z");
+            }
+        });
+        Ok(())
+    }
+
+    /// An LV of a class's VG; when it is missing from the in-memory state
+    /// (a pool or VG made after the last report), one fresh report first,
+    /// at most every few seconds.
+    async fn lookup_class_lv(&self, class: &DeviceClass, name: &str) -> Result<Option<Lv>> {
+        if let Some(lv) = self.lookup(&class.volume_group, name).await? {
+            return Ok(Some(lv));
+        }
+        if let Err(e) = self.refresh_if_older(MISSING_REFRESH).await {
+            tracing::debug!(error = %e, "looking again for a missing LV failed");
+            return Ok(None);
+        }
+        self.lookup(&class.volume_group, name).await
+    }
+
+    /// Refreshes when the last report is older than `age`.
+    async fn refresh_if_older(&self, age: Duration) -> Result<()> {
+        let stale = {
+            let st = self.state.read().expect("state poisoned");
+            st.refreshed.is_none_or(|t| t.elapsed() >= age)
+        };
+        if stale {
             self.refresh().await?;
         }
         Ok(())
@@ -458,7 +520,7 @@ impl LocalAgent {
     /// gRPC deadline), it goes on, a retry meanwhile gets ABORTED, and a
     /// retry after it finishes does not zero again. A crash midway is
     /// harmless: the retry after restart zeroes from the start.
-    async fn zero(&self, lv: &Lv) -> Result<()> {
+    pub(super) async fn zero(&self, lv: &Lv) -> Result<()> {
         let key = format!("{}/{}", lv.vg, lv.name);
         {
             let mut jobs = self.zeroing.lock().expect("zero jobs poisoned");
@@ -492,6 +554,15 @@ impl LocalAgent {
         Ok(())
     }
 
+    /// Drops the record that an LV was zeroed (it is gone, or may hold new
+    /// data: the next removal attempt zeroes again).
+    pub(super) fn forget_zeroed(&self, vg: &str, lv: &str) {
+        self.zeroing
+            .lock()
+            .expect("zero jobs poisoned")
+            .remove(&format!("{vg}/{lv}"));
+    }
+
     /// A blank LV: thin in the class's pool, or thick (signatures wiped and
     /// the start zeroed, so a leftover filesystem is never adopted; old data
     /// is zeroed when LVs are removed).
@@ -515,6 +586,7 @@ impl LocalAgent {
         {
             return Ok(existing);
         }
+        crate::fail_point!("lvm.create.after_lvcreate");
         let attr = if class.is_thin() {
             "Vwi-a-tz--"
         } else {
@@ -541,6 +613,14 @@ impl LocalAgent {
             .args(["--snapshot", "--name", &spec.name, "--yes"]);
         for tag in &spec.tags {
             cmd = cmd.args(["--addtag", tag]);
+        }
+        // A restore or clone into a larger size is created at the source's
+        // size and grown next; the tag records the size it is to have, so a
+        // retry after a crash in between finishes the growth.
+        let grows = !spec.read_only && spec.size > origin_lv.size;
+        let size_tag = ids::size_tag(spec.size);
+        if grows && !ids::has_tag(&spec.tags, &size_tag) {
+            cmd = cmd.args(["--addtag", &size_tag]);
         }
         cmd = if spec.read_only {
             cmd.args([
@@ -570,10 +650,15 @@ impl LocalAgent {
                 } else {
                     "Vwi-a-tz--"
                 };
-                self.remember(class, new_lv(class, spec, origin_lv.size, attr))
+                let mut lv = new_lv(class, spec, origin_lv.size, attr);
+                if grows && !ids::has_tag(&lv.tags, &size_tag) {
+                    lv.tags.push(size_tag);
+                }
+                self.remember(class, lv)
             }
         };
         if !spec.read_only && spec.size > lv.size {
+            crate::fail_point!("lvm.thin_clone.after_snapshot");
             return self.extend(&class.name, &spec.name, spec.size).await;
         }
         Ok(lv)
@@ -636,7 +721,7 @@ impl LocalAgent {
             .ok_or_else(|| Error::Unavailable(format!("volume group {vg} is not available")))
     }
 
-    fn class_of(&self, lv: &Lv) -> Option<&DeviceClass> {
+    pub(super) fn class_of(&self, lv: &Lv) -> Option<&DeviceClass> {
         let ours = [Kind::Volume, Kind::Snapshot]
             .iter()
             .any(|k| k.key_of_lv(&lv.name).is_some());
@@ -696,6 +781,31 @@ impl LocalAgent {
             total: pool.size,
             used_percent,
         })
+    }
+}
+
+/// How often at most a VG or thin pool missing from the in-memory state
+/// triggers a fresh report (it may have been made after the last one).
+const MISSING_REFRESH: Duration = Duration::from_secs(2);
+
+/// The lvchange flags a thin pool needs to zero new blocks and fail writes
+/// when full (none when it does both).
+fn pool_fixes(pool: &Lv) -> Vec<&'static str> {
+    let mut flags = Vec::new();
+    if pool.when_full != "error" {
+        flags.extend(["--errorwhenfull", "y"]);
+    }
+    if !pool.zeroing {
+        flags.extend(["--zero", "y"]);
+    }
+    flags
+}
+
+fn pool_problem(pool: &Lv) -> &'static str {
+    match (pool.zeroing, pool.when_full == "error") {
+        (false, false) => "does not zero new blocks nor fail writes when full",
+        (false, true) => "does not zero new blocks",
+        _ => "does not fail writes when full",
     }
 }
 
@@ -769,6 +879,7 @@ impl Agent for LocalAgent {
                 spec.size
             )));
         }
+        self.ensure_pool_safe(&class).await?;
         match &spec.origin {
             None => self.create_blank(&class, spec).await,
             Some(o) if class.is_thin() && o.class == class.name => {
@@ -800,6 +911,7 @@ impl Agent for LocalAgent {
         // snapshot); the caller retries.
         self.cancel_copy(&lv)?;
         if !class.is_thin() {
+            self.remove_cuts_of(&lv).await?;
             // Zero the data before the extents go back to the VG (a
             // read-only snapshot is made writable for that first).
             if !lv.is_active() {
@@ -819,14 +931,12 @@ impl Agent for LocalAgent {
             .lvm("lvremove")
             .arg("--yes")
             .arg(format!("{}/{}", lv.vg, lv.name));
+        crate::fail_point!("lvm.delete.before_lvremove");
         let removed = self.runner.run(&cmd).await.map_err(lvm_error);
         // Success or not, the zeroing record goes: should the removal have
         // failed, the LV was still in use and may hold new data, so the next
         // attempt zeroes again.
-        self.zeroing
-            .lock()
-            .expect("zero jobs poisoned")
-            .remove(&format!("{}/{}", lv.vg, lv.name));
+        self.forget_zeroed(&lv.vg, &lv.name);
         match removed {
             Ok(_) | Err(Error::NotFound(_)) => {}
             Err(e) => {
@@ -835,6 +945,7 @@ impl Agent for LocalAgent {
             }
         }
         self.forget(&lv.vg, &lv.name);
+        crate::fail_point!("lvm.delete.after_lvremove");
         self.remove_temp_of(&lv).await
     }
 
@@ -855,6 +966,7 @@ impl Agent for LocalAgent {
             self.mark_dirty();
             lvm_error(e)
         })?;
+        crate::fail_point!("lvm.expand.after_lvextend");
         let mut st = self.state.write().expect("state poisoned");
         if !class.is_thin() {
             if let Some(vg) = st.vgs.get_mut(&lv.vg) {
@@ -885,7 +997,17 @@ impl Agent for LocalAgent {
     async fn capacity(&self, class: &str) -> Result<ClassCapacity> {
         let class = self.class(class)?;
         self.ensure_fresh().await?;
-        self.capacity_now(class)
+        match self.capacity_now(class) {
+            // Made after the last report? Look once more (rate-limited).
+            Err(Error::Unavailable(e)) => {
+                // A failed report changes nothing: the answer stays.
+                if self.refresh_if_older(MISSING_REFRESH).await.is_err() {
+                    return Err(Error::Unavailable(e));
+                }
+                self.capacity_now(class)
+            }
+            r => r,
+        }
     }
 
     async fn resume(&self, class: &str, lv: &str) -> Result<Option<Lv>> {
@@ -894,6 +1016,23 @@ impl Agent for LocalAgent {
 
     async fn copy_progress(&self, class: &str, lv: &str) -> Option<(String, bool)> {
         let vg = &self.class(class).ok()?.volume_group;
+        if let Ok(Some(l)) = self.lookup(vg, lv).await {
+            if ids::has_tag(&l.tags, ids::TAG_COPY_FAILED) {
+                let memory = self.describe_copy(vg, lv).unwrap_or_default();
+                return Some((
+                    format!(
+                        "the copy into {vg}/{lv} failed and cannot be resumed (its point in \
+                         time is lost{}); delete it and create it again",
+                        if memory.is_empty() {
+                            String::new()
+                        } else {
+                            format!(": {memory}")
+                        }
+                    ),
+                    true,
+                ));
+            }
+        }
         let message = self.describe_copy(vg, lv)?;
         Some((message, self.copy_failed_for_good(vg, lv)))
     }
@@ -1018,6 +1157,21 @@ mod tests {
         assert_eq!((thick.volumes, thick.snapshots), (1, 0));
         assert_eq!(thick.available, Some(1 << 29));
         assert!(runner.spawn_counts().is_empty(), "a scrape ran a command");
+    }
+
+    #[test]
+    fn unsafe_pools_get_fixed() {
+        let mut pool = lv("vg0", "pool0", 1 << 30, "twi-a-tz--", None);
+        pool.zeroing = true;
+        pool.when_full = "error".into();
+        assert!(pool_fixes(&pool).is_empty());
+        pool.when_full = "queue".into();
+        assert_eq!(pool_fixes(&pool), ["--errorwhenfull", "y"]);
+        pool.zeroing = false;
+        assert_eq!(pool_fixes(&pool), ["--errorwhenfull", "y", "--zero", "y"]);
+        assert!(pool_problem(&pool).contains("zero"));
+        pool.when_full = "error".into();
+        assert_eq!(pool_fixes(&pool), ["--zero", "y"]);
     }
 
     #[test]

@@ -256,6 +256,21 @@ impl LvmController {
         Ok(())
     }
 
+    /// A restore or clone made as a thin snapshot and then grown: if the
+    /// growth was interrupted (a crash between the two steps), it is done
+    /// now, to the size recorded when the LV was created.
+    async fn finish_growth(&self, id: &LvId, lv: Lv) -> Result<Lv> {
+        match ids::tagged_size(&lv.tags) {
+            Some(size) if size > lv.size => {
+                tracing::info!(lv = %lv.name, from = lv.size, to = size,
+                    "finishing the growth of an interrupted restore or clone");
+                let agent = self.agent(&id.node).expect("found on this node");
+                agent.extend(&id.class, &lv.name, size).await
+            }
+            _ => Ok(lv),
+        }
+    }
+
     /// A copy still under way: make sure it runs, and give it a moment.
     async fn settle(&self, id: &LvId, lv: Lv) -> Result<(Lv, Option<String>)> {
         if !is_copying(&lv) {
@@ -411,6 +426,7 @@ impl ControllerBackend for LvmController {
         // A retry (or a replay after a crash) finds what the first attempt made.
         if let Some((id, lv)) = self.find_anywhere(Kind::Volume, &key).await? {
             self.check_existing(&req.name, &lv, &digest, "volume")?;
+            let lv = self.finish_growth(&id, lv).await?;
             if id.class != class.name || !req.range.accepts(lv.size) {
                 return Err(Error::AlreadyExists(format!(
                     "volume {:?} already exists with {} bytes in device class {}, which this \

@@ -17,6 +17,14 @@ pub const TAG_PARAMS: &str = "lodestone.v1.params=";
 pub const TAG_SOURCE: &str = "lodestone.v1.src=";
 /// Tag present while a full copy into the LV is incomplete.
 pub const TAG_COPYING: &str = "lodestone.v1.copying";
+/// Tag prefix: the size in bytes a restore or clone made as a thin snapshot
+/// grows to right after it is created. An LV smaller than this was
+/// interrupted between the two steps; the retry finishes the growth.
+pub const TAG_SIZE: &str = "lodestone.v1.size=";
+/// Tag on a copy target whose copy failed for good (its point in time is
+/// lost): kept in LVM so that no later attempt, in this process or after a
+/// restart, copies a later state under the old identity.
+pub const TAG_COPY_FAILED: &str = "lodestone.v1.copyfailed";
 
 /// What an LV of ours is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -91,9 +99,12 @@ fn is_key(key: &str) -> bool {
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
+/// Name prefix of the short-lived snapshots copies read from.
+pub const TEMP_PREFIX: &str = "ldtmp-";
+
 /// Name of the short-lived snapshot a copy reads from.
 pub fn temp_lv_name(key: &str) -> String {
-    format!("ldtmp-{key}")
+    format!("{TEMP_PREFIX}{key}")
 }
 
 /// `<prefix>:<node>:<device class>:<key>`: at most 4+1+63+1+24+1+32 = 126 bytes.
@@ -219,6 +230,18 @@ pub fn tagged_digest(tags: &[String]) -> Option<&str> {
     tags.iter().find_map(|t| t.strip_prefix(TAG_PARAMS))
 }
 
+/// The size an LV is to grow to right after its creation, if it says so.
+pub fn tagged_size(tags: &[String]) -> Option<u64> {
+    tags.iter()
+        .find_map(|t| t.strip_prefix(TAG_SIZE))
+        .and_then(|v| v.parse().ok())
+}
+
+/// The tag recording the size an LV grows to after its creation.
+pub fn size_tag(size: u64) -> String {
+    format!("{TAG_SIZE}{size}")
+}
+
 pub fn has_tag(tags: &[String], tag: &str) -> bool {
     tags.iter().any(|t| t == tag)
 }
@@ -293,8 +316,12 @@ mod tests {
         assert_eq!(tagged_digest(&tags), Some(d.as_str()));
         assert_eq!(tagged_source(&tags, "n1"), Some(src));
         assert!(has_tag(&tags, TAG_COPYING) && has_tag(&tags, Kind::Volume.tag()));
+        let mut grown = tags.clone();
+        assert_eq!(tagged_size(&grown), None);
+        grown.push(size_tag(3 << 30));
+        assert_eq!(tagged_size(&grown), Some(3 << 30));
         // Only LVM's tag characters.
-        for t in &tags {
+        for t in tags.iter().chain(&grown) {
             assert!(t
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || "_+.-/=!:&#".contains(c)));
