@@ -22,7 +22,7 @@ while (($#)) && [[ "$1" != "--" ]]; do modes+=("$1"); shift; done
 cd "$repo"
 # With a mgr: GetCapacity answers the pool's MAX AVAIL from the mgr's
 # statistics, UNAVAILABLE without them, and csi-sanity expects OK. Under
-# emulation the mgr adds a few minutes to the start.
+# emulation the mgr adds about a minute to the start (minutes on a busy host).
 export LODESTONE_CEPH_DIR=${LODESTONE_CEPH_DIR:-/tmp/ceph-sanity} LODESTONE_CEPH_MGR=1
 bash tests/ceph/cluster.sh start >/dev/null
 modprobe rbd 2>/dev/null || true
