@@ -50,12 +50,26 @@ where
     fn call(&mut self, req: R) -> Self::Future {
         let task = tokio::spawn(self.0.call(req));
         Box::pin(async move {
-            match task.await {
+            let mut waiting = Waiting(true);
+            let reply = task.await;
+            waiting.0 = false;
+            match reply {
                 Ok(reply) => reply,
                 // The task is never aborted, so this is a panic: pass it on.
                 Err(e) => std::panic::resume_unwind(e.into_panic()),
             }
         })
+    }
+}
+
+/// Notes a client that left before its call ended.
+struct Waiting(bool);
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        if self.0 {
+            tracing::debug!("the client left before its call ended; the call runs to its end");
+        }
     }
 }
 

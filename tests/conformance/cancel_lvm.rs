@@ -151,8 +151,11 @@ async fn a_create_whose_caller_gave_up_completes() {
         abandoned_create_completes(&d, NODE_ID, class, vg).await;
     }
     let log = d.log();
+    // The gRPC server runs each call to its end (so the handler itself never
+    // sees its caller leave); the agent's own detaching is the second line.
     assert!(
-        log.contains("the caller left; the call goes on"),
+        log.contains("the client left before its call ended; the call runs to its end")
+            || log.contains("the caller left; the call goes on"),
         "the calls were never abandoned mid-way:\n{log}"
     );
 }
