@@ -32,4 +32,7 @@ fi
 command -v openssl >/dev/null || { echo "tests/deploy: openssl is needed" >&2; exit 1; }
 
 export PATH="$PWD/$venv/bin:$PATH"
+# The path is given explicitly: pytest would otherwise collect every test_*.py
+# below the repository (other suites have their own runners).
+(($#)) || set -- tests/deploy
 exec "$venv/bin/python" -m pytest -c tests/deploy/pytest.ini --rootdir tests/deploy "$@"

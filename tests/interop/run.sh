@@ -28,4 +28,4 @@ if [[ -z "${LODESTONE_BIN:-}" ]]; then
   cargo build --locked --bin lodestone
   LODESTONE_BIN=target/debug/lodestone
 fi
-LODESTONE_BIN=$(realpath "$LODESTONE_BIN") "$venv/bin/python" tests/interop/test_grpcio_unix.py -v
+LODESTONE_BIN=$(realpath "$LODESTONE_BIN") "$venv/bin/python" tests/interop/grpcio_unix.py -v
