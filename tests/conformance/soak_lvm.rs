@@ -135,13 +135,20 @@ fn read_marker(v: &Volume) -> String {
     String::from_utf8_lossy(&block[..end]).into_owned()
 }
 
-/// Device-mapper devices of the fixture's VGs (LVM escapes '-' as "--").
+/// Device-mapper devices of Lodestone's LVs (and their layers: `-cow`,
+/// `-real`) in the fixture's VGs. LVM escapes '-' as "--" in dm names; the
+/// thin pool's own layers (`-tpool`, `_tdata`, `_tmeta`) come and go with
+/// the pool's use and are not ours.
 fn dm_devices() -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir("/dev/mapper")
         .map(|d| {
             d.filter_map(|e| e.ok())
                 .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with("lodestone--thin-") || n.starts_with("lodestone--thick-"))
+                .filter(|n| {
+                    ["lodestone--thin-", "lodestone--thick-"]
+                        .iter()
+                        .any(|vg| n.strip_prefix(vg).is_some_and(|lv| lv.starts_with("ld")))
+                })
                 .collect()
         })
         .unwrap_or_default();
