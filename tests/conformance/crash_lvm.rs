@@ -826,3 +826,154 @@ async fn thick_clone_with_lost_cut_starts_over() {
     delete_volume(&d, &clone.volume_id).await;
     delete_volume(&d, &src.volume_id).await;
 }
+
+/// Thick restore from a thick snapshot (a frozen source: no cut is taken),
+/// crash after the target is made, after the blocks are copied and after
+/// the `copying` tag is dropped; the retried CreateVolume answers with one
+/// volume holding the snapshot's data.
+#[tokio::test]
+async fn thick_restore_converges_after_crashes() {
+    if skip_without_lvm() {
+        return;
+    }
+    let d = start_armed(new_temp_dir(), &[]).await;
+    let src = d
+        .create(&unique_name("restoresrc"), THICK, block_cap(), SIZE, 0)
+        .await;
+    let data = pattern(41, SIZE as usize);
+    write_dev(&dev_of(Kind::Volume, THICK_VG, &src.volume_id), &data);
+    let snap = loop {
+        let s = expect_ok(
+            d.controller()
+                .create_snapshot(csi::CreateSnapshotRequest {
+                    name: unique_name("restoresnap"),
+                    source_volume_id: src.volume_id.clone(),
+                    ..Default::default()
+                })
+                .await,
+            "CreateSnapshot",
+        )
+        .snapshot
+        .expect("snapshot");
+        if s.ready_to_use {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    // Overwritten after the snapshot: the restore must not see this.
+    write_dev(
+        &dev_of(Kind::Volume, THICK_VG, &src.volume_id),
+        &vec![0x5a; SIZE as usize],
+    );
+
+    let points = [
+        "lvm.copy.after_target",
+        "lvm.copy.after_blocks",
+        "lvm.copy.after_untag",
+    ];
+    let (_, dir) = d.stop_and_keep_dir();
+    let d = start_armed(dir, &points.map(String::from)).await;
+    d.track(&src.volume_id);
+    let name = unique_name("restore");
+    let mut req = create_req(&name, THICK, block_cap(), SIZE, 0);
+    req.volume_content_source = Some(snapshot_source(&snap.snapshot_id));
+    let (d, restored) = converge(d, &points, "thick restore", |mut c| {
+        let req = req.clone();
+        Box::pin(async move { retryable(c.create_volume(req).await, "restore")?.volume })
+    })
+    .await;
+    d.track(&restored.volume_id);
+    let lvs = lvs_named(&name);
+    assert_eq!(lvs.len(), 1, "one LV for the restore: {lvs:?}");
+    assert!(
+        !lvs[0].tags.iter().any(|t| t.contains("copying")),
+        "{lvs:?}"
+    );
+    assert_eq!(temp_lvs(), Vec::<String>::new(), "temporary LVs left");
+    assert!(
+        read_dev(
+            &dev_of(Kind::Volume, THICK_VG, &restored.volume_id),
+            data.len()
+        ) == data,
+        "the restore does not hold the snapshot's data"
+    );
+    delete_volume(&d, &restored.volume_id).await;
+    delete_snapshot(&d, &snap.snapshot_id).await;
+    delete_volume(&d, &src.volume_id).await;
+}
+
+/// A thin pool made after the start without zeroing or error-when-full: the
+/// first create in its class sets both, and the driver dies right after `lvchange` fixed it, before its own view knew;
+/// the retried CreateVolume on a restarted driver answers, and the pool is
+/// safe.
+#[tokio::test]
+async fn thin_pool_fix_converges_after_a_crash() {
+    if skip_without_lvm() {
+        return;
+    }
+    let point = "lvm.pool_safety.after_lvchange";
+    let pool = "ldsct-fixpool";
+    let mut classes = default_class_args();
+    classes.extend([
+        "--device-class".to_string(),
+        format!("fixed={THIN_VG}/{pool}"),
+    ]);
+    let d = Driver::builder()
+        .class_args(classes.clone())
+        .env("LODESTONE_FAILPOINTS", point)
+        .start()
+        .await;
+    // Made after the start (the start fixes the pools it finds), so the fix
+    // happens in the create; the driver looks for a missing pool again at
+    // most every 2 s.
+    lvm(&[
+        "lvcreate",
+        "--yes",
+        "--type",
+        "thin-pool",
+        "-L",
+        "64m",
+        "--zero",
+        "n",
+        "-n",
+        pool,
+        THIN_VG,
+    ]);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let name = unique_name("fixpool");
+    let req = create_req(&name, "fixed", block_cap(), 16 * MIB, 0);
+    let r = d.controller().create_volume(req.clone()).await;
+    await_death(&d).await;
+    assert!(dead(d.pid()), "the driver did not die at {point}: {r:?}");
+    assert_eq!(reached_in(&d.log()), vec![point.to_string()]);
+    assert!(
+        lvs_named(&name).is_empty(),
+        "a volume was made before the pool was safe"
+    );
+
+    let (_, dir) = d.stop_and_keep_dir();
+    let d = Driver::builder().class_args(classes).start_in(dir).await;
+    let deadline = Instant::now() + CONVERGE;
+    let v = loop {
+        assert!(Instant::now() < deadline, "the create did not converge");
+        match retryable(d.controller().create_volume(req.clone()).await, "create") {
+            Some(r) => break r.volume.expect("volume"),
+            None => tokio::time::sleep(Duration::from_secs(1)).await,
+        }
+    };
+    let attrs = lvm(&[
+        "lvs",
+        "--noheadings",
+        "-o",
+        "lv_attr,lv_when_full",
+        &format!("{THIN_VG}/{pool}"),
+    ]);
+    assert_eq!(lvs_named(&name).len(), 1, "one LV for the request");
+    delete_volume(&d, &v.volume_id).await;
+    lvm(&["lvremove", "--yes", &format!("{THIN_VG}/{pool}")]);
+    let fields: Vec<&str> = attrs.split_whitespace().collect();
+    assert!(
+        fields.len() == 2 && fields[0].chars().nth(7) == Some('z') && fields[1] == "error",
+        "pool after the retried create: {attrs:?} (want zeroing and error when full)"
+    );
+}
