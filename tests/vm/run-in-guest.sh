@@ -307,7 +307,10 @@ mnt devpts /dev/pts mode=0620,gid=5,ptmxmode=0666,nosuid,noexec
 mnt tmpfs /dev/shm mode=1777,nosuid,nodev
 mnt tmpfs /run mode=0755,nosuid,nodev
 mnt tmpfs /run/lock mode=1777,nosuid,nodev,noexec,size=5m
-mnt tmpfs /tmp mode=1777,nosuid,nodev
+# The LVM fixture's sparse VG files live in /tmp: a tmpfs's default cap
+# (half the memory) fails their writes (loop write errors) long before the
+# guest runs out of memory, e.g. once thick deletes have zeroed most extents.
+mnt tmpfs /tmp mode=1777,nosuid,nodev,size=85%
 mnt cgroup2 /sys/fs/cgroup nosuid,nodev,noexec
 [[ -e /dev/ptmx ]] || $bb ln -s pts/ptmx /dev/ptmx
 $bb ln -sfn /proc/self/fd /dev/fd
