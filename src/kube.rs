@@ -16,6 +16,60 @@ use tower::ServiceExt;
 /// Where a pod finds its service account's token and the cluster's CA.
 pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 
+/// Why the API server cannot be reached or did not answer as expected.
+/// Every call's error names its path; the text carries its source's.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    #[error("KUBERNETES_SERVICE_HOST is not set: not running in a cluster?")]
+    NotInCluster,
+    #[error("cannot read {}: {source}", path.display())]
+    ReadCa {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("bad API server address {address}: {source}")]
+    Address {
+        address: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("API server TLS: {0}")]
+    Tls(#[source] tonic::transport::Error),
+    #[error("cannot read the service account token: {0}")]
+    Token(#[source] std::io::Error),
+    #[error("GET {path}: {source}")]
+    Request {
+        path: String,
+        #[source]
+        source: http::Error,
+    },
+    #[error("GET {path}: {source}")]
+    Transport {
+        path: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("GET {path}: reading the body: {source}")]
+    Body {
+        path: String,
+        #[source]
+        source: tonic::Status,
+    },
+    #[error("GET {path}: {status}: {body}")]
+    Status {
+        path: String,
+        status: http::StatusCode,
+        body: String,
+    },
+    #[error("GET {path}: bad JSON: {source}")]
+    Json {
+        path: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
 pub struct Kube {
     channel: Channel,
     token: PathBuf,
@@ -24,25 +78,30 @@ pub struct Kube {
 impl Kube {
     /// The API server from `KUBERNETES_SERVICE_HOST`/`_PORT`, trusted by the
     /// CA in `sa_dir` (`ca.crt`), authenticated with its `token`.
-    pub fn in_cluster(sa_dir: &Path) -> Result<Kube, String> {
-        let host = std::env::var("KUBERNETES_SERVICE_HOST")
-            .map_err(|_| "KUBERNETES_SERVICE_HOST is not set: not running in a cluster?")?;
+    pub fn in_cluster(sa_dir: &Path) -> Result<Kube, KubeError> {
+        let host = std::env::var("KUBERNETES_SERVICE_HOST").map_err(|_| KubeError::NotInCluster)?;
         let port = std::env::var("KUBERNETES_SERVICE_PORT").unwrap_or_else(|_| "443".into());
         let host = if host.contains(':') {
             format!("[{host}]")
         } else {
             host
         };
-        let ca = std::fs::read(sa_dir.join("ca.crt"))
-            .map_err(|e| format!("cannot read {}: {e}", sa_dir.join("ca.crt").display()))?;
+        let ca_path = sa_dir.join("ca.crt");
+        let ca = std::fs::read(&ca_path).map_err(|source| KubeError::ReadCa {
+            path: ca_path,
+            source,
+        })?;
         let endpoint = Endpoint::from_shared(format!("https://{host}:{port}"))
-            .map_err(|e| format!("bad API server address {host}:{port}: {e}"))?
+            .map_err(|source| KubeError::Address {
+                address: format!("{host}:{port}"),
+                source,
+            })?
             .tls_config(
                 ClientTlsConfig::new()
                     .ca_certificate(Certificate::from_pem(ca))
                     .domain_name("kubernetes.default.svc"),
             )
-            .map_err(|e| format!("API server TLS: {e}"))?
+            .map_err(KubeError::Tls)?
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(15));
         Ok(Kube {
@@ -52,30 +111,44 @@ impl Kube {
     }
 
     /// GET `path` (e.g. `/api/v1/nodes/x`) as JSON.
-    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, String> {
-        let token = std::fs::read_to_string(&self.token)
-            .map_err(|e| format!("cannot read the service account token: {e}"))?;
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, KubeError> {
+        let token = std::fs::read_to_string(&self.token).map_err(KubeError::Token)?;
         let req = http::Request::get(path)
             .header("authorization", format!("Bearer {}", token.trim()))
             .header("accept", "application/json")
             .body(tonic::body::Body::empty())
-            .map_err(|e| format!("GET {path}: {e}"))?;
-        let resp = self
-            .channel
-            .clone()
-            .oneshot(req)
-            .await
-            .map_err(|e| format!("GET {path}: {e}"))?;
+            .map_err(|source| KubeError::Request {
+                path: path.to_string(),
+                source,
+            })?;
+        let resp =
+            self.channel
+                .clone()
+                .oneshot(req)
+                .await
+                .map_err(|source| KubeError::Transport {
+                    path: path.to_string(),
+                    source,
+                })?;
         let status = resp.status();
         let body = http_body_util::BodyExt::collect(resp.into_body())
             .await
-            .map_err(|e| format!("GET {path}: reading the body: {e}"))?
+            .map_err(|source| KubeError::Body {
+                path: path.to_string(),
+                source,
+            })?
             .to_bytes();
         if !status.is_success() {
-            let text = String::from_utf8_lossy(&body);
-            return Err(format!("GET {path}: {status}: {}", text.trim()));
+            return Err(KubeError::Status {
+                path: path.to_string(),
+                status,
+                body: String::from_utf8_lossy(&body).trim().to_string(),
+            });
         }
-        serde_json::from_slice(&body).map_err(|e| format!("GET {path}: bad JSON: {e}"))
+        serde_json::from_slice(&body).map_err(|source| KubeError::Json {
+            path: path.to_string(),
+            source,
+        })
     }
 }
 
