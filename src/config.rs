@@ -709,4 +709,65 @@ mod tests {
         let f: LvmConfigFile = serde_json::from_str(text).unwrap();
         assert_eq!(f.device_classes[0].overprovision_ratio, 2.5);
     }
+
+    #[test]
+    fn errors_name_the_file_or_field_and_keep_their_source() {
+        use std::error::Error as _;
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.json");
+        let e = LvmConfig::load(Some(&missing), &[]).unwrap_err();
+        let ConfigError::ReadLvmConfig { path, source } = &e else {
+            panic!("{e:?}")
+        };
+        assert_eq!(path, &missing);
+        assert_eq!(source.kind(), std::io::ErrorKind::NotFound);
+        assert!(e.source().is_some());
+        assert!(e.to_string().contains(&*missing.to_string_lossy()), "{e}");
+
+        let bad = dir.path().join("bad.json");
+        std::fs::write(&bad, "{").unwrap();
+        let e = LvmConfig::load(Some(&bad), &[]).unwrap_err();
+        assert!(
+            matches!(&e, ConfigError::ParseLvmConfig { path, .. } if path == &bad),
+            "{e:?}"
+        );
+        assert!(e.source().is_some());
+
+        let mut class = DeviceClass::inline("a=vg").unwrap();
+        class.overprovision_ratio = 0.5;
+        let e = LvmConfig::new(vec![class]).unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                ConfigError::OutOfRange {
+                    field: "overprovisionRatio",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert_eq!(
+            e.to_string(),
+            "device class \"a\": overprovisionRatio must be between 1 and 1000"
+        );
+        let e = LvmConfig::load(None, &["a=vg/-p".into()]).unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                ConfigError::LvmName {
+                    field: "thinPool",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(matches!(
+            LvmConfig::load(None, &["a".into()]),
+            Err(ConfigError::DeviceClassSpec { .. })
+        ));
+        assert!(matches!(
+            socket_path("x"),
+            Err(ConfigError::Endpoint { .. })
+        ));
+    }
 }

@@ -429,3 +429,51 @@ pub async fn termination() {
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Flags {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    #[test]
+    fn bind_names_the_path_it_refuses() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("not-a-socket");
+        std::fs::write(&file, "").unwrap();
+        let e = bind(&file).unwrap_err();
+        assert!(
+            matches!(&e, ServerError::NotASocket { path } if path == &file),
+            "{e:?}"
+        );
+        assert!(file.exists(), "a file that is not a socket is kept");
+    }
+
+    #[tokio::test]
+    async fn configuration_errors_pass_through_unchanged() {
+        let flags = Flags::parse_from([
+            "lodestone",
+            "--device-class",
+            "a=vg",
+            "--lvm-config",
+            "/nonexistent/lvm.json",
+        ]);
+        let Err(e) = build(&flags.run).await else {
+            panic!("built without its configuration file")
+        };
+        assert!(
+            matches!(&e, ServerError::Config(ConfigError::ReadLvmConfig { .. })),
+            "{e:?}"
+        );
+        assert!(
+            e.to_string()
+                .starts_with("cannot read LVM config /nonexistent/lvm.json: "),
+            "{e}"
+        );
+    }
+}

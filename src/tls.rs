@@ -457,4 +457,47 @@ mod tests {
         assert_eq!(client_cert_of(&m), b);
         assert!(TlsMaterial::load(&files).is_err());
     }
+
+    #[test]
+    fn errors_name_the_file_and_keep_their_source() {
+        use std::error::Error as _;
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = self_signed("one");
+        let files = TlsFiles {
+            cert: dir.path().join("tls.crt"),
+            key: dir.path().join("tls.key"),
+            ca: dir.path().join("ca.crt"),
+        };
+        std::fs::write(&files.cert, &cert).unwrap();
+        std::fs::write(&files.ca, &cert).unwrap();
+        let Err(e) = TlsMaterial::load(&files) else {
+            panic!("loaded without a key")
+        };
+        let TlsError::Read { what, path, source } = &e else {
+            panic!("{e:?}")
+        };
+        assert_eq!((*what, path), ("key", &files.key));
+        assert_eq!(source.kind(), std::io::ErrorKind::NotFound);
+        assert!(e.source().is_some());
+
+        let pem = |c: &str, k: &str, ca: &str| {
+            TlsMaterial::from_pem(c.into(), k.into(), ca.into())
+                .err()
+                .expect("refused")
+        };
+        assert!(matches!(
+            pem("", &key, &cert),
+            TlsError::NoCertificate { .. }
+        ));
+        assert!(matches!(pem(&cert, "", &cert), TlsError::NoKey));
+        assert!(matches!(
+            pem(&cert, &key, ""),
+            TlsError::NoCertificate { what: "CA bundle" }
+        ));
+        let (_, other_key) = self_signed("two");
+        assert!(matches!(
+            pem(&cert, &other_key, &cert),
+            TlsError::KeyMismatch(_)
+        ));
+    }
 }
