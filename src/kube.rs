@@ -81,6 +81,11 @@ impl Kube {
     pub fn in_cluster(sa_dir: &Path) -> Result<Kube, KubeError> {
         let host = std::env::var("KUBERNETES_SERVICE_HOST").map_err(|_| KubeError::NotInCluster)?;
         let port = std::env::var("KUBERNETES_SERVICE_PORT").unwrap_or_else(|_| "443".into());
+        Kube::at(host, &port, sa_dir)
+    }
+
+    /// The API server at `host`:`port`, with the service account of `sa_dir`.
+    fn at(host: String, port: &str, sa_dir: &Path) -> Result<Kube, KubeError> {
         let host = if host.contains(':') {
             format!("[{host}]")
         } else {
@@ -255,5 +260,34 @@ mod tests {
         assert_eq!(host_port("10.0.0.5", 7441), "10.0.0.5:7441");
         let bare: Node = serde_json::from_str(r#"{"metadata":{"name":"w3"}}"#).unwrap();
         assert_eq!(bare.internal_ip(), None);
+    }
+
+    #[tokio::test]
+    async fn errors_name_the_file_or_address_and_keep_their_source() {
+        use std::error::Error as _;
+        let dir = tempfile::tempdir().unwrap();
+        let e = Kube::at("10.0.0.1".into(), "443", dir.path())
+            .err()
+            .unwrap();
+        let KubeError::ReadCa { path, source } = &e else {
+            panic!("{e:?}")
+        };
+        assert_eq!(path, &dir.path().join("ca.crt"));
+        assert_eq!(source.kind(), std::io::ErrorKind::NotFound);
+        assert!(e.source().is_some());
+        std::fs::write(dir.path().join("ca.crt"), "not PEM").unwrap();
+        let e = Kube::at("bad host".into(), "443", dir.path())
+            .err()
+            .unwrap();
+        assert!(
+            matches!(&e, KubeError::Address { address, .. } if address == "bad host:443"),
+            "{e:?}"
+        );
+        // The token is read on every call; without it the call fails
+        // before anything is sent.
+        let kube = Kube::at("127.0.0.1".into(), "1", dir.path()).unwrap();
+        let e = kube.get::<Node>("/api/v1/nodes/x").await.unwrap_err();
+        assert!(matches!(&e, KubeError::Token(_)), "{e:?}");
+        assert!(e.source().is_some());
     }
 }
