@@ -21,6 +21,7 @@ bash tests/vm/host-packages.sh
 
 section "format and lint"
 cargo fmt --check
+bash scripts/check-layers.sh
 cargo clippy --all-targets --locked -- -D warnings
 
 section "host tests (unit tests; conformance validation against the driver on this host)"
