@@ -1038,6 +1038,127 @@ impl Agent for LocalAgent {
     }
 }
 
+/// Adds the LVM gauges (`lodestone_lvm_*`) to the registry: read from
+/// [`LocalAgent::stats`] at each scrape, so a scrape never runs lvm.
+pub fn register_metrics(
+    registry: &mut prometheus_client::registry::Registry,
+    agent: Arc<LocalAgent>,
+) {
+    registry.register_collector(Box::new(LvmGauges(agent)));
+}
+
+struct LvmGauges(Arc<LocalAgent>);
+
+impl std::fmt::Debug for LvmGauges {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LvmGauges")
+    }
+}
+
+/// One gauge family from (labels, value) rows; none at all without rows.
+fn gauges<L, V>(
+    encoder: &mut prometheus_client::encoding::DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: impl IntoIterator<Item = (L, V)>,
+) -> std::fmt::Result
+where
+    L: prometheus_client::encoding::EncodeLabelSet,
+    V: prometheus_client::encoding::EncodeGaugeValue,
+{
+    use prometheus_client::encoding::EncodeMetric;
+    use prometheus_client::metrics::{gauge::ConstGauge, MetricType};
+    let mut rows = rows.into_iter().peekable();
+    if rows.peek().is_none() {
+        return Ok(());
+    }
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, value) in rows {
+        ConstGauge::new(value).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+impl prometheus_client::collector::Collector for LvmGauges {
+    fn encode(&self, mut out: prometheus_client::encoding::DescriptorEncoder) -> std::fmt::Result {
+        let stats = self.0.stats();
+        let cs = &stats.classes;
+        let cv = |c: &ClassStats| [("class", c.class.clone()), ("vg", c.vg.clone())];
+        let cvp = |c: &ClassStats| {
+            let pool = c.pool.clone().unwrap_or_default();
+            [
+                ("class", c.class.clone()),
+                ("vg", c.vg.clone()),
+                ("pool", pool),
+            ]
+        };
+        let by_class =
+            |f: fn(&ClassStats) -> Option<u64>| cs.iter().filter_map(move |c| Some((cv(c), f(c)?)));
+        let by_pool = |f: fn(&ClassStats) -> Option<u64>| {
+            cs.iter().filter_map(move |c| Some((cvp(c), f(c)?)))
+        };
+        let percent = |f: fn(&ClassStats) -> Option<f64>| {
+            cs.iter().filter_map(move |c| Some((cvp(c), f(c)?)))
+        };
+        gauges(
+            &mut out,
+            "lodestone_lvm_vg_size_bytes",
+            "Size of the device class's volume group.",
+            by_class(|c| c.vg_size),
+        )?;
+        gauges(
+            &mut out,
+            "lodestone_lvm_vg_free_bytes",
+            "Unallocated bytes in the device class's volume group.",
+            by_class(|c| c.vg_free),
+        )?;
+        gauges(
+            &mut out,
+            "lodestone_lvm_thin_pool_size_bytes",
+            "Size of the thin pool of a thin device class.",
+            by_pool(|c| c.pool_size),
+        )?;
+        gauges(
+            &mut out,
+            "lodestone_lvm_thin_pool_data_percent",
+            "Percent of the thin pool's data space in use (as of the last LVM report).",
+            percent(|c| c.pool_data_percent),
+        )?;
+        gauges(
+            &mut out,
+            "lodestone_lvm_thin_pool_metadata_percent",
+            "Percent of the thin pool's metadata space in use (as of the last LVM report).",
+            percent(|c| c.pool_metadata_percent),
+        )?;
+        gauges(
+            &mut out,
+            "lodestone_lvm_available_bytes",
+            "Bytes a new volume of the device class may take now (what GetCapacity reports).",
+            by_class(|c| c.available),
+        )?;
+        gauges(
+            &mut out,
+            "lodestone_lvm_volumes",
+            "Volumes of the device class on this node.",
+            by_pool(|c| c.vg_size.map(|_| c.volumes)),
+        )?;
+        gauges(
+            &mut out,
+            "lodestone_lvm_snapshots",
+            "Snapshots of the device class on this node.",
+            by_pool(|c| c.vg_size.map(|_| c.snapshots)),
+        )?;
+        gauges(
+            &mut out,
+            "lodestone_lvm_report_age_seconds",
+            "Seconds since the last full LVM report (mutations update the state in between).",
+            stats
+                .report_age
+                .map(|age| ([] as [(&str, &str); 0], age.as_secs())),
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

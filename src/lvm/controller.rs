@@ -725,3 +725,35 @@ impl ControllerBackend for LvmController {
         Ok(out)
     }
 }
+
+/// Adds `lodestone_lvm_duplicates_found_total` to the registry: read from
+/// [`LvmController::duplicates`] at each scrape.
+pub fn register_metrics(
+    registry: &mut prometheus_client::registry::Registry,
+    controller: Arc<LvmController>,
+) {
+    registry.register_collector(Box::new(DuplicatesFound(controller)));
+}
+
+struct DuplicatesFound(Arc<LvmController>);
+
+impl std::fmt::Debug for DuplicatesFound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DuplicatesFound")
+    }
+}
+
+impl prometheus_client::collector::Collector for DuplicatesFound {
+    fn encode(&self, mut out: prometheus_client::encoding::DescriptorEncoder) -> std::fmt::Result {
+        use prometheus_client::encoding::EncodeMetric;
+        let found = self.0.duplicates.load(Ordering::Relaxed);
+        let counter = prometheus_client::metrics::counter::ConstCounter::new(found);
+        counter.encode(out.encode_descriptor(
+            "lodestone_lvm_duplicates_found",
+            "Times the controller found one request's volume or snapshot on two nodes or \
+             classes (see the logs; nothing is deleted).",
+            None,
+            counter.metric_type(),
+        )?)
+    }
+}
