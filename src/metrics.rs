@@ -25,11 +25,10 @@ use hyper::body::Bytes;
 use hyper::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONNECTION, CONTENT_TYPE as CT};
 use hyper::{Method, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
@@ -131,24 +130,17 @@ pub struct BuildInfo {
     pub mode: String,
 }
 
-impl Collector for BuildInfo {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let gauge = ConstGauge::new(1i64);
-        let mut family = encoder.encode_descriptor(
-            "lodestone_build_info",
-            "Always 1; the labels say which build runs, which backend and which services.",
-            None,
-            gauge.metric_type(),
-        )?;
-        gauge.encode(family.encode_family(self)?)
-    }
-}
-
 /// A registry with what this module exports: build info and CSI calls.
 /// The other parts of the process add theirs.
 pub fn registry(build: BuildInfo) -> Registry {
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(build));
+    let info = Family::<BuildInfo, Gauge>::default();
+    info.get_or_create(&build).set(1);
+    registry.register(
+        "lodestone_build_info",
+        "Always 1; the labels say which build runs, which backend and which services",
+        info,
+    );
     register_rpc(&mut registry);
     registry
 }
