@@ -1160,6 +1160,74 @@ impl prometheus_client::collector::Collector for LvmGauges {
 }
 
 #[cfg(test)]
+mod metrics_tests {
+    use super::*;
+
+    /// The gauges of a thin class whose VG and pool are in the report, and
+    /// none at all for a class whose VG is missing; no command runs.
+    #[test]
+    fn lvm_gauges_come_from_memory() {
+        let config = LvmConfig::load(None, &["thin=vg0/pool0".into(), "gone=vg9".into()]);
+        let runner = Arc::new(Runner::new(Duration::from_secs(5)));
+        let options = AgentOptions {
+            udev: false,
+            copy_wait: Duration::from_secs(1),
+        };
+        let agent = LocalAgent::new("n1".into(), config.unwrap(), runner.clone(), options);
+        let mut registry = prometheus_client::registry::Registry::default();
+        register_metrics(&mut registry, agent.clone());
+        let page = || {
+            let mut page = String::new();
+            prometheus_client::encoding::prometheus_text::encode(&mut page, &registry).unwrap();
+            page
+        };
+        assert_eq!(page(), "", "nothing known before the first report");
+        {
+            let mut st = agent.state.write().unwrap();
+            let vg = Vg {
+                name: "vg0".into(),
+                size: 2 << 30,
+                free: 1 << 20,
+                extent_size: 4 << 20,
+            };
+            st.vgs.insert("vg0".into(), vg);
+            let pool = Lv {
+                vg: "vg0".into(),
+                name: "pool0".into(),
+                size: 1 << 30,
+                attr: "twi-aotz--".into(),
+                tags: Vec::new(),
+                pool: None,
+                data_percent: Some(12.5),
+                metadata_percent: None,
+                when_full: String::new(),
+                zeroing: false,
+                created: None,
+            };
+            st.lvs.insert(("vg0".into(), "pool0".into()), pool);
+            st.refreshed = Some(Instant::now());
+        }
+        let page = page();
+        let cvp = "{class=\"thin\",vg=\"vg0\",pool=\"pool0\"}";
+        for line in [
+            "# TYPE lodestone_lvm_vg_size_bytes gauge\n".to_string(),
+            "lodestone_lvm_vg_size_bytes{class=\"thin\",vg=\"vg0\"} 2147483648\n".into(),
+            "lodestone_lvm_vg_free_bytes{class=\"thin\",vg=\"vg0\"} 1048576\n".into(),
+            format!("lodestone_lvm_thin_pool_size_bytes{cvp} 1073741824\n"),
+            format!("lodestone_lvm_thin_pool_data_percent{cvp} 12.5\n"),
+            format!("lodestone_lvm_volumes{cvp} 0\n"),
+            format!("lodestone_lvm_snapshots{cvp} 0\n"),
+            "lodestone_lvm_report_age_seconds 0\n".into(),
+        ] {
+            assert!(page.contains(&line), "no {line:?} in\n{page}");
+        }
+        assert!(!page.contains("metadata_percent"), "{page}");
+        assert!(!page.contains("vg9"), "{page}");
+        assert!(runner.spawn_counts().is_empty(), "a scrape ran a command");
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -757,3 +757,26 @@ impl prometheus_client::collector::Collector for DuplicatesFound {
         )?)
     }
 }
+
+#[cfg(test)]
+mod metrics_tests {
+    use super::*;
+
+    #[test]
+    fn duplicates_found_is_a_counter_read_at_scrape_time() {
+        let config = LvmConfig::load(None, &["thin=vg0/pool0".into()]).unwrap();
+        let controller = Arc::new(LvmController::new(config, Vec::new(), Box::new(|| None)));
+        let mut registry = prometheus_client::registry::Registry::default();
+        register_metrics(&mut registry, controller.clone());
+        controller.duplicates.fetch_add(3, Ordering::Relaxed);
+        let mut page = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut page, &registry).unwrap();
+        assert!(
+            page.contains(
+                "# TYPE lodestone_lvm_duplicates_found_total counter\n\
+                 lodestone_lvm_duplicates_found_total 3\n"
+            ),
+            "{page}"
+        );
+    }
+}
