@@ -32,7 +32,7 @@ use crate::lvm::node::LvmNode;
 use crate::lvm::remote::Deadlines;
 use crate::lvm::resolver::{Directory, Resolver};
 use crate::lvm::rpc::AgentService;
-use crate::metrics::{BuildInfo, Sources};
+use crate::metrics::{BuildInfo, Endpoint};
 use crate::runner::Runner;
 use crate::tls::{require_peer, TlsError, TlsMaterial};
 use run_to_end::RunToEndLayer;
@@ -127,8 +127,8 @@ pub struct Services {
     pub identity: IdentityService,
     pub controller: Option<ControllerService>,
     pub node: Option<NodeService>,
-    /// What `--metrics-address` reads.
-    pub metrics: Sources,
+    /// What `--metrics-address` serves.
+    pub metrics: Endpoint,
 }
 
 /// Starts this node's LVM agent (the only code here that runs LVM).
@@ -259,13 +259,14 @@ pub async fn lvm_services(args: &RunArgs) -> Result<Services, ServerError> {
     if args.mode == Mode::Node {
         serve_agent(args, local.clone().expect("node mode runs an agent")).await?;
     }
-    let metrics = Sources {
-        build: build_info(args),
-        runner: Some(runner.clone()),
-        lvm: local.clone(),
-        lvm_controller: controller.clone(),
-        readiness: checks.clone(),
-    };
+    let metrics = metrics_endpoint(args, &runner, &checks, |registry| {
+        if let Some(agent) = &local {
+            crate::lvm::agent::register_metrics(registry, agent.clone());
+        }
+        if let Some(controller) = &controller {
+            crate::lvm::controller::register_metrics(registry, controller.clone());
+        }
+    });
     let controller = controller.map(|backend| ControllerService {
         backend: backend as Arc<dyn crate::core::backend::ControllerBackend>,
         locks: locks.clone(),
@@ -358,14 +359,26 @@ pub async fn rbd_services(args: &RunArgs) -> Result<Services, ServerError> {
         },
         controller,
         node,
-        metrics: Sources {
-            build: build_info(args),
-            runner: Some(runner),
-            lvm: None,
-            lvm_controller: None,
-            readiness: Vec::new(),
-        },
+        metrics: metrics_endpoint(args, &runner, &[], |_| {}),
     })
+}
+
+/// What `--metrics-address` serves: build info and CSI calls, what the
+/// command runner and the backend export, and the readiness checks
+/// (`lodestone_ready` and `/healthz`).
+fn metrics_endpoint(
+    args: &RunArgs,
+    runner: &Runner,
+    checks: &[ReadinessCheck],
+    backend: impl FnOnce(&mut prometheus_client::registry::Registry),
+) -> Endpoint {
+    let mut registry = crate::metrics::registry(build_info(args));
+    crate::driver::identity::register_metrics(&mut registry, checks);
+    runner.register_metrics(&mut registry);
+    backend(&mut registry);
+    let checks = checks.to_vec();
+    let health = Arc::new(move || crate::driver::identity::not_ready(&checks));
+    Endpoint::new(registry, health)
 }
 
 /// The labels of `lodestone_build_info`.

@@ -1038,6 +1038,195 @@ impl Agent for LocalAgent {
     }
 }
 
+/// Adds the LVM gauges (`lodestone_lvm_*`) to the registry: read from
+/// [`LocalAgent::stats`] at each scrape, so a scrape never runs lvm.
+pub fn register_metrics(
+    registry: &mut prometheus_client::registry::Registry,
+    agent: Arc<LocalAgent>,
+) {
+    registry.register_collector(Box::new(LvmGauges(agent)));
+}
+
+struct LvmGauges(Arc<LocalAgent>);
+
+impl std::fmt::Debug for LvmGauges {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LvmGauges")
+    }
+}
+
+/// One gauge family from (labels, value) rows; none at all without rows.
+fn gauges<L, V>(
+    encoder: &mut prometheus_client::encoding::DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: impl IntoIterator<Item = (L, V)>,
+) -> std::fmt::Result
+where
+    L: prometheus_client::encoding::EncodeLabelSet,
+    V: prometheus_client::encoding::EncodeGaugeValue,
+{
+    use prometheus_client::encoding::EncodeMetric;
+    use prometheus_client::metrics::{gauge::ConstGauge, MetricType};
+    let mut rows = rows.into_iter().peekable();
+    if rows.peek().is_none() {
+        return Ok(());
+    }
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, value) in rows {
+        ConstGauge::new(value).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+impl prometheus_client::collector::Collector for LvmGauges {
+    fn encode(&self, mut out: prometheus_client::encoding::DescriptorEncoder) -> std::fmt::Result {
+        let stats = self.0.stats();
+        let cs = &stats.classes;
+        let cv = |c: &ClassStats| [("class", c.class.clone()), ("vg", c.vg.clone())];
+        let cvp = |c: &ClassStats| {
+            let pool = c.pool.clone().unwrap_or_default();
+            [
+                ("class", c.class.clone()),
+                ("vg", c.vg.clone()),
+                ("pool", pool),
+            ]
+        };
+        let by_class =
+            |f: fn(&ClassStats) -> Option<u64>| cs.iter().filter_map(move |c| Some((cv(c), f(c)?)));
+        let by_pool = |f: fn(&ClassStats) -> Option<u64>| {
+            cs.iter().filter_map(move |c| Some((cvp(c), f(c)?)))
+        };
+        let percent = |f: fn(&ClassStats) -> Option<f64>| {
+            cs.iter().filter_map(move |c| Some((cvp(c), f(c)?)))
+        };
+        gauges(
+            &mut out,
+            "lodestone_lvm_vg_size_bytes",
+            "Size of the device class's volume group.",
+            by_class(|c| c.vg_size),
+        )?;
+        gauges(
+            &mut out,
+            "lodestone_lvm_vg_free_bytes",
+            "Unallocated bytes in the device class's volume group.",
+            by_class(|c| c.vg_free),
+        )?;
+        gauges(
+            &mut out,
+            "lodestone_lvm_thin_pool_size_bytes",
+            "Size of the thin pool of a thin device class.",
+            by_pool(|c| c.pool_size),
+        )?;
+        gauges(
+            &mut out,
+            "lodestone_lvm_thin_pool_data_percent",
+            "Percent of the thin pool's data space in use (as of the last LVM report).",
+            percent(|c| c.pool_data_percent),
+        )?;
+        gauges(
+            &mut out,
+            "lodestone_lvm_thin_pool_metadata_percent",
+            "Percent of the thin pool's metadata space in use (as of the last LVM report).",
+            percent(|c| c.pool_metadata_percent),
+        )?;
+        gauges(
+            &mut out,
+            "lodestone_lvm_available_bytes",
+            "Bytes a new volume of the device class may take now (what GetCapacity reports).",
+            by_class(|c| c.available),
+        )?;
+        gauges(
+            &mut out,
+            "lodestone_lvm_volumes",
+            "Volumes of the device class on this node.",
+            by_pool(|c| c.vg_size.map(|_| c.volumes)),
+        )?;
+        gauges(
+            &mut out,
+            "lodestone_lvm_snapshots",
+            "Snapshots of the device class on this node.",
+            by_pool(|c| c.vg_size.map(|_| c.snapshots)),
+        )?;
+        gauges(
+            &mut out,
+            "lodestone_lvm_report_age_seconds",
+            "Seconds since the last full LVM report (mutations update the state in between).",
+            stats
+                .report_age
+                .map(|age| ([] as [(&str, &str); 0], age.as_secs())),
+        )
+    }
+}
+
+#[cfg(test)]
+mod metrics_tests {
+    use super::*;
+
+    /// The gauges of a thin class whose VG and pool are in the report, and
+    /// none at all for a class whose VG is missing; no command runs.
+    #[test]
+    fn lvm_gauges_come_from_memory() {
+        let config = LvmConfig::load(None, &["thin=vg0/pool0".into(), "gone=vg9".into()]);
+        let runner = Arc::new(Runner::new(Duration::from_secs(5)));
+        let options = AgentOptions {
+            udev: false,
+            copy_wait: Duration::from_secs(1),
+        };
+        let agent = LocalAgent::new("n1".into(), config.unwrap(), runner.clone(), options);
+        let mut registry = prometheus_client::registry::Registry::default();
+        register_metrics(&mut registry, agent.clone());
+        let page = || {
+            let mut page = String::new();
+            prometheus_client::encoding::prometheus_text::encode(&mut page, &registry).unwrap();
+            page
+        };
+        assert_eq!(page(), "", "nothing known before the first report");
+        {
+            let mut st = agent.state.write().unwrap();
+            let vg = Vg {
+                name: "vg0".into(),
+                size: 2 << 30,
+                free: 1 << 20,
+                extent_size: 4 << 20,
+            };
+            st.vgs.insert("vg0".into(), vg);
+            let pool = Lv {
+                vg: "vg0".into(),
+                name: "pool0".into(),
+                size: 1 << 30,
+                attr: "twi-aotz--".into(),
+                tags: Vec::new(),
+                pool: None,
+                data_percent: Some(12.5),
+                metadata_percent: None,
+                when_full: String::new(),
+                zeroing: false,
+                created: None,
+            };
+            st.lvs.insert(("vg0".into(), "pool0".into()), pool);
+            st.refreshed = Some(Instant::now());
+        }
+        let page = page();
+        let cvp = "{class=\"thin\",vg=\"vg0\",pool=\"pool0\"}";
+        for line in [
+            "# TYPE lodestone_lvm_vg_size_bytes gauge\n".to_string(),
+            "lodestone_lvm_vg_size_bytes{class=\"thin\",vg=\"vg0\"} 2147483648\n".into(),
+            "lodestone_lvm_vg_free_bytes{class=\"thin\",vg=\"vg0\"} 1048576\n".into(),
+            format!("lodestone_lvm_thin_pool_size_bytes{cvp} 1073741824\n"),
+            format!("lodestone_lvm_thin_pool_data_percent{cvp} 12.5\n"),
+            format!("lodestone_lvm_volumes{cvp} 0\n"),
+            format!("lodestone_lvm_snapshots{cvp} 0\n"),
+            "lodestone_lvm_report_age_seconds 0\n".into(),
+        ] {
+            assert!(page.contains(&line), "no {line:?} in\n{page}");
+        }
+        assert!(!page.contains("metadata_percent"), "{page}");
+        assert!(!page.contains("vg9"), "{page}");
+        assert!(runner.spawn_counts().is_empty(), "a scrape ran a command");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

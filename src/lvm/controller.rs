@@ -725,3 +725,58 @@ impl ControllerBackend for LvmController {
         Ok(out)
     }
 }
+
+/// Adds `lodestone_lvm_duplicates_found_total` to the registry: read from
+/// [`LvmController::duplicates`] at each scrape.
+pub fn register_metrics(
+    registry: &mut prometheus_client::registry::Registry,
+    controller: Arc<LvmController>,
+) {
+    registry.register_collector(Box::new(DuplicatesFound(controller)));
+}
+
+struct DuplicatesFound(Arc<LvmController>);
+
+impl std::fmt::Debug for DuplicatesFound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DuplicatesFound")
+    }
+}
+
+impl prometheus_client::collector::Collector for DuplicatesFound {
+    fn encode(&self, mut out: prometheus_client::encoding::DescriptorEncoder) -> std::fmt::Result {
+        use prometheus_client::encoding::EncodeMetric;
+        let found = self.0.duplicates.load(Ordering::Relaxed);
+        let counter = prometheus_client::metrics::counter::ConstCounter::new(found);
+        counter.encode(out.encode_descriptor(
+            "lodestone_lvm_duplicates_found",
+            "Times the controller found one request's volume or snapshot on two nodes or \
+             classes (see the logs; nothing is deleted).",
+            None,
+            counter.metric_type(),
+        )?)
+    }
+}
+
+#[cfg(test)]
+mod metrics_tests {
+    use super::*;
+
+    #[test]
+    fn duplicates_found_is_a_counter_read_at_scrape_time() {
+        let config = LvmConfig::load(None, &["thin=vg0/pool0".into()]).unwrap();
+        let controller = Arc::new(LvmController::new(config, Vec::new(), Box::new(|| None)));
+        let mut registry = prometheus_client::registry::Registry::default();
+        register_metrics(&mut registry, controller.clone());
+        controller.duplicates.fetch_add(3, Ordering::Relaxed);
+        let mut page = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut page, &registry).unwrap();
+        assert!(
+            page.contains(
+                "# TYPE lodestone_lvm_duplicates_found_total counter\n\
+                 lodestone_lvm_duplicates_found_total 3\n"
+            ),
+            "{page}"
+        );
+    }
+}
