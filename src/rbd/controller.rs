@@ -28,7 +28,9 @@ use crate::error::{Error, Result};
 use crate::rbd::client::DEFAULT_FEATURES;
 use crate::rbd::config::{Cluster, RbdConfig};
 use crate::rbd::ffi;
-use crate::rbd::ids::{self, Kind, RbdId, META_CREATED, META_NAME, META_PARAMS, META_SOURCE};
+use crate::rbd::ids::{
+    self, Kind, RbdId, RbdKind, META_CREATED, META_NAME, META_PARAMS, META_SOURCE, SOURCE_KEY,
+};
 use crate::rbd::{ConnectionPool, Credentials, ImageOptions, IoCtx, RbdError, RbdResult};
 
 pub const P_CLUSTER: &str = "clusterID";
@@ -59,8 +61,6 @@ pub use crate::core::node::CTX_MKFS_OPTIONS;
 
 /// Image metadata: the accessible topology (JSON), for Get/List.
 const META_TOPOLOGY: &str = "lodestone.v1.topology";
-/// Key under which the source enters the parameter digest.
-const SOURCE_KEY: &str = "lodestone/source";
 /// Volumes are sized in whole MiB.
 const GRAIN: u64 = 1 << 20;
 const DEFAULT_SIZE: u64 = 1 << 30;
@@ -878,7 +878,7 @@ impl ControllerBackend for RbdController {
         };
         let size = req.range.pick(GRAIN, source_size, default)?;
         let key = Kind::Volume.key_for_name(&req.name);
-        let image = format!("{}{key}", Kind::Volume.image_prefix());
+        let image = Kind::Volume.object_name(&key);
         let topology_json = placement
             .topology
             .as_ref()
@@ -904,7 +904,7 @@ impl ControllerBackend for RbdController {
         let src = source
             .as_ref()
             .map(|(sid, pool, _)| (sid.clone(), pool.clone()));
-        let temp_snap = format!("ldtmp-{key}");
+        let temp_snap = ids::temp_name(&key);
         let (pool_id, found, background) = self
             .pool
             .run(&creds, &placement.pool, move |io| {
@@ -1204,7 +1204,7 @@ impl ControllerBackend for RbdController {
             key: key.clone(),
         };
         let hidden = id.image();
-        let temp = format!("ldtmp-{key}");
+        let temp = ids::temp_name(&key);
         let name = req.name.clone();
         let src_image = src.image();
         let source_id = src.encode();
