@@ -640,6 +640,134 @@ impl NewVolume {
     }
 }
 
+/// A CSI snapshot to take: the hidden clone `ldsnap-<key>` of the source
+/// volume, with its own snapshot `csi` made last (see [`crate::core::ids`]).
+struct NewSnapshot {
+    id: RbdId,
+    name: String,
+    digest: String,
+    /// The source volume: its id and image.
+    source_id: String,
+    source_image: String,
+    /// The source's snapshot the hidden clone is taken from.
+    temp: String,
+    policy: FlattenPolicy,
+}
+
+impl NewSnapshot {
+    fn plan(req: &CreateSnapshot, src: &RbdId, policy: FlattenPolicy) -> NewSnapshot {
+        let mut digested = req.params.clone();
+        digested.insert(SOURCE_KEY.to_string(), src.encode());
+        let key = Kind::Snapshot.key_for_name(&req.name);
+        NewSnapshot {
+            id: RbdId {
+                kind: Kind::Snapshot,
+                cluster: src.cluster.clone(),
+                pool_id: src.pool_id,
+                key: key.clone(),
+            },
+            name: req.name.clone(),
+            digest: ids::params_digest(&digested),
+            source_id: src.encode(),
+            source_image: src.image(),
+            temp: ids::temp_name(&key),
+            policy,
+        }
+    }
+
+    /// On a blocking thread: takes the snapshot, or finds what an earlier
+    /// attempt made and completes it. Returns the hidden image as it is
+    /// and whether it is to be flattened in the background.
+    fn make(self, io: &IoCtx) -> RbdResult<(Found, bool)> {
+        let hidden = self.id.image();
+        let existing = inspect(io, &hidden)?;
+        if let Some(found) = &existing {
+            self.check(io, found)?;
+        }
+        let background = if existing.is_some() && self.is_complete(io)? {
+            false
+        } else {
+            self.complete(io, existing.is_none())?
+        };
+        self.drop_temp(io)?;
+        let found = inspect(io, &hidden)?.ok_or_else(|| RbdError::NotFound {
+            what: format!("image {}/{hidden} vanished", io.pool()),
+        })?;
+        Ok((found, background))
+    }
+
+    /// An existing hidden image must be this request's (or untagged: an
+    /// attempt that died before its metadata) from this source.
+    fn check(&self, io: &IoCtx, found: &Found) -> RbdResult<()> {
+        let name = &self.name;
+        if !owned_by(Kind::Snapshot, &found.name, name) {
+            return Err(RbdError::Exists {
+                what: format!(
+                    "image {}/{} belongs to another request",
+                    io.pool(),
+                    self.id.image()
+                ),
+            });
+        }
+        if tagged_by(&found.name, name) && found.digest.as_deref() != Some(self.digest.as_str()) {
+            return Err(RbdError::Exists {
+                what: format!("snapshot {name:?} exists with another source"),
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether the hidden image has its snapshot `csi`, made last.
+    fn is_complete(&self, io: &IoCtx) -> RbdResult<bool> {
+        Ok(io
+            .open_read_only(&self.id.image(), None)?
+            .user_snapshots()?
+            .iter()
+            .any(|s| s.name == ids::SNAP_NAME))
+    }
+
+    /// The steps up to `csi`, from the hidden clone on when it is not there
+    /// (`fresh`), else from the flatten rules on. Returns whether to
+    /// flatten in the background.
+    fn complete(&self, io: &IoCtx, fresh: bool) -> RbdResult<bool> {
+        let hidden = self.id.image();
+        if fresh {
+            let source = io.open(&self.source_image)?;
+            ignore_exists(source.snap_create(&self.temp))?;
+            drop(source);
+            crate::fail_point!("rbd.snapshot.after_source_snap");
+            let options = ImageOptions::default();
+            ignore_exists(io.clone_image(&self.source_image, &self.temp, io, &hidden, &options))?;
+            crate::fail_point!("rbd.snapshot.after_clone");
+        }
+        // First attempt or retry: the same flatten rules.
+        let background = settle_clone(io, &hidden, None, self.policy, false)?;
+        tag(
+            io,
+            &hidden,
+            &[
+                (META_NAME, self.name.clone()),
+                (META_PARAMS, self.digest.clone()),
+                (META_SOURCE, self.source_id.clone()),
+                (META_CREATED, now().to_string()),
+            ],
+        )?;
+        ignore_exists(io.open(&hidden)?.snap_create(ids::SNAP_NAME))?;
+        crate::fail_point!("rbd.snapshot.after_snap");
+        Ok(background)
+    }
+
+    /// The source's temporary snapshot goes (a retry after a crash may find
+    /// it still there; the source itself may be gone by then).
+    fn drop_temp(&self, io: &IoCtx) -> RbdResult<()> {
+        match io.open(&self.source_image) {
+            Ok(s) => ignore_missing(s.snap_remove(&self.temp)),
+            Err(e) if e.is_not_found() => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
 impl RbdController {
     pub fn new(config: RbdConfig, pool: Arc<ConnectionPool>, flatten: FlattenPolicy) -> Self {
         RbdController {
@@ -1160,85 +1288,11 @@ impl ControllerBackend for RbdController {
             }
         }
         let creds = self.creds(cluster, &req.secrets)?;
-        let mut params = req.params.clone();
-        params.insert(SOURCE_KEY.to_string(), src.encode());
-        let digest = ids::params_digest(&params);
-        let key = Kind::Snapshot.key_for_name(&req.name);
-        let id = RbdId {
-            kind: Kind::Snapshot,
-            cluster: src.cluster.clone(),
-            pool_id: src.pool_id,
-            key: key.clone(),
-        };
-        let hidden = id.image();
-        let temp = ids::temp_name(&key);
-        let name = req.name.clone();
-        let src_image = src.image();
-        let source_id = src.encode();
-        let policy = self.flatten;
+        let new = NewSnapshot::plan(req, &src, self.flatten);
+        let id = new.id.clone();
         let r = self
             .pool
-            .run_by_id(&creds, src.pool_id, move |io| {
-                let mut background = false;
-                let existing = inspect(io, &hidden)?;
-                if let Some(f) = &existing {
-                    if !owned_by(Kind::Snapshot, &f.name, &name) {
-                        return Err(RbdError::Exists {
-                            what: format!(
-                                "image {}/{hidden} belongs to another request",
-                                io.pool()
-                            ),
-                        });
-                    }
-                    if tagged_by(&f.name, &name) && f.digest.as_deref() != Some(digest.as_str()) {
-                        return Err(RbdError::Exists {
-                            what: format!("snapshot {name:?} exists with another source"),
-                        });
-                    }
-                }
-                let done = existing.is_some()
-                    && io
-                        .open_read_only(&hidden, None)?
-                        .user_snapshots()?
-                        .iter()
-                        .any(|s| s.name == ids::SNAP_NAME);
-                if !done {
-                    if existing.is_none() {
-                        let source = io.open(&src_image)?;
-                        ignore_exists(source.snap_create(&temp))?;
-                        drop(source);
-                        crate::fail_point!("rbd.snapshot.after_source_snap");
-                        let options = ImageOptions::default();
-                        ignore_exists(io.clone_image(&src_image, &temp, io, &hidden, &options))?;
-                        crate::fail_point!("rbd.snapshot.after_clone");
-                    }
-                    // First attempt or retry: the same flatten rules.
-                    background = settle_clone(io, &hidden, None, policy, false)?;
-                    tag(
-                        io,
-                        &hidden,
-                        &[
-                            (META_NAME, name.clone()),
-                            (META_PARAMS, digest.clone()),
-                            (META_SOURCE, source_id.clone()),
-                            (META_CREATED, now().to_string()),
-                        ],
-                    )?;
-                    ignore_exists(io.open(&hidden)?.snap_create(ids::SNAP_NAME))?;
-                    crate::fail_point!("rbd.snapshot.after_snap");
-                }
-                // The source's temporary snapshot (a retry after a crash may
-                // find it still there).
-                match io.open(&src_image) {
-                    Ok(s) => ignore_missing(s.snap_remove(&temp))?,
-                    Err(e) if e.is_not_found() => {}
-                    Err(e) => return Err(e),
-                }
-                let f = inspect(io, &hidden)?.ok_or_else(|| RbdError::NotFound {
-                    what: format!("image {}/{hidden} vanished", io.pool()),
-                })?;
-                Ok((f, background))
-            })
+            .run_by_id(&creds, src.pool_id, move |io| new.make(io))
             .await;
         let (found, background) = match r {
             Err(e) if e.is_not_found() => {
