@@ -40,8 +40,7 @@ pub trait LvmKind: Copy {
     fn tag(self) -> &'static str;
     /// The 32-hex-digit key of a request name, in LVM's key space.
     fn key_for_name(self, request_name: &str) -> String;
-    /// LV names are this prefix plus the key.
-    fn lv_prefix(self) -> &'static str;
+    /// The LV name of the key (`lds-<key>`, `ldsnap-<key>`).
     fn lv_name(self, key: &str) -> String;
     /// The key of an LV name of this kind, if it is one.
     fn key_of_lv(self, lv: &str) -> Option<&str>;
@@ -64,10 +63,6 @@ impl LvmKind for Kind {
 
     fn key_for_name(self, request_name: &str) -> String {
         KEYS.key_for_name(self, request_name)
-    }
-
-    fn lv_prefix(self) -> &'static str {
-        self.name_prefix()
     }
 
     fn lv_name(self, key: &str) -> String {

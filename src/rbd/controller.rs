@@ -2,7 +2,8 @@
 //! call on a blocking thread). Identity is in Ceph: the image name derives
 //! from the request name, image metadata holds the request name, a digest
 //! of the parameters and the source, so any controller can restart at any
-//! time and a retried call finds what an earlier attempt made.
+//! time and a retried call finds what an earlier attempt made (the
+//! protocol is in [`crate::core::ids`]).
 //!
 //! Snapshots are snapshots of hidden clones: a CSI snapshot of volume V is
 //! image `ldsnap-<key>`, a clone v2 of V taken through a short-lived

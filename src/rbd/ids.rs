@@ -29,8 +29,6 @@ pub const SNAP_NAME: &str = "csi";
 pub trait RbdKind: Copy {
     /// The 32-hex-digit key of a request name, in RBD's key space.
     fn key_for_name(self, request_name: &str) -> String;
-    /// Image names are this prefix plus the key.
-    fn image_prefix(self) -> &'static str;
     /// The key of an image name of this kind, if it is one.
     fn key_of_image(self, image: &str) -> Option<&str>;
 }
@@ -38,10 +36,6 @@ pub trait RbdKind: Copy {
 impl RbdKind for Kind {
     fn key_for_name(self, request_name: &str) -> String {
         KEYS.key_for_name(self, request_name)
-    }
-
-    fn image_prefix(self) -> &'static str {
-        self.name_prefix()
     }
 
     fn key_of_image(self, image: &str) -> Option<&str> {
