@@ -7,14 +7,9 @@ use std::time::Duration;
 use clap::ValueEnum;
 use serde::Deserialize;
 
-/// Topology key every Lodestone LVM node reports; its value is the node id.
-pub const TOPOLOGY_NODE_KEY: &str = "topology.lodestone.dev/node";
-
-/// Longest node id we accept: a Kubernetes label value (the topology value).
-pub const MAX_NODE_ID_LEN: usize = 63;
-
-/// Longest device class name (keeps every volume id under 128 bytes).
-pub const MAX_CLASS_NAME_LEN: usize = 24;
+pub use crate::core::ids::{
+    validate_class_name, validate_node_id, MAX_CLASS_NAME_LEN, MAX_NODE_ID_LEN, TOPOLOGY_NODE_KEY,
+};
 
 /// A command line or LVM configuration that cannot be used. The text says
 /// which flag or field and why; it already carries its source's text, so
@@ -433,27 +428,6 @@ pub fn socket_path(endpoint: &str) -> Result<PathBuf, ConfigError> {
     Ok(PathBuf::from(path))
 }
 
-pub fn validate_node_id(id: &str) -> Result<(), String> {
-    if id.is_empty() || id.len() > MAX_NODE_ID_LEN {
-        return Err(format!(
-            "node id {id:?} must be 1 to {MAX_NODE_ID_LEN} characters (it is the value of \
-             the {TOPOLOGY_NODE_KEY} topology label); set --node-id"
-        ));
-    }
-    let ok_chars = id
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
-    let ends_ok = id.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && id.ends_with(|c: char| c.is_ascii_alphanumeric());
-    if !ok_chars || !ends_ok {
-        return Err(format!(
-            "node id {id:?} is not a valid Kubernetes label value (letters, digits, '-', '_', \
-             '.', starting and ending with a letter or digit); set --node-id"
-        ));
-    }
-    Ok(())
-}
-
 /// One device class: a volume group, optionally a thin pool inside it.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -608,24 +582,6 @@ impl LvmConfig {
             }
         }
         vgs
-    }
-}
-
-pub fn validate_class_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= MAX_CLASS_NAME_LEN
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-        && !name.starts_with('-')
-        && !name.ends_with('-');
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "device class name {name:?} must be 1 to {MAX_CLASS_NAME_LEN} lowercase letters, \
-             digits or '-', not starting or ending with '-'"
-        ))
     }
 }
 

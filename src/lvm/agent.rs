@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crate::config::{DeviceClass, LvmConfig};
 use crate::error::{Error, Result};
 use crate::host::blockdev;
-use crate::lvm::ids::{self, Kind};
+use crate::lvm::ids::{self, Kind, LvmKind};
 use crate::lvm::report::{self, FullReport, Lv, Vg};
 use crate::runner::{Cmd, RunError, Runner};
 

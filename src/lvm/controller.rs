@@ -19,13 +19,11 @@ use crate::core::request::{topology_matches, Access, FsType};
 use crate::csi;
 use crate::error::{Error, Result};
 use crate::lvm::agent::{Agent, LvSpec, Origin};
-use crate::lvm::ids::{self, Kind, LvId, TAG_COPYING};
+use crate::lvm::ids::{self, Kind, LvId, LvmKind, SOURCE_KEY, TAG_COPYING};
 use crate::lvm::report::Lv;
 
 pub const PARAM_DEVICE_CLASS: &str = "deviceClass";
 const PARAMETER_KEYS: &[&str] = &[PARAM_DEVICE_CLASS];
-/// Key under which a volume's source enters its parameter digest.
-const SOURCE_KEY: &str = "lodestone/source";
 
 pub struct LvmController {
     config: LvmConfig,

@@ -25,7 +25,7 @@ use crate::config::DeviceClass;
 use crate::error::{Error, Result};
 use crate::host::blockdev;
 use crate::lvm::agent::{lvm_error, LocalAgent, LvSpec, Origin};
-use crate::lvm::ids::{self, Kind, TAG_COPYING, TAG_COPY_FAILED};
+use crate::lvm::ids::{self, Kind, LvmKind, TAG_COPYING, TAG_COPY_FAILED};
 use crate::lvm::report::Lv;
 
 /// A copy under way, or the last one that failed.

@@ -8,7 +8,7 @@ use tonic::{Code, Request, Response, Status};
 use crate::agentpb as pb;
 use crate::error::Error;
 use crate::lvm::agent::{Agent, ClassCapacity, LocalAgent, LvSpec, Origin};
-use crate::lvm::ids::{has_tag, Kind};
+use crate::lvm::ids::{has_tag, Kind, LvmKind};
 use crate::lvm::report::Lv;
 
 impl From<Lv> for pb::Lv {

@@ -6,6 +6,7 @@
 //! * [`pool`]: async access for the controller: pooled connections, calls
 //!   run under `spawn_blocking`, idle connections reaped.
 //! * [`error`]: `RbdError` (typed errno) and its mapping to gRPC codes.
+//! * [`params`]: StorageClass parameters, parsed into types.
 //! * [`memory`]: keeps the heap librbd calls leave behind small.
 
 pub mod client;
@@ -16,6 +17,7 @@ pub mod ffi;
 pub mod ids;
 pub mod memory;
 pub mod node;
+pub mod params;
 pub mod pool;
 
 pub use client::{

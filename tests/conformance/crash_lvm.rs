@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use lodestone::csi;
 use lodestone::csi::controller_client::ControllerClient;
 use lodestone::csi::volume_content_source::{SnapshotSource, Type as SourceType};
-use lodestone::lvm::ids::Kind;
+use lodestone::lvm::ids::{Kind, LvmKind};
 use tonic::transport::Channel;
 use tonic::Code;
 
