@@ -19,6 +19,7 @@ use crate::core::request::{topology_matches, Access, FsType};
 use crate::csi;
 use crate::error::{Error, Result};
 use crate::lvm::agent::{Agent, LvSpec, Origin};
+use crate::lvm::error::LvmError;
 use crate::lvm::ids::{self, Kind, LvId, TAG_COPYING};
 use crate::lvm::report::Lv;
 
@@ -43,11 +44,6 @@ pub struct LvmController {
     attempts: Mutex<HashMap<String, String>>,
     /// LV keys found on more than one node (see `report_duplicates`).
     pub duplicates: AtomicU64,
-}
-
-/// Whether an agent error means "could not ask that node".
-fn unreachable(e: &Error) -> bool {
-    matches!(e, Error::Unavailable(_) | Error::DeadlineExceeded(_))
 }
 
 fn node_segments(node: &str) -> BTreeMap<String, String> {
@@ -151,8 +147,8 @@ impl LvmController {
         }
         let lv = match agent.find(&id.class, &id.lv_name()).await {
             Ok(lv) => lv,
-            Err(Error::NotFound(_)) => None, // the node has no such class
-            Err(e) => return Err(e),
+            Err(LvmError::NoSuchClass(_)) => None,
+            Err(e) => return Err(e.into()),
         };
         Ok(lv.filter(|l| ids::has_tag(&l.tags, id.kind.tag())))
     }
@@ -181,13 +177,12 @@ impl LvmController {
                 match agent.find(&class.name, &id.lv_name()).await {
                     Ok(Some(lv)) => return Ok(Some((id, lv))),
                     Ok(None) => {}
-                    // The node does not serve this device class.
-                    Err(Error::NotFound(_)) => {}
-                    Err(e) if unreachable(&e) => {
+                    Err(LvmError::NoSuchClass(_)) => {}
+                    Err(e) if e.is_unreachable() => {
                         down.push((node.clone(), e));
                         break;
                     }
-                    Err(e) => return Err(e),
+                    Err(e) => return Err(e.into()),
                 }
             }
         }
@@ -265,7 +260,7 @@ impl LvmController {
                 tracing::info!(lv = %lv.name, from = lv.size, to = size,
                     "finishing the growth of an interrupted restore or clone");
                 let agent = self.agent(&id.node).expect("found on this node");
-                agent.extend(&id.class, &lv.name, size).await
+                Ok(agent.extend(&id.class, &lv.name, size).await?)
             }
             _ => Ok(lv),
         }
@@ -361,12 +356,12 @@ impl LvmController {
         for (node, agent) in self.all_agents() {
             let lvs = match agent.list().await {
                 Ok(lvs) => lvs,
-                Err(e) if unreachable(&e) => {
+                Err(e) if e.is_unreachable() => {
                     tracing::warn!(node = %node, error = %e,
                         "listing without this node: its agent cannot be reached");
                     continue;
                 }
-                Err(e) => return Err(e),
+                Err(e) => return Err(e.into()),
             };
             for (class, lv) in lvs {
                 if !ids::has_tag(&lv.tags, kind.tag()) {
@@ -473,7 +468,7 @@ impl ControllerBackend for LvmController {
         for (node, agent) in self.all_agents() {
             let cap = match agent.capacity(&class.name).await {
                 Ok(c) => c,
-                Err(Error::NotFound(_)) => continue, // class not on this node
+                Err(LvmError::NoSuchClass(_)) => continue,
                 Err(e) => {
                     tracing::warn!(node, error = %e, "node skipped for placement");
                     continue;
@@ -625,13 +620,13 @@ impl ControllerBackend for LvmController {
             }
             let cap = match agent.capacity(&class.name).await {
                 Ok(cap) => cap,
-                Err(Error::NotFound(_)) => continue, // class not on this node
+                Err(LvmError::NoSuchClass(_)) => continue,
                 // Without a topology the answer is the reachable nodes' sum.
-                Err(e) if topology.is_none() && unreachable(&e) => {
+                Err(e) if topology.is_none() && e.is_unreachable() => {
                     tracing::warn!(node = %node, error = %e, "capacity without this node");
                     continue;
                 }
-                Err(e) => return Err(e),
+                Err(e) => return Err(e.into()),
             };
             total.available += cap.available;
             total.maximum_volume = total.maximum_volume.max(cap.available);
@@ -701,7 +696,7 @@ impl ControllerBackend for LvmController {
         match self.resolve(Kind::Snapshot, id).await? {
             Some((lid, lv)) => {
                 let agent = self.agent(&lid.node).expect("resolved on a known node");
-                agent.remove(&lid.class, &lv.name).await
+                Ok(agent.remove(&lid.class, &lv.name).await?)
             }
             None => Ok(()),
         }

@@ -6,6 +6,7 @@ pub mod agent;
 pub mod controller;
 pub mod copy;
 pub mod detached;
+pub mod error;
 pub mod ids;
 pub mod node;
 pub mod remote;
