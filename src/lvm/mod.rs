@@ -9,6 +9,7 @@ pub mod detached;
 pub mod error;
 pub mod ids;
 pub mod node;
+pub mod params;
 pub mod remote;
 pub mod report;
 pub mod resolver;
