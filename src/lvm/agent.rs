@@ -13,11 +13,11 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::config::{DeviceClass, LvmConfig};
-use crate::error::{Error, Result};
 use crate::host::blockdev;
+use crate::lvm::error::{LvmError, Result};
 use crate::lvm::ids::{self, Kind, LvmKind};
 use crate::lvm::report::{self, FullReport, Lv, Vg};
-use crate::runner::{Cmd, RunError, Runner};
+use crate::runner::{Cmd, Runner};
 
 /// What the controller asks a node to create.
 #[derive(Debug, Clone)]
@@ -198,9 +198,9 @@ impl LocalAgent {
     }
 
     pub(super) fn class(&self, name: &str) -> Result<&DeviceClass> {
-        self.config
-            .class(name)
-            .ok_or_else(|| Error::NotFound(format!("device class {name:?} is not configured")))
+        self.config.class(name).ok_or_else(|| {
+            LvmError::NoSuchClass(format!("device class {name:?} is not configured"))
+        })
     }
 
     /// Readiness from the last report, without running anything: every
@@ -290,14 +290,14 @@ impl LocalAgent {
             Ok(p) => p,
             Err(e) if out.code != 0 => {
                 self.record_problems(vec![format!("lvm report failed: {}", out.stderr.trim())]);
-                return Err(Error::Unavailable(format!(
+                return Err(LvmError::Unavailable(format!(
                     "{e}; lvm said: {}",
                     out.stderr.trim()
                 )));
             }
             Err(e) => return Err(e.into()),
         };
-        let (vgs, lvs) = report::parse(parsed).map_err(|e| Error::Internal(e.to_string()))?;
+        let (vgs, lvs) = report::parse(parsed).map_err(|e| LvmError::Internal(e.to_string()))?;
         let mut st = State {
             vgs: vgs.into_iter().map(|v| (v.name.clone(), v)).collect(),
             lvs: lvs
@@ -388,7 +388,7 @@ impl LocalAgent {
             .await?
             .filter(|l| l.is_thin_pool())
             .ok_or_else(|| {
-                Error::Unavailable(format!(
+                LvmError::Unavailable(format!(
                     "thin pool {vg}/{pool} of device class {} is not available",
                     class.name
                 ))
@@ -406,8 +406,8 @@ impl LocalAgent {
         let cmd = self.lvm("lvchange").args(flags).arg(format!("{vg}/{pool}"));
         if let Err(e) = self.runner.run(&cmd).await {
             self.mark_dirty();
-            let e = lvm_error(e);
-            return Err(Error::FailedPrecondition(format!(
+            let e = LvmError::from(e);
+            return Err(LvmError::Blocked(format!(
                 "thin pool {vg}/{pool} of device class {} {}, and setting it failed ({e}); new \
                  volumes in this class are refused until the pool is set with `lvchange \
                  --zero y --errorwhenfull y {vg}/{pool}`",
@@ -501,7 +501,7 @@ impl LocalAgent {
             .await
             .map_err(|e| {
                 self.mark_dirty();
-                lvm_error(e)
+                LvmError::from(e)
             })?;
         let mut st = self.state.write().expect("state poisoned");
         if let Some(l) = st.lvs.get_mut(&(vg.to_string(), lv.to_string())) {
@@ -527,7 +527,7 @@ impl LocalAgent {
             match jobs.get(&key) {
                 Some(ZeroJob::Done) => return Ok(()),
                 Some(ZeroJob::Running) => {
-                    return Err(Error::Aborted(format!(
+                    return Err(LvmError::Busy(format!(
                         "{key} is still being zeroed before removal; retry later"
                     )))
                 }
@@ -549,7 +549,7 @@ impl LocalAgent {
         });
         let zeroed = task
             .await
-            .map_err(|e| Error::Internal(format!("zeroing task failed: {e}")))??;
+            .map_err(|e| LvmError::Internal(format!("zeroing task failed: {e}")))??;
         tracing::debug!(lv = %key, zeroed, elapsed = ?started.elapsed(), "zeroed thick LV");
         Ok(())
     }
@@ -606,7 +606,7 @@ impl LocalAgent {
     ) -> Result<Lv> {
         let vg = &class.volume_group;
         let origin_lv = self.lookup(vg, &origin.lv).await?.ok_or_else(|| {
-            Error::NotFound(format!("the source LV {vg}/{} no longer exists", origin.lv))
+            LvmError::LvMissing(format!("the source LV {vg}/{} no longer exists", origin.lv))
         })?;
         let mut cmd = self
             .lvm("lvcreate")
@@ -671,9 +671,9 @@ impl LocalAgent {
         let Err(e) = self.runner.run(cmd).await else {
             return Ok(None);
         };
-        let err = lvm_error(e);
+        let err = LvmError::from(e);
         self.mark_dirty();
-        if let Error::AlreadyExists(_) = err {
+        if let LvmError::AlreadyExists(_) = err {
             if let Some(lv) = self.lookup(vg, name).await? {
                 return Ok(Some(lv));
             }
@@ -718,7 +718,7 @@ impl LocalAgent {
         st.vgs
             .get(vg)
             .map(|v| v.extent_size)
-            .ok_or_else(|| Error::Unavailable(format!("volume group {vg} is not available")))
+            .ok_or_else(|| LvmError::Unavailable(format!("volume group {vg} is not available")))
     }
 
     pub(super) fn class_of(&self, lv: &Lv) -> Option<&DeviceClass> {
@@ -737,7 +737,7 @@ impl LocalAgent {
     pub(super) fn capacity_now(&self, class: &DeviceClass) -> Result<ClassCapacity> {
         let st = self.state.read().expect("state poisoned");
         let vg = st.vgs.get(&class.volume_group).ok_or_else(|| {
-            Error::Unavailable(format!(
+            LvmError::Unavailable(format!(
                 "volume group {} of device class {} is not available",
                 class.volume_group, class.name
             ))
@@ -755,7 +755,7 @@ impl LocalAgent {
             .lvs
             .get(&(vg.name.clone(), pool_name.clone()))
             .ok_or_else(|| {
-                Error::Unavailable(format!(
+                LvmError::Unavailable(format!(
                     "thin pool {}/{pool_name} is not available",
                     vg.name
                 ))
@@ -840,30 +840,6 @@ fn now_epoch() -> i64 {
         .unwrap_or(0)
 }
 
-/// Maps an lvm failure to the gRPC code an orchestrator can act on.
-pub fn lvm_error(e: RunError) -> Error {
-    let stderr = e.stderr().to_string();
-    let lower = stderr.to_lowercase();
-    let has = |s: &str| lower.contains(s);
-    if has("insufficient free space")
-        || has("insufficient suitable")
-        || has("free space in thin pool")
-        || has("cannot create new thin volume")
-    {
-        Error::ResourceExhausted(format!("not enough space: {stderr}"))
-    } else if has("already exists") {
-        Error::AlreadyExists(stderr)
-    } else if has("in use") || has("is open") || has("is used by") {
-        Error::FailedPrecondition(format!(
-            "the volume is in use (mounted or open); unpublish and unstage it first: {stderr}"
-        ))
-    } else if has("not found") || has("failed to find logical volume") {
-        Error::NotFound(stderr)
-    } else {
-        e.into()
-    }
-}
-
 #[tonic::async_trait]
 impl Agent for LocalAgent {
     fn node(&self) -> &str {
@@ -874,7 +850,7 @@ impl Agent for LocalAgent {
         let class = self.class(&spec.class)?.clone();
         let extent = self.extent_size(&class.volume_group)?;
         if spec.size == 0 || spec.size % extent != 0 {
-            return Err(Error::Internal(format!(
+            return Err(LvmError::Internal(format!(
                 "size {} is not a whole number of {extent}-byte extents",
                 spec.size
             )));
@@ -899,7 +875,7 @@ impl Agent for LocalAgent {
         if lv.is_active() {
             let dev = Self::device_path(&lv.vg, &lv.name);
             if let Some(at) = crate::host::mount::mounts_of(&dev)?.first() {
-                return Err(Error::FailedPrecondition(format!(
+                return Err(LvmError::InUse(format!(
                     "{}/{} is still mounted at {}; unpublish and unstage it first",
                     lv.vg,
                     lv.name,
@@ -922,7 +898,7 @@ impl Agent for LocalAgent {
                 self.runner
                     .run(&cmd.arg(format!("{}/{}", lv.vg, lv.name)))
                     .await
-                    .map_err(lvm_error)?;
+                    .map_err(LvmError::from)?;
                 self.update_lv(&lv.vg, &lv.name, |l| l.attr.replace_range(1..2, "w"));
             }
             self.zero(&lv).await?;
@@ -932,13 +908,13 @@ impl Agent for LocalAgent {
             .arg("--yes")
             .arg(format!("{}/{}", lv.vg, lv.name));
         crate::fail_point!("lvm.delete.before_lvremove");
-        let removed = self.runner.run(&cmd).await.map_err(lvm_error);
+        let removed = self.runner.run(&cmd).await.map_err(LvmError::from);
         // Success or not, the zeroing record goes: should the removal have
         // failed, the LV was still in use and may hold new data, so the next
         // attempt zeroes again.
         self.forget_zeroed(&lv.vg, &lv.name);
         match removed {
-            Ok(_) | Err(Error::NotFound(_)) => {}
+            Ok(_) | Err(LvmError::LvMissing(_)) => {}
             Err(e) => {
                 self.mark_dirty();
                 return Err(e);
@@ -954,7 +930,7 @@ impl Agent for LocalAgent {
         let lv = self
             .lookup(&class.volume_group, lv_name)
             .await?
-            .ok_or_else(|| Error::NotFound(format!("volume {lv_name} does not exist")))?;
+            .ok_or_else(|| LvmError::LvMissing(format!("volume {lv_name} does not exist")))?;
         if size <= lv.size {
             return Ok(lv);
         }
@@ -964,7 +940,7 @@ impl Agent for LocalAgent {
             .arg(format!("{}/{}", lv.vg, lv.name));
         self.runner.run(&cmd).await.map_err(|e| {
             self.mark_dirty();
-            lvm_error(e)
+            LvmError::from(e)
         })?;
         crate::fail_point!("lvm.expand.after_lvextend");
         let mut st = self.state.write().expect("state poisoned");
@@ -999,10 +975,10 @@ impl Agent for LocalAgent {
         self.ensure_fresh().await?;
         match self.capacity_now(class) {
             // Made after the last report? Look once more (rate-limited).
-            Err(Error::Unavailable(e)) => {
+            Err(LvmError::Unavailable(e)) => {
                 // A failed report changes nothing: the answer stays.
                 if self.refresh_if_older(MISSING_REFRESH).await.is_err() {
-                    return Err(Error::Unavailable(e));
+                    return Err(LvmError::Unavailable(e));
                 }
                 self.capacity_now(class)
             }
@@ -1365,6 +1341,8 @@ mod tests {
 
     #[test]
     fn maps_lvm_errors() {
+        use crate::error::Error;
+        use crate::runner::RunError;
         let failed = |stderr: &str| RunError::Failed {
             command: "lvm".into(),
             code: 5,
@@ -1389,7 +1367,7 @@ mod tests {
             ("  Something odd", "IN"),
         ];
         for (stderr, want) in cases {
-            let got = match lvm_error(failed(stderr)) {
+            let got = match Error::from(crate::lvm::error::classify(failed(stderr))) {
                 Error::ResourceExhausted(_) => "RE",
                 Error::AlreadyExists(_) => "AE",
                 Error::FailedPrecondition(_) => "FP",
