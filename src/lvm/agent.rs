@@ -938,10 +938,23 @@ impl Agent for LocalAgent {
             .lvm("lvextend")
             .args(["--size", &format!("{size}b")])
             .arg(format!("{}/{}", lv.vg, lv.name));
-        self.runner.run(&cmd).await.map_err(|e| {
+        if let Err(e) = self.runner.run(&cmd).await {
+            // An lvextend of an earlier attempt may have got there first:
+            // one left running by a process killed mid-call (a started
+            // command runs to its end) commits while this one waits for the
+            // VG lock, and this one then fails on a size already reached.
+            // What counts is the LV's size as LVM reports it now.
             self.mark_dirty();
-            LvmError::from(e)
-        })?;
+            let err = LvmError::from(e);
+            return match self.lookup(&lv.vg, &lv.name).await? {
+                Some(now) if now.size >= size => {
+                    tracing::info!(vg = %lv.vg, lv = %lv.name, size = now.size,
+                        "already at the requested size (an earlier attempt's lvextend finished)");
+                    Ok(now)
+                }
+                _ => Err(err),
+            };
+        }
         crate::fail_point!("lvm.expand.after_lvextend");
         let mut st = self.state.write().expect("state poisoned");
         if !class.is_thin() {
