@@ -1709,3 +1709,61 @@ async fn node_delete_racing_stage_is_all_or_nothing() {
     }
     println!("delete vs stage: {gone} gone, {kept} kept");
 }
+
+// ---------------------------------------------------------------------------
+// Which process loads librbd: the controller only. Needs no cluster (neither
+// mode connects before a request).
+// ---------------------------------------------------------------------------
+
+/// The Ceph libraries mapped into `pid` (from /proc/<pid>/maps).
+fn ceph_libraries(pid: i32) -> Vec<String> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
+    let mut libs: Vec<String> = maps
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .filter(|p| {
+            ["librbd", "librados", "libceph-common"]
+                .iter()
+                .any(|n| p.contains(n))
+        })
+        .map(str::to_string)
+        .collect();
+    libs.sort();
+    libs.dedup();
+    libs
+}
+
+async fn rbd_driver_without_cluster(mode: &str) -> Driver {
+    let dir = new_temp_dir();
+    let config = dir.path().join("rbd-config.json");
+    let json = serde_json::json!([{
+        "clusterID": CLUSTER, "monitors": ["127.0.0.1:1"], "pools": ["rbd"],
+    }]);
+    std::fs::write(&config, json.to_string()).unwrap();
+    Driver::builder()
+        .mode(mode)
+        .class_args(Vec::<String>::new())
+        .args(["--driver", "rbd"])
+        .args(["--rbd-config", config.to_str().unwrap()])
+        .start_in(dir)
+        .await
+}
+
+#[tokio::test]
+async fn only_the_controller_maps_librbd() {
+    let node = rbd_driver_without_cluster("node").await;
+    assert_eq!(
+        ceph_libraries(node.pid()),
+        Vec::<String>::new(),
+        "node plugin"
+    );
+    drop(node);
+    let controller = rbd_driver_without_cluster("controller").await;
+    let libs = ceph_libraries(controller.pid());
+    for lib in ["librbd.so", "librados.so", "libceph-common.so"] {
+        assert!(
+            libs.iter().any(|l| l.contains(lib)),
+            "controller lacks {lib}: {libs:?}"
+        );
+    }
+}
