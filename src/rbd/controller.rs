@@ -1049,6 +1049,28 @@ impl ControllerBackend for RbdController {
     }
 
     async fn delete_volume(&self, id: &str, secrets: &Secrets) -> Result<()> {
+        // What Ceph is asked, beside the `rbd_remove` a direct removal makes
+        // (one blocking call for all of it; nothing else: no listing, no
+        // metadata read):
+        // * rbd_open_read_only + rbd_get_parent + rbd_watchers_list +
+        //   rbd_close: the watcher check must come first because
+        //   rbd_remove moves the image to the trash before it looks for
+        //   watchers and restores it only on a best-effort basis (a mapped
+        //   image would be left renamed in the trash); the parent tells
+        //   which trashed ancestors this image kept alive.
+        // * only when the image is not found: rbd_trash_list (+
+        //   rbd_trash_remove of each entry found), to finish a removal that
+        //   died halfway (the image in the trash under source REMOVING).
+        // * only when rbd_remove answers ENOTEMPTY (the image has clones):
+        //   rbd_trash_move, so the clones keep their parent.
+        // * only when rbd_remove fails otherwise: rbd.get_id +
+        //   rbd_trash_list (+ rbd_trash_restore), to put back an image the
+        //   failed removal left in the trash.
+        // * only for a clone whose parent waits in the trash: one read-only
+        //   open of each such ancestor (for its own parent) and its
+        //   rbd_trash_remove once its last child is gone.
+        // The volume id names the pool (by id) and the image, so nothing
+        // is looked up to find them.
         let Some((rid, cluster)) = self.known_id(Kind::Volume, id) else {
             return Ok(());
         };
