@@ -1767,3 +1767,93 @@ async fn only_the_controller_maps_librbd() {
         );
     }
 }
+
+/// A node plugin process of its own (`--mode node`) maps 20 volumes: it
+/// never loads a Ceph library, and its memory is printed (run with
+/// `--nocapture`; LODESTONE_TEST_NODE_BIN picks the binary, e.g. the
+/// release build, default: this build's).
+#[tokio::test]
+async fn node_plugin_maps_20_volumes_without_ceph_libraries() {
+    let Some(ceph) = ceph() else { return };
+    if !node_enabled() {
+        return;
+    }
+    let controller = ceph.driver(&[]).await;
+    let dir = new_temp_dir();
+    let (config, _) = ceph.write_config(dir.path(), &[&ceph.pool]);
+    let socket = dir.path().join("node.sock");
+    let bin = std::env::var("LODESTONE_TEST_NODE_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_lodestone").to_string());
+    let mut node = Command::new(&bin)
+        .args(["--driver", "rbd", "--mode", "node", "--node-id", "rss"])
+        .arg("--endpoint")
+        .arg(format!("unix://{}", socket.display()))
+        .arg("--rbd-config")
+        .arg(&config)
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .expect("spawn the node plugin");
+    let pid = node.id() as i32;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !socket.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the node plugin did not come up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut client = lodestone::csi::node_client::NodeClient::new(
+        connect_unix(&socket)
+            .await
+            .expect("connect to the node plugin"),
+    );
+    let status = |pid: i32| {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        s.lines()
+            .filter(|l| {
+                ["VmRSS", "RssAnon", "RssFile", "VmHWM", "Threads"]
+                    .iter()
+                    .any(|k| l.starts_with(k))
+            })
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    eprintln!("node plugin {bin}: idle: {}", status(pid));
+    let mut volumes = Vec::new();
+    for i in 0..20 {
+        let v = controller
+            .create_ok(ceph.create_req(&unique_name(&format!("rbd-rss-{i}")), 16 * MIB))
+            .await;
+        let staging = dir.path().join(format!("staging-{i}"));
+        std::fs::create_dir_all(&staging).unwrap();
+        let r = client
+            .node_stage_volume(csi::NodeStageVolumeRequest {
+                volume_id: v.volume_id.clone(),
+                staging_target_path: staging.to_str().unwrap().to_string(),
+                volume_capability: Some(block_cap()),
+                secrets: ceph.secrets(),
+                volume_context: v.volume_context.clone(),
+                ..Default::default()
+            })
+            .await;
+        expect_ok(r, &format!("NodeStageVolume({})", v.volume_id));
+        volumes.push((v, staging));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    eprintln!("node plugin {bin}: 20 volumes mapped: {}", status(pid));
+    assert_eq!(ceph_libraries(pid), Vec::<String>::new(), "node plugin");
+    for (v, staging) in &volumes {
+        let r = client
+            .node_unstage_volume(csi::NodeUnstageVolumeRequest {
+                volume_id: v.volume_id.clone(),
+                staging_target_path: staging.to_str().unwrap().to_string(),
+            })
+            .await;
+        expect_ok(r, &format!("NodeUnstageVolume({})", v.volume_id));
+        delete_volume(&controller, &ceph, &v.volume_id).await;
+    }
+    let _ = node.kill();
+    let _ = node.wait();
+}
