@@ -298,6 +298,10 @@ pub async fn rbd_services(args: &RunArgs) -> Result<Services, ServerError> {
     let config = RbdConfig::load(&args.rbd_config, args.rbd_secret_dir.clone())
         .map_err(ServerError::RbdConfig)?;
     crate::rbd::memory::limit_arenas();
+    if args.mode.runs_controller() {
+        // librbd / librados are loaded at run time, by the controller only.
+        crate::rbd::ffi::load()?;
+    }
     if args.rbd_soft_clone_depth == 0 || args.rbd_hard_clone_depth < args.rbd_soft_clone_depth {
         return Err(ServerError::CloneDepths);
     }

@@ -188,13 +188,27 @@ fn ignore_exists(r: RbdResult<()>) -> RbdResult<()> {
 /// Busy, and whatever fails, the image is then exactly as it was: still
 /// under its name, out of the trash.
 ///
-/// `rbd_remove` moves the image to the trash first and removes it from
-/// there; a client that maps it meanwhile makes the second step fail,
-/// after which librbd restores it only on a best-effort basis. So the
-/// watchers are checked before anything changes, and after a failure an
-/// image left in the trash by the removal is put back. A removal that died
+/// `rbd_remove` checks watchers, moves the image to the trash and removes
+/// it from there; a client that maps it after the check makes the last
+/// step fail, after which librbd restores it only on a best-effort basis.
+/// So after a failure an image left in the trash by the removal is put
+/// back. A clone is also checked for watchers before anything changes
+/// (it is opened anyway, for its trashed ancestors). A removal that died
 /// halfway (the process killed) is finished by the next call.
 fn remove_or_trash(io: &IoCtx, image: &str) -> RbdResult<()> {
+    let id = match io.image_id(image) {
+        Ok(id) => id,
+        Err(e) if e.is_not_found() => return finish_removal(io, image),
+        Err(e) => return Err(e),
+    };
+    if !io.has_parent_unopened(&id)? {
+        // Not a clone: no ancestors to purge, and rbd_remove validates the
+        // removal itself (watchers, snapshots) before it moves the image to
+        // the trash, so the read-only open below (about 5 ms) would only
+        // repeat that check. A watcher arriving between its check and the
+        // move is what restore_stranded undoes, as for a clone.
+        return remove_checked(io, image, Vec::new());
+    }
     let (parent, watchers) = match io.open_read_only(image, None) {
         // a read-only handle watches nothing: every watcher is someone else
         Ok(img) => (img.parent()?, img.watchers()?),
@@ -212,6 +226,12 @@ fn remove_or_trash(io: &IoCtx, image: &str) -> RbdResult<()> {
         });
     }
     let ancestors = trashed_ancestors(io, parent)?;
+    remove_checked(io, image, ancestors)
+}
+
+/// `rbd_remove` of an image checked for watchers (by librbd or by us), then
+/// the purge of the trashed `ancestors` it kept alive.
+fn remove_checked(io: &IoCtx, image: &str, ancestors: Vec<(i64, String, String)>) -> RbdResult<()> {
     crate::fail_point!("rbd.trash.before_remove");
     match io.remove(image) {
         Ok(()) => {}
@@ -1145,6 +1165,32 @@ impl ControllerBackend for RbdController {
     }
 
     async fn delete_volume(&self, id: &str, secrets: &Secrets) -> Result<()> {
+        // What Ceph is asked, beside the `rbd_remove` a direct removal makes
+        // (one blocking call for all of it; nothing else: no listing, no
+        // metadata read):
+        // * rbd.get_id + rbd.parent_get (two small object-class calls, no
+        //   image open): the id finds the header, the parent says whether
+        //   the image is a clone. A plain volume goes straight to
+        //   rbd_remove, which validates watchers and snapshots itself
+        //   before it moves the image to the trash.
+        // * only for a clone: rbd_open_read_only + rbd_get_parent +
+        //   rbd_watchers_list + rbd_close: which trashed ancestors this
+        //   image kept alive (purged after it), and the watcher check
+        //   before anything changes.
+        // * only when the image is not found: rbd_trash_list (+
+        //   rbd_trash_remove of each entry found), to finish a removal that
+        //   died halfway (the image in the trash under source REMOVING).
+        // * only when rbd_remove answers ENOTEMPTY (the image has clones):
+        //   rbd_trash_move, so the clones keep their parent.
+        // * only when rbd_remove fails otherwise (e.g. a watcher that came
+        //   after librbd's check): rbd.get_id + rbd_trash_list (+
+        //   rbd_trash_restore), to put back an image the failed removal
+        //   left in the trash (librbd's own restore is best-effort).
+        // * only for a clone whose parent waits in the trash: one read-only
+        //   open of each such ancestor (for its own parent) and its
+        //   rbd_trash_remove once its last child is gone.
+        // The volume id names the pool (by id) and the image, so nothing
+        // is looked up to find them.
         let Some((rid, cluster)) = self.known_id(Kind::Volume, id) else {
             return Ok(());
         };

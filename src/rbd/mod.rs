@@ -1,7 +1,8 @@
 //! Ceph RBD backend (feature `rbd`): the controller (in-process librbd)
 //! and, below it, the librados / librbd binding.
 //!
-//! * [`ffi`]: raw `extern "C"` declarations (links `librados`, `librbd`).
+//! * [`ffi`]: the librados / librbd C functions, loaded at run time by the
+//!   controller only (`dlopen`; the binary does not link them).
 //! * [`client`]: safe, blocking `Cluster` / `IoCtx` / `Image` with RAII.
 //! * [`pool`]: async access for the controller: pooled connections, calls
 //!   run under `spawn_blocking`, idle connections reaped.
