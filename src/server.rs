@@ -91,6 +91,9 @@ pub enum ServerError {
     NoSocketDirectory,
     #[error("this lodestone was built without the rbd feature")]
     NoRbdFeature,
+    /// librbd/librados could not be loaded (the text names the library).
+    #[error("{0}")]
+    RbdLibrary(String),
     #[error("gRPC server failed: {0}")]
     Serve(#[source] tonic::transport::Error),
 }
@@ -300,7 +303,7 @@ pub async fn rbd_services(args: &RunArgs) -> Result<Services, ServerError> {
     crate::rbd::memory::limit_arenas();
     if args.mode.runs_controller() {
         // librbd / librados are loaded at run time, by the controller only.
-        crate::rbd::ffi::load()?;
+        crate::rbd::ffi::load().map_err(ServerError::RbdLibrary)?;
     }
     if args.rbd_soft_clone_depth == 0 || args.rbd_hard_clone_depth < args.rbd_soft_clone_depth {
         return Err(ServerError::CloneDepths);
