@@ -1,11 +1,12 @@
 # syntax=docker/dockerfile:1
 #
 # Lodestone CSI driver image: one binary for both drivers (lvm.lodestone.dev
-# and rbd.lodestone.dev), built with the `rbd` feature (librbd/librados FFI).
+# and rbd.lodestone.dev), built with the `rbd` feature (its controller loads
+# librbd/librados at run time; the node plugin never does).
 #
 #   docker build -t lodestone:0.1.0 .
 #
-# Two stages: the build stage has Rust, protoc and the Ceph headers; the
+# Two stages: the build stage has Rust and protoc; the
 # runtime stage has the binary and exactly the programs and libraries the
 # driver uses at run time (tests/deploy/test_dockerfile.py checks this list
 # against the programs the Rust sources run).
@@ -16,7 +17,6 @@ FROM rust:1.95-${DEBIAN_RELEASE} AS build
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
       protobuf-compiler libprotobuf-dev \
-      librbd-dev librados-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY Cargo.toml Cargo.lock build.rs ./
@@ -50,7 +50,7 @@ LABEL org.opencontainers.image.title="lodestone" \
 #   modprobe (rbd loads the kernel module when it is missing)
 #                         kmod
 #   (rbd-nbd is not offered: its daemon would die with a restarted plugin)
-#   librados2, librbd1    libraries the rbd controller links (FFI)
+#   librados2, librbd1    libraries the rbd controller loads at run time
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
       lvm2 thin-provisioning-tools \

@@ -1132,11 +1132,12 @@ impl Bench {
         tb.driver(class, "DeleteSnapshot", &del_snap);
         tb.driver(class, "DeleteVolume (restored)", &del_restore);
         // What the design promises: thin snapshot/restore one lvcreate;
-        // thick snapshot: target, COW snapshot, COW fullness check,
-        // untag, remove COW; thick restore: target and untag; deletes one
+        // thick snapshot: COW snapshot (the cut), target, COW fullness
+        // check, untag, split the COW from its origin (so it can be zeroed),
+        // remove COW; thick restore: target and untag; deletes one
         // lvremove (a thick read-only snapshot first turns writable).
         let expect = [
-            ("CreateSnapshot (until ready)", if thick { 5 } else { 1 }),
+            ("CreateSnapshot (until ready)", if thick { 6 } else { 1 }),
             (
                 "CreateVolume from snapshot (until done)",
                 if thick { 2 } else { 1 },

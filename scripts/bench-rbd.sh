@@ -5,11 +5,14 @@
 # single-node Ceph cluster on this host (tests/ceph/cluster.sh, its own
 # directory and ports, no mgr), builds the release driver with the rbd
 # feature and the bench binary (benches/rbd.rs, in target/rbd), runs it and
-# stops the cluster. The markdown report goes to stdout and to
-# target/bench/rbd.md; builds and progress go to stderr.
+# stops the cluster. Driver calls and the same librbd calls made directly
+# alternate in one loop (paired p50 ratios, bursts of 20 and 50, a
+# per-step breakdown); the controller's and a node plugin's memory close
+# the report, which goes to stdout and to target/bench/rbd.md; builds and
+# progress go to stderr.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-case "${1:-}" in -h|--help) sed -n '2,9p' "$0"; exit 0 ;; esac
+case "${1:-}" in -h|--help) sed -n '2,12p' "$0"; exit 0 ;; esac
 
 bash tests/ceph/packages.sh --no-mgr >&2
 export LODESTONE_CEPH_MON_V2_PORT=${LODESTONE_CEPH_MON_V2_PORT:-3327}

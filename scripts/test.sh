@@ -21,6 +21,7 @@ bash tests/vm/host-packages.sh
 
 section "format and lint"
 cargo fmt --check
+bash scripts/check-layers.sh
 cargo clippy --all-targets --locked -- -D warnings
 
 section "host tests (unit tests; conformance validation against the driver on this host)"
@@ -30,8 +31,8 @@ section "interop: a grpcio (gRPC C-core) client on the CSI Unix socket"
 bash tests/interop/run.sh
 
 section "RBD driver against a single-node Ceph cluster on this host"
-# The rbd feature links librbd; its build lives in its own target dir so the
-# default binary (used by the LVM guest suite) stays the default build.
+# The rbd feature's controller loads librbd at run time (the node plugin
+# never does); its build lives in its own target dir so the default binary (used by the LVM guest suite) stays the default build.
 bash tests/ceph/packages.sh --no-mgr
 export CARGO_TARGET_DIR_RBD=target/rbd
 CARGO_TARGET_DIR=$CARGO_TARGET_DIR_RBD cargo clippy --all-targets --locked --features rbd -- -D warnings

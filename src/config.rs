@@ -1,20 +1,71 @@
 //! Process configuration: command-line flags (each also read from the
 //! environment) and the LVM device classes.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::ValueEnum;
 use serde::Deserialize;
 
-/// Topology key every Lodestone LVM node reports; its value is the node id.
-pub const TOPOLOGY_NODE_KEY: &str = "topology.lodestone.dev/node";
+pub use crate::core::ids::{
+    validate_class_name, validate_node_id, MAX_CLASS_NAME_LEN, MAX_NODE_ID_LEN, TOPOLOGY_NODE_KEY,
+};
 
-/// Longest node id we accept: a Kubernetes label value (the topology value).
-pub const MAX_NODE_ID_LEN: usize = 63;
-
-/// Longest device class name (keeps every volume id under 128 bytes).
-pub const MAX_CLASS_NAME_LEN: usize = 24;
+/// A command line or LVM configuration that cannot be used. The text says
+/// which flag or field and why; it already carries its source's text, so
+/// print it once rather than walking the chain.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--tls-cert, --tls-key and --tls-ca go together")]
+    TlsFlagsApart,
+    #[error("--agent {entry:?}: expected NODE=HOST:PORT")]
+    AgentEntry { entry: String },
+    #[error("--agent: node {node} is given twice")]
+    AgentTwice { node: String },
+    #[error("cannot read the host name for --node-id: {0}")]
+    HostName(#[source] nix::Error),
+    /// `--node-id` (or the host name) breaks the node id rules.
+    #[error("{0}")]
+    NodeId(String),
+    #[error("--endpoint {endpoint:?}: expected an absolute unix socket path or unix:///path")]
+    Endpoint { endpoint: String },
+    #[error("--device-class {spec:?}: expected NAME=VG or NAME=VG/POOL")]
+    DeviceClassSpec { spec: String },
+    #[error("cannot read LVM config {}: {source}", path.display())]
+    ReadLvmConfig {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("LVM config {}: {source}", path.display())]
+    ParseLvmConfig {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error(
+        "no LVM device class configured: pass --device-class NAME=VG[/POOL] or --lvm-config FILE"
+    )]
+    NoDeviceClass,
+    #[error("more than one device class is marked default")]
+    SeveralDefaults,
+    /// A device class name that breaks the class name rules.
+    #[error("{0}")]
+    ClassName(String),
+    #[error(
+        "{field} {name:?} is not a valid LVM name (letters, digits, '+', '_', '.', '-'; \
+         not starting with '-')"
+    )]
+    LvmName { field: &'static str, name: String },
+    #[error("device class {name:?} is defined twice")]
+    ClassTwice { name: String },
+    #[error("device class {class:?}: {field} must be {range}")]
+    OutOfRange {
+        class: String,
+        field: &'static str,
+        range: &'static str,
+    },
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DriverKind {
@@ -51,44 +102,6 @@ pub enum AgentResolver {
 pub enum LogFormat {
     Text,
     Json,
-}
-
-#[derive(Debug, Parser)]
-#[command(
-    name = "lodestone",
-    version,
-    about = "Lodestone CSI driver (LVM and Ceph RBD)"
-)]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Option<Command>,
-    #[command(flatten)]
-    pub run: RunArgs,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Serve the CSI driver (the default when no subcommand is given).
-    Serve,
-    /// Walk one volume through its whole life on a throw-away loop-file
-    /// volume group, printing each step. Needs root and device-mapper.
-    Demo(DemoArgs),
-    /// A CSI client for operators: call the driver on `--endpoint`.
-    Ctl(crate::ctl::CtlArgs),
-}
-
-#[derive(Debug, Clone, clap::Args)]
-pub struct DemoArgs {
-    /// Directory for the demo's backing file, socket and mount points.
-    #[arg(
-        long,
-        env = "LODESTONE_DEMO_DIR",
-        default_value = "/tmp/lodestone-demo"
-    )]
-    pub dir: PathBuf,
-    /// Size of the demo volume group's backing file, in MiB.
-    #[arg(long, default_value_t = 1024)]
-    pub vg_mib: u64,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -339,7 +352,7 @@ pub struct RunArgs {
 
 impl RunArgs {
     /// The TLS files of the agent API: all three or none.
-    pub fn tls_files(&self) -> Result<Option<crate::tls::TlsFiles>, String> {
+    pub fn tls_files(&self) -> Result<Option<crate::tls::TlsFiles>, ConfigError> {
         match (&self.tls_cert, &self.tls_key, &self.tls_ca) {
             (Some(cert), Some(key), Some(ca)) => Ok(Some(crate::tls::TlsFiles {
                 cert: cert.clone(),
@@ -347,21 +360,25 @@ impl RunArgs {
                 ca: ca.clone(),
             })),
             (None, None, None) => Ok(None),
-            _ => Err("--tls-cert, --tls-key and --tls-ca go together".to_string()),
+            _ => Err(ConfigError::TlsFlagsApart),
         }
     }
 
     /// The static agent map: (node, address) pairs.
-    pub fn agent_map(&self) -> Result<Vec<(String, String)>, String> {
+    pub fn agent_map(&self) -> Result<Vec<(String, String)>, ConfigError> {
         let mut out: Vec<(String, String)> = Vec::new();
         for entry in self.agents.iter().filter(|e| !e.trim().is_empty()) {
             let (node, addr) = entry
                 .trim()
                 .split_once('=')
                 .filter(|(n, a)| !n.is_empty() && !a.is_empty())
-                .ok_or_else(|| format!("--agent {entry:?}: expected NODE=HOST:PORT"))?;
+                .ok_or_else(|| ConfigError::AgentEntry {
+                    entry: entry.clone(),
+                })?;
             if out.iter().any(|(n, _)| n == node) {
-                return Err(format!("--agent: node {node} is given twice"));
+                return Err(ConfigError::AgentTwice {
+                    node: node.to_string(),
+                });
             }
             out.push((node.to_string(), addr.to_string()));
         }
@@ -382,54 +399,33 @@ impl RunArgs {
     }
 
     /// The node id, checked: a valid label value of at most 63 characters.
-    pub fn node_id(&self) -> Result<String, String> {
+    pub fn node_id(&self) -> Result<String, ConfigError> {
         let id = match &self.node_id {
             Some(id) => id.clone(),
             None => nix::unistd::gethostname()
-                .map_err(|e| format!("cannot read the host name for --node-id: {e}"))?
+                .map_err(ConfigError::HostName)?
                 .to_string_lossy()
                 .into_owned(),
         };
-        validate_node_id(&id)?;
+        validate_node_id(&id).map_err(ConfigError::NodeId)?;
         Ok(id)
     }
 
     /// The socket path from `--endpoint`.
-    pub fn socket_path(&self) -> Result<PathBuf, String> {
+    pub fn socket_path(&self) -> Result<PathBuf, ConfigError> {
         socket_path(&self.endpoint)
     }
 }
 
-pub fn socket_path(endpoint: &str) -> Result<PathBuf, String> {
+pub fn socket_path(endpoint: &str) -> Result<PathBuf, ConfigError> {
     let path = endpoint.strip_prefix("unix://").unwrap_or(endpoint);
     // unix:///abs/path leaves "/abs/path"; unix://rel is not accepted.
     if !path.starts_with('/') {
-        return Err(format!(
-            "--endpoint {endpoint:?}: expected an absolute unix socket path or unix:///path"
-        ));
+        return Err(ConfigError::Endpoint {
+            endpoint: endpoint.to_string(),
+        });
     }
     Ok(PathBuf::from(path))
-}
-
-pub fn validate_node_id(id: &str) -> Result<(), String> {
-    if id.is_empty() || id.len() > MAX_NODE_ID_LEN {
-        return Err(format!(
-            "node id {id:?} must be 1 to {MAX_NODE_ID_LEN} characters (it is the value of \
-             the {TOPOLOGY_NODE_KEY} topology label); set --node-id"
-        ));
-    }
-    let ok_chars = id
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
-    let ends_ok = id.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && id.ends_with(|c: char| c.is_ascii_alphanumeric());
-    if !ok_chars || !ends_ok {
-        return Err(format!(
-            "node id {id:?} is not a valid Kubernetes label value (letters, digits, '-', '_', \
-             '.', starting and ending with a letter or digit); set --node-id"
-        ));
-    }
-    Ok(())
 }
 
 /// One device class: a volume group, optionally a thin pool inside it.
@@ -471,10 +467,12 @@ impl DeviceClass {
         self.thin_pool.is_some()
     }
 
-    fn inline(spec: &str) -> Result<Self, String> {
+    fn inline(spec: &str) -> Result<Self, ConfigError> {
         let (name, target) = spec
             .split_once('=')
-            .ok_or_else(|| format!("--device-class {spec:?}: expected NAME=VG or NAME=VG/POOL"))?;
+            .ok_or_else(|| ConfigError::DeviceClassSpec {
+                spec: spec.to_string(),
+            })?;
         let (vg, pool) = match target.split_once('/') {
             Some((vg, pool)) => (vg, Some(pool.to_string())),
             None => (target, None),
@@ -506,13 +504,19 @@ pub struct LvmConfig {
 }
 
 impl LvmConfig {
-    pub fn load(file: Option<&std::path::Path>, inline: &[String]) -> Result<Self, String> {
+    pub fn load(file: Option<&Path>, inline: &[String]) -> Result<Self, ConfigError> {
         let mut classes = Vec::new();
         if let Some(path) = file {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| format!("cannot read LVM config {}: {e}", path.display()))?;
-            let parsed: LvmConfigFile = serde_json::from_str(&text)
-                .map_err(|e| format!("LVM config {}: {e}", path.display()))?;
+            let text =
+                std::fs::read_to_string(path).map_err(|source| ConfigError::ReadLvmConfig {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+            let parsed: LvmConfigFile =
+                serde_json::from_str(&text).map_err(|source| ConfigError::ParseLvmConfig {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
             classes.extend(parsed.device_classes);
         }
         for spec in inline.iter().filter(|s| !s.trim().is_empty()) {
@@ -521,41 +525,38 @@ impl LvmConfig {
         Self::new(classes)
     }
 
-    pub fn new(mut classes: Vec<DeviceClass>) -> Result<Self, String> {
+    pub fn new(mut classes: Vec<DeviceClass>) -> Result<Self, ConfigError> {
         if classes.is_empty() {
-            return Err(
-                "no LVM device class configured: pass --device-class NAME=VG[/POOL] \
-                        or --lvm-config FILE"
-                    .into(),
-            );
+            return Err(ConfigError::NoDeviceClass);
         }
         let defaults = classes.iter().filter(|c| c.default).count();
         if defaults > 1 {
-            return Err("more than one device class is marked default".into());
+            return Err(ConfigError::SeveralDefaults);
         }
         if defaults == 0 {
             classes[0].default = true;
         }
         for (i, c) in classes.iter().enumerate() {
-            validate_class_name(&c.name)?;
+            validate_class_name(&c.name).map_err(ConfigError::ClassName)?;
             validate_lvm_name(&c.volume_group, "volumeGroup")?;
             if let Some(pool) = &c.thin_pool {
                 validate_lvm_name(pool, "thinPool")?;
             }
             if classes[..i].iter().any(|o| o.name == c.name) {
-                return Err(format!("device class {:?} is defined twice", c.name));
+                return Err(ConfigError::ClassTwice {
+                    name: c.name.clone(),
+                });
             }
+            let out_of_range = |field, range| ConfigError::OutOfRange {
+                class: c.name.clone(),
+                field,
+                range,
+            };
             if !(c.overprovision_ratio >= 1.0 && c.overprovision_ratio <= 1000.0) {
-                return Err(format!(
-                    "device class {:?}: overprovisionRatio must be between 1 and 1000",
-                    c.name
-                ));
+                return Err(out_of_range("overprovisionRatio", "between 1 and 1000"));
             }
             if !(c.pool_full_threshold_percent > 0.0 && c.pool_full_threshold_percent <= 100.0) {
-                return Err(format!(
-                    "device class {:?}: poolFullThresholdPercent must be in (0, 100]",
-                    c.name
-                ));
+                return Err(out_of_range("poolFullThresholdPercent", "in (0, 100]"));
             }
         }
         Ok(LvmConfig { classes })
@@ -584,26 +585,8 @@ impl LvmConfig {
     }
 }
 
-pub fn validate_class_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= MAX_CLASS_NAME_LEN
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-        && !name.starts_with('-')
-        && !name.ends_with('-');
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "device class name {name:?} must be 1 to {MAX_CLASS_NAME_LEN} lowercase letters, \
-             digits or '-', not starting or ending with '-'"
-        ))
-    }
-}
-
 /// LVM's own rules for VG and LV names, minus anything that could read as a flag.
-pub fn validate_lvm_name(name: &str, what: &str) -> Result<(), String> {
+pub fn validate_lvm_name(name: &str, what: &'static str) -> Result<(), ConfigError> {
     let ok = !name.is_empty()
         && name.len() <= 127
         && !name.starts_with('-')
@@ -615,10 +598,10 @@ pub fn validate_lvm_name(name: &str, what: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "{what} {name:?} is not a valid LVM name (letters, digits, '+', '_', '.', '-'; \
-             not starting with '-')"
-        ))
+        Err(ConfigError::LvmName {
+            field: what,
+            name: name.to_string(),
+        })
     }
 }
 
@@ -681,5 +664,66 @@ mod tests {
             "overprovisionRatio":2.5,"spareBytes":1024}]}"#;
         let f: LvmConfigFile = serde_json::from_str(text).unwrap();
         assert_eq!(f.device_classes[0].overprovision_ratio, 2.5);
+    }
+
+    #[test]
+    fn errors_name_the_file_or_field_and_keep_their_source() {
+        use std::error::Error as _;
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.json");
+        let e = LvmConfig::load(Some(&missing), &[]).unwrap_err();
+        let ConfigError::ReadLvmConfig { path, source } = &e else {
+            panic!("{e:?}")
+        };
+        assert_eq!(path, &missing);
+        assert_eq!(source.kind(), std::io::ErrorKind::NotFound);
+        assert!(e.source().is_some());
+        assert!(e.to_string().contains(&*missing.to_string_lossy()), "{e}");
+
+        let bad = dir.path().join("bad.json");
+        std::fs::write(&bad, "{").unwrap();
+        let e = LvmConfig::load(Some(&bad), &[]).unwrap_err();
+        assert!(
+            matches!(&e, ConfigError::ParseLvmConfig { path, .. } if path == &bad),
+            "{e:?}"
+        );
+        assert!(e.source().is_some());
+
+        let mut class = DeviceClass::inline("a=vg").unwrap();
+        class.overprovision_ratio = 0.5;
+        let e = LvmConfig::new(vec![class]).unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                ConfigError::OutOfRange {
+                    field: "overprovisionRatio",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert_eq!(
+            e.to_string(),
+            "device class \"a\": overprovisionRatio must be between 1 and 1000"
+        );
+        let e = LvmConfig::load(None, &["a=vg/-p".into()]).unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                ConfigError::LvmName {
+                    field: "thinPool",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(matches!(
+            LvmConfig::load(None, &["a".into()]),
+            Err(ConfigError::DeviceClassSpec { .. })
+        ));
+        assert!(matches!(
+            socket_path("x"),
+            Err(ConfigError::Endpoint { .. })
+        ));
     }
 }

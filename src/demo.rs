@@ -9,13 +9,35 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::client;
 use clap::Parser;
 
-use crate::config::DemoArgs;
+use crate::client;
+use crate::config::RunArgs;
 use crate::csi::volume_capability::{access_mode, AccessMode, MountVolume};
 use crate::csi::*;
 use crate::runner::{Cmd, Runner};
+
+/// `lodestone demo`'s own flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DemoArgs {
+    /// Directory for the demo's backing file, socket and mount points.
+    #[arg(
+        long,
+        env = "LODESTONE_DEMO_DIR",
+        default_value = "/tmp/lodestone-demo"
+    )]
+    pub dir: PathBuf,
+    /// Size of the demo volume group's backing file, in MiB.
+    #[arg(long, default_value_t = 1024)]
+    pub vg_mib: u64,
+}
+
+/// The driver's flags alone, to serve the demo's driver in this process.
+#[derive(Parser)]
+struct DriverFlags {
+    #[command(flatten)]
+    run: RunArgs,
+}
 
 const VG: &str = "lodestone-demo";
 const LVM_NO_UDEV: &str = "activation { udev_sync = 0 udev_rules = 0 } \
@@ -141,7 +163,7 @@ async fn walk(args: &DemoArgs, runner: &Runner, dir: &Path, image: &Path) -> Res
     let socket = dir.join("csi.sock");
     let endpoint = format!("unix://{}", socket.display());
     let class = format!("demo={VG}/pool0");
-    let run_args = crate::config::Cli::parse_from([
+    let run_args = DriverFlags::parse_from([
         "lodestone",
         "--endpoint",
         &endpoint,
@@ -158,8 +180,8 @@ async fn walk(args: &DemoArgs, runner: &Runner, dir: &Path, image: &Path) -> Res
         s,
         "start the driver (controller + node) on a Unix socket",
         {
-            let services = crate::server::build(&run_args).await?;
-            let listener = crate::server::bind(&socket)?;
+            let services = crate::server::build(&run_args).await.map_err(err)?;
+            let listener = crate::server::bind(&socket).map_err(err)?;
             tokio::spawn(crate::server::serve(services, listener, async {
                 let _ = stop_rx.await;
             }))

@@ -1,10 +1,26 @@
 //! Lodestone: a Kubernetes CSI driver for local LVM and Ceph RBD.
 //!
-//! Layers, top to bottom: `driver` (the CSI gRPC services: validation, locks,
-//! error mapping), `core` (backend-neutral logic: capacity, placement, node
-//! mount work), and one module per backend (`lvm`). `runner` is the one way
-//! to run an external program; `host` holds the mount and block-device
-//! syscalls; `metrics` the Prometheus registry and its HTTP endpoint.
+//! Layers, top to bottom (a call goes down; imports only point down, which
+//! `scripts/check-layers.sh` checks):
+//!
+//! - `ctl` (a CSI client for operators) and `demo`, on top: they talk to
+//!   the driver over its socket (`client`) or start it, and nothing below
+//!   imports them. `main` parses the command line and runs one of them or
+//!   the server.
+//! - `server`: assembles the services of a process (by `--driver` and
+//!   `--mode`, from `config`) and serves them.
+//! - `driver`: the CSI gRPC services (validation, locks, error mapping),
+//!   backend-neutral.
+//! - `core`: backend-neutral logic (capacity, placement, node mount work)
+//!   and the backend traits.
+//! - The backends, one module each, implementing `core`'s traits: `lvm`
+//!   (with its node agent API over mutual TLS, `tls`, and agent discovery
+//!   through `kube`) and `rbd` (librbd in the controller, krbd on nodes;
+//!   the `rbd` feature).
+//! - `host` (mount and block-device syscalls) and `runner` (the one way to
+//!   run an external program), with `error` and `failpoint`.
+//!
+//! `metrics` holds the Prometheus registry and its HTTP endpoint.
 
 pub mod client;
 pub mod config;

@@ -1,7 +1,52 @@
-use clap::Parser;
+//! The `lodestone` command: serves the driver (the default), or runs the
+//! operator client (`ctl`) or the demo on top of it.
+
+use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
-use lodestone::config::{Cli, Command, LogFormat};
+use lodestone::config::{ConfigError, LogFormat, RunArgs};
+use lodestone::ctl::CtlArgs;
+use lodestone::demo::DemoArgs;
+use lodestone::server::ServerError;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "lodestone",
+    version,
+    about = "Lodestone CSI driver (LVM and Ceph RBD)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the CSI driver (the default when no subcommand is given).
+    Serve,
+    /// Walk one volume through its whole life on a throw-away loop-file
+    /// volume group, printing each step. Needs root and device-mapper.
+    Demo(DemoArgs),
+    /// A CSI client for operators: call the driver on `--endpoint`.
+    Ctl(CtlArgs),
+}
+
+/// Why the driver did not start, or stopped serving.
+#[derive(Debug, thiserror::Error)]
+enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The metrics endpoint could not listen (its text names the flag).
+    #[error("{0}")]
+    Metrics(String),
+    #[error(transparent)]
+    Server(#[from] ServerError),
+    /// The demo's own errors.
+    #[error("{0}")]
+    Demo(String),
+}
 
 fn init_logging(format: LogFormat, default_filter: &str) {
     let filter =
@@ -30,19 +75,22 @@ async fn main() {
     init_logging(cli.run.log_format, default_filter);
     let result = match cli.command {
         None | Some(Command::Serve) => serve(cli.run).await,
-        Some(Command::Demo(demo)) => lodestone::demo::run(&demo).await,
+        Some(Command::Demo(demo)) => lodestone::demo::run(&demo).await.map_err(StartError::Demo),
         Some(Command::Ctl(ctl)) => std::process::exit(lodestone::ctl::run(&cli.run, &ctl).await),
     };
     if let Err(e) = result {
+        // Once, through the log (text or JSON as --log-format says); every
+        // error's text already carries its cause's.
         tracing::error!("{e}");
-        eprintln!("lodestone: {e}");
         std::process::exit(1);
     }
 }
 
-async fn serve(args: lodestone::config::RunArgs) -> Result<(), String> {
+async fn serve(args: RunArgs) -> Result<(), StartError> {
     let socket = args.socket_path()?;
-    let metrics = lodestone::metrics::bind(&args.metrics_address).await?;
+    let metrics = lodestone::metrics::bind(&args.metrics_address)
+        .await
+        .map_err(|e| StartError::Metrics(e.to_string()))?;
     let services = lodestone::server::build(&args).await?;
     if let Some(listener) = metrics {
         let limits = lodestone::metrics::HttpLimits::default();

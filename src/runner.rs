@@ -22,7 +22,18 @@ use serde::de::DeserializeOwned;
 use tokio::io::AsyncReadExt;
 use tokio::process::{Child, Command};
 
-use crate::metrics::{CounterVec, Exposition, HistogramVec, DURATION_BUCKETS};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Upper bounds (seconds) of the latency histograms, of commands and of CSI
+/// calls alike: 1 ms to 5 min.
+pub const DURATION_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    120.0, 300.0,
+];
 
 /// A program invocation: program name or path, arguments, extra environment.
 #[derive(Debug, Clone)]
@@ -154,21 +165,47 @@ pub struct Runner {
     counts: Arc<Counts>,
 }
 
+/// The labels of `lodestone_commands_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    program: String,
+    outcome: &'static str,
+}
+
+/// The labels of `lodestone_command_duration_seconds`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProgramLabels {
+    program: String,
+}
+
+fn duration_histogram() -> Histogram {
+    Histogram::new(DURATION_BUCKETS.iter().copied())
+}
+
 #[derive(Debug)]
 struct Counts {
     spawned: Mutex<BTreeMap<String, u64>>,
     /// Commands by program and outcome.
-    outcomes: CounterVec,
+    outcomes: Family<OutcomeLabels, Counter>,
     /// Run time of the commands that started, by program.
-    durations: HistogramVec,
+    durations: Family<ProgramLabels, Histogram, fn() -> Histogram>,
 }
 
 impl Counts {
     fn record(&self, program: &str, outcome: Outcome, elapsed: Option<Duration>) {
-        self.outcomes.inc(&[program, outcome.as_str()]);
+        let program = program.to_string();
         if let Some(elapsed) = elapsed {
-            self.durations.observe(&[program], elapsed.as_secs_f64());
+            let labels = ProgramLabels {
+                program: program.clone(),
+            };
+            self.durations
+                .get_or_create(&labels)
+                .observe(elapsed.as_secs_f64());
         }
+        let outcome = outcome.as_str();
+        self.outcomes
+            .get_or_create(&OutcomeLabels { program, outcome })
+            .inc();
     }
 }
 
@@ -178,18 +215,8 @@ impl Runner {
             default_timeout,
             counts: Arc::new(Counts {
                 spawned: Mutex::new(BTreeMap::new()),
-                outcomes: CounterVec::new(
-                    "lodestone_commands_total",
-                    "External commands run, by program and outcome (success, failure: non-zero \
-                     exit, timeout: killed, error: could not be started).",
-                    &["program", "outcome"],
-                ),
-                durations: HistogramVec::new(
-                    "lodestone_command_duration_seconds",
-                    "Run time of external commands that started, by program.",
-                    &["program"],
-                    DURATION_BUCKETS,
-                ),
+                outcomes: Family::default(),
+                durations: Family::new_with_constructor(duration_histogram),
             }),
         }
     }
@@ -205,13 +232,27 @@ impl Runner {
 
     /// How many commands of `program` ended with `outcome`.
     pub fn outcome_count(&self, program: &str, outcome: Outcome) -> u64 {
-        self.counts.outcomes.get(&[program, outcome.as_str()])
+        let labels = OutcomeLabels {
+            program: program.to_string(),
+            outcome: outcome.as_str(),
+        };
+        self.counts.outcomes.get(&labels).map_or(0, |c| c.get())
     }
 
-    /// The command counters and duration histograms, for a metrics scrape.
-    pub fn render_metrics(&self, out: &mut Exposition) {
-        self.counts.outcomes.render(out);
-        self.counts.durations.render(out);
+    /// Adds this runner's command counters and duration histograms
+    /// (`lodestone_command*`) to the registry.
+    pub fn register_metrics(&self, registry: &mut Registry) {
+        registry.register(
+            "lodestone_commands",
+            "External commands run, by program and outcome (success, failure: non-zero \
+             exit, timeout: killed, error: could not be started)",
+            self.counts.outcomes.clone(),
+        );
+        registry.register(
+            "lodestone_command_duration_seconds",
+            "Run time of external commands that started, by program",
+            self.counts.durations.clone(),
+        );
     }
 
     /// Runs the command; a non-zero exit is an error.
@@ -484,9 +525,15 @@ mod tests {
     async fn renders_command_metrics() {
         let r = Runner::new(Duration::from_secs(5));
         r.run(&Cmd::new("/bin/true")).await.unwrap();
-        let mut out = Exposition::default();
-        r.render_metrics(&mut out);
-        let page = out.finish();
+        assert_eq!(r.outcome_count("true", Outcome::Failure), 0);
+        let mut registry = Registry::default();
+        r.register_metrics(&mut registry);
+        let mut page = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut page, &registry).unwrap();
+        assert!(
+            page.contains("# TYPE lodestone_commands_total counter\n"),
+            "{page}"
+        );
         assert!(
             page.contains("lodestone_commands_total{program=\"true\",outcome=\"success\"} 1\n"),
             "{page}"
@@ -495,5 +542,22 @@ mod tests {
             page.contains("lodestone_command_duration_seconds_count{program=\"true\"} 1\n"),
             "{page}"
         );
+        assert!(
+            page.contains(
+                "lodestone_command_duration_seconds_bucket{program=\"true\",le=\"300\"} 1\n"
+            ),
+            "{page}"
+        );
+        assert!(
+            !page.contains("outcome=\"failure\""),
+            "asking for a count adds no series: {page}"
+        );
+    }
+
+    #[test]
+    fn default_buckets_span_a_millisecond_to_five_minutes() {
+        assert_eq!(DURATION_BUCKETS.first(), Some(&0.001));
+        assert_eq!(DURATION_BUCKETS.last(), Some(&300.0));
+        assert!(DURATION_BUCKETS.windows(2).all(|w| w[0] < w[1]));
     }
 }

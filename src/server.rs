@@ -6,7 +6,7 @@ mod run_to_end;
 
 pub use authority::FixAuthority;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +15,7 @@ use tokio_stream::wrappers::UnixListenerStream;
 use tokio_stream::StreamExt;
 
 use crate::agentpb::agent_server::AgentServer;
-use crate::config::{AgentResolver, DriverKind, LvmConfig, Mode, RunArgs};
+use crate::config::{AgentResolver, ConfigError, DriverKind, LvmConfig, Mode, RunArgs};
 use crate::core::locks::OpLocks;
 use crate::core::node::NodeOps;
 use crate::csi::controller_server::ControllerServer;
@@ -24,7 +24,7 @@ use crate::csi::node_server::NodeServer;
 use crate::driver::controller::ControllerService;
 use crate::driver::identity::{IdentityService, ReadinessCheck};
 use crate::driver::node::NodeService;
-use crate::kube::Kube;
+use crate::kube::{Kube, KubeError};
 use crate::lvm::agent::{Agent, AgentOptions, LocalAgent};
 use crate::lvm::controller::LvmController;
 use crate::lvm::detached::Detached;
@@ -32,30 +32,97 @@ use crate::lvm::node::LvmNode;
 use crate::lvm::remote::Deadlines;
 use crate::lvm::resolver::{Directory, Resolver};
 use crate::lvm::rpc::AgentService;
-use crate::metrics::{BuildInfo, Sources};
+use crate::metrics::{BuildInfo, Endpoint};
 use crate::runner::Runner;
-use crate::tls::{require_peer, TlsMaterial};
+use crate::tls::{require_peer, TlsError, TlsMaterial};
 use run_to_end::RunToEndLayer;
+
+/// Why the services cannot start or stopped serving. The text says what
+/// and carries its source's; paths and flags are named.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
+    Kube(#[from] KubeError),
+    #[error("{} exists and is not a socket; refusing to remove it", path.display())]
+    NotASocket { path: PathBuf },
+    #[error("cannot remove stale socket {}: {source}", path.display())]
+    RemoveStale {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot create {}: {source}", path.display())]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {}: {source}", path.display())]
+    Listen {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{why} needs --tls-cert, --tls-key and --tls-ca")]
+    TlsRequired { why: &'static str },
+    #[error("cannot listen on {address} for the agent API: {source}")]
+    AgentListen {
+        address: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "--mode controller needs the nodes' agents: --agent NODE=HOST:PORT \
+         (or --agent-resolver kubernetes)"
+    )]
+    NoAgents,
+    /// The RBD configuration file (its text names the file).
+    #[error("{0}")]
+    RbdConfig(String),
+    #[error("--rbd-soft-clone-depth must be at least 1 and at most --rbd-hard-clone-depth")]
+    CloneDepths,
+    #[error("--topology {entry:?}: expected KEY=VALUE")]
+    Topology { entry: String },
+    #[error("the socket path has no directory")]
+    NoSocketDirectory,
+    #[error("this lodestone was built without the rbd feature")]
+    NoRbdFeature,
+    /// librbd/librados could not be loaded (the text names the library).
+    #[error("{0}")]
+    RbdLibrary(String),
+    #[error("gRPC server failed: {0}")]
+    Serve(#[source] tonic::transport::Error),
+}
 
 /// Binds the socket: removes a stale socket file first, refuses to replace
 /// anything that is not a socket.
-pub fn bind(path: &Path) -> Result<UnixListener, String> {
+pub fn bind(path: &Path) -> Result<UnixListener, ServerError> {
     use std::os::unix::fs::FileTypeExt;
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
-            return Err(format!(
-                "{} exists and is not a socket; refusing to remove it",
-                path.display()
-            ));
+            return Err(ServerError::NotASocket {
+                path: path.to_path_buf(),
+            });
         }
-        std::fs::remove_file(path)
-            .map_err(|e| format!("cannot remove stale socket {}: {e}", path.display()))?;
+        std::fs::remove_file(path).map_err(|source| ServerError::RemoveStale {
+            path: path.to_path_buf(),
+            source,
+        })?;
     }
     if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)
-            .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+        std::fs::create_dir_all(parent).map_err(|source| ServerError::CreateDir {
+            path: parent.to_path_buf(),
+            source,
+        })?;
     }
-    UnixListener::bind(path).map_err(|e| format!("cannot listen on {}: {e}", path.display()))
+    UnixListener::bind(path).map_err(|source| ServerError::Listen {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// The gRPC router of everything this process serves.
@@ -63,8 +130,8 @@ pub struct Services {
     pub identity: IdentityService,
     pub controller: Option<ControllerService>,
     pub node: Option<NodeService>,
-    /// What `--metrics-address` reads.
-    pub metrics: Sources,
+    /// What `--metrics-address` serves.
+    pub metrics: Endpoint,
 }
 
 /// Starts this node's LVM agent (the only code here that runs LVM).
@@ -72,7 +139,7 @@ async fn start_local_agent(
     args: &RunArgs,
     config: &LvmConfig,
     runner: &Arc<Runner>,
-) -> Result<Arc<LocalAgent>, String> {
+) -> Result<Arc<LocalAgent>, ServerError> {
     let agent = LocalAgent::new(
         args.node_id()?,
         config.clone(),
@@ -97,23 +164,19 @@ async fn start_local_agent(
     Ok(agent)
 }
 
-fn tls_material(args: &RunArgs, why: &str) -> Result<TlsMaterial, String> {
-    let files = args
-        .tls_files()?
-        .ok_or_else(|| format!("{why} needs --tls-cert, --tls-key and --tls-ca"))?;
-    TlsMaterial::load(&files)
+fn tls_material(args: &RunArgs, why: &'static str) -> Result<TlsMaterial, ServerError> {
+    let files = args.tls_files()?.ok_or(ServerError::TlsRequired { why })?;
+    Ok(TlsMaterial::load(&files)?)
 }
 
 /// `--mode node`: serves the agent API to the controller over mutual TLS.
-async fn serve_agent(args: &RunArgs, agent: Arc<LocalAgent>) -> Result<(), String> {
+async fn serve_agent(args: &RunArgs, agent: Arc<LocalAgent>) -> Result<(), ServerError> {
     let tls = tls_material(args, "the LVM agent API (--mode node)")?;
     let listener = tokio::net::TcpListener::bind(&args.agent_listen)
         .await
-        .map_err(|e| {
-            format!(
-                "cannot listen on {} for the agent API: {e}",
-                args.agent_listen
-            )
+        .map_err(|source| ServerError::AgentListen {
+            address: args.agent_listen.clone(),
+            source,
         })?;
     let service = AgentServer::with_interceptor(
         AgentService {
@@ -139,17 +202,13 @@ async fn serve_agent(args: &RunArgs, agent: Arc<LocalAgent>) -> Result<(), Strin
 async fn central_controller(
     args: &RunArgs,
     config: &LvmConfig,
-) -> Result<Arc<LvmController>, String> {
+) -> Result<Arc<LvmController>, ServerError> {
     let tls = tls_material(args, "the LVM controller (--mode controller)")?;
     let resolver = match args.agent_resolver {
         AgentResolver::Static => {
             let map = args.agent_map()?;
             if map.is_empty() {
-                return Err(
-                    "--mode controller needs the nodes' agents: --agent NODE=HOST:PORT \
-                            (or --agent-resolver kubernetes)"
-                        .into(),
-                );
+                return Err(ServerError::NoAgents);
             }
             Resolver::Static(map)
         }
@@ -174,7 +233,7 @@ async fn central_controller(
 }
 
 /// Builds the LVM services for `args.mode`.
-pub async fn lvm_services(args: &RunArgs) -> Result<Services, String> {
+pub async fn lvm_services(args: &RunArgs) -> Result<Services, ServerError> {
     let config = LvmConfig::load(args.lvm_config.as_deref(), &args.device_classes)?;
     let runner = Arc::new(Runner::new(args.command_timeout()));
     let local = match args.mode.runs_node() {
@@ -203,13 +262,14 @@ pub async fn lvm_services(args: &RunArgs) -> Result<Services, String> {
     if args.mode == Mode::Node {
         serve_agent(args, local.clone().expect("node mode runs an agent")).await?;
     }
-    let metrics = Sources {
-        build: build_info(args),
-        runner: Some(runner.clone()),
-        lvm: local.clone(),
-        lvm_controller: controller.clone(),
-        readiness: checks.clone(),
-    };
+    let metrics = metrics_endpoint(args, &runner, &checks, |registry| {
+        if let Some(agent) = &local {
+            crate::lvm::agent::register_metrics(registry, agent.clone());
+        }
+        if let Some(controller) = &controller {
+            crate::lvm::controller::register_metrics(registry, controller.clone());
+        }
+    });
     let controller = controller.map(|backend| ControllerService {
         backend: backend as Arc<dyn crate::core::backend::ControllerBackend>,
         locks: locks.clone(),
@@ -233,17 +293,20 @@ pub async fn lvm_services(args: &RunArgs) -> Result<Services, String> {
 
 /// Builds the RBD services for `args.mode`.
 #[cfg(feature = "rbd")]
-pub async fn rbd_services(args: &RunArgs) -> Result<Services, String> {
+pub async fn rbd_services(args: &RunArgs) -> Result<Services, ServerError> {
     use crate::rbd::config::RbdConfig;
     use crate::rbd::controller::{FlattenPolicy, RbdController};
     use crate::rbd::{ConnectOptions, ConnectionPool};
 
-    let config = RbdConfig::load(&args.rbd_config, args.rbd_secret_dir.clone())?;
+    let config = RbdConfig::load(&args.rbd_config, args.rbd_secret_dir.clone())
+        .map_err(ServerError::RbdConfig)?;
     crate::rbd::memory::limit_arenas();
+    if args.mode.runs_controller() {
+        // librbd / librados are loaded at run time, by the controller only.
+        crate::rbd::ffi::load().map_err(ServerError::RbdLibrary)?;
+    }
     if args.rbd_soft_clone_depth == 0 || args.rbd_hard_clone_depth < args.rbd_soft_clone_depth {
-        return Err("--rbd-soft-clone-depth must be at least 1 and at most \
-                    --rbd-hard-clone-depth"
-            .into());
+        return Err(ServerError::CloneDepths);
     }
     for c in &config.clusters {
         tracing::info!(cluster = %c.cluster_id, monitors = %c.mon_host(), pools = ?c.pools,
@@ -272,14 +335,14 @@ pub async fn rbd_services(args: &RunArgs) -> Result<Services, String> {
             let (k, v) = t
                 .split_once('=')
                 .filter(|(k, v)| !k.is_empty() && !v.is_empty())
-                .ok_or_else(|| format!("--topology {t:?}: expected KEY=VALUE"))?;
+                .ok_or_else(|| ServerError::Topology { entry: t.clone() })?;
             topology.insert(k.to_string(), v.to_string());
         }
         let key_dir = args
             .socket_path()?
             .parent()
             .map(|p| p.join("keys"))
-            .ok_or("the socket path has no directory")?;
+            .ok_or(ServerError::NoSocketDirectory)?;
         let backend = crate::rbd::node::RbdNode::new(
             args.node_id()?,
             topology,
@@ -303,14 +366,26 @@ pub async fn rbd_services(args: &RunArgs) -> Result<Services, String> {
         },
         controller,
         node,
-        metrics: Sources {
-            build: build_info(args),
-            runner: Some(runner),
-            lvm: None,
-            lvm_controller: None,
-            readiness: Vec::new(),
-        },
+        metrics: metrics_endpoint(args, &runner, &[], |_| {}),
     })
+}
+
+/// What `--metrics-address` serves: build info and CSI calls, what the
+/// command runner and the backend export, and the readiness checks
+/// (`lodestone_ready` and `/healthz`).
+fn metrics_endpoint(
+    args: &RunArgs,
+    runner: &Runner,
+    checks: &[ReadinessCheck],
+    backend: impl FnOnce(&mut prometheus_client::registry::Registry),
+) -> Endpoint {
+    let mut registry = crate::metrics::registry(build_info(args));
+    crate::driver::identity::register_metrics(&mut registry, checks);
+    runner.register_metrics(&mut registry);
+    backend(&mut registry);
+    let checks = checks.to_vec();
+    let health = Arc::new(move || crate::driver::identity::not_ready(&checks));
+    Endpoint::new(registry, health)
 }
 
 /// The labels of `lodestone_build_info`.
@@ -326,13 +401,13 @@ fn build_info(args: &RunArgs) -> BuildInfo {
     }
 }
 
-pub async fn build(args: &RunArgs) -> Result<Services, String> {
+pub async fn build(args: &RunArgs) -> Result<Services, ServerError> {
     match args.driver {
         DriverKind::Lvm => lvm_services(args).await,
         #[cfg(feature = "rbd")]
         DriverKind::Rbd => rbd_services(args).await,
         #[cfg(not(feature = "rbd"))]
-        DriverKind::Rbd => Err("this lodestone was built without the rbd feature".to_string()),
+        DriverKind::Rbd => Err(ServerError::NoRbdFeature),
     }
 }
 
@@ -343,7 +418,7 @@ pub async fn serve(
     services: Services,
     listener: UnixListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<(), String> {
+) -> Result<(), ServerError> {
     // Calls run to their end even when their client leaves (see
     // [`run_to_end`]).
     let mut router = tonic::transport::Server::builder()
@@ -361,7 +436,7 @@ pub async fn serve(
             shutdown,
         )
         .await
-        .map_err(|e| format!("gRPC server failed: {e}"))
+        .map_err(ServerError::Serve)
 }
 
 /// Resolves on SIGTERM or SIGINT.
@@ -372,5 +447,53 @@ pub async fn termination() {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Flags {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    #[test]
+    fn bind_names_the_path_it_refuses() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("not-a-socket");
+        std::fs::write(&file, "").unwrap();
+        let e = bind(&file).unwrap_err();
+        assert!(
+            matches!(&e, ServerError::NotASocket { path } if path == &file),
+            "{e:?}"
+        );
+        assert!(file.exists(), "a file that is not a socket is kept");
+    }
+
+    #[tokio::test]
+    async fn configuration_errors_pass_through_unchanged() {
+        let flags = Flags::parse_from([
+            "lodestone",
+            "--device-class",
+            "a=vg",
+            "--lvm-config",
+            "/nonexistent/lvm.json",
+        ]);
+        let Err(e) = build(&flags.run).await else {
+            panic!("built without its configuration file")
+        };
+        assert!(
+            matches!(&e, ServerError::Config(ConfigError::ReadLvmConfig { .. })),
+            "{e:?}"
+        );
+        assert!(
+            e.to_string()
+                .starts_with("cannot read LVM config /nonexistent/lvm.json: "),
+            "{e}"
+        );
     }
 }

@@ -31,6 +31,38 @@ use tokio_rustls::rustls::{self, ClientConfig, RootCertStore, ServerConfig};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tonic::{Request, Status};
 
+/// TLS material that cannot be used: a file that cannot be read (with its
+/// path), PEM that does not parse, a key that does not match its
+/// certificate. The text carries its source's.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read the TLS {what} {}: {source}", path.display())]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the TLS {what} is not valid PEM: {source}")]
+    Pem {
+        what: &'static str,
+        #[source]
+        source: rustls_pki_types::pem::Error,
+    },
+    #[error("the TLS {what} holds no certificate")]
+    NoCertificate { what: &'static str },
+    #[error("the TLS key file holds no usable private key")]
+    NoKey,
+    #[error("a certificate of the TLS CA bundle is not usable: {0}")]
+    CaCertificate(#[source] rustls::Error),
+    #[error("the TLS CA bundle cannot verify clients: {0}")]
+    Verifier(#[source] rustls::server::VerifierBuilderError),
+    #[error("TLS setup: {0}")]
+    Setup(#[source] rustls::Error),
+    #[error("the TLS certificate and key do not go together: {0}")]
+    KeyMismatch(#[source] rustls::Error),
+}
+
 /// How long a TLS handshake may take before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -76,8 +108,12 @@ pub struct TlsMaterial {
     source: Arc<Source>,
 }
 
-fn read(path: &Path, what: &str) -> Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|e| format!("cannot read the TLS {what} {}: {e}", path.display()))
+fn read(path: &Path, what: &'static str) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -93,45 +129,45 @@ fn fingerprint(files: &TlsFiles) -> Fingerprint {
 }
 
 impl Loaded {
-    fn from_pem(cert: &[u8], key: &[u8], ca: &[u8]) -> Result<Loaded, String> {
+    fn from_pem(cert: &[u8], key: &[u8], ca: &[u8]) -> Result<Loaded, TlsError> {
+        let pem = |what| move |source| TlsError::Pem { what, source };
         let chain = CertificateDer::pem_slice_iter(cert)
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| format!("the TLS certificate is not valid PEM: {e}"))?;
+            .map_err(pem("certificate"))?;
         if chain.is_empty() {
-            return Err("the TLS certificate file holds no certificate".into());
+            return Err(TlsError::NoCertificate {
+                what: "certificate file",
+            });
         }
-        let key = PrivateKeyDer::from_pem_slice(key)
-            .map_err(|_| "the TLS key file holds no usable private key".to_string())?;
+        let key = PrivateKeyDer::from_pem_slice(key).map_err(|_| TlsError::NoKey)?;
         let mut roots = RootCertStore::empty();
         let mut any = false;
         for c in CertificateDer::pem_slice_iter(ca) {
-            let c = c.map_err(|e| format!("the TLS CA bundle is not valid PEM: {e}"))?;
-            roots
-                .add(c)
-                .map_err(|e| format!("a certificate of the TLS CA bundle is not usable: {e}"))?;
+            let c = c.map_err(pem("CA bundle"))?;
+            roots.add(c).map_err(TlsError::CaCertificate)?;
             any = true;
         }
         if !any {
-            return Err("the TLS CA bundle holds no certificate".into());
+            return Err(TlsError::NoCertificate { what: "CA bundle" });
         }
         let roots = Arc::new(roots);
         let verifier =
             rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
                 .build()
-                .map_err(|e| format!("the TLS CA bundle cannot verify clients: {e}"))?;
+                .map_err(TlsError::Verifier)?;
         let mut server = ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
-            .map_err(|e| format!("TLS setup: {e}"))?
+            .map_err(TlsError::Setup)?
             .with_client_cert_verifier(verifier)
             .with_single_cert(chain.clone(), key.clone_key())
-            .map_err(|e| format!("the TLS certificate and key do not go together: {e}"))?;
+            .map_err(TlsError::KeyMismatch)?;
         server.alpn_protocols = vec![b"h2".to_vec()];
         let mut client = ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
-            .map_err(|e| format!("TLS setup: {e}"))?
+            .map_err(TlsError::Setup)?
             .with_root_certificates(roots)
             .with_client_auth_cert(chain, key)
-            .map_err(|e| format!("the TLS certificate and key do not go together: {e}"))?;
+            .map_err(TlsError::KeyMismatch)?;
         client.alpn_protocols = vec![b"h2".to_vec()];
         Ok(Loaded {
             server: Arc::new(server),
@@ -139,7 +175,7 @@ impl Loaded {
         })
     }
 
-    fn load(files: &TlsFiles) -> Result<Loaded, String> {
+    fn load(files: &TlsFiles) -> Result<Loaded, TlsError> {
         let cert = read(&files.cert, "certificate")?;
         let key = read(&files.key, "key")?;
         let ca = read(&files.ca, "CA bundle")?;
@@ -150,7 +186,7 @@ impl Loaded {
 impl TlsMaterial {
     /// Loads the files now (an error stops the process at start) and
     /// reloads them whenever they change.
-    pub fn load(files: &TlsFiles) -> Result<Self, String> {
+    pub fn load(files: &TlsFiles) -> Result<Self, TlsError> {
         let seen = fingerprint(files);
         let current = Arc::new(Loaded::load(files)?);
         Ok(TlsMaterial {
@@ -166,7 +202,7 @@ impl TlsMaterial {
     }
 
     /// Material from PEM in memory, never reloaded.
-    pub fn from_pem(cert: Vec<u8>, key: Vec<u8>, ca: Vec<u8>) -> Result<Self, String> {
+    pub fn from_pem(cert: Vec<u8>, key: Vec<u8>, ca: Vec<u8>) -> Result<Self, TlsError> {
         Ok(TlsMaterial {
             source: Arc::new(Source::Fixed(Arc::new(Loaded::from_pem(&cert, &key, &ca)?))),
         })
@@ -420,5 +456,48 @@ mod tests {
         std::fs::rename(&tmp, &files.key).unwrap();
         assert_eq!(client_cert_of(&m), b);
         assert!(TlsMaterial::load(&files).is_err());
+    }
+
+    #[test]
+    fn errors_name_the_file_and_keep_their_source() {
+        use std::error::Error as _;
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = self_signed("one");
+        let files = TlsFiles {
+            cert: dir.path().join("tls.crt"),
+            key: dir.path().join("tls.key"),
+            ca: dir.path().join("ca.crt"),
+        };
+        std::fs::write(&files.cert, &cert).unwrap();
+        std::fs::write(&files.ca, &cert).unwrap();
+        let Err(e) = TlsMaterial::load(&files) else {
+            panic!("loaded without a key")
+        };
+        let TlsError::Read { what, path, source } = &e else {
+            panic!("{e:?}")
+        };
+        assert_eq!((*what, path), ("key", &files.key));
+        assert_eq!(source.kind(), std::io::ErrorKind::NotFound);
+        assert!(e.source().is_some());
+
+        let pem = |c: &str, k: &str, ca: &str| {
+            TlsMaterial::from_pem(c.into(), k.into(), ca.into())
+                .err()
+                .expect("refused")
+        };
+        assert!(matches!(
+            pem("", &key, &cert),
+            TlsError::NoCertificate { .. }
+        ));
+        assert!(matches!(pem(&cert, "", &cert), TlsError::NoKey));
+        assert!(matches!(
+            pem(&cert, &key, ""),
+            TlsError::NoCertificate { what: "CA bundle" }
+        ));
+        let (_, other_key) = self_signed("two");
+        assert!(matches!(
+            pem(&cert, &other_key, &cert),
+            TlsError::KeyMismatch(_)
+        ));
     }
 }

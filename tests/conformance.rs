@@ -32,6 +32,8 @@
 #[path = "common/mod.rs"]
 mod common;
 
+#[path = "conformance/agent_errors.rs"]
+mod agent_errors;
 #[path = "conformance/agent_scope_lvm.rs"]
 mod agent_scope_lvm;
 #[path = "conformance/agent_tls.rs"]

@@ -1709,3 +1709,151 @@ async fn node_delete_racing_stage_is_all_or_nothing() {
     }
     println!("delete vs stage: {gone} gone, {kept} kept");
 }
+
+// ---------------------------------------------------------------------------
+// Which process loads librbd: the controller only. Needs no cluster (neither
+// mode connects before a request).
+// ---------------------------------------------------------------------------
+
+/// The Ceph libraries mapped into `pid` (from /proc/<pid>/maps).
+fn ceph_libraries(pid: i32) -> Vec<String> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
+    let mut libs: Vec<String> = maps
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .filter(|p| {
+            ["librbd", "librados", "libceph-common"]
+                .iter()
+                .any(|n| p.contains(n))
+        })
+        .map(str::to_string)
+        .collect();
+    libs.sort();
+    libs.dedup();
+    libs
+}
+
+async fn rbd_driver_without_cluster(mode: &str) -> Driver {
+    let dir = new_temp_dir();
+    let config = dir.path().join("rbd-config.json");
+    let json = serde_json::json!([{
+        "clusterID": CLUSTER, "monitors": ["127.0.0.1:1"], "pools": ["rbd"],
+    }]);
+    std::fs::write(&config, json.to_string()).unwrap();
+    Driver::builder()
+        .mode(mode)
+        .class_args(Vec::<String>::new())
+        .args(["--driver", "rbd"])
+        .args(["--rbd-config", config.to_str().unwrap()])
+        .start_in(dir)
+        .await
+}
+
+#[tokio::test]
+async fn only_the_controller_maps_librbd() {
+    let node = rbd_driver_without_cluster("node").await;
+    assert_eq!(
+        ceph_libraries(node.pid()),
+        Vec::<String>::new(),
+        "node plugin"
+    );
+    drop(node);
+    let controller = rbd_driver_without_cluster("controller").await;
+    let libs = ceph_libraries(controller.pid());
+    for lib in ["librbd.so", "librados.so", "libceph-common.so"] {
+        assert!(
+            libs.iter().any(|l| l.contains(lib)),
+            "controller lacks {lib}: {libs:?}"
+        );
+    }
+}
+
+/// A node plugin process of its own (`--mode node`) maps 20 volumes: it
+/// never loads a Ceph library, and its memory is printed (run with
+/// `--nocapture`; LODESTONE_TEST_NODE_BIN picks the binary, e.g. the
+/// release build, default: this build's).
+#[tokio::test]
+async fn node_plugin_maps_20_volumes_without_ceph_libraries() {
+    let Some(ceph) = ceph() else { return };
+    if !node_enabled() {
+        return;
+    }
+    let controller = ceph.driver(&[]).await;
+    let dir = new_temp_dir();
+    let (config, _) = ceph.write_config(dir.path(), &[&ceph.pool]);
+    let socket = dir.path().join("node.sock");
+    let bin = std::env::var("LODESTONE_TEST_NODE_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_lodestone").to_string());
+    let mut node = Command::new(&bin)
+        .args(["--driver", "rbd", "--mode", "node", "--node-id", "rss"])
+        .arg("--endpoint")
+        .arg(format!("unix://{}", socket.display()))
+        .arg("--rbd-config")
+        .arg(&config)
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .expect("spawn the node plugin");
+    let pid = node.id() as i32;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !socket.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the node plugin did not come up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut client = lodestone::csi::node_client::NodeClient::new(
+        connect_unix(&socket)
+            .await
+            .expect("connect to the node plugin"),
+    );
+    let status = |pid: i32| {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        s.lines()
+            .filter(|l| {
+                ["VmRSS", "RssAnon", "RssFile", "VmHWM", "Threads"]
+                    .iter()
+                    .any(|k| l.starts_with(k))
+            })
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    eprintln!("node plugin {bin}: idle: {}", status(pid));
+    let mut volumes = Vec::new();
+    for i in 0..20 {
+        let v = controller
+            .create_ok(ceph.create_req(&unique_name(&format!("rbd-rss-{i}")), 16 * MIB))
+            .await;
+        let staging = dir.path().join(format!("staging-{i}"));
+        std::fs::create_dir_all(&staging).unwrap();
+        let r = client
+            .node_stage_volume(csi::NodeStageVolumeRequest {
+                volume_id: v.volume_id.clone(),
+                staging_target_path: staging.to_str().unwrap().to_string(),
+                volume_capability: Some(block_cap()),
+                secrets: ceph.secrets(),
+                volume_context: v.volume_context.clone(),
+                ..Default::default()
+            })
+            .await;
+        expect_ok(r, &format!("NodeStageVolume({})", v.volume_id));
+        volumes.push((v, staging));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    eprintln!("node plugin {bin}: 20 volumes mapped: {}", status(pid));
+    assert_eq!(ceph_libraries(pid), Vec::<String>::new(), "node plugin");
+    for (v, staging) in &volumes {
+        let r = client
+            .node_unstage_volume(csi::NodeUnstageVolumeRequest {
+                volume_id: v.volume_id.clone(),
+                staging_target_path: staging.to_str().unwrap().to_string(),
+            })
+            .await;
+        expect_ok(r, &format!("NodeUnstageVolume({})", v.volume_id));
+        delete_volume(&controller, &ceph, &v.volume_id).await;
+    }
+    let _ = node.kill();
+    let _ = node.wait();
+}

@@ -413,6 +413,8 @@ fn image_lifecycle(io: &IoCtx) -> Vec<(&'static str, Duration)> {
     );
     a.metadata_remove("other.key").unwrap();
     assert!(io.image_size_unopened("0000").unwrap_err().is_not_found());
+    assert!(!io.has_parent_unopened(&a_id).unwrap(), "ffi-a is no clone");
+    assert!(io.has_parent_unopened("0000").unwrap_err().is_not_found());
     for (k, v) in [("lodestone.x", "1"), ("lodestone.y", "two")] {
         let fresh = io.open_read_only("ffi-a", None).unwrap();
         assert_eq!(fresh.metadata_get(k).unwrap().as_deref(), Some(v));
@@ -490,6 +492,10 @@ fn image_lifecycle(io: &IoCtx) -> Vec<(&'static str, Duration)> {
         .unwrap_err();
     assert!(e.is_not_found(), "{e:?}");
     let b = io.open("ffi-b").unwrap();
+    assert!(
+        io.has_parent_unopened(&b.id().unwrap()).unwrap(),
+        "ffi-b is a clone"
+    );
     let p = b.parent().unwrap().expect("ffi-b has a parent");
     assert_eq!(
         (

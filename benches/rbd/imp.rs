@@ -111,8 +111,22 @@ impl Driver {
     }
 
     fn memory(&self) -> Mem {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .unwrap_or_default();
+        Mem::of(self.child.id())
+    }
+}
+
+/// The driver's memory from /proc (KiB), threads.
+struct Mem {
+    rss: u64,
+    anon: u64,
+    file: u64,
+    hwm: u64,
+    threads: u64,
+}
+
+impl Mem {
+    fn of(pid: u32) -> Mem {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
         let field = |name: &str| {
             status
                 .lines()
@@ -129,18 +143,7 @@ impl Driver {
             threads: field("Threads:"),
         }
     }
-}
 
-/// The driver's memory from /proc (KiB), threads.
-struct Mem {
-    rss: u64,
-    anon: u64,
-    file: u64,
-    hwm: u64,
-    threads: u64,
-}
-
-impl Mem {
     fn row(&self, when: &str) -> String {
         let mib = |k: u64| k as f64 / 1024.0;
         format!(
@@ -158,6 +161,315 @@ impl Drop for Driver {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// An RBD node plugin (`--mode node`), for its memory and mapped libraries.
+struct NodePlugin {
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl NodePlugin {
+    async fn start(env: &Env) -> R<NodePlugin> {
+        let dir = tempfile::Builder::new()
+            .prefix("lodestone-rbd-bench-node-")
+            .tempdir()
+            .map_err(|e| e.to_string())?;
+        let config = dir.path().join("config.json");
+        let json = serde_json::json!([{"clusterID": "bench", "monitors": [env.monitors],
+            "pools": [env.pool]}]);
+        std::fs::write(&config, json.to_string()).map_err(|e| e.to_string())?;
+        let socket = dir.path().join("csi.sock");
+        let bin = std::env::var("LODESTONE_BENCH_BIN")
+            .unwrap_or_else(|_| "target/rbd/release/lodestone".into());
+        let child = Command::new(&bin)
+            .args(["--driver", "rbd", "--mode", "node", "--node-id", "bench"])
+            .arg("--endpoint")
+            .arg(format!("unix://{}", socket.display()))
+            .arg("--rbd-config")
+            .arg(&config)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("start {bin}: {e}"))?;
+        let node = NodePlugin { child, _dir: dir };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if socket.exists() {
+                if let Ok(mut c) = client::connect(&socket).await {
+                    if c.identity.probe(ProbeRequest {}).await.is_ok() {
+                        // settle: the first requests' buffers
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        return Ok(node);
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                return Err("the node plugin did not come up".into());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn memory(&self) -> Mem {
+        Mem::of(self.child.id())
+    }
+
+    /// librbd / librados / libceph-common files mapped (none expected).
+    fn ceph_libraries(&self) -> Vec<String> {
+        let maps =
+            std::fs::read_to_string(format!("/proc/{}/maps", self.child.id())).unwrap_or_default();
+        let mut libs: Vec<String> = maps
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(5))
+            .filter(|p| {
+                ["librbd", "librados", "libceph-common"]
+                    .iter()
+                    .any(|n| p.contains(n))
+            })
+            .map(str::to_string)
+            .collect();
+        libs.sort();
+        libs.dedup();
+        libs
+    }
+}
+
+impl Drop for NodePlugin {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Direct librbd calls through a [`ConnectionPool`], timed.
+#[derive(Clone)]
+struct Direct {
+    pool: Arc<ConnectionPool>,
+    creds: Arc<Credentials>,
+    pool_name: String,
+}
+
+/// Milliseconds of each librbd step inside one blocking call, and of the
+/// whole closure.
+type Steps = Vec<(&'static str, f64)>;
+
+impl Direct {
+    /// What the driver's plain CreateVolume asks of Ceph: create, then tag
+    /// (rbd.get_id, one rbd.metadata_set of both keys). Returns the total
+    /// (as an async caller sees it) and each step's time.
+    async fn create(&self, name: &str) -> R<(f64, Steps)> {
+        let t = Instant::now();
+        let n = name.to_string();
+        let steps = self
+            .pool
+            .run(&self.creds, &self.pool_name, move |io| {
+                let inside = Instant::now();
+                let mut steps = Steps::new();
+                let mut step = |what, t: Instant| steps.push((what, ms(t.elapsed())));
+                let t = Instant::now();
+                io.create(&n, 16 << 20, &ImageOptions::default())?;
+                step("rbd_create4", t);
+                let t = Instant::now();
+                let id = io.image_id(&n)?;
+                step("rbd.get_id (rados_exec)", t);
+                let t = Instant::now();
+                io.metadata_set_unopened(
+                    &id,
+                    &[
+                        ("lodestone.v1.name", &n),
+                        ("lodestone.v1.params", "0123456789abcdef"),
+                    ],
+                )?;
+                step("rbd.metadata_set, 2 keys (rados_exec)", t);
+                steps.push(("inside the blocking call", ms(inside.elapsed())));
+                Ok(steps)
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok((ms(t.elapsed()), steps))
+    }
+
+    /// `rbd_remove` alone.
+    async fn remove(&self, name: &str) -> R<f64> {
+        let t = Instant::now();
+        self.pool
+            .remove_image(&self.creds, &self.pool_name, name)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(ms(t.elapsed()))
+    }
+
+    /// The driver's DeleteVolume steps for an image that is not a clone:
+    /// its id, whether it has a parent (both through the rbd object class,
+    /// no open), then `rbd_remove`.
+    async fn checked_remove(&self, name: &str) -> R<(f64, Steps)> {
+        let t = Instant::now();
+        let n = name.to_string();
+        let steps = self
+            .pool
+            .run(&self.creds, &self.pool_name, move |io| {
+                let inside = Instant::now();
+                let mut steps = Steps::new();
+                let t = Instant::now();
+                let id = io.image_id(&n)?;
+                steps.push(("rbd.get_id (rados_exec)", ms(t.elapsed())));
+                let t = Instant::now();
+                let clone = io.has_parent_unopened(&id)?;
+                steps.push(("rbd.parent_get (rados_exec)", ms(t.elapsed())));
+                assert!(!clone);
+                let t = Instant::now();
+                io.remove(&n)?;
+                steps.push(("rbd_remove", ms(t.elapsed())));
+                steps.push(("inside the blocking call", ms(inside.elapsed())));
+                Ok(steps)
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok((ms(t.elapsed()), steps))
+    }
+}
+
+fn p50(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// The paired sequential rounds.
+#[derive(Default)]
+struct Paired {
+    driver_create: Vec<f64>,
+    direct_create: Vec<f64>,
+    driver_delete: Vec<f64>,
+    direct_delete: Vec<f64>,
+    checked_delete: Vec<f64>,
+    create_steps: Vec<Steps>,
+    delete_steps: Vec<Steps>,
+}
+
+/// p50 of each step over the rounds, in order.
+fn step_p50s(rounds: &[Steps]) -> Vec<(&'static str, f64)> {
+    let Some(first) = rounds.first() else {
+        return Vec::new();
+    };
+    first
+        .iter()
+        .enumerate()
+        .map(|(i, (what, _))| {
+            let v: Vec<f64> = rounds.iter().map(|r| r[i].1).collect();
+            (*what, p50(&v))
+        })
+        .collect()
+}
+
+impl Paired {
+    fn report(&self) -> String {
+        let ratio = |a: &[f64], b: &[f64]| {
+            let pairs: Vec<f64> = a.iter().zip(b).map(|(x, y)| x / y).collect();
+            (p50(a) / p50(b), p50(&pairs))
+        };
+        let mut out = String::new();
+        out.push_str(&format!(
+            "{SEQUENTIAL} paired rounds (driver and direct alternate, order flipped each round)\n\n"
+        ));
+        out.push_str("| call | driver p50 (ms) | direct p50 (ms) | direct = | p50 ratio | p50 of per-round ratios |\n|---|--:|--:|---|--:|--:|\n");
+        let (r, pr) = ratio(&self.driver_create, &self.direct_create);
+        out.push_str(&format!(
+            "| CreateVolume (16 MiB) | {:.1} | {:.1} | create + rbd.get_id + rbd.metadata_set | {r:.2}x | {pr:.2}x |\n",
+            p50(&self.driver_create),
+            p50(&self.direct_create)
+        ));
+        let (r, pr) = ratio(&self.driver_delete, &self.direct_delete);
+        out.push_str(&format!(
+            "| DeleteVolume | {:.1} | {:.1} | rbd_remove | {r:.2}x | {pr:.2}x |\n",
+            p50(&self.driver_delete),
+            p50(&self.direct_delete)
+        ));
+        let (r, pr) = ratio(&self.driver_delete, &self.checked_delete);
+        out.push_str(&format!(
+            "| DeleteVolume | {:.1} | {:.1} | the driver's delete steps (below) | {r:.2}x | {pr:.2}x |\n",
+            p50(&self.driver_delete),
+            p50(&self.checked_delete)
+        ));
+        let breakdown = |out: &mut String,
+                         call: &str,
+                         driver: &[f64],
+                         direct: &[f64],
+                         steps: &[Steps]| {
+            let steps = step_p50s(steps);
+            let inside = steps.last().map(|s| s.1).unwrap_or(0.0);
+            out.push_str(&format!("\n{call}, where the time goes (p50 of each part, ms):\n\n| part | ms |\n|---|--:|\n"));
+            out.push_str(&format!(
+                "| driver's own share: gRPC over the socket, validation, locks, reply (driver − direct) | {:.2} |\n",
+                p50(driver) - p50(direct)
+            ));
+            out.push_str(&format!(
+                "| pool: I/O context lookup, call slot, hop to the blocking thread and back (direct − inside) | {:.2} |\n",
+                p50(direct) - inside
+            ));
+            for (what, t) in &steps {
+                out.push_str(&format!("| {what} | {t:.2} |\n"));
+            }
+        };
+        breakdown(
+            &mut out,
+            "CreateVolume",
+            &self.driver_create,
+            &self.direct_create,
+            &self.create_steps,
+        );
+        breakdown(
+            &mut out,
+            "DeleteVolume",
+            &self.driver_delete,
+            &self.checked_delete,
+            &self.delete_steps,
+        );
+        out
+    }
+}
+
+/// One burst size: per-call latencies and the wall time of all calls.
+#[derive(Default)]
+struct Burst {
+    n: usize,
+    driver_create: Vec<f64>,
+    direct_create: Vec<f64>,
+    driver_delete: Vec<f64>,
+    direct_delete: Vec<f64>,
+    driver_create_wall: f64,
+    direct_create_wall: f64,
+    driver_delete_wall: f64,
+    direct_delete_wall: f64,
+}
+
+impl Burst {
+    fn rows(&self) -> String {
+        let row = |call: &str, d: &[f64], r: &[f64], dw: f64, rw: f64| {
+            format!(
+                "| {} | {call} | {:.1} | {:.1} | {:.2}x | {dw:.0} | {rw:.0} |\n",
+                self.n,
+                p50(d),
+                p50(r),
+                p50(d) / p50(r)
+            )
+        };
+        row(
+            "CreateVolume",
+            &self.driver_create,
+            &self.direct_create,
+            self.driver_create_wall,
+            self.direct_create_wall,
+        ) + &row(
+            "DeleteVolume (direct: rbd_remove)",
+            &self.driver_delete,
+            &self.direct_delete,
+            self.driver_delete_wall,
+            self.direct_delete_wall,
+        )
     }
 }
 
@@ -240,31 +552,6 @@ async fn run() -> R<String> {
     .await?;
     let warm_id = first.into_inner().volume.unwrap().volume_id;
 
-    let mut create = Vec::new();
-    let mut ids = Vec::new();
-    for i in 0..SEQUENTIAL {
-        let (r, t) = timed(
-            "CreateVolume",
-            c.controller
-                .create_volume(create_req(&env, &format!("bench-{run}-seq-{i}"), None)),
-        )
-        .await?;
-        ids.push(r.into_inner().volume.unwrap().volume_id);
-        create.push(t);
-    }
-    let mut delete = Vec::new();
-    for id in &ids {
-        let req = DeleteVolumeRequest {
-            volume_id: id.clone(),
-            secrets: secrets(&env),
-        };
-        delete.push(
-            timed("DeleteVolume", c.controller.delete_volume(req))
-                .await?
-                .1,
-        );
-    }
-
     // Snapshots of one volume, then restores of one snapshot.
     let mut snap = Vec::new();
     let mut snap_ids = Vec::new();
@@ -321,27 +608,114 @@ async fn run() -> R<String> {
         );
     }
 
-    // Bursts of concurrent creates and deletes.
+    // The same librbd work in-process, one pooled connection (the same
+    // pool type, call bound and blocking hop as the controller's).
+    let pool = Arc::new(ConnectionPool::new(
+        ConnectOptions::default(),
+        Duration::from_secs(60),
+    ));
+    let direct = Direct {
+        pool: Arc::clone(&pool),
+        creds: Arc::new(Credentials {
+            mon_host: env.monitors.clone(),
+            user: env.user.clone(),
+            key: Secret::new(env.key.clone()),
+        }),
+        pool_name: env.pool.clone(),
+    };
+    direct.create(&format!("bench-{run}-rawwarm")).await?;
+    direct.remove(&format!("bench-{run}-rawwarm")).await?;
+
+    // Paired: each round makes one volume through the driver and one
+    // directly, then deletes both; the order flips every round so drift
+    // (the cluster's own noise, cache warmth) falls on both sides alike.
+    let mut p = Paired::default();
+    for i in 0..SEQUENTIAL {
+        let driver_first = i % 2 == 0;
+        let raw_name = format!("bench-{run}-raw-{i}");
+        let mut vol_id = String::new();
+        for driver in [driver_first, !driver_first] {
+            if driver {
+                let (r, t) = timed(
+                    "CreateVolume",
+                    c.controller.create_volume(create_req(
+                        &env,
+                        &format!("bench-{run}-seq-{i}"),
+                        None,
+                    )),
+                )
+                .await?;
+                vol_id = r.into_inner().volume.unwrap().volume_id;
+                p.driver_create.push(t);
+            } else {
+                let (total, steps) = direct.create(&raw_name).await?;
+                p.direct_create.push(total);
+                p.create_steps.push(steps);
+            }
+        }
+        for driver in [driver_first, !driver_first] {
+            if driver {
+                let req = DeleteVolumeRequest {
+                    volume_id: vol_id.clone(),
+                    secrets: secrets(&env),
+                };
+                p.driver_delete.push(
+                    timed("DeleteVolume", c.controller.delete_volume(req))
+                        .await?
+                        .1,
+                );
+            } else {
+                p.direct_delete.push(direct.remove(&raw_name).await?);
+            }
+        }
+        // The driver's delete steps, one by one, on a third image.
+        let checked = format!("bench-{run}-chk-{i}");
+        direct.create(&checked).await?;
+        let (total, steps) = direct.checked_remove(&checked).await?;
+        p.checked_delete.push(total);
+        p.delete_steps.push(steps);
+    }
+
+    // Bursts: n concurrent driver calls, then n concurrent direct calls on
+    // the pool (which, like the controller, runs at most 8 librbd calls at
+    // once), creates then deletes.
     let mut bursts = Vec::new();
     for n in BURSTS {
+        let mut b = Burst {
+            n,
+            ..Burst::default()
+        };
         let t = Instant::now();
         let calls = (0..n).map(|i| {
             let mut c = d.client.clone();
             let req = create_req(&env, &format!("bench-{run}-burst{n}-{i}"), None);
-            async move { c.controller.create_volume(req).await }
+            async move {
+                let t = Instant::now();
+                c.controller
+                    .create_volume(req)
+                    .await
+                    .map(|r| (r, ms(t.elapsed())))
+            }
         });
         let results = futures_join_all(calls).await;
-        let created_ms = ms(t.elapsed());
+        b.driver_create_wall = ms(t.elapsed());
         let mut ids = Vec::new();
         for r in results {
-            ids.push(
-                r.map_err(|s| format!("burst create: {s}"))?
-                    .into_inner()
-                    .volume
-                    .unwrap()
-                    .volume_id,
-            );
+            let (r, t) = r.map_err(|s| format!("burst create: {s}"))?;
+            ids.push(r.into_inner().volume.unwrap().volume_id);
+            b.driver_create.push(t);
         }
+        let t = Instant::now();
+        let calls = (0..n).map(|i| {
+            let direct = direct.clone();
+            let name = format!("bench-{run}-rawburst{n}-{i}");
+            async move { direct.create(&name).await.map(|(t, _)| t) }
+        });
+        for r in futures_join_all(calls).await {
+            b.direct_create.push(r?);
+        }
+        b.direct_create_wall = ms(t.elapsed());
+
         let t = Instant::now();
         let calls = ids.into_iter().map(|id| {
             let mut c = d.client.clone();
@@ -349,95 +723,40 @@ async fn run() -> R<String> {
                 volume_id: id,
                 secrets: secrets(&env),
             };
-            async move { c.controller.delete_volume(req).await }
+            async move {
+                let t = Instant::now();
+                c.controller
+                    .delete_volume(req)
+                    .await
+                    .map(|_| ms(t.elapsed()))
+            }
         });
         for r in futures_join_all(calls).await {
-            r.map_err(|s| format!("burst delete: {s}"))?;
+            b.driver_delete
+                .push(r.map_err(|s| format!("burst delete: {s}"))?);
         }
-        bursts.push((n, created_ms, ms(t.elapsed())));
+        b.driver_delete_wall = ms(t.elapsed());
+        let t = Instant::now();
+        let calls = (0..n).map(|i| {
+            let direct = direct.clone();
+            let name = format!("bench-{run}-rawburst{n}-{i}");
+            async move { direct.remove(&name).await }
+        });
+        for r in futures_join_all(calls).await {
+            b.direct_delete.push(r?);
+        }
+        b.direct_delete_wall = ms(t.elapsed());
+        bursts.push(b);
     }
     let burst_mem = d.memory();
     // The pool hands freed heap back once calls stop (checked each second).
     tokio::time::sleep(Duration::from_secs(3)).await;
     let settled_mem = d.memory();
+    let node = NodePlugin::start(&env).await?;
+    let node_mem = node.memory();
+    let node_libs = node.ceph_libraries();
+    drop(node);
 
-    // The same librbd work in-process, one pooled connection.
-    let pool = Arc::new(ConnectionPool::new(
-        ConnectOptions::default(),
-        Duration::from_secs(60),
-    ));
-    let creds = || Credentials {
-        mon_host: env.monitors.clone(),
-        user: env.user.clone(),
-        key: Secret::new(env.key.clone()),
-    };
-    pool.create_image(
-        &creds(),
-        &env.pool,
-        &format!("bench-{run}-rawwarm"),
-        16 << 20,
-        &ImageOptions::default(),
-    )
-    .await
-    .map_err(|e| e.to_string())?;
-    pool.remove_image(&creds(), &env.pool, &format!("bench-{run}-rawwarm"))
-        .await
-        .map_err(|e| e.to_string())?;
-    // Three ways to make a tagged image: the driver's (create, then the
-    // rbd object class: get_id + one metadata_set of every key), librbd's
-    // image API (open, one metadata_set per key), and create alone.
-    let (mut raw_create, mut raw_delete) = (Vec::new(), Vec::new());
-    let (mut api_create, mut bare_create) = (Vec::new(), Vec::new());
-    for i in 0..SEQUENTIAL {
-        for (way, times) in [
-            (0, &mut raw_create),
-            (1, &mut api_create),
-            (2, &mut bare_create),
-        ] {
-            let name = format!("bench-{run}-raw{way}-{i}");
-            let t = Instant::now();
-            let n2 = name.clone();
-            pool.run(&creds(), &env.pool, move |io| {
-                io.create(&n2, 16 << 20, &ImageOptions::default())?;
-                let (k1, k2) = ("lodestone.v1.name", "lodestone.v1.params");
-                match way {
-                    0 => io.metadata_set_unopened(
-                        &io.image_id(&n2)?,
-                        &[(k1, &n2), (k2, "0123456789abcdef")],
-                    ),
-                    1 => {
-                        let img = io.open(&n2)?;
-                        img.metadata_set(k1, &n2)?;
-                        img.metadata_set(k2, "0123456789abcdef")
-                    }
-                    _ => Ok(()),
-                }
-            })
-            .await
-            .map_err(|e| e.to_string())?;
-            times.push(ms(t.elapsed()));
-            let t = Instant::now();
-            pool.remove_image(&creds(), &env.pool, &name)
-                .await
-                .map_err(|e| e.to_string())?;
-            if way == 0 {
-                raw_delete.push(ms(t.elapsed()));
-            }
-        }
-    }
-
-    rows.push((
-        "CreateVolume (16 MiB)".into(),
-        Stats(create),
-        "create + rbd.get_id + rbd.metadata_set (2 keys)".into(),
-        Some(Stats(raw_create)),
-    ));
-    rows.push((
-        "DeleteVolume".into(),
-        Stats(delete),
-        "remove".into(),
-        Some(Stats(raw_delete)),
-    ));
     rows.push((
         "CreateSnapshot (hidden clone + snapshot)".into(),
         Stats(snap),
@@ -457,39 +776,33 @@ async fn run() -> R<String> {
         None,
     ));
 
-    out.push_str("| call | driver p50 (ms) | driver min–max | same librbd calls in-process | direct p50 | direct min–max |\n");
-    out.push_str("|---|--:|--:|---|--:|--:|\n");
-    for (what, s, raw_what, raw) in &rows {
-        let raw = raw
-            .as_ref()
-            .map(|r| r.row())
-            .unwrap_or_else(|| "– | –".into());
-        out.push_str(&format!("| {what} | {} | {raw_what} | {raw} |\n", s.row()));
+    out.push_str(&p.report());
+    out.push_str("\n| call | driver p50 (ms) | driver min–max |\n|---|--:|--:|\n");
+    for (what, s, _, _) in &rows {
+        out.push_str(&format!("| {what} | {} |\n", s.row()));
     }
     out.push_str(&format!(
-        "\nFirst call after start (connects to the cluster): {first_ms:.1} ms. {SEQUENTIAL} sequential calls each; {SNAPSHOTS} snapshots of one volume and {SNAPSHOTS} restores of one snapshot.\n\n"
+        "\nFirst call after start (connects to the cluster): {first_ms:.1} ms. {SNAPSHOTS} snapshots of one volume and {SNAPSHOTS} restores of one snapshot.\n\n"
     ));
     out.push_str(
-        "| burst | CreateVolume, all done (ms) | DeleteVolume, all done (ms) |\n|--:|--:|--:|\n",
+        "| burst | call | driver p50 per call (ms) | direct p50 per call | ratio | driver, all done | direct, all done |\n|--:|---|--:|--:|--:|--:|--:|\n",
     );
-    for (n, c, d) in bursts {
-        out.push_str(&format!("| {n} concurrent | {c:.0} | {d:.0} |\n"));
+    for b in &bursts {
+        out.push_str(&b.rows());
     }
-    let brief = |v: Vec<f64>| {
-        let row = Stats(v).row();
-        let (p50, range) = row.split_once(" | ").unwrap_or((&row, ""));
-        format!("{p50} ({range})")
-    };
+    out.push_str("\n| memory | VmRSS (MiB) | RssAnon | RssFile | VmHWM | threads |\n|---|--:|--:|--:|--:|--:|\n");
+    out.push_str(&idle_mem.row("controller, idle after start"));
+    out.push_str(&burst_mem.row("controller, right after the bursts"));
+    out.push_str(&settled_mem.row("controller, 3 s later"));
+    out.push_str(&node_mem.row("RBD node plugin, idle"));
     out.push_str(&format!(
-        "\nOther ways to make the same tagged 16 MiB image, direct p50 (min–max) in ms: \
-         create + open + 2 × metadata_set (librbd's image API) {}; create alone {}.\n",
-        brief(api_create),
-        brief(bare_create)
+        "\nCeph libraries mapped by the RBD node plugin: {}.\n",
+        if node_libs.is_empty() {
+            "none".to_string()
+        } else {
+            node_libs.join(", ")
+        }
     ));
-    out.push_str("\n| driver memory | VmRSS (MiB) | RssAnon | RssFile | VmHWM | threads |\n|---|--:|--:|--:|--:|--:|\n");
-    out.push_str(&idle_mem.row("idle after start"));
-    out.push_str(&burst_mem.row("right after the bursts"));
-    out.push_str(&settled_mem.row("3 s later"));
     Ok(out)
 }
 

@@ -75,3 +75,42 @@ impl Identity for IdentityService {
         }))
     }
 }
+
+/// Why the process is not ready (every failing check, joined), or None.
+pub fn not_ready(checks: &[ReadinessCheck]) -> Option<String> {
+    let problems: Vec<String> = checks.iter().filter_map(|c| c()).collect();
+    (!problems.is_empty()).then(|| problems.join("; "))
+}
+
+/// Adds `lodestone_ready` to the registry: the readiness checks, run at
+/// each scrape (they read memory only).
+pub fn register_metrics(
+    registry: &mut prometheus_client::registry::Registry,
+    checks: &[ReadinessCheck],
+) {
+    registry.register_collector(Box::new(Readiness(checks.to_vec())));
+}
+
+struct Readiness(Vec<ReadinessCheck>);
+
+impl std::fmt::Debug for Readiness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Readiness({} checks)", self.0.len())
+    }
+}
+
+impl prometheus_client::collector::Collector for Readiness {
+    fn encode(&self, mut out: prometheus_client::encoding::DescriptorEncoder) -> std::fmt::Result {
+        use prometheus_client::encoding::EncodeMetric;
+        let ready = prometheus_client::metrics::gauge::ConstGauge::new(match not_ready(&self.0) {
+            None => 1i64,
+            Some(_) => 0,
+        });
+        ready.encode(out.encode_descriptor(
+            "lodestone_ready",
+            "1 when the readiness checks pass (what Probe and /healthz report), else 0.",
+            None,
+            ready.metric_type(),
+        )?)
+    }
+}

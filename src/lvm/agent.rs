@@ -13,11 +13,11 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::config::{DeviceClass, LvmConfig};
-use crate::error::{Error, Result};
 use crate::host::blockdev;
-use crate::lvm::ids::{self, Kind};
+use crate::lvm::error::{LvmError, Result};
+use crate::lvm::ids::{self, Kind, LvmKind};
 use crate::lvm::report::{self, FullReport, Lv, Vg};
-use crate::runner::{Cmd, RunError, Runner};
+use crate::runner::{Cmd, Runner};
 
 /// What the controller asks a node to create.
 #[derive(Debug, Clone)]
@@ -198,9 +198,9 @@ impl LocalAgent {
     }
 
     pub(super) fn class(&self, name: &str) -> Result<&DeviceClass> {
-        self.config
-            .class(name)
-            .ok_or_else(|| Error::NotFound(format!("device class {name:?} is not configured")))
+        self.config.class(name).ok_or_else(|| {
+            LvmError::NoSuchClass(format!("device class {name:?} is not configured"))
+        })
     }
 
     /// Readiness from the last report, without running anything: every
@@ -290,14 +290,14 @@ impl LocalAgent {
             Ok(p) => p,
             Err(e) if out.code != 0 => {
                 self.record_problems(vec![format!("lvm report failed: {}", out.stderr.trim())]);
-                return Err(Error::Unavailable(format!(
+                return Err(LvmError::Unavailable(format!(
                     "{e}; lvm said: {}",
                     out.stderr.trim()
                 )));
             }
             Err(e) => return Err(e.into()),
         };
-        let (vgs, lvs) = report::parse(parsed).map_err(|e| Error::Internal(e.to_string()))?;
+        let (vgs, lvs) = report::parse(parsed).map_err(|e| LvmError::Internal(e.to_string()))?;
         let mut st = State {
             vgs: vgs.into_iter().map(|v| (v.name.clone(), v)).collect(),
             lvs: lvs
@@ -388,7 +388,7 @@ impl LocalAgent {
             .await?
             .filter(|l| l.is_thin_pool())
             .ok_or_else(|| {
-                Error::Unavailable(format!(
+                LvmError::Unavailable(format!(
                     "thin pool {vg}/{pool} of device class {} is not available",
                     class.name
                 ))
@@ -406,8 +406,8 @@ impl LocalAgent {
         let cmd = self.lvm("lvchange").args(flags).arg(format!("{vg}/{pool}"));
         if let Err(e) = self.runner.run(&cmd).await {
             self.mark_dirty();
-            let e = lvm_error(e);
-            return Err(Error::FailedPrecondition(format!(
+            let e = LvmError::from(e);
+            return Err(LvmError::Blocked(format!(
                 "thin pool {vg}/{pool} of device class {} {}, and setting it failed ({e}); new \
                  volumes in this class are refused until the pool is set with `lvchange \
                  --zero y --errorwhenfull y {vg}/{pool}`",
@@ -501,7 +501,7 @@ impl LocalAgent {
             .await
             .map_err(|e| {
                 self.mark_dirty();
-                lvm_error(e)
+                LvmError::from(e)
             })?;
         let mut st = self.state.write().expect("state poisoned");
         if let Some(l) = st.lvs.get_mut(&(vg.to_string(), lv.to_string())) {
@@ -527,7 +527,7 @@ impl LocalAgent {
             match jobs.get(&key) {
                 Some(ZeroJob::Done) => return Ok(()),
                 Some(ZeroJob::Running) => {
-                    return Err(Error::Aborted(format!(
+                    return Err(LvmError::Busy(format!(
                         "{key} is still being zeroed before removal; retry later"
                     )))
                 }
@@ -549,7 +549,7 @@ impl LocalAgent {
         });
         let zeroed = task
             .await
-            .map_err(|e| Error::Internal(format!("zeroing task failed: {e}")))??;
+            .map_err(|e| LvmError::Internal(format!("zeroing task failed: {e}")))??;
         tracing::debug!(lv = %key, zeroed, elapsed = ?started.elapsed(), "zeroed thick LV");
         Ok(())
     }
@@ -606,7 +606,7 @@ impl LocalAgent {
     ) -> Result<Lv> {
         let vg = &class.volume_group;
         let origin_lv = self.lookup(vg, &origin.lv).await?.ok_or_else(|| {
-            Error::NotFound(format!("the source LV {vg}/{} no longer exists", origin.lv))
+            LvmError::LvMissing(format!("the source LV {vg}/{} no longer exists", origin.lv))
         })?;
         let mut cmd = self
             .lvm("lvcreate")
@@ -671,9 +671,9 @@ impl LocalAgent {
         let Err(e) = self.runner.run(cmd).await else {
             return Ok(None);
         };
-        let err = lvm_error(e);
+        let err = LvmError::from(e);
         self.mark_dirty();
-        if let Error::AlreadyExists(_) = err {
+        if let LvmError::AlreadyExists(_) = err {
             if let Some(lv) = self.lookup(vg, name).await? {
                 return Ok(Some(lv));
             }
@@ -718,7 +718,7 @@ impl LocalAgent {
         st.vgs
             .get(vg)
             .map(|v| v.extent_size)
-            .ok_or_else(|| Error::Unavailable(format!("volume group {vg} is not available")))
+            .ok_or_else(|| LvmError::Unavailable(format!("volume group {vg} is not available")))
     }
 
     pub(super) fn class_of(&self, lv: &Lv) -> Option<&DeviceClass> {
@@ -737,7 +737,7 @@ impl LocalAgent {
     pub(super) fn capacity_now(&self, class: &DeviceClass) -> Result<ClassCapacity> {
         let st = self.state.read().expect("state poisoned");
         let vg = st.vgs.get(&class.volume_group).ok_or_else(|| {
-            Error::Unavailable(format!(
+            LvmError::Unavailable(format!(
                 "volume group {} of device class {} is not available",
                 class.volume_group, class.name
             ))
@@ -755,7 +755,7 @@ impl LocalAgent {
             .lvs
             .get(&(vg.name.clone(), pool_name.clone()))
             .ok_or_else(|| {
-                Error::Unavailable(format!(
+                LvmError::Unavailable(format!(
                     "thin pool {}/{pool_name} is not available",
                     vg.name
                 ))
@@ -840,30 +840,6 @@ fn now_epoch() -> i64 {
         .unwrap_or(0)
 }
 
-/// Maps an lvm failure to the gRPC code an orchestrator can act on.
-pub fn lvm_error(e: RunError) -> Error {
-    let stderr = e.stderr().to_string();
-    let lower = stderr.to_lowercase();
-    let has = |s: &str| lower.contains(s);
-    if has("insufficient free space")
-        || has("insufficient suitable")
-        || has("free space in thin pool")
-        || has("cannot create new thin volume")
-    {
-        Error::ResourceExhausted(format!("not enough space: {stderr}"))
-    } else if has("already exists") {
-        Error::AlreadyExists(stderr)
-    } else if has("in use") || has("is open") || has("is used by") {
-        Error::FailedPrecondition(format!(
-            "the volume is in use (mounted or open); unpublish and unstage it first: {stderr}"
-        ))
-    } else if has("not found") || has("failed to find logical volume") {
-        Error::NotFound(stderr)
-    } else {
-        e.into()
-    }
-}
-
 #[tonic::async_trait]
 impl Agent for LocalAgent {
     fn node(&self) -> &str {
@@ -874,7 +850,7 @@ impl Agent for LocalAgent {
         let class = self.class(&spec.class)?.clone();
         let extent = self.extent_size(&class.volume_group)?;
         if spec.size == 0 || spec.size % extent != 0 {
-            return Err(Error::Internal(format!(
+            return Err(LvmError::Internal(format!(
                 "size {} is not a whole number of {extent}-byte extents",
                 spec.size
             )));
@@ -899,7 +875,7 @@ impl Agent for LocalAgent {
         if lv.is_active() {
             let dev = Self::device_path(&lv.vg, &lv.name);
             if let Some(at) = crate::host::mount::mounts_of(&dev)?.first() {
-                return Err(Error::FailedPrecondition(format!(
+                return Err(LvmError::InUse(format!(
                     "{}/{} is still mounted at {}; unpublish and unstage it first",
                     lv.vg,
                     lv.name,
@@ -922,7 +898,7 @@ impl Agent for LocalAgent {
                 self.runner
                     .run(&cmd.arg(format!("{}/{}", lv.vg, lv.name)))
                     .await
-                    .map_err(lvm_error)?;
+                    .map_err(LvmError::from)?;
                 self.update_lv(&lv.vg, &lv.name, |l| l.attr.replace_range(1..2, "w"));
             }
             self.zero(&lv).await?;
@@ -932,13 +908,13 @@ impl Agent for LocalAgent {
             .arg("--yes")
             .arg(format!("{}/{}", lv.vg, lv.name));
         crate::fail_point!("lvm.delete.before_lvremove");
-        let removed = self.runner.run(&cmd).await.map_err(lvm_error);
+        let removed = self.runner.run(&cmd).await.map_err(LvmError::from);
         // Success or not, the zeroing record goes: should the removal have
         // failed, the LV was still in use and may hold new data, so the next
         // attempt zeroes again.
         self.forget_zeroed(&lv.vg, &lv.name);
         match removed {
-            Ok(_) | Err(Error::NotFound(_)) => {}
+            Ok(_) | Err(LvmError::LvMissing(_)) => {}
             Err(e) => {
                 self.mark_dirty();
                 return Err(e);
@@ -954,7 +930,7 @@ impl Agent for LocalAgent {
         let lv = self
             .lookup(&class.volume_group, lv_name)
             .await?
-            .ok_or_else(|| Error::NotFound(format!("volume {lv_name} does not exist")))?;
+            .ok_or_else(|| LvmError::LvMissing(format!("volume {lv_name} does not exist")))?;
         if size <= lv.size {
             return Ok(lv);
         }
@@ -962,10 +938,23 @@ impl Agent for LocalAgent {
             .lvm("lvextend")
             .args(["--size", &format!("{size}b")])
             .arg(format!("{}/{}", lv.vg, lv.name));
-        self.runner.run(&cmd).await.map_err(|e| {
+        if let Err(e) = self.runner.run(&cmd).await {
+            // An lvextend of an earlier attempt may have got there first:
+            // one left running by a process killed mid-call (a started
+            // command runs to its end) commits while this one waits for the
+            // VG lock, and this one then fails on a size already reached.
+            // What counts is the LV's size as LVM reports it now.
             self.mark_dirty();
-            lvm_error(e)
-        })?;
+            let err = LvmError::from(e);
+            return match self.lookup(&lv.vg, &lv.name).await? {
+                Some(now) if now.size >= size => {
+                    tracing::info!(vg = %lv.vg, lv = %lv.name, size = now.size,
+                        "already at the requested size (an earlier attempt's lvextend finished)");
+                    Ok(now)
+                }
+                _ => Err(err),
+            };
+        }
         crate::fail_point!("lvm.expand.after_lvextend");
         let mut st = self.state.write().expect("state poisoned");
         if !class.is_thin() {
@@ -999,10 +988,10 @@ impl Agent for LocalAgent {
         self.ensure_fresh().await?;
         match self.capacity_now(class) {
             // Made after the last report? Look once more (rate-limited).
-            Err(Error::Unavailable(e)) => {
+            Err(LvmError::Unavailable(e)) => {
                 // A failed report changes nothing: the answer stays.
                 if self.refresh_if_older(MISSING_REFRESH).await.is_err() {
-                    return Err(Error::Unavailable(e));
+                    return Err(LvmError::Unavailable(e));
                 }
                 self.capacity_now(class)
             }
@@ -1035,6 +1024,195 @@ impl Agent for LocalAgent {
         }
         let message = self.describe_copy(vg, lv)?;
         Some((message, self.copy_failed_for_good(vg, lv)))
+    }
+}
+
+/// Adds the LVM gauges (`lodestone_lvm_*`) to the registry: read from
+/// [`LocalAgent::stats`] at each scrape, so a scrape never runs lvm.
+pub fn register_metrics(
+    registry: &mut prometheus_client::registry::Registry,
+    agent: Arc<LocalAgent>,
+) {
+    registry.register_collector(Box::new(LvmGauges(agent)));
+}
+
+struct LvmGauges(Arc<LocalAgent>);
+
+impl std::fmt::Debug for LvmGauges {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LvmGauges")
+    }
+}
+
+/// One gauge family from (labels, value) rows; none at all without rows.
+fn gauges<L, V>(
+    encoder: &mut prometheus_client::encoding::DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: impl IntoIterator<Item = (L, V)>,
+) -> std::fmt::Result
+where
+    L: prometheus_client::encoding::EncodeLabelSet,
+    V: prometheus_client::encoding::EncodeGaugeValue,
+{
+    use prometheus_client::encoding::EncodeMetric;
+    use prometheus_client::metrics::{gauge::ConstGauge, MetricType};
+    let mut rows = rows.into_iter().peekable();
+    if rows.peek().is_none() {
+        return Ok(());
+    }
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, value) in rows {
+        ConstGauge::new(value).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+impl prometheus_client::collector::Collector for LvmGauges {
+    fn encode(&self, mut out: prometheus_client::encoding::DescriptorEncoder) -> std::fmt::Result {
+        let stats = self.0.stats();
+        let cs = &stats.classes;
+        let cv = |c: &ClassStats| [("class", c.class.clone()), ("vg", c.vg.clone())];
+        let cvp = |c: &ClassStats| {
+            let pool = c.pool.clone().unwrap_or_default();
+            [
+                ("class", c.class.clone()),
+                ("vg", c.vg.clone()),
+                ("pool", pool),
+            ]
+        };
+        let by_class =
+            |f: fn(&ClassStats) -> Option<u64>| cs.iter().filter_map(move |c| Some((cv(c), f(c)?)));
+        let by_pool = |f: fn(&ClassStats) -> Option<u64>| {
+            cs.iter().filter_map(move |c| Some((cvp(c), f(c)?)))
+        };
+        let percent = |f: fn(&ClassStats) -> Option<f64>| {
+            cs.iter().filter_map(move |c| Some((cvp(c), f(c)?)))
+        };
+        gauges(
+            &mut out,
+            "lodestone_lvm_vg_size_bytes",
+            "Size of the device class's volume group.",
+            by_class(|c| c.vg_size),
+        )?;
+        gauges(
+            &mut out,
+            "lodestone_lvm_vg_free_bytes",
+            "Unallocated bytes in the device class's volume group.",
+            by_class(|c| c.vg_free),
+        )?;
+        gauges(
+            &mut out,
+            "lodestone_lvm_thin_pool_size_bytes",
+            "Size of the thin pool of a thin device class.",
+            by_pool(|c| c.pool_size),
+        )?;
+        gauges(
+            &mut out,
+            "lodestone_lvm_thin_pool_data_percent",
+            "Percent of the thin pool's data space in use (as of the last LVM report).",
+            percent(|c| c.pool_data_percent),
+        )?;
+        gauges(
+            &mut out,
+            "lodestone_lvm_thin_pool_metadata_percent",
+            "Percent of the thin pool's metadata space in use (as of the last LVM report).",
+            percent(|c| c.pool_metadata_percent),
+        )?;
+        gauges(
+            &mut out,
+            "lodestone_lvm_available_bytes",
+            "Bytes a new volume of the device class may take now (what GetCapacity reports).",
+            by_class(|c| c.available),
+        )?;
+        gauges(
+            &mut out,
+            "lodestone_lvm_volumes",
+            "Volumes of the device class on this node.",
+            by_pool(|c| c.vg_size.map(|_| c.volumes)),
+        )?;
+        gauges(
+            &mut out,
+            "lodestone_lvm_snapshots",
+            "Snapshots of the device class on this node.",
+            by_pool(|c| c.vg_size.map(|_| c.snapshots)),
+        )?;
+        gauges(
+            &mut out,
+            "lodestone_lvm_report_age_seconds",
+            "Seconds since the last full LVM report (mutations update the state in between).",
+            stats
+                .report_age
+                .map(|age| ([] as [(&str, &str); 0], age.as_secs())),
+        )
+    }
+}
+
+#[cfg(test)]
+mod metrics_tests {
+    use super::*;
+
+    /// The gauges of a thin class whose VG and pool are in the report, and
+    /// none at all for a class whose VG is missing; no command runs.
+    #[test]
+    fn lvm_gauges_come_from_memory() {
+        let config = LvmConfig::load(None, &["thin=vg0/pool0".into(), "gone=vg9".into()]);
+        let runner = Arc::new(Runner::new(Duration::from_secs(5)));
+        let options = AgentOptions {
+            udev: false,
+            copy_wait: Duration::from_secs(1),
+        };
+        let agent = LocalAgent::new("n1".into(), config.unwrap(), runner.clone(), options);
+        let mut registry = prometheus_client::registry::Registry::default();
+        register_metrics(&mut registry, agent.clone());
+        let page = || {
+            let mut page = String::new();
+            prometheus_client::encoding::prometheus_text::encode(&mut page, &registry).unwrap();
+            page
+        };
+        assert_eq!(page(), "", "nothing known before the first report");
+        {
+            let mut st = agent.state.write().unwrap();
+            let vg = Vg {
+                name: "vg0".into(),
+                size: 2 << 30,
+                free: 1 << 20,
+                extent_size: 4 << 20,
+            };
+            st.vgs.insert("vg0".into(), vg);
+            let pool = Lv {
+                vg: "vg0".into(),
+                name: "pool0".into(),
+                size: 1 << 30,
+                attr: "twi-aotz--".into(),
+                tags: Vec::new(),
+                pool: None,
+                data_percent: Some(12.5),
+                metadata_percent: None,
+                when_full: String::new(),
+                zeroing: false,
+                created: None,
+            };
+            st.lvs.insert(("vg0".into(), "pool0".into()), pool);
+            st.refreshed = Some(Instant::now());
+        }
+        let page = page();
+        let cvp = "{class=\"thin\",vg=\"vg0\",pool=\"pool0\"}";
+        for line in [
+            "# TYPE lodestone_lvm_vg_size_bytes gauge\n".to_string(),
+            "lodestone_lvm_vg_size_bytes{class=\"thin\",vg=\"vg0\"} 2147483648\n".into(),
+            "lodestone_lvm_vg_free_bytes{class=\"thin\",vg=\"vg0\"} 1048576\n".into(),
+            format!("lodestone_lvm_thin_pool_size_bytes{cvp} 1073741824\n"),
+            format!("lodestone_lvm_thin_pool_data_percent{cvp} 12.5\n"),
+            format!("lodestone_lvm_volumes{cvp} 0\n"),
+            format!("lodestone_lvm_snapshots{cvp} 0\n"),
+            "lodestone_lvm_report_age_seconds 0\n".into(),
+        ] {
+            assert!(page.contains(&line), "no {line:?} in\n{page}");
+        }
+        assert!(!page.contains("metadata_percent"), "{page}");
+        assert!(!page.contains("vg9"), "{page}");
+        assert!(runner.spawn_counts().is_empty(), "a scrape ran a command");
     }
 }
 
@@ -1176,6 +1354,8 @@ mod tests {
 
     #[test]
     fn maps_lvm_errors() {
+        use crate::error::Error;
+        use crate::runner::RunError;
         let failed = |stderr: &str| RunError::Failed {
             command: "lvm".into(),
             code: 5,
@@ -1200,7 +1380,7 @@ mod tests {
             ("  Something odd", "IN"),
         ];
         for (stderr, want) in cases {
-            let got = match lvm_error(failed(stderr)) {
+            let got = match Error::from(crate::lvm::error::classify(failed(stderr))) {
                 Error::ResourceExhausted(_) => "RE",
                 Error::AlreadyExists(_) => "AE",
                 Error::FailedPrecondition(_) => "FP",

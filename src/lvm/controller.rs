@@ -19,13 +19,12 @@ use crate::core::request::{topology_matches, Access, FsType};
 use crate::csi;
 use crate::error::{Error, Result};
 use crate::lvm::agent::{Agent, LvSpec, Origin};
-use crate::lvm::ids::{self, Kind, LvId, TAG_COPYING};
+use crate::lvm::error::LvmError;
+use crate::lvm::ids::{self, Kind, LvId, LvmKind, TAG_COPYING};
+use crate::lvm::params::{LvmParams, PARAMETER_KEYS};
 use crate::lvm::report::Lv;
 
-pub const PARAM_DEVICE_CLASS: &str = "deviceClass";
-const PARAMETER_KEYS: &[&str] = &[PARAM_DEVICE_CLASS];
-/// Key under which a volume's source enters its parameter digest.
-const SOURCE_KEY: &str = "lodestone/source";
+pub use crate::lvm::params::PARAM_DEVICE_CLASS;
 
 pub struct LvmController {
     config: LvmConfig,
@@ -45,17 +44,77 @@ pub struct LvmController {
     pub duplicates: AtomicU64,
 }
 
-/// Whether an agent error means "could not ask that node".
-fn unreachable(e: &Error) -> bool {
-    matches!(e, Error::Unavailable(_) | Error::DeadlineExceeded(_))
-}
-
 fn node_segments(node: &str) -> BTreeMap<String, String> {
     [(TOPOLOGY_NODE_KEY.to_string(), node.to_string())].into()
 }
 
 fn is_copying(lv: &Lv) -> bool {
     ids::has_tag(&lv.tags, TAG_COPYING)
+}
+
+/// How large a new volume may be and is by default.
+struct Sizing {
+    /// The largest of the filesystem's minimum and the source's size.
+    minimum: u64,
+    /// The size when the request names none: the source's, or the class's.
+    default: u64,
+}
+
+impl Sizing {
+    fn of(req: &CreateVolume, class: &DeviceClass, source: Option<&Lv>) -> Result<Sizing> {
+        let fs_minimum = req
+            .capabilities
+            .iter()
+            .map(|c| match &c.access {
+                Access::Mount { fs, .. } => fs.unwrap_or(FsType::Ext4).min_bytes(),
+                Access::Block => 0,
+            })
+            .max()
+            .unwrap_or(0);
+        let source_size = source.map(|lv| lv.size).unwrap_or(0);
+        if req.range.limit > 0 && source_size > req.range.limit {
+            return Err(Error::OutOfRange(format!(
+                "the source holds {source_size} bytes, more than limit_bytes {}",
+                req.range.limit
+            )));
+        }
+        Ok(Sizing {
+            minimum: fs_minimum.max(source_size),
+            default: if source.is_some() {
+                source_size
+            } else {
+                class.default_size_bytes
+            },
+        })
+    }
+}
+
+/// What the node is asked to create for a new volume.
+fn new_volume_spec(
+    req: &CreateVolume,
+    id: &LvId,
+    size: u64,
+    digest: &str,
+    source: Option<&(LvId, Lv)>,
+) -> LvSpec {
+    LvSpec {
+        class: id.class.clone(),
+        name: id.lv_name(),
+        size,
+        tags: ids::tags(
+            Kind::Volume,
+            &req.name,
+            digest,
+            source.map(|(s, _)| s),
+            false,
+        ),
+        origin: source.map(|(sid, lv)| Origin {
+            class: sid.class.clone(),
+            lv: lv.name.clone(),
+            frozen: sid.kind == Kind::Snapshot,
+        }),
+        read_only: false,
+    }
 }
 
 impl LvmController {
@@ -101,8 +160,8 @@ impl LvmController {
         })
     }
 
-    fn class_for(&self, params: &BTreeMap<String, String>) -> Result<&DeviceClass> {
-        match params.get(PARAM_DEVICE_CLASS) {
+    fn class_for(&self, params: &LvmParams) -> Result<&DeviceClass> {
+        match &params.device_class {
             None => Ok(self.config.default_class()),
             Some(name) => self.named_class(name),
         }
@@ -151,8 +210,8 @@ impl LvmController {
         }
         let lv = match agent.find(&id.class, &id.lv_name()).await {
             Ok(lv) => lv,
-            Err(Error::NotFound(_)) => None, // the node has no such class
-            Err(e) => return Err(e),
+            Err(LvmError::NoSuchClass(_)) => None,
+            Err(e) => return Err(e.into()),
         };
         Ok(lv.filter(|l| ids::has_tag(&l.tags, id.kind.tag())))
     }
@@ -181,13 +240,12 @@ impl LvmController {
                 match agent.find(&class.name, &id.lv_name()).await {
                     Ok(Some(lv)) => return Ok(Some((id, lv))),
                     Ok(None) => {}
-                    // The node does not serve this device class.
-                    Err(Error::NotFound(_)) => {}
-                    Err(e) if unreachable(&e) => {
+                    Err(LvmError::NoSuchClass(_)) => {}
+                    Err(e) if e.is_unreachable() => {
                         down.push((node.clone(), e));
                         break;
                     }
-                    Err(e) => return Err(e),
+                    Err(e) => return Err(e.into()),
                 }
             }
         }
@@ -265,7 +323,7 @@ impl LvmController {
                 tracing::info!(lv = %lv.name, from = lv.size, to = size,
                     "finishing the growth of an interrupted restore or clone");
                 let agent = self.agent(&id.node).expect("found on this node");
-                agent.extend(&id.class, &lv.name, size).await
+                Ok(agent.extend(&id.class, &lv.name, size).await?)
             }
             _ => Ok(lv),
         }
@@ -356,17 +414,140 @@ impl LvmController {
         Ok((lid, lv))
     }
 
+    /// The class a new volume goes to: the StorageClass's, else its
+    /// source's, else the default.
+    fn class_of_new_volume(
+        &self,
+        params: &LvmParams,
+        source: Option<&(LvId, Lv)>,
+    ) -> Result<&DeviceClass> {
+        match (&params.device_class, source) {
+            (None, Some((sid, _))) => self.named_class(&sid.class),
+            _ => self.class_for(params),
+        }
+    }
+
+    /// A CreateVolume whose LV exists already (a retry, or a replay after a
+    /// crash): the same volume if this request would have made it, else
+    /// ALREADY_EXISTS; ABORTED while its data is still being copied.
+    async fn answer_retry(
+        &self,
+        req: &CreateVolume,
+        class: &DeviceClass,
+        digest: &str,
+        id: LvId,
+        lv: Lv,
+    ) -> Result<VolumeInfo> {
+        self.check_existing(&req.name, &lv, digest, "volume")?;
+        let lv = self.finish_growth(&id, lv).await?;
+        if id.class != class.name || !req.range.accepts(lv.size) {
+            return Err(Error::AlreadyExists(format!(
+                "volume {:?} already exists with {} bytes in device class {}, which this \
+                 request does not accept",
+                req.name, lv.size, id.class
+            )));
+        }
+        let (lv, copying) = self.settle(&id, lv).await?;
+        if let Some(progress) = copying {
+            return Err(Error::Aborted(format!(
+                "volume {:?}: {progress}; retry",
+                req.name
+            )));
+        }
+        Ok(Self::volume_info(&id, &lv))
+    }
+
+    /// Placement: every node's capacity for the class, then the decision.
+    /// Returns the decision and the size the volume has on that node.
+    async fn place(
+        &self,
+        req: &CreateVolume,
+        class: &DeviceClass,
+        sizing: &Sizing,
+        source_node: Option<&str>,
+    ) -> Result<(placement::Decision, u64)> {
+        let mut candidates = Vec::new();
+        let mut sizes = BTreeMap::new();
+        let mut full_pools = Vec::new();
+        for (node, agent) in self.all_agents() {
+            let cap = match agent.capacity(&class.name).await {
+                Ok(c) => c,
+                Err(LvmError::NoSuchClass(_)) => continue,
+                Err(e) => {
+                    tracing::warn!(node, error = %e, "node skipped for placement");
+                    continue;
+                }
+            };
+            if cap.pool_full {
+                full_pools.push(format!(
+                    "{node}: thin pool {}/{} is {:.1}% full (threshold {}%)",
+                    class.volume_group,
+                    class.thin_pool.as_deref().unwrap_or(""),
+                    cap.used_percent,
+                    class.pool_full_threshold_percent
+                ));
+            }
+            let size = req
+                .range
+                .pick(cap.extent_size, sizing.minimum, sizing.default)?;
+            sizes.insert(node.clone(), size);
+            candidates.push(Candidate {
+                name: node.clone(),
+                segments: node_segments(&node),
+                available: cap.available,
+            });
+        }
+        let Some(&largest) = sizes.values().max() else {
+            return Err(Error::Unavailable(format!(
+                "no node can serve device class {} right now",
+                class.name
+            )));
+        };
+        let decision =
+            placement::place(req.requirement.as_ref(), &candidates, largest, source_node).map_err(
+                |e| match (e, full_pools.is_empty()) {
+                    (Error::ResourceExhausted(m), false) => {
+                        Error::ResourceExhausted(format!("{m}; {}", full_pools.join("; ")))
+                    }
+                    (e, _) => e,
+                },
+            )?;
+        let size = sizes[&decision.node];
+        Ok((decision, size))
+    }
+
+    /// Creates the LV on its node and answers once its data is complete
+    /// (ABORTED while a copy from its source runs).
+    async fn create_on_node(
+        &self,
+        req: &CreateVolume,
+        id: &LvId,
+        spec: &LvSpec,
+    ) -> Result<VolumeInfo> {
+        let agent = self.agent(&id.node).expect("placed on a known node");
+        self.note_attempt(&id.key, &id.node);
+        let lv = agent.create(spec).await?;
+        let (lv, copying) = self.settle(id, lv).await?;
+        if let Some(progress) = copying {
+            return Err(Error::Aborted(format!(
+                "volume {:?} is being filled from its source ({progress}); retry",
+                req.name
+            )));
+        }
+        Ok(Self::volume_info(id, &lv))
+    }
+
     async fn list_kind(&self, kind: Kind) -> Result<Vec<(LvId, Lv)>> {
         let mut out = Vec::new();
         for (node, agent) in self.all_agents() {
             let lvs = match agent.list().await {
                 Ok(lvs) => lvs,
-                Err(e) if unreachable(&e) => {
+                Err(e) if e.is_unreachable() => {
                     tracing::warn!(node = %node, error = %e,
                         "listing without this node: its agent cannot be reached");
                     continue;
                 }
-                Err(e) => return Err(e),
+                Err(e) => return Err(e.into()),
             };
             for (class, lv) in lvs {
                 if !ids::has_tag(&lv.tags, kind.tag()) {
@@ -406,153 +587,35 @@ impl ControllerBackend for LvmController {
     }
 
     async fn create_volume(&self, req: &CreateVolume) -> Result<VolumeInfo> {
+        let params = LvmParams::parse(&req.params)?;
         let source = match &req.source {
             Some(s) => Some(self.source_of(s).await?),
             None => None,
         };
-        // The source's class unless the StorageClass names one.
-        let class = match (req.params.get(PARAM_DEVICE_CLASS), &source) {
-            (None, Some((sid, _))) => self.named_class(&sid.class)?,
-            _ => self.class_for(&req.params)?,
-        };
-        let mut params = req.params.clone();
-        params.insert(PARAM_DEVICE_CLASS.to_string(), class.name.clone());
-        if let Some((sid, _)) = &source {
-            params.insert(SOURCE_KEY.to_string(), sid.encode());
-        }
-        let digest = ids::params_digest(&params);
+        let class = self.class_of_new_volume(&params, source.as_ref())?;
+        let source_id = source.as_ref().map(|(sid, _)| sid.encode());
+        let digest =
+            ids::params_digest(&LvmParams::digest_input(&class.name, source_id.as_deref()));
         let key = Kind::Volume.key_for_name(&req.name);
-
         // A retry (or a replay after a crash) finds what the first attempt made.
         if let Some((id, lv)) = self.find_anywhere(Kind::Volume, &key).await? {
-            self.check_existing(&req.name, &lv, &digest, "volume")?;
-            let lv = self.finish_growth(&id, lv).await?;
-            if id.class != class.name || !req.range.accepts(lv.size) {
-                return Err(Error::AlreadyExists(format!(
-                    "volume {:?} already exists with {} bytes in device class {}, which this \
-                     request does not accept",
-                    req.name, lv.size, id.class
-                )));
-            }
-            let (lv, copying) = self.settle(&id, lv).await?;
-            if let Some(progress) = copying {
-                return Err(Error::Aborted(format!(
-                    "volume {:?}: {progress}; retry",
-                    req.name
-                )));
-            }
-            return Ok(Self::volume_info(&id, &lv));
+            return self.answer_retry(req, class, &digest, id, lv).await;
         }
-
-        let fs_minimum = req
-            .capabilities
-            .iter()
-            .map(|c| match &c.access {
-                Access::Mount { fs, .. } => fs.unwrap_or(FsType::Ext4).min_bytes(),
-                Access::Block => 0,
-            })
-            .max()
-            .unwrap_or(0);
-        let source_size = source.as_ref().map(|(_, lv)| lv.size).unwrap_or(0);
-        if req.range.limit > 0 && source_size > req.range.limit {
-            return Err(Error::OutOfRange(format!(
-                "the source holds {source_size} bytes, more than limit_bytes {}",
-                req.range.limit
-            )));
-        }
-        let default_size = if source.is_some() {
-            source_size
-        } else {
-            class.default_size_bytes
-        };
-
-        // Placement: every node's capacity for this class, then the decision list.
-        let mut candidates = Vec::new();
-        let mut sizes = BTreeMap::new();
-        let mut full_pools = Vec::new();
-        for (node, agent) in self.all_agents() {
-            let cap = match agent.capacity(&class.name).await {
-                Ok(c) => c,
-                Err(Error::NotFound(_)) => continue, // class not on this node
-                Err(e) => {
-                    tracing::warn!(node, error = %e, "node skipped for placement");
-                    continue;
-                }
-            };
-            if cap.pool_full {
-                full_pools.push(format!(
-                    "{node}: thin pool {}/{} is {:.1}% full (threshold {}%)",
-                    class.volume_group,
-                    class.thin_pool.as_deref().unwrap_or(""),
-                    cap.used_percent,
-                    class.pool_full_threshold_percent
-                ));
-            }
-            let minimum = fs_minimum.max(source_size);
-            let size = req.range.pick(cap.extent_size, minimum, default_size)?;
-            sizes.insert(node.clone(), size);
-            candidates.push(Candidate {
-                name: node.clone(),
-                segments: node_segments(&node),
-                available: cap.available,
-            });
-        }
-        let Some(&largest) = sizes.values().max() else {
-            return Err(Error::Unavailable(format!(
-                "no node can serve device class {} right now",
-                class.name
-            )));
-        };
+        let sizing = Sizing::of(req, class, source.as_ref().map(|(_, lv)| lv))?;
         let source_node = source.as_ref().map(|(sid, _)| sid.node.as_str());
-        let decision =
-            placement::place(req.requirement.as_ref(), &candidates, largest, source_node).map_err(
-                |e| match (e, full_pools.is_empty()) {
-                    (Error::ResourceExhausted(m), false) => {
-                        Error::ResourceExhausted(format!("{m}; {}", full_pools.join("; ")))
-                    }
-                    (e, _) => e,
-                },
-            )?;
-        let size = sizes[&decision.node];
+        let (decision, size) = self.place(req, class, &sizing, source_node).await?;
         tracing::info!(
             name = %req.name, node = %decision.node, rule = decision.rule, class = %class.name,
-            size, source = ?source.as_ref().map(|(s, _)| s.encode()), "placed volume"
+            size, source = ?source_id, "placed volume"
         );
-        let agent = self.agent(&decision.node).expect("placed on a known node");
         let id = LvId {
             kind: Kind::Volume,
             node: decision.node,
             class: class.name.clone(),
             key,
         };
-        let spec = LvSpec {
-            class: class.name.clone(),
-            name: id.lv_name(),
-            size,
-            tags: ids::tags(
-                Kind::Volume,
-                &req.name,
-                &digest,
-                source.as_ref().map(|(s, _)| s),
-                false,
-            ),
-            origin: source.as_ref().map(|(sid, lv)| Origin {
-                class: sid.class.clone(),
-                lv: lv.name.clone(),
-                frozen: sid.kind == Kind::Snapshot,
-            }),
-            read_only: false,
-        };
-        self.note_attempt(&id.key, &id.node);
-        let lv = agent.create(&spec).await?;
-        let (lv, copying) = self.settle(&id, lv).await?;
-        if let Some(progress) = copying {
-            return Err(Error::Aborted(format!(
-                "volume {:?} is being filled from its source ({progress}); retry",
-                req.name
-            )));
-        }
-        Ok(Self::volume_info(&id, &lv))
+        let spec = new_volume_spec(req, &id, size, &digest, source.as_ref());
+        self.create_on_node(req, &id, &spec).await
     }
 
     async fn delete_volume(&self, id: &str, _: &Secrets) -> Result<()> {
@@ -615,7 +678,7 @@ impl ControllerBackend for LvmController {
         params: &BTreeMap<String, String>,
         topology: Option<&csi::Topology>,
     ) -> Result<Capacity> {
-        let class = self.class_for(params)?;
+        let class = self.class_for(&LvmParams::parse(params)?)?;
         let mut total = Capacity::default();
         for (node, agent) in self.all_agents() {
             if let Some(t) = topology {
@@ -625,13 +688,13 @@ impl ControllerBackend for LvmController {
             }
             let cap = match agent.capacity(&class.name).await {
                 Ok(cap) => cap,
-                Err(Error::NotFound(_)) => continue, // class not on this node
+                Err(LvmError::NoSuchClass(_)) => continue,
                 // Without a topology the answer is the reachable nodes' sum.
-                Err(e) if topology.is_none() && unreachable(&e) => {
+                Err(e) if topology.is_none() && e.is_unreachable() => {
                     tracing::warn!(node = %node, error = %e, "capacity without this node");
                     continue;
                 }
-                Err(e) => return Err(e),
+                Err(e) => return Err(e.into()),
             };
             total.available += cap.available;
             total.maximum_volume = total.maximum_volume.max(cap.available);
@@ -658,9 +721,7 @@ impl ControllerBackend for LvmController {
                     req.source_volume_id
                 ))
             })?;
-        let mut params = req.params.clone();
-        params.insert(SOURCE_KEY.to_string(), src.encode());
-        let digest = ids::params_digest(&params);
+        let digest = ids::params_digest(&LvmParams::snapshot_digest_input(&src.encode()));
         let key = Kind::Snapshot.key_for_name(&req.name);
         if let Some((id, lv)) = self.find_anywhere(Kind::Snapshot, &key).await? {
             self.check_existing(&req.name, &lv, &digest, "snapshot")?;
@@ -701,7 +762,7 @@ impl ControllerBackend for LvmController {
         match self.resolve(Kind::Snapshot, id).await? {
             Some((lid, lv)) => {
                 let agent = self.agent(&lid.node).expect("resolved on a known node");
-                agent.remove(&lid.class, &lv.name).await
+                Ok(agent.remove(&lid.class, &lv.name).await?)
             }
             None => Ok(()),
         }
@@ -723,5 +784,60 @@ impl ControllerBackend for LvmController {
             .collect();
         out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)
+    }
+}
+
+/// Adds `lodestone_lvm_duplicates_found_total` to the registry: read from
+/// [`LvmController::duplicates`] at each scrape.
+pub fn register_metrics(
+    registry: &mut prometheus_client::registry::Registry,
+    controller: Arc<LvmController>,
+) {
+    registry.register_collector(Box::new(DuplicatesFound(controller)));
+}
+
+struct DuplicatesFound(Arc<LvmController>);
+
+impl std::fmt::Debug for DuplicatesFound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DuplicatesFound")
+    }
+}
+
+impl prometheus_client::collector::Collector for DuplicatesFound {
+    fn encode(&self, mut out: prometheus_client::encoding::DescriptorEncoder) -> std::fmt::Result {
+        use prometheus_client::encoding::EncodeMetric;
+        let found = self.0.duplicates.load(Ordering::Relaxed);
+        let counter = prometheus_client::metrics::counter::ConstCounter::new(found);
+        counter.encode(out.encode_descriptor(
+            "lodestone_lvm_duplicates_found",
+            "Times the controller found one request's volume or snapshot on two nodes or \
+             classes (see the logs; nothing is deleted).",
+            None,
+            counter.metric_type(),
+        )?)
+    }
+}
+
+#[cfg(test)]
+mod metrics_tests {
+    use super::*;
+
+    #[test]
+    fn duplicates_found_is_a_counter_read_at_scrape_time() {
+        let config = LvmConfig::load(None, &["thin=vg0/pool0".into()]).unwrap();
+        let controller = Arc::new(LvmController::new(config, Vec::new(), Box::new(|| None)));
+        let mut registry = prometheus_client::registry::Registry::default();
+        register_metrics(&mut registry, controller.clone());
+        controller.duplicates.fetch_add(3, Ordering::Relaxed);
+        let mut page = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut page, &registry).unwrap();
+        assert!(
+            page.contains(
+                "# TYPE lodestone_lvm_duplicates_found_total counter\n\
+                 lodestone_lvm_duplicates_found_total 3\n"
+            ),
+            "{page}"
+        );
     }
 }

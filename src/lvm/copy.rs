@@ -22,10 +22,11 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 
 use crate::config::DeviceClass;
-use crate::error::{Error, Result};
+use crate::error::Error;
 use crate::host::blockdev;
-use crate::lvm::agent::{lvm_error, LocalAgent, LvSpec, Origin};
-use crate::lvm::ids::{self, Kind, TAG_COPYING, TAG_COPY_FAILED};
+use crate::lvm::agent::{LocalAgent, LvSpec, Origin};
+use crate::lvm::error::{LvmError, Result};
+use crate::lvm::ids::{self, Kind, LvmKind, TAG_COPYING, TAG_COPY_FAILED};
 use crate::lvm::report::Lv;
 
 /// A copy under way, or the last one that failed.
@@ -45,6 +46,16 @@ pub enum CopyEntry {
         /// state, so the copy stays failed until the LV is deleted.
         permanent: bool,
     },
+}
+
+/// Whether a failed copy would fail again however often it is retried: the
+/// node refuses it until someone acts (its point in time is lost, its
+/// source is gone), or a device it needs is held by someone else.
+fn is_permanent(e: &LvmError) -> bool {
+    matches!(
+        e,
+        LvmError::Blocked(_) | LvmError::InUse(_) | LvmError::Host(Error::FailedPrecondition(_))
+    )
 }
 
 /// The temporary snapshot a copy into `target` reads from.
@@ -133,7 +144,7 @@ impl LocalAgent {
     fn origin_of(&self, lv: &Lv) -> Result<Origin> {
         let src = ids::tagged_source(&lv.tags, crate::lvm::agent::Agent::node(self)).ok_or_else(
             || {
-                Error::Internal(format!(
+                LvmError::Internal(format!(
                     "{}/{} is marked copying but names no source",
                     lv.vg, lv.name
                 ))
@@ -260,15 +271,15 @@ impl LocalAgent {
         let agent = self
             .me
             .upgrade()
-            .ok_or_else(|| Error::Unavailable("shutting down".into()))?;
+            .ok_or_else(|| LvmError::Unavailable("shutting down".into()))?;
         let target = target.clone();
         tokio::spawn(async move {
             let started = Instant::now();
             let result = agent
                 .run_copy(&target, &origin, read_only, fresh, &done, &cancel)
                 .await;
-            let permanent = matches!(result, Err(Error::FailedPrecondition(_)))
-                && !cancel.load(Ordering::Relaxed);
+            let permanent =
+                result.as_ref().is_err_and(is_permanent) && !cancel.load(Ordering::Relaxed);
             let volume = ids::has_tag(&target.tags, Kind::Volume.tag());
             if permanent && !volume {
                 // Recorded in LVM, so that a restart does not copy a later
@@ -289,7 +300,7 @@ impl LocalAgent {
                         copies.remove(&k);
                     }
                     Err(e) => {
-                        let permanent = matches!(e, Error::FailedPrecondition(_));
+                        let permanent = is_permanent(&e);
                         tracing::warn!(lv = %k, error = %e, permanent, "copy failed");
                         copies.insert(
                             k.clone(),
@@ -348,14 +359,14 @@ impl LocalAgent {
             _ => None,
         });
         if let Some(target) = reader {
-            return Err(Error::Aborted(format!(
+            return Err(LvmError::Busy(format!(
                 "{target} is being copied from {k}; retry when that copy is done"
             )));
         }
         match copies.get(&k) {
             Some(CopyEntry::Running { cancel, .. }) => {
                 cancel.store(true, Ordering::Relaxed);
-                Err(Error::Aborted(format!(
+                Err(LvmError::Busy(format!(
                     "stopping the copy into {k} first; retry shortly"
                 )))
             }
@@ -421,7 +432,7 @@ impl LocalAgent {
             .collect();
         for temp in temps {
             if self.is_being_removed(&temp.vg, &temp.name) {
-                return Err(Error::Aborted(format!(
+                return Err(LvmError::Busy(format!(
                     "{}/{} is being removed; retry shortly",
                     temp.vg, temp.name
                 )));
@@ -430,9 +441,9 @@ impl LocalAgent {
                 .lvm("lvs")
                 .args(["--noheadings", "-o", "origin"])
                 .arg(format!("{}/{}", temp.vg, temp.name));
-            let of = match self.runner.run(&cmd).await.map_err(lvm_error) {
+            let of = match self.runner.run(&cmd).await.map_err(LvmError::from) {
                 Ok(out) => out.stdout.trim().to_string(),
-                Err(Error::NotFound(_)) => continue,
+                Err(LvmError::LvMissing(_)) => continue,
                 Err(e) => return Err(e),
             };
             if of == origin.name {
@@ -471,10 +482,10 @@ impl LocalAgent {
             .lvm("lvremove")
             .arg("--yes")
             .arg(format!("{vg}/{name}"));
-        let removed = self.runner.run(&cmd).await.map_err(lvm_error);
+        let removed = self.runner.run(&cmd).await.map_err(LvmError::from);
         self.forget_zeroed(vg, name);
         match removed {
-            Ok(_) | Err(Error::NotFound(_)) => {
+            Ok(_) | Err(LvmError::LvMissing(_)) => {
                 self.forget(vg, name);
                 Ok(())
             }
@@ -507,7 +518,7 @@ impl LocalAgent {
                 .arg(&path);
             self.runner.run(&cmd).await.map_err(|e| {
                 self.mark_dirty();
-                lvm_error(e)
+                LvmError::from(e)
             })?;
             self.update_lv(&lv.vg, &lv.name, |l| l.attr.replace_range(0..1, "-"));
             lv.attr.replace_range(0..1, "-");
@@ -519,7 +530,7 @@ impl LocalAgent {
             let cmd = self.lvm("lvchange").args(["--permission", "rw"]).arg(&path);
             self.runner.run(&cmd).await.map_err(|e| {
                 self.mark_dirty();
-                lvm_error(e)
+                LvmError::from(e)
             })?;
             self.update_lv(&lv.vg, &lv.name, |l| l.attr.replace_range(1..2, "w"));
         }
@@ -539,7 +550,7 @@ impl LocalAgent {
             .arg(format!("{}/{}", target.vg, target.name));
         self.runner.run(&cmd).await.map_err(|e| {
             self.mark_dirty();
-            lvm_error(e)
+            LvmError::from(e)
         })?;
         self.update_lv(&target.vg, &target.name, |lv| {
             if !ids::has_tag(&lv.tags, TAG_COPY_FAILED) {
@@ -566,7 +577,7 @@ impl LocalAgent {
         let origin_class = self.class(&origin.class)?.clone();
         let (vg, temp) = self.temp_of(target, origin)?;
         if self.is_being_removed(&vg, &temp) {
-            return Err(Error::Aborted(format!(
+            return Err(LvmError::Busy(format!(
                 "{vg}/{temp}, left by an earlier attempt, is being removed; retry shortly"
             )));
         }
@@ -579,7 +590,7 @@ impl LocalAgent {
             None => {}
         }
         let origin_lv = self.lookup(&vg, &origin.lv).await?.ok_or_else(|| {
-            Error::NotFound(format!("the source {vg}/{} no longer exists", origin.lv))
+            LvmError::LvMissing(format!("the source {vg}/{} no longer exists", origin.lv))
         })?;
         let cow = !origin_class.is_thin();
         let mut cmd = self
@@ -610,7 +621,7 @@ impl LocalAgent {
             .await
             .map_err(|e| {
                 self.mark_dirty();
-                lvm_error(e)
+                LvmError::from(e)
             })?;
         self.remember(
             &origin_class,
@@ -644,7 +655,7 @@ impl LocalAgent {
         let origin_class = self.class(&origin.class)?.clone();
         let vg = origin_class.volume_group.clone();
         let origin_lv = self.lookup(&vg, &origin.lv).await?.ok_or_else(|| {
-            Error::FailedPrecondition(format!("the source {vg}/{} no longer exists", origin.lv))
+            LvmError::Blocked(format!("the source {vg}/{} no longer exists", origin.lv))
         })?;
         let temp = temp_for(target);
         let cow = !origin_class.is_thin();
@@ -662,7 +673,7 @@ impl LocalAgent {
                 // Split from its origin by an interrupted removal: it no
                 // longer shows any point in time.
                 self.remove_lv(&vg, &temp).await?;
-                return Err(Error::FailedPrecondition(format!(
+                return Err(LvmError::Blocked(format!(
                     "the temporary snapshot {vg}/{temp} was being removed: the point in time \
                      is lost"
                 )));
@@ -686,7 +697,7 @@ impl LocalAgent {
         } else {
             // The cut is made before the target: it is lost (an overflow, a
             // removal), and a new one would be a later point in time.
-            return Err(Error::FailedPrecondition(format!(
+            return Err(LvmError::Blocked(format!(
                 "the temporary snapshot {vg}/{temp} holding the point in time of this copy is \
                  gone"
             )));
@@ -725,7 +736,7 @@ impl LocalAgent {
             .await
             .map_err(|e| {
                 self.mark_dirty();
-                lvm_error(e)
+                LvmError::from(e)
             })?;
         self.update_lv(&target.vg, &target.name, |lv| {
             lv.tags.retain(|t| t != TAG_COPYING);
@@ -766,7 +777,7 @@ impl LocalAgent {
             tokio::select! {
                 r = &mut task => {
                     done.store(done_shared.load(Ordering::Relaxed), Ordering::Relaxed);
-                    let copied = r.map_err(|e| Error::Internal(format!("copy task failed: {e}")))??;
+                    let copied = r.map_err(|e| LvmError::Internal(format!("copy task failed: {e}")))??;
                     tracing::debug!(target = %target.name, copied, "blocks copied");
                     return Ok(());
                 }
@@ -785,13 +796,13 @@ impl LocalAgent {
             .args(["--reportformat", "json", "--units", "b", "--nosuffix"])
             .args(["-o", "lv_attr,data_percent"])
             .arg(format!("{vg}/{temp}"));
-        let report: LvsReport = self.runner.run_json(&cmd).await.map_err(lvm_error)?;
+        let report: LvsReport = self.runner.run_json(&cmd).await.map_err(LvmError::from)?;
         let row = report
             .report
             .into_iter()
             .flat_map(|s| s.lv)
             .next()
-            .ok_or_else(|| Error::Internal(format!("no report for {vg}/{temp}")))?;
+            .ok_or_else(|| LvmError::Internal(format!("no report for {vg}/{temp}")))?;
         let invalid = row.lv_attr.chars().nth(4) == Some('I');
         let full = row
             .data_percent
@@ -800,7 +811,7 @@ impl LocalAgent {
             .map(|p| p >= 100.0)
             .unwrap_or(false);
         if invalid || full {
-            return Err(Error::FailedPrecondition(format!(
+            return Err(LvmError::Blocked(format!(
                 "the temporary COW snapshot {vg}/{temp} overflowed: the point in time is lost"
             )));
         }

@@ -12,8 +12,8 @@ use std::future::Future;
 use std::ops::Deref;
 use std::sync::Arc;
 
-use crate::error::{Error, Result};
 use crate::lvm::agent::{Agent, ClassCapacity, LvSpec};
+use crate::lvm::error::{LvmError, Result};
 use crate::lvm::report::Lv;
 
 /// An [`Agent`] whose mutations (create, remove, extend, resume) outlive
@@ -53,7 +53,7 @@ where
     let mut waiting = Waiting(what, false);
     let result = tokio::spawn(work).await;
     waiting.1 = true;
-    result.map_err(|e| Error::Internal(format!("{what} failed: {e}")))?
+    result.map_err(|e| LvmError::Internal(format!("{what} failed: {e}")))?
 }
 
 #[tonic::async_trait]
@@ -168,7 +168,7 @@ mod tests {
             Ok(Vec::new())
         }
         async fn capacity(&self, _: &str) -> Result<ClassCapacity> {
-            Err(Error::Unavailable("none".into()))
+            Err(LvmError::Unavailable("none".into()))
         }
         async fn resume(&self, _: &str, lv: &str) -> Result<Option<Lv>> {
             self.mutate(format!("resume {lv}")).await;

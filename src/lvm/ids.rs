@@ -1,110 +1,96 @@
-//! Names, ids and tags for LVM volumes and snapshots. Identity lives in LVM:
-//! the LV name is derived from the CSI request name, the LV's tags carry the
-//! request name, a digest of the creation parameters and where its data came
-//! from, and the id says where the LV is. Formats carry a version so they can
-//! change without ambiguity.
+//! LVM's side of identity (the shared rules and the idempotency protocol
+//! are in [`crate::core::ids`]): its key space, the id format
+//! (`lvm1:<node>:<device class>:<key>`, `lvs1:...` for snapshots) and the
+//! LV tags that carry identity, each `<key>=<value>` (the request name in
+//! hex: LVM allows few characters in tags). Formats carry a version so they
+//! can change without ambiguity.
 
 use std::collections::BTreeMap;
 
-use uuid::Uuid;
+use crate::core::ids::{
+    is_key, validate_class_name, validate_node_id, KeySpace, NAME_KEY, PARAMS_KEY,
+};
+pub use crate::core::ids::{temp_name as temp_lv_name, Kind, SOURCE_KEY, TEMP_PREFIX};
 
-/// Tag prefix: hex of the CSI request name.
-pub const TAG_NAME: &str = "lodestone.v1.name=";
-/// Tag prefix: digest of the creation parameters.
-pub const TAG_PARAMS: &str = "lodestone.v1.params=";
-/// Tag prefix: the origin of a snapshot, restore or clone (`v:` or `s:`,
-/// then device class and key).
-pub const TAG_SOURCE: &str = "lodestone.v1.src=";
-/// Tag present while a full copy into the LV is incomplete.
-pub const TAG_COPYING: &str = "lodestone.v1.copying";
-/// Tag prefix: the size in bytes a restore or clone made as a thin snapshot
+/// LVM's key namespaces.
+pub const KEYS: KeySpace = KeySpace {
+    volumes: "lvm.lodestone.dev",
+    snapshots: "snapshot.lvm.lodestone.dev",
+};
+
+/// Tag key: the origin of a snapshot, restore or clone (`v:` or `s:`, then
+/// device class and key).
+const SOURCE_TAG: &str = "lodestone.v1.src";
+/// Tag key: the size in bytes a restore or clone made as a thin snapshot
 /// grows to right after it is created. An LV smaller than this was
 /// interrupted between the two steps; the retry finishes the growth.
-pub const TAG_SIZE: &str = "lodestone.v1.size=";
+const SIZE_TAG: &str = "lodestone.v1.size";
+/// Tag present while a full copy into the LV is incomplete.
+pub const TAG_COPYING: &str = "lodestone.v1.copying";
 /// Tag on a copy target whose copy failed for good (its point in time is
 /// lost): kept in LVM so that no later attempt, in this process or after a
 /// restart, copies a later state under the old identity.
 pub const TAG_COPY_FAILED: &str = "lodestone.v1.copyfailed";
 
-/// What an LV of ours is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Kind {
-    Volume,
-    Snapshot,
+/// What LVM adds to a [`Kind`].
+pub trait LvmKind: Copy {
+    /// Version prefix of ids of this kind.
+    fn id_prefix(self) -> &'static str;
+    /// The tag every LV of this kind carries.
+    fn tag(self) -> &'static str;
+    /// The 32-hex-digit key of a request name, in LVM's key space.
+    fn key_for_name(self, request_name: &str) -> String;
+    /// The LV name of the key (`lds-<key>`, `ldsnap-<key>`).
+    fn lv_name(self, key: &str) -> String;
+    /// The key of an LV name of this kind, if it is one.
+    fn key_of_lv(self, lv: &str) -> Option<&str>;
 }
 
-impl Kind {
-    /// Version prefix of ids of this kind.
-    pub fn id_prefix(self) -> &'static str {
+impl LvmKind for Kind {
+    fn id_prefix(self) -> &'static str {
         match self {
             Kind::Volume => "lvm1",
             Kind::Snapshot => "lvs1",
         }
     }
 
-    /// LV names are this prefix plus 32 hex digits.
-    pub fn lv_prefix(self) -> &'static str {
-        match self {
-            Kind::Volume => "lds-",
-            Kind::Snapshot => "ldsnap-",
-        }
-    }
-
-    /// The tag every LV of this kind carries.
-    pub fn tag(self) -> &'static str {
+    fn tag(self) -> &'static str {
         match self {
             Kind::Volume => "lodestone.v1.vol",
             Kind::Snapshot => "lodestone.v1.snap",
         }
     }
 
-    fn source_code(self) -> &'static str {
-        match self {
-            Kind::Volume => "v",
-            Kind::Snapshot => "s",
-        }
+    fn key_for_name(self, request_name: &str) -> String {
+        KEYS.key_for_name(self, request_name)
     }
 
-    /// Volume and snapshot names live in separate namespaces.
-    fn namespace(self) -> Uuid {
-        let label: &[u8] = match self {
-            Kind::Volume => b"lvm.lodestone.dev",
-            Kind::Snapshot => b"snapshot.lvm.lodestone.dev",
-        };
-        Uuid::new_v5(&Uuid::NAMESPACE_DNS, label)
+    fn lv_name(self, key: &str) -> String {
+        self.object_name(key)
     }
 
-    /// The 32-hex-digit key of a request name (UUID v5).
-    pub fn key_for_name(self, request_name: &str) -> String {
-        Uuid::new_v5(&self.namespace(), request_name.as_bytes())
-            .simple()
-            .to_string()
-    }
-
-    pub fn lv_name(self, key: &str) -> String {
-        format!("{}{key}", self.lv_prefix())
-    }
-
-    /// The key of an LV name of this kind, if it is one.
-    pub fn key_of_lv(self, lv: &str) -> Option<&str> {
-        let key = lv.strip_prefix(self.lv_prefix())?;
-        is_key(key).then_some(key)
+    fn key_of_lv(self, lv: &str) -> Option<&str> {
+        self.key_of_name(lv)
     }
 }
 
-fn is_key(key: &str) -> bool {
-    key.len() == 32
-        && key
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+/// How a source tag names the kind of the origin.
+fn source_code(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Volume => "v",
+        Kind::Snapshot => "s",
+    }
 }
 
-/// Name prefix of the short-lived snapshots copies read from.
-pub const TEMP_PREFIX: &str = "ldtmp-";
+/// The tag `<key>=<value>`.
+fn tag(key: &str, value: &str) -> String {
+    format!("{key}={value}")
+}
 
-/// Name of the short-lived snapshot a copy reads from.
-pub fn temp_lv_name(key: &str) -> String {
-    format!("{TEMP_PREFIX}{key}")
+/// The value of the first tag `<key>=<value>`.
+fn tag_value<'a>(tags: &'a [String], key: &str) -> Option<&'a str> {
+    tags.iter()
+        .find_map(|t| t.strip_prefix(key)?.strip_prefix('='))
 }
 
 /// `<prefix>:<node>:<device class>:<key>`: at most 4+1+63+1+24+1+32 = 126 bytes.
@@ -135,8 +121,8 @@ impl LvId {
         if parts.next().is_some() || prefix != kind.id_prefix() || !is_key(key) {
             return None;
         }
-        crate::config::validate_node_id(node).ok()?;
-        crate::config::validate_class_name(class).ok()?;
+        validate_node_id(node).ok()?;
+        validate_class_name(class).ok()?;
         Some(LvId {
             kind,
             node: node.into(),
@@ -152,18 +138,14 @@ impl LvId {
     /// The source tag naming this LV as an origin (node is implied: copies
     /// and snapshots always live on their origin's node).
     pub fn source_tag(&self) -> String {
-        format!(
-            "{TAG_SOURCE}{}:{}:{}",
-            self.kind.source_code(),
-            self.class,
-            self.key
-        )
+        let value = format!("{}:{}:{}", source_code(self.kind), self.class, self.key);
+        tag(SOURCE_TAG, &value)
     }
 }
 
 /// The origin recorded in an LV's tags, on `node`.
 pub fn tagged_source(tags: &[String], node: &str) -> Option<LvId> {
-    let value = tags.iter().find_map(|t| t.strip_prefix(TAG_SOURCE))?;
+    let value = tag_value(tags, SOURCE_TAG)?;
     let mut parts = value.split(':');
     let kind = match parts.next()? {
         "v" => Kind::Volume,
@@ -188,14 +170,9 @@ pub fn unhex(s: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
-/// A short digest of the parameters that decide what a volume is; a retried
-/// CreateVolume with the same name must present the same digest.
+/// The params digest in LVM's key space (see [`KeySpace::params_digest`]).
 pub fn params_digest(params: &BTreeMap<String, String>) -> String {
-    let canonical = serde_json::to_string(params).expect("string map serializes");
-    let digest = Uuid::new_v5(&Kind::Volume.namespace(), canonical.as_bytes())
-        .simple()
-        .to_string();
-    digest[..16].to_string()
+    KEYS.params_digest(params)
 }
 
 /// Tags for a new LV of `kind`.
@@ -208,8 +185,8 @@ pub fn tags(
 ) -> Vec<String> {
     let mut tags = vec![
         kind.tag().to_string(),
-        format!("{TAG_NAME}{}", hex(request_name.as_bytes())),
-        format!("{TAG_PARAMS}{digest}"),
+        tag(NAME_KEY, &hex(request_name.as_bytes())),
+        tag(PARAMS_KEY, digest),
     ];
     if let Some(s) = source {
         tags.push(s.source_tag());
@@ -222,24 +199,22 @@ pub fn tags(
 
 /// The request name recorded in an LV's tags.
 pub fn tagged_name(tags: &[String]) -> Option<String> {
-    let hexed = tags.iter().find_map(|t| t.strip_prefix(TAG_NAME))?;
+    let hexed = tag_value(tags, NAME_KEY)?;
     String::from_utf8(unhex(hexed)?).ok()
 }
 
 pub fn tagged_digest(tags: &[String]) -> Option<&str> {
-    tags.iter().find_map(|t| t.strip_prefix(TAG_PARAMS))
+    tag_value(tags, PARAMS_KEY)
 }
 
 /// The size an LV is to grow to right after its creation, if it says so.
 pub fn tagged_size(tags: &[String]) -> Option<u64> {
-    tags.iter()
-        .find_map(|t| t.strip_prefix(TAG_SIZE))
-        .and_then(|v| v.parse().ok())
+    tag_value(tags, SIZE_TAG).and_then(|v| v.parse().ok())
 }
 
 /// The tag recording the size an LV grows to after its creation.
 pub fn size_tag(size: u64) -> String {
-    format!("{TAG_SIZE}{size}")
+    tag(SIZE_TAG, &size.to_string())
 }
 
 pub fn has_tag(tags: &[String], tag: &str) -> bool {
@@ -256,7 +231,7 @@ mod tests {
             let id = LvId {
                 kind,
                 node: "n".repeat(63),
-                class: "c".repeat(crate::config::MAX_CLASS_NAME_LEN),
+                class: "c".repeat(crate::core::ids::MAX_CLASS_NAME_LEN),
                 key: kind.key_for_name("pvc-1"),
             };
             let s = id.encode();
@@ -328,5 +303,50 @@ mod tests {
         }
         p.insert("deviceClass".to_string(), "thick".to_string());
         assert_ne!(params_digest(&p), d);
+    }
+
+    /// What is in LVM stays readable: keys, digests and tags of existing
+    /// LVs are fixed byte for byte.
+    #[test]
+    fn on_disk_formats_are_fixed() {
+        assert_eq!(
+            Kind::Volume.key_for_name("pvc-1"),
+            "68895271c1c95cddb5fabda9f84e4b8e"
+        );
+        assert_eq!(
+            Kind::Snapshot.key_for_name("pvc-1"),
+            "883e29a3836d5eb9aeef91f6c19bc359"
+        );
+        let p: BTreeMap<String, String> = [
+            ("deviceClass".to_string(), "thin".to_string()),
+            (SOURCE_KEY.to_string(), "x".to_string()),
+        ]
+        .into();
+        assert_eq!(params_digest(&p), "647250ec22455b22");
+        let key = Kind::Snapshot.key_for_name("s");
+        let src = LvId {
+            kind: Kind::Snapshot,
+            node: "n1".into(),
+            class: "thin".into(),
+            key: key.clone(),
+        };
+        assert_eq!(
+            tags(Kind::Volume, "a/b", "0123", Some(&src), true),
+            [
+                "lodestone.v1.vol".to_string(),
+                "lodestone.v1.name=612f62".to_string(),
+                "lodestone.v1.params=0123".to_string(),
+                format!("lodestone.v1.src=s:thin:{key}"),
+                "lodestone.v1.copying".to_string(),
+            ]
+        );
+        assert_eq!(size_tag(1024), "lodestone.v1.size=1024");
+        assert_eq!(Kind::Snapshot.tag(), "lodestone.v1.snap");
+        assert_eq!(src.encode(), format!("lvs1:n1:thin:{key}"));
+        assert_eq!(src.lv_name(), format!("ldsnap-{key}"));
+        assert_eq!(temp_lv_name(&key), format!("ldtmp-{key}"));
+        for t in tags(Kind::Snapshot, "x", "d", Some(&src), true) {
+            assert!(t.starts_with(crate::core::ids::KEY_PREFIX), "{t}");
+        }
     }
 }

@@ -29,7 +29,7 @@ impl LvmNode {
         if vid.node != self.agent.node() || self.agent.config().class(&vid.class).is_none() {
             return Ok(None);
         }
-        self.agent.find(&vid.class, &vid.lv_name()).await
+        Ok(self.agent.find(&vid.class, &vid.lv_name()).await?)
     }
 }
 

@@ -14,8 +14,8 @@ use tonic::Request;
 
 use crate::agentpb as pb;
 use crate::agentpb::agent_client::AgentClient;
-use crate::error::{Error, Result};
 use crate::lvm::agent::{Agent, ClassCapacity, LvSpec};
+use crate::lvm::error::{LvmError, Result};
 use crate::lvm::report::Lv;
 use crate::lvm::rpc::error_from_status;
 use crate::tls::TlsMaterial;
@@ -81,13 +81,14 @@ impl RemoteAgent {
         )
     }
 
-    fn err(&self, s: tonic::Status) -> Error {
+    fn err(&self, s: tonic::Status) -> LvmError {
         error_from_status(&self.node, s)
     }
 
     fn lv(&self, lv: Option<pb::Lv>) -> Result<Lv> {
-        lv.map(Into::into)
-            .ok_or_else(|| Error::Internal(format!("the agent of node {} sent no LV", self.node)))
+        lv.map(Into::into).ok_or_else(|| {
+            LvmError::Internal(format!("the agent of node {} sent no LV", self.node))
+        })
     }
 
     /// Who answers at the address: its node name and device classes.
@@ -101,7 +102,7 @@ impl RemoteAgent {
             .map_err(|s| self.err(s))?
             .into_inner();
         if reply.node != self.node {
-            return Err(Error::Unavailable(format!(
+            return Err(LvmError::Unavailable(format!(
                 "the agent reached for node {} says it serves node {}",
                 self.node, reply.node
             )));

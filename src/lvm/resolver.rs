@@ -40,7 +40,10 @@ impl Resolver {
             Resolver::Static(map) => return Ok(map.clone()),
             Resolver::Kubernetes { kube, driver, port } => (kube, driver, *port),
         };
-        let list: List<CsiNode> = kube.get("/apis/storage.k8s.io/v1/csinodes").await?;
+        let list: List<CsiNode> = kube
+            .get("/apis/storage.k8s.io/v1/csinodes")
+            .await
+            .map_err(|e| e.to_string())?;
         let mut out = Vec::new();
         for csinode in list.items {
             let name = csinode.metadata.name;

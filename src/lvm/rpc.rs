@@ -3,12 +3,14 @@
 
 use std::sync::Arc;
 
+use tonic::metadata::MetadataValue;
 use tonic::{Code, Request, Response, Status};
 
 use crate::agentpb as pb;
 use crate::error::Error;
 use crate::lvm::agent::{Agent, ClassCapacity, LocalAgent, LvSpec, Origin};
-use crate::lvm::ids::{has_tag, Kind};
+use crate::lvm::error::LvmError;
+use crate::lvm::ids::{has_tag, Kind, LvmKind};
 use crate::lvm::report::Lv;
 
 impl From<Lv> for pb::Lv {
@@ -105,12 +107,90 @@ impl From<pb::CapacityReply> for ClassCapacity {
     }
 }
 
+/// Metadata key of an agent's failure: which [`LvmError`] it was (see
+/// [`LvmError::wire_name`]), so the controller gets the same variant back.
+pub const ERROR_KEY: &str = "lodestone-lvm-error";
+/// Metadata key of a failed lvm command's exit code.
+pub const EXIT_KEY: &str = "lodestone-lvm-exit";
+
+/// An agent's failure as it goes on the wire: the code the CSI outcome has
+/// (PERMISSION_DENIED for an LV that is not Lodestone's), so a plain gRPC
+/// client reads it as before, and the variant under [`ERROR_KEY`].
+pub fn status_from_error(e: LvmError) -> Status {
+    let name = e.wire_name();
+    let exit = match &e {
+        LvmError::CommandFailed { source, .. } => source.exit_code(),
+        _ => None,
+    };
+    let denied = matches!(e, LvmError::PermissionDenied(_));
+    let e = Error::from(e);
+    let code = if denied {
+        Code::PermissionDenied
+    } else {
+        e.code()
+    };
+    let mut s = Status::new(code, e.to_string());
+    s.metadata_mut()
+        .insert(ERROR_KEY, MetadataValue::from_static(name));
+    if let Some(exit) = exit {
+        s.metadata_mut().insert(EXIT_KEY, MetadataValue::from(exit));
+    }
+    s
+}
+
 /// An agent's answer, back as the error it was on the node. Transport
 /// failures (the node cannot be reached, refused our certificate, did not
 /// answer in time) say which node.
-pub fn error_from_status(node: &str, s: Status) -> Error {
+pub fn error_from_status(node: &str, s: Status) -> LvmError {
+    let m = s.message().to_string();
+    let sent = s.metadata().get(ERROR_KEY).and_then(|v| v.to_str().ok());
+    if let Some(name) = sent {
+        let m = match name {
+            "internal" | "command-failed" => format!("node {node}: {m}"),
+            _ => m,
+        };
+        let exit = s
+            .metadata()
+            .get(EXIT_KEY)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        let host = |m: String| match s.code() {
+            Code::Internal => core_error(Code::Internal, format!("node {node}: {m}")),
+            code => core_error(code, m),
+        };
+        if let Some(e) = LvmError::from_wire(name, m, exit, host) {
+            return e;
+        }
+    }
+    // No variant (a transport failure, or an agent that does not send one):
+    // the code says what it can.
     let m = s.message().to_string();
     match s.code() {
+        Code::InvalidArgument | Code::OutOfRange => LvmError::BadRequest(m),
+        // What the controller's branching reads NOT_FOUND from an agent's
+        // find or capacity as: the node does not serve that class.
+        Code::NotFound => LvmError::NoSuchClass(m),
+        Code::AlreadyExists => LvmError::AlreadyExists(m),
+        Code::ResourceExhausted => LvmError::NoSpace(m),
+        Code::FailedPrecondition => LvmError::Blocked(m),
+        Code::Aborted => LvmError::Busy(m),
+        Code::Internal => LvmError::Internal(format!("node {node}: {m}")),
+        Code::DeadlineExceeded | Code::Cancelled => LvmError::Timeout(format!(
+            "the LVM agent of node {node} did not answer in time: {m}"
+        )),
+        Code::Unauthenticated | Code::PermissionDenied => LvmError::Unavailable(format!(
+            "the LVM agent of node {node} refused the controller's certificate: {m}"
+        )),
+        _ => LvmError::Unavailable(format!(
+            "the LVM agent of node {node} is unreachable: {}",
+            describe_transport(&s)
+        )),
+    }
+}
+
+/// The core error a host failure on the node was, from its code.
+fn core_error(code: Code, m: String) -> Error {
+    match code {
         Code::InvalidArgument => Error::InvalidArgument(m),
         Code::NotFound => Error::NotFound(m),
         Code::AlreadyExists => Error::AlreadyExists(m),
@@ -118,17 +198,9 @@ pub fn error_from_status(node: &str, s: Status) -> Error {
         Code::ResourceExhausted => Error::ResourceExhausted(m),
         Code::FailedPrecondition => Error::FailedPrecondition(m),
         Code::Aborted => Error::Aborted(m),
-        Code::Internal => Error::Internal(format!("node {node}: {m}")),
-        Code::DeadlineExceeded | Code::Cancelled => Error::DeadlineExceeded(format!(
-            "the LVM agent of node {node} did not answer in time: {m}"
-        )),
-        Code::Unauthenticated | Code::PermissionDenied => Error::Unavailable(format!(
-            "the LVM agent of node {node} refused the controller's certificate: {m}"
-        )),
-        _ => Error::Unavailable(format!(
-            "the LVM agent of node {node} is unreachable: {}",
-            describe_transport(&s)
-        )),
+        Code::Unavailable => Error::Unavailable(m),
+        Code::DeadlineExceeded => Error::DeadlineExceeded(m),
+        _ => Error::Internal(m),
     }
 }
 
@@ -167,13 +239,13 @@ fn lv_ref(r: Request<pb::LvRef>) -> pb::LvRef {
 }
 
 /// The kind of LV a name of ours denotes, or PERMISSION_DENIED.
-fn own_kind(name: &str) -> Result<Kind, Status> {
+fn own_kind(name: &str) -> Result<Kind, LvmError> {
     [Kind::Volume, Kind::Snapshot]
         .into_iter()
         .find(|k| k.key_of_lv(name).is_some())
         .ok_or_else(|| {
             tracing::warn!(lv = %name, "refused an agent API call on an LV that is not Lodestone's");
-            Status::permission_denied(format!(
+            LvmError::PermissionDenied(format!(
                 "{name:?} is not a Lodestone volume or snapshot; the agent API acts on no other LV"
             ))
         })
@@ -186,10 +258,10 @@ fn is_own(lv: &Lv) -> bool {
         .any(|k| k.key_of_lv(&lv.name).is_some() && has_tag(&lv.tags, k.tag()))
 }
 
-fn not_tagged(class: &str, name: &str) -> Status {
+fn not_tagged(class: &str, name: &str) -> LvmError {
     tracing::warn!(class = %class, lv = %name,
         "refused an agent API call on an LV without Lodestone's tag");
-    Status::permission_denied(format!(
+    LvmError::PermissionDenied(format!(
         "{name} does not carry Lodestone's tag; the agent API acts on no other LV"
     ))
 }
@@ -197,13 +269,14 @@ fn not_tagged(class: &str, name: &str) -> Status {
 impl AgentService {
     /// The LV `name` of `class` if it exists and is ours; PERMISSION_DENIED
     /// when the name or the tag says it is not.
-    async fn own_lv(&self, class: &str, name: &str) -> Result<Option<Lv>, Status> {
+    async fn own_lv(&self, class: &str, name: &str) -> Result<Option<Lv>, LvmError> {
         own_kind(name)?;
         let vg = match self.agent.config().class(class) {
             Some(c) => c.volume_group.clone(),
             None => {
-                let e = Error::NotFound(format!("device class {class:?} is not configured"));
-                return Err(e.into());
+                return Err(LvmError::NoSuchClass(format!(
+                    "device class {class:?} is not configured"
+                )))
             }
         };
         match self.agent.lookup(&vg, name).await? {
@@ -234,24 +307,29 @@ impl pb::agent_server::Agent for AgentService {
 
     async fn create(&self, r: Request<pb::CreateRequest>) -> Result<Response<pb::LvReply>, Status> {
         let spec = LvSpec::from(r.into_inner());
-        let kind = own_kind(&spec.name)?;
+        let kind = own_kind(&spec.name).map_err(status_from_error)?;
         if !has_tag(&spec.tags, kind.tag()) {
-            return Err(Status::invalid_argument(format!(
+            return Err(status_from_error(LvmError::BadRequest(format!(
                 "a new {} must carry the tag {}",
                 spec.name,
                 kind.tag()
-            )));
+            ))));
         }
         if let Some(o) = &spec.origin {
-            if self.own_lv(&o.class, &o.lv).await?.is_none() {
-                return Err(Status::not_found(format!(
+            if self
+                .own_lv(&o.class, &o.lv)
+                .await
+                .map_err(status_from_error)?
+                .is_none()
+            {
+                return Err(status_from_error(LvmError::LvMissing(format!(
                     "the origin {} does not exist",
                     o.lv
-                )));
+                ))));
             }
         }
         tracing::info!(class = %spec.class, lv = %spec.name, size = spec.size, "agent: create");
-        let lv = self.agent.create(&spec).await?;
+        let lv = self.agent.create(&spec).await.map_err(status_from_error)?;
         Ok(Response::new(pb::LvReply {
             lv: Some(lv.into()),
         }))
@@ -259,17 +337,28 @@ impl pb::agent_server::Agent for AgentService {
 
     async fn remove(&self, r: Request<pb::LvRef>) -> Result<Response<pb::RemoveReply>, Status> {
         let r = lv_ref(r);
-        self.own_lv(&r.class, &r.name).await?;
+        self.own_lv(&r.class, &r.name)
+            .await
+            .map_err(status_from_error)?;
         tracing::info!(class = %r.class, lv = %r.name, "agent: remove");
-        self.agent.remove(&r.class, &r.name).await?;
+        self.agent
+            .remove(&r.class, &r.name)
+            .await
+            .map_err(status_from_error)?;
         Ok(Response::new(pb::RemoveReply {}))
     }
 
     async fn extend(&self, r: Request<pb::ExtendRequest>) -> Result<Response<pb::LvReply>, Status> {
         let r = r.into_inner();
-        self.own_lv(&r.class, &r.name).await?;
+        self.own_lv(&r.class, &r.name)
+            .await
+            .map_err(status_from_error)?;
         tracing::info!(class = %r.class, lv = %r.name, size = r.size, "agent: extend");
-        let lv = self.agent.extend(&r.class, &r.name, r.size).await?;
+        let lv = self
+            .agent
+            .extend(&r.class, &r.name, r.size)
+            .await
+            .map_err(status_from_error)?;
         Ok(Response::new(pb::LvReply {
             lv: Some(lv.into()),
         }))
@@ -277,15 +366,20 @@ impl pb::agent_server::Agent for AgentService {
 
     async fn find(&self, r: Request<pb::LvRef>) -> Result<Response<pb::FindReply>, Status> {
         let r = lv_ref(r);
-        own_kind(&r.name)?;
-        let lv = self.agent.find(&r.class, &r.name).await?.filter(is_own);
+        own_kind(&r.name).map_err(status_from_error)?;
+        let lv = self
+            .agent
+            .find(&r.class, &r.name)
+            .await
+            .map_err(status_from_error)?
+            .filter(is_own);
         Ok(Response::new(pb::FindReply {
             lv: lv.map(Into::into),
         }))
     }
 
     async fn list(&self, _: Request<pb::ListRequest>) -> Result<Response<pb::ListReply>, Status> {
-        let lvs = self.agent.list().await?;
+        let lvs = self.agent.list().await.map_err(status_from_error)?;
         Ok(Response::new(pb::ListReply {
             lvs: lvs
                 .into_iter()
@@ -302,14 +396,24 @@ impl pb::agent_server::Agent for AgentService {
         &self,
         r: Request<pb::CapacityRequest>,
     ) -> Result<Response<pb::CapacityReply>, Status> {
-        let cap = self.agent.capacity(&r.into_inner().class).await?;
+        let cap = self
+            .agent
+            .capacity(&r.into_inner().class)
+            .await
+            .map_err(status_from_error)?;
         Ok(Response::new(cap.into()))
     }
 
     async fn resume(&self, r: Request<pb::LvRef>) -> Result<Response<pb::FindReply>, Status> {
         let r = lv_ref(r);
-        self.own_lv(&r.class, &r.name).await?;
-        let lv = self.agent.resume(&r.class, &r.name).await?;
+        self.own_lv(&r.class, &r.name)
+            .await
+            .map_err(status_from_error)?;
+        let lv = self
+            .agent
+            .resume(&r.class, &r.name)
+            .await
+            .map_err(status_from_error)?;
         Ok(Response::new(pb::FindReply {
             lv: lv.map(Into::into),
         }))
@@ -320,7 +424,7 @@ impl pb::agent_server::Agent for AgentService {
         r: Request<pb::LvRef>,
     ) -> Result<Response<pb::CopyProgressReply>, Status> {
         let r = lv_ref(r);
-        own_kind(&r.name)?;
+        own_kind(&r.name).map_err(status_from_error)?;
         let (message, failed_for_good) = self
             .agent
             .copy_progress(&r.class, &r.name)
@@ -365,7 +469,7 @@ mod tests {
             &format!("ldtmp-{key}"),
             &format!("lds-{key}x"),
         ] {
-            let e = own_kind(name).unwrap_err();
+            let e = status_from_error(own_kind(name).unwrap_err());
             assert_eq!(e.code(), Code::PermissionDenied, "{name}");
         }
         assert!(is_own(&lv(&format!("lds-{key}"), &["lodestone.v1.vol"])));
@@ -376,5 +480,73 @@ mod tests {
         assert!(!is_own(&lv(&format!("lds-{key}"), &[])));
         assert!(!is_own(&lv(&format!("lds-{key}"), &["lodestone.v1.snap"])));
         assert!(!is_own(&lv("pool0", &["lodestone.v1.vol"])));
+    }
+
+    /// Every variant crosses the agent API as itself, with the code a plain
+    /// gRPC client expects, and gives the controller the same CSI outcome.
+    #[test]
+    fn errors_cross_the_wire_as_their_variant() {
+        use crate::runner::RunError;
+        let m = || "what happened".to_string();
+        let failed = RunError::Failed {
+            command: "lvm lvcreate".into(),
+            code: 5,
+            stderr: "  Something odd".into(),
+            stdout: String::new(),
+        };
+        let cases = [
+            (LvmError::NoSuchClass(m()), Code::NotFound),
+            (LvmError::LvMissing(m()), Code::NotFound),
+            (LvmError::InUse(m()), Code::FailedPrecondition),
+            (LvmError::Busy(m()), Code::Aborted),
+            (LvmError::NoSpace(m()), Code::ResourceExhausted),
+            (LvmError::AlreadyExists(m()), Code::AlreadyExists),
+            (LvmError::BadRequest(m()), Code::InvalidArgument),
+            (LvmError::Blocked(m()), Code::FailedPrecondition),
+            (LvmError::Unavailable(m()), Code::Unavailable),
+            (LvmError::PermissionDenied(m()), Code::PermissionDenied),
+            (LvmError::Timeout(m()), Code::DeadlineExceeded),
+            (crate::lvm::error::classify(failed), Code::Internal),
+            (LvmError::Host(Error::OutOfRange(m())), Code::OutOfRange),
+            (LvmError::Internal(m()), Code::Internal),
+        ];
+        for (sent, wire_code) in cases {
+            let name = sent.wire_name();
+            let message = sent.to_string();
+            let status = status_from_error(sent);
+            assert_eq!(status.code(), wire_code, "{name}");
+            assert!(status.message().contains("what happened") || name == "command-failed");
+            let got = error_from_status("node-a", status);
+            assert_eq!(got.wire_name(), name);
+            assert!(got.to_string().contains(&message), "{name}: {got}");
+            match &got {
+                LvmError::Host(e) => assert_eq!(e, &Error::OutOfRange(m())),
+                LvmError::CommandFailed { source, .. } => {
+                    assert_eq!(source.exit_code(), Some(5));
+                    assert!(got.to_string().starts_with("node node-a: "), "{got}");
+                }
+                _ => {}
+            }
+        }
+        // The two NOT_FOUNDs stay apart: the controller skips a node without
+        // the class but not a missing LV.
+        let class = error_from_status(
+            "node-a",
+            status_from_error(LvmError::NoSuchClass("no class".into())),
+        );
+        assert!(matches!(class, LvmError::NoSuchClass(_)), "{class:?}");
+        let lv = error_from_status(
+            "node-a",
+            status_from_error(LvmError::LvMissing("no lv".into())),
+        );
+        assert!(matches!(lv, LvmError::LvMissing(_)), "{lv:?}");
+        // Without a variant (a transport failure) the code decides.
+        let plain = error_from_status("node-a", Status::unavailable("connection refused"));
+        assert!(matches!(plain, LvmError::Unavailable(_)), "{plain:?}");
+        assert!(plain.to_string().contains("node-a"), "{plain}");
+        let late = error_from_status("node-a", Status::deadline_exceeded("late"));
+        assert!(matches!(late, LvmError::Timeout(_)), "{late:?}");
+        let cert = error_from_status("node-a", Status::permission_denied("bad cert"));
+        assert!(matches!(cert, LvmError::Unavailable(_)), "{cert:?}");
     }
 }

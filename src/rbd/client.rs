@@ -907,6 +907,18 @@ impl IoCtx {
             .ok_or_else(|| self.malformed("get_size", image_id))
     }
 
+    /// Whether the image with id `image_id` has a parent (is a clone),
+    /// read from its header object without opening it (`rbd.parent_get`:
+    /// a versioned parent spec whose pool id is -1 for none).
+    pub fn has_parent_unopened(&self, image_id: &str) -> RbdResult<bool> {
+        let out = self.exec_rbd(&format!("rbd_header.{image_id}"), "parent_get", &[], 512)?;
+        // u8 version, u8 compat, u32 length, then i64 pool id
+        out.get(6..14)
+            .and_then(|b| b.try_into().ok())
+            .map(|b| i64::from_le_bytes(b) >= 0)
+            .ok_or_else(|| self.malformed("parent_get", image_id))
+    }
+
     /// Creation time (Unix seconds) of the image with id `image_id`, from
     /// its header object without opening it.
     pub fn image_created_unopened(&self, image_id: &str) -> RbdResult<i64> {

@@ -2,7 +2,8 @@
 //! call on a blocking thread). Identity is in Ceph: the image name derives
 //! from the request name, image metadata holds the request name, a digest
 //! of the parameters and the source, so any controller can restart at any
-//! time and a retried call finds what an earlier attempt made.
+//! time and a retried call finds what an earlier attempt made (the
+//! protocol is in [`crate::core::ids`]).
 //!
 //! Snapshots are snapshots of hidden clones: a CSI snapshot of volume V is
 //! image `ldsnap-<key>`, a clone v2 of V taken through a short-lived
@@ -25,30 +26,16 @@ use crate::core::backend::{
 use crate::core::capacity::Range;
 use crate::csi;
 use crate::error::{Error, Result};
-use crate::rbd::client::DEFAULT_FEATURES;
 use crate::rbd::config::{Cluster, RbdConfig};
 use crate::rbd::ffi;
-use crate::rbd::ids::{self, Kind, RbdId, META_CREATED, META_NAME, META_PARAMS, META_SOURCE};
+use crate::rbd::ids::{
+    self, Kind, RbdId, RbdKind, META_CREATED, META_NAME, META_PARAMS, META_SOURCE, SOURCE_KEY,
+};
+use crate::rbd::params::{
+    CapacityParams, ConstrainedPool, PoolChoice, Pools, RbdParams, SnapshotParams,
+    JSON_PARAMETER_KEYS, PARAMETER_KEYS, P_CLUSTER, P_TOPOLOGY_POOLS, SNAPSHOT_PARAMETER_KEYS,
+};
 use crate::rbd::{ConnectionPool, Credentials, ImageOptions, IoCtx, RbdError, RbdResult};
-
-pub const P_CLUSTER: &str = "clusterID";
-pub const P_POOL: &str = "pool";
-pub const P_DATA_POOL: &str = "dataPool";
-pub const P_FEATURES: &str = "imageFeatures";
-pub const P_MKFS_OPTIONS: &str = "mkfsOptions";
-pub const P_MOUNTER: &str = "mounter";
-pub const P_TOPOLOGY_POOLS: &str = "topologyConstrainedPools";
-
-const PARAMETER_KEYS: &[&str] = &[
-    P_CLUSTER,
-    P_POOL,
-    P_DATA_POOL,
-    P_FEATURES,
-    P_MKFS_OPTIONS,
-    P_MOUNTER,
-    P_TOPOLOGY_POOLS,
-];
-const SNAPSHOT_PARAMETER_KEYS: &[&str] = &[P_CLUSTER];
 
 /// Volume context keys the node plugin reads.
 pub const CTX_CLUSTER: &str = "clusterID";
@@ -59,8 +46,6 @@ pub use crate::core::node::CTX_MKFS_OPTIONS;
 
 /// Image metadata: the accessible topology (JSON), for Get/List.
 const META_TOPOLOGY: &str = "lodestone.v1.topology";
-/// Key under which the source enters the parameter digest.
-const SOURCE_KEY: &str = "lodestone/source";
 /// Volumes are sized in whole MiB.
 const GRAIN: u64 = 1 << 20;
 const DEFAULT_SIZE: u64 = 1 << 30;
@@ -90,39 +75,6 @@ pub struct RbdController {
     flatten: FlattenPolicy,
 }
 
-/// One entry of `topologyConstrainedPools`.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct ConstrainedPool {
-    pool_name: String,
-    #[serde(default)]
-    data_pool: Option<String>,
-    domain_segments: Vec<DomainSegment>,
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct DomainSegment {
-    /// The topology key nodes report (e.g. `topology.kubernetes.io/zone`).
-    domain_label: String,
-    value: String,
-}
-
-impl ConstrainedPool {
-    fn segments(&self) -> BTreeMap<String, String> {
-        self.domain_segments
-            .iter()
-            .map(|s| (s.domain_label.clone(), s.value.clone()))
-            .collect()
-    }
-
-    fn matches(&self, t: &csi::Topology) -> bool {
-        self.domain_segments
-            .iter()
-            .all(|s| t.segments.get(&s.domain_label) == Some(&s.value))
-    }
-}
-
 /// Where a new volume goes: pool, data pool and its accessible topology.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Placement {
@@ -130,51 +82,6 @@ struct Placement {
     data_pool: Option<String>,
     topology: Option<BTreeMap<String, String>>,
     rule: &'static str,
-}
-
-fn features(spec: Option<&String>) -> Result<u64> {
-    let Some(spec) = spec.filter(|s| !s.trim().is_empty()) else {
-        return Ok(DEFAULT_FEATURES);
-    };
-    let mut bits = 0;
-    for f in spec.split(',').map(str::trim).filter(|f| !f.is_empty()) {
-        bits |= match f {
-            "layering" => ffi::RBD_FEATURE_LAYERING,
-            "exclusive-lock" => ffi::RBD_FEATURE_EXCLUSIVE_LOCK,
-            "object-map" => ffi::RBD_FEATURE_OBJECT_MAP,
-            "fast-diff" => ffi::RBD_FEATURE_FAST_DIFF,
-            "deep-flatten" => ffi::RBD_FEATURE_DEEP_FLATTEN,
-            other => {
-                return Err(Error::InvalidArgument(format!(
-                    "imageFeatures: unknown or unsupported feature {other:?} (supported: \
-                     layering, exclusive-lock, object-map, fast-diff, deep-flatten)"
-                )))
-            }
-        };
-    }
-    let needs = |f: u64, on: u64, what: &str| {
-        if bits & f != 0 && bits & on == 0 {
-            Err(Error::InvalidArgument(format!("imageFeatures: {what}")))
-        } else {
-            Ok(())
-        }
-    };
-    needs(
-        ffi::RBD_FEATURE_OBJECT_MAP,
-        ffi::RBD_FEATURE_EXCLUSIVE_LOCK,
-        "object-map needs exclusive-lock",
-    )?;
-    needs(
-        ffi::RBD_FEATURE_FAST_DIFF,
-        ffi::RBD_FEATURE_OBJECT_MAP,
-        "fast-diff needs object-map",
-    )?;
-    if bits & ffi::RBD_FEATURE_LAYERING == 0 {
-        return Err(Error::InvalidArgument(
-            "imageFeatures: layering is required (snapshots and clones use it)".into(),
-        ));
-    }
-    Ok(bits)
 }
 
 fn now() -> i64 {
@@ -281,13 +188,27 @@ fn ignore_exists(r: RbdResult<()>) -> RbdResult<()> {
 /// Busy, and whatever fails, the image is then exactly as it was: still
 /// under its name, out of the trash.
 ///
-/// `rbd_remove` moves the image to the trash first and removes it from
-/// there; a client that maps it meanwhile makes the second step fail,
-/// after which librbd restores it only on a best-effort basis. So the
-/// watchers are checked before anything changes, and after a failure an
-/// image left in the trash by the removal is put back. A removal that died
+/// `rbd_remove` checks watchers, moves the image to the trash and removes
+/// it from there; a client that maps it after the check makes the last
+/// step fail, after which librbd restores it only on a best-effort basis.
+/// So after a failure an image left in the trash by the removal is put
+/// back. A clone is also checked for watchers before anything changes
+/// (it is opened anyway, for its trashed ancestors). A removal that died
 /// halfway (the process killed) is finished by the next call.
 fn remove_or_trash(io: &IoCtx, image: &str) -> RbdResult<()> {
+    let id = match io.image_id(image) {
+        Ok(id) => id,
+        Err(e) if e.is_not_found() => return finish_removal(io, image),
+        Err(e) => return Err(e),
+    };
+    if !io.has_parent_unopened(&id)? {
+        // Not a clone: no ancestors to purge, and rbd_remove validates the
+        // removal itself (watchers, snapshots) before it moves the image to
+        // the trash, so the read-only open below (about 5 ms) would only
+        // repeat that check. A watcher arriving between its check and the
+        // move is what restore_stranded undoes, as for a clone.
+        return remove_checked(io, image, Vec::new());
+    }
     let (parent, watchers) = match io.open_read_only(image, None) {
         // a read-only handle watches nothing: every watcher is someone else
         Ok(img) => (img.parent()?, img.watchers()?),
@@ -305,6 +226,12 @@ fn remove_or_trash(io: &IoCtx, image: &str) -> RbdResult<()> {
         });
     }
     let ancestors = trashed_ancestors(io, parent)?;
+    remove_checked(io, image, ancestors)
+}
+
+/// `rbd_remove` of an image checked for watchers (by librbd or by us), then
+/// the purge of the trashed `ancestors` it kept alive.
+fn remove_checked(io: &IoCtx, image: &str, ancestors: Vec<(i64, String, String)>) -> RbdResult<()> {
     crate::fail_point!("rbd.trash.before_remove");
     match io.remove(image) {
         Ok(()) => {}
@@ -503,6 +430,365 @@ fn pool_max_avail(json: &[u8], pool: &str) -> std::result::Result<u64, String> {
         .ok_or_else(|| format!("the usage statistics list no pool {pool} yet"))
 }
 
+/// The source of a restore or clone, found.
+struct VolumeSource {
+    id: RbdId,
+    /// The name of its pool.
+    pool: String,
+    found: Found,
+}
+
+/// What the volume context tells the node plugin besides the image.
+fn node_context(params: &RbdParams) -> Vec<(String, String)> {
+    let mut context = Vec::new();
+    if let Some(m) = params.mounter {
+        context.push((CTX_MOUNTER.to_string(), m.as_str().to_string()));
+    }
+    if let Some(o) = &params.mkfs_options {
+        context.push((CTX_MKFS_OPTIONS.to_string(), o.clone()));
+    }
+    context
+}
+
+/// A volume to create, everything decided before the blocking part: the
+/// image, its size, what its metadata will say and where its data comes
+/// from. [`NewVolume::make`] follows the protocol in [`crate::core::ids`]:
+/// the image first, its metadata last.
+struct NewVolume {
+    name: String,
+    key: String,
+    image: String,
+    size: u64,
+    range: Range,
+    digest: String,
+    meta: Vec<(&'static str, String)>,
+    topology: Option<String>,
+    options: ImageOptions,
+    /// The source's id and pool name.
+    source: Option<(RbdId, String)>,
+    /// The snapshot of a source volume a clone is taken from.
+    temp_snap: String,
+    policy: FlattenPolicy,
+}
+
+impl NewVolume {
+    fn plan(
+        req: &CreateVolume,
+        params: &RbdParams,
+        placement: &Placement,
+        source: Option<&VolumeSource>,
+        policy: FlattenPolicy,
+    ) -> Result<NewVolume> {
+        let mut digested = req.params.clone();
+        if let Some(s) = source {
+            digested.insert(SOURCE_KEY.to_string(), s.id.encode());
+        }
+        let digest = ids::params_digest(&digested);
+        let size = Self::size(&req.range, source.map(|s| s.found.size))?;
+        let key = Kind::Volume.key_for_name(&req.name);
+        let topology = placement
+            .topology
+            .as_ref()
+            .map(|t| serde_json::to_string(t).expect("map serializes"));
+        let mut meta = vec![(META_NAME, req.name.clone()), (META_PARAMS, digest.clone())];
+        if let Some(s) = source {
+            meta.push((META_SOURCE, s.id.encode()));
+        }
+        if let Some(t) = &topology {
+            meta.push((META_TOPOLOGY, t.clone()));
+        }
+        Ok(NewVolume {
+            name: req.name.clone(),
+            image: Kind::Volume.object_name(&key),
+            temp_snap: ids::temp_name(&key),
+            key,
+            size,
+            range: req.range,
+            digest,
+            meta,
+            topology,
+            options: ImageOptions {
+                features: Some(params.features),
+                order: None,
+                data_pool: placement.data_pool.clone(),
+            },
+            source: source.map(|s| (s.id.clone(), s.pool.clone())),
+            policy,
+        })
+    }
+
+    /// The size to create: in the range, at least the source's size, by
+    /// default the source's size or [`DEFAULT_SIZE`].
+    fn size(range: &Range, source_size: Option<u64>) -> Result<u64> {
+        let min = source_size.unwrap_or(0);
+        if range.limit > 0 && min > range.limit {
+            return Err(Error::OutOfRange(format!(
+                "the source holds {min} bytes, more than limit_bytes {}",
+                range.limit
+            )));
+        }
+        range.pick(GRAIN, min, source_size.unwrap_or(DEFAULT_SIZE))
+    }
+
+    /// On a blocking thread: makes the image, or finds what an earlier
+    /// attempt made and completes it. Returns the pool id, the image as it
+    /// is, and whether it is to be flattened in the background.
+    fn make(self, io: &IoCtx) -> RbdResult<(i64, Found, bool)> {
+        if self.source.is_none() {
+            if let Some(found) = self.create_blank(io)? {
+                return Ok((io.pool_id(), found, false));
+            }
+        }
+        let background = match inspect(io, &self.image)? {
+            Some(found) => self.adopt(io, &found)?,
+            None => self.create_new(io)?,
+        };
+        let found = self.finish(io)?;
+        Ok((io.pool_id(), found, background))
+    }
+
+    /// A blank volume's fast path: create first, tag in one operation, and
+    /// answer from what was written, without opening the image. None when
+    /// the image exists (a retry or a clash, for [`Self::adopt`]).
+    fn create_blank(&self, io: &IoCtx) -> RbdResult<Option<Found>> {
+        match io.create(&self.image, self.size, &self.options) {
+            Ok(()) => {}
+            Err(RbdError::Exists { .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        }
+        crate::fail_point!("rbd.create.after_create");
+        tag(io, &self.image, &self.meta)?;
+        crate::fail_point!("rbd.create.after_tag");
+        Ok(Some(Found {
+            size: self.size,
+            name: Some(self.name.clone()),
+            digest: Some(self.digest.clone()),
+            source: None,
+            topology: self.topology.clone(),
+            created: Some(now()),
+            ready: true,
+        }))
+    }
+
+    /// The image exists: it must be this request's (or untagged: an attempt
+    /// that died before its metadata) with these parameters and an
+    /// acceptable size; then the steps the first attempt may have missed.
+    /// Returns whether to flatten in the background.
+    fn adopt(&self, io: &IoCtx, found: &Found) -> RbdResult<bool> {
+        let (name, image) = (&self.name, &self.image);
+        if !owned_by(Kind::Volume, &found.name, name) {
+            return Err(RbdError::Exists {
+                what: format!("image {}/{image} belongs to another request", io.pool()),
+            });
+        }
+        let tagged = tagged_by(&found.name, name);
+        if tagged && found.digest.as_deref() != Some(self.digest.as_str()) {
+            return Err(RbdError::Exists {
+                what: format!("volume {name:?} exists with other parameters or source"),
+            });
+        }
+        if !tagged && found.size < self.size {
+            // An attempt that crashed between clone and resize (images are
+            // tagged last).
+            io.open(image)?.resize(self.size)?;
+        } else if !self.range.accepts(found.size) {
+            return Err(RbdError::Exists {
+                what: format!(
+                    "volume {name:?} exists with {} bytes, which this request does not accept",
+                    found.size
+                ),
+            });
+        }
+        // A retry applies the same flatten rules as the first attempt,
+        // which may have died before them.
+        match &self.source {
+            Some((_, src_pool)) => {
+                settle_clone(io, image, None, self.policy, src_pool != io.pool())
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// No image yet: a blank one, or a clone of the source (through a
+    /// snapshot of it when it is a volume). Returns whether to flatten in
+    /// the background.
+    fn create_new(&self, io: &IoCtx) -> RbdResult<bool> {
+        let Some((sid, src_pool)) = &self.source else {
+            io.create(&self.image, self.size, &self.options)?;
+            crate::fail_point!("rbd.create.after_create");
+            return Ok(false);
+        };
+        let parent_io = io.cluster().ioctx_by_id(sid.pool_id)?;
+        let snap = match sid.kind {
+            Kind::Snapshot => ids::SNAP_NAME,
+            Kind::Volume => {
+                let parent = parent_io.open(&sid.image())?;
+                ignore_exists(parent.snap_create(&self.temp_snap))?;
+                drop(parent);
+                crate::fail_point!("rbd.create.after_source_snap");
+                &self.temp_snap
+            }
+        };
+        // Across pools the data is copied (clone, then flatten) so the
+        // volume lives where it was placed.
+        let must_flatten = src_pool != io.pool();
+        clone_into(
+            &parent_io,
+            &sid.image(),
+            snap,
+            io,
+            &self.image,
+            &self.options,
+            self.size,
+            self.policy,
+            must_flatten,
+        )
+    }
+
+    /// The last steps: the metadata that makes the image this request's,
+    /// then the removal of the source volume's snapshot (clone v2 keeps it
+    /// in the trash namespace while the clone needs it).
+    fn finish(&self, io: &IoCtx) -> RbdResult<Found> {
+        tag(io, &self.image, &self.meta)?;
+        crate::fail_point!("rbd.create.after_tag");
+        if let Some((sid, _)) = self.source.as_ref().filter(|(s, _)| s.kind == Kind::Volume) {
+            let parent_io = io.cluster().ioctx_by_id(sid.pool_id)?;
+            ignore_missing(parent_io.open(&sid.image())?.snap_remove(&self.temp_snap))?;
+        }
+        inspect(io, &self.image)?.ok_or_else(|| RbdError::NotFound {
+            what: format!("image {}/{} vanished after create", io.pool(), self.image),
+        })
+    }
+}
+
+/// A CSI snapshot to take: the hidden clone `ldsnap-<key>` of the source
+/// volume, with its own snapshot `csi` made last (see [`crate::core::ids`]).
+struct NewSnapshot {
+    id: RbdId,
+    name: String,
+    digest: String,
+    /// The source volume: its id and image.
+    source_id: String,
+    source_image: String,
+    /// The source's snapshot the hidden clone is taken from.
+    temp: String,
+    policy: FlattenPolicy,
+}
+
+impl NewSnapshot {
+    fn plan(req: &CreateSnapshot, src: &RbdId, policy: FlattenPolicy) -> NewSnapshot {
+        let mut digested = req.params.clone();
+        digested.insert(SOURCE_KEY.to_string(), src.encode());
+        let key = Kind::Snapshot.key_for_name(&req.name);
+        NewSnapshot {
+            id: RbdId {
+                kind: Kind::Snapshot,
+                cluster: src.cluster.clone(),
+                pool_id: src.pool_id,
+                key: key.clone(),
+            },
+            name: req.name.clone(),
+            digest: ids::params_digest(&digested),
+            source_id: src.encode(),
+            source_image: src.image(),
+            temp: ids::temp_name(&key),
+            policy,
+        }
+    }
+
+    /// On a blocking thread: takes the snapshot, or finds what an earlier
+    /// attempt made and completes it. Returns the hidden image as it is
+    /// and whether it is to be flattened in the background.
+    fn make(self, io: &IoCtx) -> RbdResult<(Found, bool)> {
+        let hidden = self.id.image();
+        let existing = inspect(io, &hidden)?;
+        if let Some(found) = &existing {
+            self.check(io, found)?;
+        }
+        let background = if existing.is_some() && self.is_complete(io)? {
+            false
+        } else {
+            self.complete(io, existing.is_none())?
+        };
+        self.drop_temp(io)?;
+        let found = inspect(io, &hidden)?.ok_or_else(|| RbdError::NotFound {
+            what: format!("image {}/{hidden} vanished", io.pool()),
+        })?;
+        Ok((found, background))
+    }
+
+    /// An existing hidden image must be this request's (or untagged: an
+    /// attempt that died before its metadata) from this source.
+    fn check(&self, io: &IoCtx, found: &Found) -> RbdResult<()> {
+        let name = &self.name;
+        if !owned_by(Kind::Snapshot, &found.name, name) {
+            return Err(RbdError::Exists {
+                what: format!(
+                    "image {}/{} belongs to another request",
+                    io.pool(),
+                    self.id.image()
+                ),
+            });
+        }
+        if tagged_by(&found.name, name) && found.digest.as_deref() != Some(self.digest.as_str()) {
+            return Err(RbdError::Exists {
+                what: format!("snapshot {name:?} exists with another source"),
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether the hidden image has its snapshot `csi`, made last.
+    fn is_complete(&self, io: &IoCtx) -> RbdResult<bool> {
+        Ok(io
+            .open_read_only(&self.id.image(), None)?
+            .user_snapshots()?
+            .iter()
+            .any(|s| s.name == ids::SNAP_NAME))
+    }
+
+    /// The steps up to `csi`, from the hidden clone on when it is not there
+    /// (`fresh`), else from the flatten rules on. Returns whether to
+    /// flatten in the background.
+    fn complete(&self, io: &IoCtx, fresh: bool) -> RbdResult<bool> {
+        let hidden = self.id.image();
+        if fresh {
+            let source = io.open(&self.source_image)?;
+            ignore_exists(source.snap_create(&self.temp))?;
+            drop(source);
+            crate::fail_point!("rbd.snapshot.after_source_snap");
+            let options = ImageOptions::default();
+            ignore_exists(io.clone_image(&self.source_image, &self.temp, io, &hidden, &options))?;
+            crate::fail_point!("rbd.snapshot.after_clone");
+        }
+        // First attempt or retry: the same flatten rules.
+        let background = settle_clone(io, &hidden, None, self.policy, false)?;
+        tag(
+            io,
+            &hidden,
+            &[
+                (META_NAME, self.name.clone()),
+                (META_PARAMS, self.digest.clone()),
+                (META_SOURCE, self.source_id.clone()),
+                (META_CREATED, now().to_string()),
+            ],
+        )?;
+        ignore_exists(io.open(&hidden)?.snap_create(ids::SNAP_NAME))?;
+        crate::fail_point!("rbd.snapshot.after_snap");
+        Ok(background)
+    }
+
+    /// The source's temporary snapshot goes (a retry after a crash may find
+    /// it still there; the source itself may be gone by then).
+    fn drop_temp(&self, io: &IoCtx) -> RbdResult<()> {
+        match io.open(&self.source_image) {
+            Ok(s) => ignore_missing(s.snap_remove(&self.temp)),
+            Err(e) if e.is_not_found() => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
 impl RbdController {
     pub fn new(config: RbdConfig, pool: Arc<ConnectionPool>, flatten: FlattenPolicy) -> Self {
         RbdController {
@@ -510,13 +796,6 @@ impl RbdController {
             pool,
             flatten,
         }
-    }
-
-    fn cluster_for(&self, params: &BTreeMap<String, String>) -> Result<&Cluster> {
-        let id = params.get(P_CLUSTER).ok_or_else(|| {
-            Error::InvalidArgument(format!("StorageClass parameter {P_CLUSTER} is required"))
-        })?;
-        self.config.cluster(id)
     }
 
     /// A well-formed id of a configured cluster (anything else names
@@ -537,52 +816,17 @@ impl RbdController {
     fn place(
         &self,
         cluster: Option<&Cluster>,
-        params: &BTreeMap<String, String>,
+        pools: &Pools,
         requirement: Option<&csi::TopologyRequirement>,
         source_pool: Option<&str>,
     ) -> Result<Placement> {
-        let data_pool = params.get(P_DATA_POOL).cloned();
-        let Some(spec) = params.get(P_TOPOLOGY_POOLS) else {
-            let pool = params.get(P_POOL).ok_or_else(|| {
-                Error::InvalidArgument(format!(
-                    "StorageClass parameter {P_POOL} (or {P_TOPOLOGY_POOLS}) is required"
-                ))
-            })?;
-            // The volume is reachable from every node of the cluster: from
-            // any requisite topology its nodes can report, i.e. one in the
-            // cluster's topology keys; from no other.
-            let requisite = requirement.map(|r| r.requisite.as_slice()).unwrap_or(&[]);
-            let reachable = |t: &csi::Topology| {
-                t.segments
-                    .keys()
-                    .all(|k| cluster.is_none_or(|c| c.knows_topology_key(k)))
-            };
-            if !requisite.is_empty() && !requisite.iter().any(reachable) {
-                return Err(Error::ResourceExhausted(format!(
-                    "no node of this cluster lies in the requested topology: the nodes report \
-                     only the topology keys {} (the cluster's topologyKeys in the RBD config)",
-                    cluster
-                        .map(|c| match &c.topology_keys {
-                            Some(k) => k.join(", "),
-                            None => crate::rbd::config::DEFAULT_TOPOLOGY_KEYS.join(", "),
-                        })
-                        .unwrap_or_default()
-                )));
+        let data_pool = pools.data_pool.clone();
+        let (pools, default_pool) = match &pools.choice {
+            PoolChoice::Constrained { pools, default } => (pools, default),
+            PoolChoice::Plain(pool) => {
+                return Self::place_plain(cluster, pool, data_pool, requirement)
             }
-            return Ok(Placement {
-                pool: pool.clone(),
-                data_pool,
-                topology: None,
-                rule: "pool",
-            });
         };
-        let pools: Vec<ConstrainedPool> = serde_json::from_str(spec)
-            .map_err(|e| Error::InvalidArgument(format!("{P_TOPOLOGY_POOLS}: {e}")))?;
-        if pools.is_empty() || pools.iter().any(|p| p.domain_segments.is_empty()) {
-            return Err(Error::InvalidArgument(format!(
-                "{P_TOPOLOGY_POOLS}: list at least one pool, each with domainSegments"
-            )));
-        }
         let placed = |p: &ConstrainedPool, rule| Placement {
             pool: p.pool_name.clone(),
             data_pool: p.data_pool.clone().or(data_pool.clone()),
@@ -614,7 +858,7 @@ impl RbdController {
         }
         if preferred.is_empty() && requisite.is_empty() {
             // No topology in the request: `pool` if given, else the first.
-            return Ok(match params.get(P_POOL) {
+            return Ok(match default_pool {
                 Some(pool) => Placement {
                     pool: pool.clone(),
                     data_pool,
@@ -627,6 +871,41 @@ impl RbdController {
         Err(Error::ResourceExhausted(format!(
             "no pool of {P_TOPOLOGY_POOLS} lies in the requested topology"
         )))
+    }
+
+    /// A plain pool's volume is reachable from every node of the cluster:
+    /// from any requisite topology its nodes can report, i.e. one in the
+    /// cluster's topology keys; from no other.
+    fn place_plain(
+        cluster: Option<&Cluster>,
+        pool: &str,
+        data_pool: Option<String>,
+        requirement: Option<&csi::TopologyRequirement>,
+    ) -> Result<Placement> {
+        let requisite = requirement.map(|r| r.requisite.as_slice()).unwrap_or(&[]);
+        let reachable = |t: &csi::Topology| {
+            t.segments
+                .keys()
+                .all(|k| cluster.is_none_or(|c| c.knows_topology_key(k)))
+        };
+        if !requisite.is_empty() && !requisite.iter().any(reachable) {
+            return Err(Error::ResourceExhausted(format!(
+                "no node of this cluster lies in the requested topology: the nodes report \
+                 only the topology keys {} (the cluster's topologyKeys in the RBD config)",
+                cluster
+                    .map(|c| match &c.topology_keys {
+                        Some(k) => k.join(", "),
+                        None => crate::rbd::config::DEFAULT_TOPOLOGY_KEYS.join(", "),
+                    })
+                    .unwrap_or_default()
+            )));
+        }
+        Ok(Placement {
+            pool: pool.to_string(),
+            data_pool,
+            topology: None,
+            rule: "pool",
+        })
     }
 
     fn volume_info(id: &RbdId, pool: &str, f: &Found) -> VolumeInfo {
@@ -730,6 +1009,60 @@ impl RbdController {
         })
     }
 
+    /// The source of a restore or clone: in the request's cluster, and
+    /// existing; with its pool and size.
+    async fn volume_source(
+        &self,
+        cluster: &Cluster,
+        req: &CreateVolume,
+    ) -> Result<Option<VolumeSource>> {
+        let Some(source) = &req.source else {
+            return Ok(None);
+        };
+        let (kind, sid, what) = match source {
+            Source::Snapshot(id) => (Kind::Snapshot, id, "snapshot"),
+            Source::Volume(id) => (Kind::Volume, id, "volume"),
+        };
+        let id = RbdId::parse(kind, sid)
+            .filter(|p| p.cluster == cluster.cluster_id)
+            .ok_or_else(|| {
+                Error::NotFound(format!(
+                    "source {what} {sid} does not exist in cluster {}",
+                    cluster.cluster_id
+                ))
+            })?;
+        let (pool, found) = self
+            .lookup(&id, &req.secrets)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("source {what} {sid} does not exist")))?;
+        Ok(Some(VolumeSource { id, pool, found }))
+    }
+
+    /// Where a new volume goes (see [`Self::place`]): only ever into a pool
+    /// the driver lists, so that List* see it.
+    fn place_volume(
+        &self,
+        cluster: &Cluster,
+        params: &RbdParams,
+        req: &CreateVolume,
+        source: Option<&VolumeSource>,
+    ) -> Result<Placement> {
+        let placement = self.place(
+            Some(cluster),
+            &params.pools,
+            req.requirement.as_ref(),
+            source.map(|s| s.pool.as_str()),
+        )?;
+        if !cluster.pools.is_empty() && !cluster.pools.contains(&placement.pool) {
+            return Err(Error::InvalidArgument(format!(
+                "pool {} is not among the pools of cluster {} in the driver's --rbd-config; \
+                 add it there first (ListVolumes and ListSnapshots read only those pools)",
+                placement.pool, cluster.cluster_id
+            )));
+        }
+        Ok(placement)
+    }
+
     /// An image of `kind` named by `id`, inspected (None if absent).
     async fn lookup(&self, id: &RbdId, secrets: &Secrets) -> Result<Option<(String, Found)>> {
         let cluster = self.config.cluster(&id.cluster)?;
@@ -792,7 +1125,7 @@ impl ControllerBackend for RbdController {
     }
 
     fn json_parameter_keys(&self) -> &'static [&'static str] {
-        &[P_TOPOLOGY_POOLS]
+        JSON_PARAMETER_KEYS
     }
 
     fn is_valid_id(&self, id: &str) -> bool {
@@ -804,231 +1137,18 @@ impl ControllerBackend for RbdController {
     }
 
     async fn create_volume(&self, req: &CreateVolume) -> Result<VolumeInfo> {
-        let cluster = self.cluster_for(&req.params)?;
+        let params = RbdParams::parse(&req.params)?;
+        let cluster = self.config.cluster(&params.cluster_id)?;
         let creds = self.creds(cluster, &req.secrets)?;
-        let feature_bits = features(req.params.get(P_FEATURES))?;
-        match req.params.get(P_MOUNTER).map(String::as_str) {
-            None | Some("krbd") => {}
-            Some("rbd-nbd") => {
-                return Err(Error::InvalidArgument(format!(
-                    "{P_MOUNTER} rbd-nbd is not offered: its daemon would die with a restarted \
-                     node plugin and break the node's mounted volumes; use krbd"
-                )))
-            }
-            Some(m) => {
-                return Err(Error::InvalidArgument(format!(
-                    "{P_MOUNTER} must be krbd, not {m:?}"
-                )))
-            }
-        }
-        if let Some(o) = req.params.get(P_MKFS_OPTIONS) {
-            crate::host::fs::mkfs_options(o)?;
-        }
-        // The source: same cluster, must exist; its pool and size.
-        let source = match &req.source {
-            None => None,
-            Some(s) => {
-                let (kind, sid, what) = match s {
-                    Source::Snapshot(id) => (Kind::Snapshot, id, "snapshot"),
-                    Source::Volume(id) => (Kind::Volume, id, "volume"),
-                };
-                let parsed = RbdId::parse(kind, sid)
-                    .filter(|p| p.cluster == cluster.cluster_id)
-                    .ok_or_else(|| {
-                        Error::NotFound(format!(
-                            "source {what} {sid} does not exist in cluster {}",
-                            cluster.cluster_id
-                        ))
-                    })?;
-                let (pool, found) = self.lookup(&parsed, &req.secrets).await?.ok_or_else(|| {
-                    Error::NotFound(format!("source {what} {sid} does not exist"))
-                })?;
-                Some((parsed, pool, found))
-            }
-        };
-        let placement = self.place(
-            Some(cluster),
-            &req.params,
-            req.requirement.as_ref(),
-            source.as_ref().map(|(_, p, _)| p.as_str()),
-        )?;
-        if !cluster.pools.is_empty() && !cluster.pools.contains(&placement.pool) {
-            return Err(Error::InvalidArgument(format!(
-                "pool {} is not among the pools of cluster {} in the driver's --rbd-config; \
-                 add it there first (ListVolumes and ListSnapshots read only those pools)",
-                placement.pool, cluster.cluster_id
-            )));
-        }
-        let mut params = req.params.clone();
-        if let Some((sid, _, _)) = &source {
-            params.insert(SOURCE_KEY.to_string(), sid.encode());
-        }
-        let digest = ids::params_digest(&params);
-        let source_size = source.as_ref().map(|(_, _, f)| f.size).unwrap_or(0);
-        if req.range.limit > 0 && source_size > req.range.limit {
-            return Err(Error::OutOfRange(format!(
-                "the source holds {source_size} bytes, more than limit_bytes {}",
-                req.range.limit
-            )));
-        }
-        let default = if source.is_some() {
-            source_size
-        } else {
-            DEFAULT_SIZE
-        };
-        let size = req.range.pick(GRAIN, source_size, default)?;
-        let key = Kind::Volume.key_for_name(&req.name);
-        let image = format!("{}{key}", Kind::Volume.image_prefix());
-        let topology_json = placement
-            .topology
-            .as_ref()
-            .map(|t| serde_json::to_string(t).expect("map serializes"));
+        let source = self.volume_source(cluster, req).await?;
+        let placement = self.place_volume(cluster, &params, req, source.as_ref())?;
+        let new = NewVolume::plan(req, &params, &placement, source.as_ref(), self.flatten)?;
         tracing::info!(name = %req.name, pool = %placement.pool, rule = placement.rule,
-            size, "placed volume");
-
-        let mut meta = vec![(META_NAME, req.name.clone()), (META_PARAMS, digest.clone())];
-        if let Some((sid, _, _)) = &source {
-            meta.push((META_SOURCE, sid.encode()));
-        }
-        if let Some(t) = &topology_json {
-            meta.push((META_TOPOLOGY, t.clone()));
-        }
-        let options = ImageOptions {
-            features: Some(feature_bits),
-            order: None,
-            data_pool: placement.data_pool.clone(),
-        };
-        let name = req.name.clone();
-        let range = req.range;
-        let policy = self.flatten;
-        let src = source
-            .as_ref()
-            .map(|(sid, pool, _)| (sid.clone(), pool.clone()));
-        let temp_snap = format!("ldtmp-{key}");
+            size = new.size, "placed volume");
+        let key = new.key.clone();
         let (pool_id, found, background) = self
             .pool
-            .run(&creds, &placement.pool, move |io| {
-                // A plain create: create first (EEXIST means a retry or a
-                // clash, checked below), tag in one operation, and answer
-                // from what was written, without opening the image.
-                if src.is_none() {
-                    match io.create(&image, size, &options) {
-                        Ok(()) => {
-                            crate::fail_point!("rbd.create.after_create");
-                            tag(io, &image, &meta)?;
-                            crate::fail_point!("rbd.create.after_tag");
-                            let found = Found {
-                                size,
-                                name: Some(name),
-                                digest: Some(digest),
-                                source: None,
-                                topology: topology_json,
-                                created: Some(now()),
-                                ready: true,
-                            };
-                            return Ok((io.pool_id(), found, false));
-                        }
-                        Err(RbdError::Exists { .. }) => {}
-                        Err(e) => return Err(e),
-                    }
-                }
-                let mut background = false;
-                match inspect(io, &image)? {
-                    Some(f) => {
-                        if !owned_by(Kind::Volume, &f.name, &name) {
-                            return Err(RbdError::Exists {
-                                what: format!(
-                                    "image {}/{image} belongs to another request",
-                                    io.pool()
-                                ),
-                            });
-                        }
-                        let tagged = tagged_by(&f.name, &name);
-                        if tagged && f.digest.as_deref() != Some(digest.as_str()) {
-                            return Err(RbdError::Exists {
-                                what: format!(
-                                    "volume {name:?} exists with other parameters or source"
-                                ),
-                            });
-                        }
-                        if !tagged && f.size < size {
-                            // An attempt that crashed between clone and
-                            // resize (images are tagged last).
-                            io.open(&image)?.resize(size)?;
-                        } else if !range.accepts(f.size) {
-                            return Err(RbdError::Exists {
-                                what: format!(
-                                    "volume {name:?} exists with {} bytes, which this request \
-                                     does not accept",
-                                    f.size
-                                ),
-                            });
-                        }
-                        // A retry applies the same flatten rules as the
-                        // first attempt, which may have died before them.
-                        if let Some((_, src_pool)) = &src {
-                            background =
-                                settle_clone(io, &image, None, policy, src_pool != io.pool())?;
-                        }
-                    }
-                    None => match &src {
-                        None => {
-                            io.create(&image, size, &options)?;
-                            crate::fail_point!("rbd.create.after_create");
-                        }
-                        Some((sid, src_pool)) => {
-                            let parent_io = io.cluster().ioctx_by_id(sid.pool_id)?;
-                            // Across pools the data is copied (clone, then
-                            // flatten) so the volume lives where it was placed.
-                            let must_flatten = src_pool != io.pool();
-                            match sid.kind {
-                                Kind::Snapshot => {
-                                    background = clone_into(
-                                        &parent_io,
-                                        &sid.image(),
-                                        ids::SNAP_NAME,
-                                        io,
-                                        &image,
-                                        &options,
-                                        size,
-                                        policy,
-                                        must_flatten,
-                                    )?;
-                                }
-                                Kind::Volume => {
-                                    let parent = parent_io.open(&sid.image())?;
-                                    ignore_exists(parent.snap_create(&temp_snap))?;
-                                    drop(parent);
-                                    crate::fail_point!("rbd.create.after_source_snap");
-                                    background = clone_into(
-                                        &parent_io,
-                                        &sid.image(),
-                                        &temp_snap,
-                                        io,
-                                        &image,
-                                        &options,
-                                        size,
-                                        policy,
-                                        must_flatten,
-                                    )?;
-                                }
-                            }
-                        }
-                    },
-                }
-                tag(io, &image, &meta)?;
-                crate::fail_point!("rbd.create.after_tag");
-                // A clone's temporary snapshot of its source (clone v2 keeps
-                // it in the trash namespace while the clone needs it).
-                if let Some((sid, _)) = src.as_ref().filter(|(s, _)| s.kind == Kind::Volume) {
-                    let parent_io = io.cluster().ioctx_by_id(sid.pool_id)?;
-                    ignore_missing(parent_io.open(&sid.image())?.snap_remove(&temp_snap))?;
-                }
-                let found = inspect(io, &image)?.ok_or_else(|| RbdError::NotFound {
-                    what: format!("image {}/{image} vanished after create", io.pool()),
-                })?;
-                Ok((io.pool_id(), found, background))
-            })
+            .run(&creds, &placement.pool, move |io| new.make(io))
             .await?;
         let id = RbdId {
             kind: Kind::Volume,
@@ -1040,15 +1160,37 @@ impl ControllerBackend for RbdController {
             self.flatten_later(creds, pool_id, id.image());
         }
         let mut info = Self::volume_info(&id, &placement.pool, &found);
-        for (k, ctx) in [(P_MOUNTER, CTX_MOUNTER), (P_MKFS_OPTIONS, CTX_MKFS_OPTIONS)] {
-            if let Some(v) = req.params.get(k) {
-                info.context.insert(ctx.to_string(), v.clone());
-            }
-        }
+        info.context.extend(node_context(&params));
         Ok(info)
     }
 
     async fn delete_volume(&self, id: &str, secrets: &Secrets) -> Result<()> {
+        // What Ceph is asked, beside the `rbd_remove` a direct removal makes
+        // (one blocking call for all of it; nothing else: no listing, no
+        // metadata read):
+        // * rbd.get_id + rbd.parent_get (two small object-class calls, no
+        //   image open): the id finds the header, the parent says whether
+        //   the image is a clone. A plain volume goes straight to
+        //   rbd_remove, which validates watchers and snapshots itself
+        //   before it moves the image to the trash.
+        // * only for a clone: rbd_open_read_only + rbd_get_parent +
+        //   rbd_watchers_list + rbd_close: which trashed ancestors this
+        //   image kept alive (purged after it), and the watcher check
+        //   before anything changes.
+        // * only when the image is not found: rbd_trash_list (+
+        //   rbd_trash_remove of each entry found), to finish a removal that
+        //   died halfway (the image in the trash under source REMOVING).
+        // * only when rbd_remove answers ENOTEMPTY (the image has clones):
+        //   rbd_trash_move, so the clones keep their parent.
+        // * only when rbd_remove fails otherwise (e.g. a watcher that came
+        //   after librbd's check): rbd.get_id + rbd_trash_list (+
+        //   rbd_trash_restore), to put back an image the failed removal
+        //   left in the trash (librbd's own restore is best-effort).
+        // * only for a clone whose parent waits in the trash: one read-only
+        //   open of each such ancestor (for its own parent) and its
+        //   rbd_trash_remove once its last child is gone.
+        // The volume id names the pool (by id) and the image, so nothing
+        // is looked up to find them.
         let Some((rid, cluster)) = self.known_id(Kind::Volume, id) else {
             return Ok(());
         };
@@ -1123,7 +1265,7 @@ impl ControllerBackend for RbdController {
         params: &BTreeMap<String, String>,
         topology: Option<&csi::Topology>,
     ) -> Result<Capacity> {
-        if !params.contains_key(P_CLUSTER) {
+        let Some(params) = CapacityParams::parse(params)? else {
             // No StorageClass: what every configured cluster's listed pools
             // can take (pools of one cluster share their OSDs, so their
             // figures overlap: the largest counts, not the sum).
@@ -1144,13 +1286,13 @@ impl ControllerBackend for RbdController {
                 total.maximum_volume = total.maximum_volume.max(best);
             }
             return Ok(total);
-        }
-        let cluster = self.cluster_for(params)?;
+        };
+        let cluster = self.config.cluster(&params.cluster_id)?;
         let requirement = topology.map(|t| csi::TopologyRequirement {
             requisite: vec![t.clone()],
             preferred: vec![],
         });
-        let placement = match self.place(Some(cluster), params, requirement.as_ref(), None) {
+        let placement = match self.place(Some(cluster), &params.pools, requirement.as_ref(), None) {
             Ok(p) => p,
             // No pool serves this topology: nothing available there.
             Err(Error::ResourceExhausted(_)) => return Ok(Capacity::default()),
@@ -1184,8 +1326,8 @@ impl ControllerBackend for RbdController {
                     req.source_volume_id
                 ))
             })?;
-        if let Some(c) = req.params.get(P_CLUSTER) {
-            if *c != src.cluster {
+        if let Some(c) = SnapshotParams::parse(&req.params).cluster_id {
+            if c != src.cluster {
                 return Err(Error::InvalidArgument(format!(
                     "{P_CLUSTER} {c} is not the source volume's cluster {}",
                     src.cluster
@@ -1193,85 +1335,11 @@ impl ControllerBackend for RbdController {
             }
         }
         let creds = self.creds(cluster, &req.secrets)?;
-        let mut params = req.params.clone();
-        params.insert(SOURCE_KEY.to_string(), src.encode());
-        let digest = ids::params_digest(&params);
-        let key = Kind::Snapshot.key_for_name(&req.name);
-        let id = RbdId {
-            kind: Kind::Snapshot,
-            cluster: src.cluster.clone(),
-            pool_id: src.pool_id,
-            key: key.clone(),
-        };
-        let hidden = id.image();
-        let temp = format!("ldtmp-{key}");
-        let name = req.name.clone();
-        let src_image = src.image();
-        let source_id = src.encode();
-        let policy = self.flatten;
+        let new = NewSnapshot::plan(req, &src, self.flatten);
+        let id = new.id.clone();
         let r = self
             .pool
-            .run_by_id(&creds, src.pool_id, move |io| {
-                let mut background = false;
-                let existing = inspect(io, &hidden)?;
-                if let Some(f) = &existing {
-                    if !owned_by(Kind::Snapshot, &f.name, &name) {
-                        return Err(RbdError::Exists {
-                            what: format!(
-                                "image {}/{hidden} belongs to another request",
-                                io.pool()
-                            ),
-                        });
-                    }
-                    if tagged_by(&f.name, &name) && f.digest.as_deref() != Some(digest.as_str()) {
-                        return Err(RbdError::Exists {
-                            what: format!("snapshot {name:?} exists with another source"),
-                        });
-                    }
-                }
-                let done = existing.is_some()
-                    && io
-                        .open_read_only(&hidden, None)?
-                        .user_snapshots()?
-                        .iter()
-                        .any(|s| s.name == ids::SNAP_NAME);
-                if !done {
-                    if existing.is_none() {
-                        let source = io.open(&src_image)?;
-                        ignore_exists(source.snap_create(&temp))?;
-                        drop(source);
-                        crate::fail_point!("rbd.snapshot.after_source_snap");
-                        let options = ImageOptions::default();
-                        ignore_exists(io.clone_image(&src_image, &temp, io, &hidden, &options))?;
-                        crate::fail_point!("rbd.snapshot.after_clone");
-                    }
-                    // First attempt or retry: the same flatten rules.
-                    background = settle_clone(io, &hidden, None, policy, false)?;
-                    tag(
-                        io,
-                        &hidden,
-                        &[
-                            (META_NAME, name.clone()),
-                            (META_PARAMS, digest.clone()),
-                            (META_SOURCE, source_id.clone()),
-                            (META_CREATED, now().to_string()),
-                        ],
-                    )?;
-                    ignore_exists(io.open(&hidden)?.snap_create(ids::SNAP_NAME))?;
-                    crate::fail_point!("rbd.snapshot.after_snap");
-                }
-                // The source's temporary snapshot (a retry after a crash may
-                // find it still there).
-                match io.open(&src_image) {
-                    Ok(s) => ignore_missing(s.snap_remove(&temp))?,
-                    Err(e) if e.is_not_found() => {}
-                    Err(e) => return Err(e),
-                }
-                let f = inspect(io, &hidden)?.ok_or_else(|| RbdError::NotFound {
-                    what: format!("image {}/{hidden} vanished", io.pool()),
-                })?;
-                Ok((f, background))
-            })
+            .run_by_id(&creds, src.pool_id, move |io| new.make(io))
             .await;
         let (found, background) = match r {
             Err(e) if e.is_not_found() => {
@@ -1341,20 +1409,17 @@ impl ControllerBackend for RbdController {
 mod tests {
     use super::*;
 
-    #[test]
-    fn image_features() {
-        assert_eq!(features(None).unwrap(), DEFAULT_FEATURES);
-        assert_eq!(
-            features(Some(&"layering".to_string())).unwrap(),
-            ffi::RBD_FEATURE_LAYERING
-        );
-        for bad in [
-            "layering,journaling",
-            "layering,object-map",
-            "exclusive-lock",
-        ] {
-            assert!(features(Some(&bad.to_string())).is_err(), "{bad}");
-        }
+    use crate::rbd::params::P_POOL;
+
+    /// Places a volume with StorageClass parameters as given.
+    fn place(
+        c: &RbdController,
+        cluster: Option<&Cluster>,
+        params: &BTreeMap<String, String>,
+        requirement: Option<&csi::TopologyRequirement>,
+        source_pool: Option<&str>,
+    ) -> Result<Placement> {
+        c.place(cluster, &Pools::parse(params)?, requirement, source_pool)
     }
 
     fn topo(zone: &str) -> csi::Topology {
@@ -1379,26 +1444,25 @@ mod tests {
             preferred: pref.iter().map(|z| topo(z)).collect(),
             requisite: reqs.iter().map(|z| topo(z)).collect(),
         };
-        let p = c
-            .place(None, &params, Some(&req(&["b"], &["a", "b"])), None)
-            .unwrap();
+        let p = place(&c, None, &params, Some(&req(&["b"], &["a", "b"])), None).unwrap();
         assert_eq!((p.pool.as_str(), p.rule), ("pb", "preferred-topology"));
-        let p = c
-            .place(None, &params, Some(&req(&["b"], &["a", "b"])), Some("pa"))
-            .unwrap();
+        let p = place(
+            &c,
+            None,
+            &params,
+            Some(&req(&["b"], &["a", "b"])),
+            Some("pa"),
+        )
+        .unwrap();
         assert_eq!((p.pool.as_str(), p.rule), ("pa", "source-locality"));
-        let p = c
-            .place(None, &params, Some(&req(&[], &["b"])), Some("pa"))
-            .unwrap();
+        let p = place(&c, None, &params, Some(&req(&[], &["b"])), Some("pa")).unwrap();
         assert_eq!((p.pool.as_str(), p.rule), ("pb", "requisite-topology"));
-        assert!(c
-            .place(None, &params, Some(&req(&[], &["c"])), None)
-            .is_err());
-        let p = c.place(None, &params, None, None).unwrap();
+        assert!(place(&c, None, &params, Some(&req(&[], &["c"])), None).is_err());
+        let p = place(&c, None, &params, None, None).unwrap();
         assert_eq!(p.pool, "pa");
         let plain: BTreeMap<String, String> = [(P_POOL.to_string(), "rbd".to_string())].into();
-        assert_eq!(c.place(None, &plain, None, None).unwrap().topology, None);
-        assert!(c.place(None, &BTreeMap::new(), None, None).is_err());
+        assert_eq!(place(&c, None, &plain, None, None).unwrap().topology, None);
+        assert!(place(&c, None, &BTreeMap::new(), None, None).is_err());
     }
 
     /// A plain pool's volume is reachable from every node, so from any
@@ -1422,25 +1486,24 @@ mod tests {
             requisite: ts,
             preferred: vec![],
         };
-        let r = c.place(
+        let r = place(
+            &c,
             Some(&cluster),
             &plain,
             Some(&only(vec![garbage.clone()])),
             None,
         );
         assert!(matches!(r, Err(Error::ResourceExhausted(_))), "{r:?}");
-        let p = c
-            .place(
-                Some(&cluster),
-                &plain,
-                Some(&only(vec![garbage, topo("b")])),
-                None,
-            )
-            .unwrap();
+        let p = place(
+            &c,
+            Some(&cluster),
+            &plain,
+            Some(&only(vec![garbage, topo("b")])),
+            None,
+        )
+        .unwrap();
         assert_eq!((p.pool.as_str(), p.topology), ("rbd", None));
-        assert!(c
-            .place(Some(&cluster), &plain, Some(&only(vec![])), None)
-            .is_ok());
+        assert!(place(&c, Some(&cluster), &plain, Some(&only(vec![])), None).is_ok());
     }
 
     /// MAX AVAIL comes from the pool's own entry of `df` (which includes

@@ -1,6 +1,8 @@
 //! Typed errors of librados / librbd calls, and their mapping to the crate's
 //! [`Error`] (and so to gRPC codes).
 
+use nix::errno::Errno;
+
 use crate::error::Error;
 
 /// A failed librados / librbd call. `what` names the call and its object
@@ -43,27 +45,27 @@ pub enum RbdError {
 
 pub type RbdResult<T> = std::result::Result<T, RbdError>;
 
-// errno values (Linux, all architectures Ceph builds on).
-pub(crate) const EPERM: i32 = 1;
-pub(crate) const ENOENT: i32 = 2;
-pub(crate) const EIO: i32 = 5;
-pub(crate) const EACCES: i32 = 13;
-pub(crate) const EBUSY: i32 = 16;
-pub(crate) const EEXIST: i32 = 17;
-pub(crate) const EINVAL: i32 = 22;
-pub(crate) const ENOSPC: i32 = 28;
-pub(crate) const ERANGE: i32 = 34;
-pub(crate) const ENOTEMPTY: i32 = 39;
-pub(crate) const ELOOP: i32 = 40;
-pub(crate) const ECONNRESET: i32 = 104;
-pub(crate) const ENOTCONN: i32 = 107;
-pub(crate) const ESHUTDOWN: i32 = 108;
-pub(crate) const ETIMEDOUT: i32 = 110;
-pub(crate) const ECONNREFUSED: i32 = 111;
-pub(crate) const EHOSTUNREACH: i32 = 113;
-pub(crate) const ENETUNREACH: i32 = 101;
-pub(crate) const EDQUOT: i32 = 122;
-pub(crate) const ECANCELED: i32 = 125;
+// errno values, as nix (libc) defines them for the target.
+pub(crate) const EPERM: i32 = Errno::EPERM as i32;
+pub(crate) const ENOENT: i32 = Errno::ENOENT as i32;
+pub(crate) const EIO: i32 = Errno::EIO as i32;
+pub(crate) const EACCES: i32 = Errno::EACCES as i32;
+pub(crate) const EBUSY: i32 = Errno::EBUSY as i32;
+pub(crate) const EEXIST: i32 = Errno::EEXIST as i32;
+pub(crate) const EINVAL: i32 = Errno::EINVAL as i32;
+pub(crate) const ENOSPC: i32 = Errno::ENOSPC as i32;
+pub(crate) const ERANGE: i32 = Errno::ERANGE as i32;
+pub(crate) const ENOTEMPTY: i32 = Errno::ENOTEMPTY as i32;
+pub(crate) const ELOOP: i32 = Errno::ELOOP as i32;
+pub(crate) const ECONNRESET: i32 = Errno::ECONNRESET as i32;
+pub(crate) const ENOTCONN: i32 = Errno::ENOTCONN as i32;
+pub(crate) const ESHUTDOWN: i32 = Errno::ESHUTDOWN as i32;
+pub(crate) const ETIMEDOUT: i32 = Errno::ETIMEDOUT as i32;
+pub(crate) const ECONNREFUSED: i32 = Errno::ECONNREFUSED as i32;
+pub(crate) const EHOSTUNREACH: i32 = Errno::EHOSTUNREACH as i32;
+pub(crate) const ENETUNREACH: i32 = Errno::ENETUNREACH as i32;
+pub(crate) const EDQUOT: i32 = Errno::EDQUOT as i32;
+pub(crate) const ECANCELED: i32 = Errno::ECANCELED as i32;
 
 /// strerror text, without std's " (os error N)" suffix.
 fn errno_text(errno: i32) -> String {

@@ -3,6 +3,16 @@
 //! `/usr/include/rbd/librbd.h`). Nothing here is safe to call directly; the
 //! safe layer is [`super::client`].
 //!
+//! The binary does not link librados / librbd: only the controller needs
+//! them, and the node plugin (on every node) must not map them (nor
+//! libceph-common, which they pull in). [`load`] opens `librbd.so.1` and
+//! `librados.so.2` with `dlopen` the first time it is called (the controller
+//! calls it at start, so a missing library is a clear start-up error) and
+//! resolves every function below once into a table of typed pointers; the
+//! functions of this module call through that table. The libraries stay
+//! loaded for the life of the process (librados keeps threads and atexit
+//! hooks, so they are never unloaded).
+//!
 //! Conventions of the C API, as the headers document them:
 //! * every `int` / `int64_t` return is `>= 0` on success and `-errno` on
 //!   failure;
@@ -17,7 +27,8 @@
 
 #![allow(non_camel_case_types)]
 
-use std::ffi::{c_char, c_int, c_long, c_void};
+use std::ffi::{c_char, c_int, c_long, c_void, CStr};
+use std::sync::OnceLock;
 
 /// `rados_t`: a cluster handle. Thread-safe once connected.
 pub type rados_t = *mut c_void;
@@ -185,179 +196,352 @@ pub const RBD_FEATURE_DEEP_FLATTEN: u64 = 1 << 5;
 pub const RBD_FEATURE_JOURNALING: u64 = 1 << 6;
 pub const RBD_FEATURE_DATA_POOL: u64 = 1 << 7;
 
-#[link(name = "rados")]
-extern "C" {
-    pub fn rados_create(cluster: *mut rados_t, id: *const c_char) -> c_int;
-    pub fn rados_create2(
-        cluster: *mut rados_t,
-        clustername: *const c_char,
-        name: *const c_char,
-        flags: u64,
-    ) -> c_int;
-    pub fn rados_conf_set(cluster: rados_t, option: *const c_char, value: *const c_char) -> c_int;
-    pub fn rados_connect(cluster: rados_t) -> c_int;
-    pub fn rados_shutdown(cluster: rados_t);
-    pub fn rados_cluster_stat(cluster: rados_t, result: *mut rados_cluster_stat_t) -> c_int;
-    pub fn rados_mon_command(
-        cluster: rados_t,
-        cmd: *const *const c_char,
-        cmdlen: usize,
-        inbuf: *const c_char,
-        inbuflen: usize,
-        outbuf: *mut *mut c_char,
-        outbuflen: *mut usize,
-        outs: *mut *mut c_char,
-        outslen: *mut usize,
-    ) -> c_int;
-    pub fn rados_buffer_free(buf: *mut c_char);
-    pub fn rados_cluster_fsid(cluster: rados_t, buf: *mut c_char, len: usize) -> c_int;
-    pub fn rados_pool_lookup(cluster: rados_t, pool_name: *const c_char) -> i64;
-    pub fn rados_ioctx_create(
-        cluster: rados_t,
-        pool_name: *const c_char,
-        ioctx: *mut rados_ioctx_t,
-    ) -> c_int;
-    pub fn rados_ioctx_create2(cluster: rados_t, pool_id: i64, ioctx: *mut rados_ioctx_t) -> c_int;
-    pub fn rados_ioctx_destroy(io: rados_ioctx_t);
-    pub fn rados_ioctx_get_id(io: rados_ioctx_t) -> i64;
-    pub fn rados_ioctx_get_pool_name(io: rados_ioctx_t, buf: *mut c_char, maxlen: u32) -> c_int;
-    pub fn rados_ioctx_pool_stat(io: rados_ioctx_t, stats: *mut rados_pool_stat_t) -> c_int;
-    pub fn rados_exec(
-        io: rados_ioctx_t,
-        oid: *const c_char,
-        cls: *const c_char,
-        method: *const c_char,
-        in_buf: *const c_char,
-        in_len: usize,
-        buf: *mut c_char,
-        out_len: usize,
-    ) -> c_int;
+/// The sonames opened by [`load`] (the runtime packages' names: librbd1,
+/// librados2).
+pub const LIBRBD: &CStr = c"librbd.so.1";
+pub const LIBRADOS: &CStr = c"librados.so.2";
+
+/// A `dlopen` handle, kept for the life of the process.
+#[derive(Debug)]
+struct Lib {
+    name: &'static CStr,
+    handle: *mut c_void,
 }
 
-#[link(name = "rbd")]
-extern "C" {
-    pub fn rbd_version(major: *mut c_int, minor: *mut c_int, extra: *mut c_int);
+/// The last `dlerror` text of this thread.
+fn dl_error() -> String {
+    // SAFETY: dlerror returns NULL or a NUL-terminated thread-local string.
+    let e = unsafe { nix::libc::dlerror() };
+    if e.is_null() {
+        "unknown error".into()
+    } else {
+        // SAFETY: checked non-NULL above; copied before any other dl call.
+        unsafe { CStr::from_ptr(e) }.to_string_lossy().into_owned()
+    }
+}
 
-    pub fn rbd_image_options_create(opts: *mut rbd_image_options_t);
-    pub fn rbd_image_options_destroy(opts: rbd_image_options_t);
-    pub fn rbd_image_options_set_string(
-        opts: rbd_image_options_t,
-        optname: c_int,
-        optval: *const c_char,
-    ) -> c_int;
-    pub fn rbd_image_options_set_uint64(
-        opts: rbd_image_options_t,
-        optname: c_int,
-        optval: u64,
-    ) -> c_int;
+impl Lib {
+    /// Opens `name` (RTLD_NOW: every symbol bound now, not at first call).
+    fn open(name: &'static CStr) -> Result<Lib, String> {
+        // SAFETY: name is NUL-terminated; a library's initialisers run here.
+        let handle = unsafe {
+            nix::libc::dlopen(name.as_ptr(), nix::libc::RTLD_NOW | nix::libc::RTLD_LOCAL)
+        };
+        if handle.is_null() {
+            return Err(format!(
+                "cannot load {} (the RBD controller needs librbd and librados from Ceph's \
+                 runtime packages, e.g. librbd1): {}",
+                name.to_string_lossy(),
+                dl_error()
+            ));
+        }
+        Ok(Lib { name, handle })
+    }
 
-    pub fn rbd_image_spec_list_cleanup(images: *mut rbd_image_spec_t, num_images: usize);
-    pub fn rbd_linked_image_spec_cleanup(image: *mut rbd_linked_image_spec_t);
-    pub fn rbd_linked_image_spec_list_cleanup(
-        images: *mut rbd_linked_image_spec_t,
-        num_images: usize,
-    );
-    pub fn rbd_snap_spec_cleanup(snap: *mut rbd_snap_spec_t);
+    /// The address of `symbol` (NUL-terminated) in this library.
+    fn symbol(&self, symbol: &str) -> Result<*mut c_void, String> {
+        let c = CStr::from_bytes_with_nul(symbol.as_bytes()).map_err(|e| e.to_string())?;
+        // SAFETY: handle is a live dlopen handle, c is NUL-terminated.
+        let p = unsafe { nix::libc::dlsym(self.handle, c.as_ptr()) };
+        if p.is_null() {
+            return Err(format!(
+                "{} has no {} (Ceph older than 16.2 \"pacific\"?): {}",
+                self.name.to_string_lossy(),
+                symbol.trim_end_matches('\0'),
+                dl_error()
+            ));
+        }
+        Ok(p)
+    }
+}
 
-    pub fn rbd_list2(io: rados_ioctx_t, images: *mut rbd_image_spec_t, max: *mut usize) -> c_int;
-    pub fn rbd_create2(
-        io: rados_ioctx_t,
-        name: *const c_char,
-        size: u64,
-        features: u64,
-        order: *mut c_int,
-    ) -> c_int;
-    pub fn rbd_create4(
-        io: rados_ioctx_t,
-        name: *const c_char,
-        size: u64,
-        opts: rbd_image_options_t,
-    ) -> c_int;
-    pub fn rbd_clone3(
-        p_ioctx: rados_ioctx_t,
-        p_name: *const c_char,
-        p_snapname: *const c_char,
-        c_ioctx: rados_ioctx_t,
-        c_name: *const c_char,
-        c_opts: rbd_image_options_t,
-    ) -> c_int;
-    pub fn rbd_remove(io: rados_ioctx_t, name: *const c_char) -> c_int;
-    pub fn rbd_trash_move(io: rados_ioctx_t, name: *const c_char, delay: u64) -> c_int;
-    pub fn rbd_trash_remove(io: rados_ioctx_t, id: *const c_char, force: bool) -> c_int;
-    pub fn rbd_trash_list(
-        io: rados_ioctx_t,
-        entries: *mut rbd_trash_image_info_t,
-        num_entries: *mut usize,
-    ) -> c_int;
-    pub fn rbd_trash_list_cleanup(entries: *mut rbd_trash_image_info_t, num_entries: usize);
-    pub fn rbd_trash_restore(io: rados_ioctx_t, id: *const c_char, name: *const c_char) -> c_int;
-    pub fn rbd_watchers_list(
-        image: rbd_image_t,
-        watchers: *mut rbd_image_watcher_t,
-        max_watchers: *mut usize,
-    ) -> c_int;
-    pub fn rbd_watchers_list_cleanup(watchers: *mut rbd_image_watcher_t, num_watchers: usize);
+/// Declares the C functions: one typed pointer per function in [`Api`],
+/// resolved from the named library, and a module-level `unsafe fn` of the
+/// same name and signature that calls through it.
+macro_rules! ceph_api {
+    ($($lib:ident { $(fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)?;)* })*) => {
+        /// The resolved librados / librbd functions.
+        pub struct Api {
+            $($($name: unsafe extern "C" fn($($ty),*) $(-> $ret)?,)*)*
+        }
 
-    pub fn rbd_open(
-        io: rados_ioctx_t,
-        name: *const c_char,
-        image: *mut rbd_image_t,
-        snap_name: *const c_char,
-    ) -> c_int;
-    pub fn rbd_open_read_only(
-        io: rados_ioctx_t,
-        name: *const c_char,
-        image: *mut rbd_image_t,
-        snap_name: *const c_char,
-    ) -> c_int;
-    pub fn rbd_open_by_id_read_only(
-        io: rados_ioctx_t,
-        id: *const c_char,
-        image: *mut rbd_image_t,
-        snap_name: *const c_char,
-    ) -> c_int;
-    pub fn rbd_close(image: rbd_image_t) -> c_int;
+        impl Api {
+            fn resolve(libs: &Libs) -> Result<Api, String> {
+                Ok(Api {
+                    $($($name: {
+                        let p = libs.$lib.symbol(concat!(stringify!($name), "\0"))?;
+                        // SAFETY: the symbol is the C function of this name,
+                        // declared with the signature of its header.
+                        unsafe {
+                            std::mem::transmute::<*mut c_void, unsafe extern "C" fn($($ty),*) $(-> $ret)?>(p)
+                        }
+                    },)*)*
+                })
+            }
+        }
 
-    pub fn rbd_resize(image: rbd_image_t, size: u64) -> c_int;
-    pub fn rbd_update_features(image: rbd_image_t, features: u64, enabled: u8) -> c_int;
-    pub fn rbd_stat(image: rbd_image_t, info: *mut rbd_image_info_t, infosize: usize) -> c_int;
-    pub fn rbd_get_size(image: rbd_image_t, size: *mut u64) -> c_int;
-    pub fn rbd_get_features(image: rbd_image_t, features: *mut u64) -> c_int;
-    pub fn rbd_get_id(image: rbd_image_t, id: *mut c_char, id_len: usize) -> c_int;
-    pub fn rbd_get_create_timestamp(image: rbd_image_t, timestamp: *mut timespec) -> c_int;
-    pub fn rbd_get_parent(
-        image: rbd_image_t,
-        parent_image: *mut rbd_linked_image_spec_t,
-        parent_snap: *mut rbd_snap_spec_t,
-    ) -> c_int;
-    pub fn rbd_list_children3(
-        image: rbd_image_t,
-        images: *mut rbd_linked_image_spec_t,
-        max_images: *mut usize,
-    ) -> c_int;
-    pub fn rbd_flatten(image: rbd_image_t) -> c_int;
+        $($(
+            /// The C function of this name (through the table [`load`] fills).
+            ///
+            /// # Safety
+            /// The contract of the C function, as the module docs say.
+            #[inline]
+            #[allow(clippy::too_many_arguments)]
+            pub unsafe fn $name($($arg: $ty),*) $(-> $ret)? {
+                // SAFETY: the caller upholds the C function's contract.
+                unsafe { (api().$name)($($arg),*) }
+            }
+        )*)*
+    };
+}
 
-    pub fn rbd_snap_list(image: rbd_image_t, snaps: *mut rbd_snap_info_t, max: *mut c_int)
-        -> c_int;
-    pub fn rbd_snap_list_end(snaps: *mut rbd_snap_info_t);
-    pub fn rbd_snap_create(image: rbd_image_t, snapname: *const c_char) -> c_int;
-    pub fn rbd_snap_remove(image: rbd_image_t, snapname: *const c_char) -> c_int;
-    pub fn rbd_snap_get_id(image: rbd_image_t, snapname: *const c_char, snap_id: *mut u64)
-        -> c_int;
-    pub fn rbd_snap_get_timestamp(image: rbd_image_t, snap_id: u64, ts: *mut timespec) -> c_int;
-    pub fn rbd_snap_set_by_id(image: rbd_image_t, snap_id: u64) -> c_int;
-    pub fn rbd_snap_get_namespace_type(
-        image: rbd_image_t,
-        snap_id: u64,
-        namespace_type: *mut rbd_snap_namespace_type_t,
-    ) -> c_int;
+ceph_api! {
+    rados {
+        fn rados_create(cluster: *mut rados_t, id: *const c_char) -> c_int;
+        fn rados_create2(
+            cluster: *mut rados_t,
+            clustername: *const c_char,
+            name: *const c_char,
+            flags: u64,
+        ) -> c_int;
+        fn rados_conf_set(cluster: rados_t, option: *const c_char, value: *const c_char) -> c_int;
+        fn rados_connect(cluster: rados_t) -> c_int;
+        fn rados_shutdown(cluster: rados_t);
+        fn rados_cluster_stat(cluster: rados_t, result: *mut rados_cluster_stat_t) -> c_int;
+        fn rados_mon_command(
+            cluster: rados_t,
+            cmd: *const *const c_char,
+            cmdlen: usize,
+            inbuf: *const c_char,
+            inbuflen: usize,
+            outbuf: *mut *mut c_char,
+            outbuflen: *mut usize,
+            outs: *mut *mut c_char,
+            outslen: *mut usize,
+        ) -> c_int;
+        fn rados_buffer_free(buf: *mut c_char);
+        fn rados_cluster_fsid(cluster: rados_t, buf: *mut c_char, len: usize) -> c_int;
+        fn rados_pool_lookup(cluster: rados_t, pool_name: *const c_char) -> i64;
+        fn rados_ioctx_create(
+            cluster: rados_t,
+            pool_name: *const c_char,
+            ioctx: *mut rados_ioctx_t,
+        ) -> c_int;
+        fn rados_ioctx_create2(cluster: rados_t, pool_id: i64, ioctx: *mut rados_ioctx_t) -> c_int;
+        fn rados_ioctx_destroy(io: rados_ioctx_t);
+        fn rados_ioctx_get_id(io: rados_ioctx_t) -> i64;
+        fn rados_ioctx_get_pool_name(io: rados_ioctx_t, buf: *mut c_char, maxlen: u32) -> c_int;
+        fn rados_ioctx_pool_stat(io: rados_ioctx_t, stats: *mut rados_pool_stat_t) -> c_int;
+        fn rados_exec(
+            io: rados_ioctx_t,
+            oid: *const c_char,
+            cls: *const c_char,
+            method: *const c_char,
+            in_buf: *const c_char,
+            in_len: usize,
+            buf: *mut c_char,
+            out_len: usize,
+        ) -> c_int;
+    }
+    rbd {
+        fn rbd_version(major: *mut c_int, minor: *mut c_int, extra: *mut c_int);
+        fn rbd_image_options_create(opts: *mut rbd_image_options_t);
+        fn rbd_image_options_destroy(opts: rbd_image_options_t);
+        fn rbd_image_options_set_string(
+            opts: rbd_image_options_t,
+            optname: c_int,
+            optval: *const c_char,
+        ) -> c_int;
+        fn rbd_image_options_set_uint64(
+            opts: rbd_image_options_t,
+            optname: c_int,
+            optval: u64,
+        ) -> c_int;
+        fn rbd_image_spec_list_cleanup(images: *mut rbd_image_spec_t, num_images: usize);
+        fn rbd_linked_image_spec_cleanup(image: *mut rbd_linked_image_spec_t);
+        fn rbd_linked_image_spec_list_cleanup(
+            images: *mut rbd_linked_image_spec_t,
+            num_images: usize,
+        );
+        fn rbd_snap_spec_cleanup(snap: *mut rbd_snap_spec_t);
+        fn rbd_list2(io: rados_ioctx_t, images: *mut rbd_image_spec_t, max: *mut usize) -> c_int;
+        fn rbd_create2(
+            io: rados_ioctx_t,
+            name: *const c_char,
+            size: u64,
+            features: u64,
+            order: *mut c_int,
+        ) -> c_int;
+        fn rbd_create4(
+            io: rados_ioctx_t,
+            name: *const c_char,
+            size: u64,
+            opts: rbd_image_options_t,
+        ) -> c_int;
+        fn rbd_clone3(
+            p_ioctx: rados_ioctx_t,
+            p_name: *const c_char,
+            p_snapname: *const c_char,
+            c_ioctx: rados_ioctx_t,
+            c_name: *const c_char,
+            c_opts: rbd_image_options_t,
+        ) -> c_int;
+        fn rbd_remove(io: rados_ioctx_t, name: *const c_char) -> c_int;
+        fn rbd_trash_move(io: rados_ioctx_t, name: *const c_char, delay: u64) -> c_int;
+        fn rbd_trash_remove(io: rados_ioctx_t, id: *const c_char, force: bool) -> c_int;
+        fn rbd_trash_list(
+            io: rados_ioctx_t,
+            entries: *mut rbd_trash_image_info_t,
+            num_entries: *mut usize,
+        ) -> c_int;
+        fn rbd_trash_list_cleanup(entries: *mut rbd_trash_image_info_t, num_entries: usize);
+        fn rbd_trash_restore(io: rados_ioctx_t, id: *const c_char, name: *const c_char) -> c_int;
+        fn rbd_watchers_list(
+            image: rbd_image_t,
+            watchers: *mut rbd_image_watcher_t,
+            max_watchers: *mut usize,
+        ) -> c_int;
+        fn rbd_watchers_list_cleanup(watchers: *mut rbd_image_watcher_t, num_watchers: usize);
+        fn rbd_open(
+            io: rados_ioctx_t,
+            name: *const c_char,
+            image: *mut rbd_image_t,
+            snap_name: *const c_char,
+        ) -> c_int;
+        fn rbd_open_read_only(
+            io: rados_ioctx_t,
+            name: *const c_char,
+            image: *mut rbd_image_t,
+            snap_name: *const c_char,
+        ) -> c_int;
+        fn rbd_open_by_id_read_only(
+            io: rados_ioctx_t,
+            id: *const c_char,
+            image: *mut rbd_image_t,
+            snap_name: *const c_char,
+        ) -> c_int;
+        fn rbd_close(image: rbd_image_t) -> c_int;
+        fn rbd_resize(image: rbd_image_t, size: u64) -> c_int;
+        fn rbd_update_features(image: rbd_image_t, features: u64, enabled: u8) -> c_int;
+        fn rbd_stat(image: rbd_image_t, info: *mut rbd_image_info_t, infosize: usize) -> c_int;
+        fn rbd_get_size(image: rbd_image_t, size: *mut u64) -> c_int;
+        fn rbd_get_features(image: rbd_image_t, features: *mut u64) -> c_int;
+        fn rbd_get_id(image: rbd_image_t, id: *mut c_char, id_len: usize) -> c_int;
+        fn rbd_get_create_timestamp(image: rbd_image_t, timestamp: *mut timespec) -> c_int;
+        fn rbd_get_parent(
+            image: rbd_image_t,
+            parent_image: *mut rbd_linked_image_spec_t,
+            parent_snap: *mut rbd_snap_spec_t,
+        ) -> c_int;
+        fn rbd_list_children3(
+            image: rbd_image_t,
+            images: *mut rbd_linked_image_spec_t,
+            max_images: *mut usize,
+        ) -> c_int;
+        fn rbd_flatten(image: rbd_image_t) -> c_int;
+        fn rbd_snap_list(image: rbd_image_t, snaps: *mut rbd_snap_info_t, max: *mut c_int) -> c_int;
+        fn rbd_snap_list_end(snaps: *mut rbd_snap_info_t);
+        fn rbd_snap_create(image: rbd_image_t, snapname: *const c_char) -> c_int;
+        fn rbd_snap_remove(image: rbd_image_t, snapname: *const c_char) -> c_int;
+        fn rbd_snap_get_id(image: rbd_image_t, snapname: *const c_char, snap_id: *mut u64) -> c_int;
+        fn rbd_snap_get_timestamp(image: rbd_image_t, snap_id: u64, ts: *mut timespec) -> c_int;
+        fn rbd_snap_set_by_id(image: rbd_image_t, snap_id: u64) -> c_int;
+        fn rbd_snap_get_namespace_type(
+            image: rbd_image_t,
+            snap_id: u64,
+            namespace_type: *mut rbd_snap_namespace_type_t,
+        ) -> c_int;
+        fn rbd_metadata_get(
+            image: rbd_image_t,
+            key: *const c_char,
+            value: *mut c_char,
+            val_len: *mut usize,
+        ) -> c_int;
+        fn rbd_metadata_set(image: rbd_image_t, key: *const c_char, value: *const c_char) -> c_int;
+        fn rbd_metadata_remove(image: rbd_image_t, key: *const c_char) -> c_int;
+    }
+}
 
-    pub fn rbd_metadata_get(
-        image: rbd_image_t,
-        key: *const c_char,
-        value: *mut c_char,
-        val_len: *mut usize,
-    ) -> c_int;
-    pub fn rbd_metadata_set(image: rbd_image_t, key: *const c_char, value: *const c_char) -> c_int;
-    pub fn rbd_metadata_remove(image: rbd_image_t, key: *const c_char) -> c_int;
+// SAFETY: the table holds only function pointers and dlopen handles, which
+// any thread may use.
+unsafe impl Send for Lib {}
+unsafe impl Sync for Lib {}
+
+/// The two libraries, by the names [`ceph_api!`] uses.
+struct Libs {
+    rados: Lib,
+    rbd: Lib,
+}
+
+struct Loaded {
+    api: Api,
+    _libs: Libs,
+}
+
+static LOADED: OnceLock<Result<Loaded, String>> = OnceLock::new();
+
+/// Loads librbd and librados and resolves every function, once per
+/// process; later calls return the same table (or the same error).
+pub fn load() -> Result<&'static Api, String> {
+    LOADED
+        .get_or_init(|| {
+            let libs = Libs {
+                rados: Lib::open(LIBRADOS)?,
+                rbd: Lib::open(LIBRBD)?,
+            };
+            let api = Api::resolve(&libs)?;
+            Ok(Loaded { api, _libs: libs })
+        })
+        .as_ref()
+        .map(|l| &l.api)
+        .map_err(Clone::clone)
+}
+
+/// Whether [`load`] has already opened the libraries in this process.
+pub fn is_loaded() -> bool {
+    matches!(LOADED.get(), Some(Ok(_)))
+}
+
+/// The table, loading it on first use. The controller calls [`load`] at
+/// start and refuses to run without the libraries, so the panic is only
+/// reachable from code that skipped that (tests, the bench).
+fn api() -> &'static Api {
+    match load() {
+        Ok(api) => api,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_library_is_a_clear_error() {
+        let e = Lib::open(c"liblodestone-no-such-library.so.9")
+            .expect_err("opened a library that does not exist");
+        assert!(
+            e.contains("cannot load liblodestone-no-such-library.so.9"),
+            "{e}"
+        );
+        assert!(e.contains("librbd1"), "{e}");
+    }
+
+    #[test]
+    fn a_missing_symbol_is_a_clear_error() {
+        // The C library is always there; it has no rbd_open.
+        let libc = Lib::open(c"libc.so.6").expect("libc");
+        let e = libc.symbol("rbd_open\0").expect_err("libc has rbd_open?");
+        assert!(e.contains("libc.so.6 has no rbd_open"), "{e}");
+    }
+
+    #[test]
+    fn loads_librbd_and_resolves_every_function() {
+        let api = load().expect("librbd and librados are installed where the tests run");
+        let (mut major, mut minor, mut extra) = (0, 0, 0);
+        // SAFETY: rbd_version only writes the three ints.
+        unsafe { (api.rbd_version)(&mut major, &mut minor, &mut extra) };
+        assert_eq!(major, 1, "librbd major version");
+        assert!(is_loaded());
+    }
 }

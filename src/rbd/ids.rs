@@ -1,71 +1,53 @@
-//! RBD volume and snapshot identity. Ids are versioned and short:
-//! `rbd1:<clusterID>:<poolID>:<key>` for volumes, `rbds1:...` for
-//! snapshots; the key (32 hex digits, a UUID v5 of the request name) also
-//! names the image (`lds-<key>`, `ldsnap-<key>`), so a retried request
-//! finds what an earlier attempt made. Image metadata holds the request
-//! name, a digest of the parameters and the source.
+//! RBD's side of identity (the shared rules and the idempotency protocol
+//! are in [`crate::core::ids`]): its key space, the id format (versioned and
+//! short: `rbd1:<clusterID>:<poolID>:<key>` for volumes, `rbds1:...` for
+//! snapshots), image names (`lds-<key>`, `ldsnap-<key>`) and the image
+//! metadata keys that carry identity.
 
 use std::collections::BTreeMap;
 
-use uuid::Uuid;
+use crate::core::ids::{is_key, KeySpace};
+pub use crate::core::ids::{
+    temp_name, Kind, KEY_PREFIX as META_PREFIX, NAME_KEY as META_NAME, PARAMS_KEY as META_PARAMS,
+    SOURCE_KEY,
+};
 
-/// What every metadata key of ours starts with.
-pub const META_PREFIX: &str = "lodestone.v1.";
-pub const META_NAME: &str = "lodestone.v1.name";
-pub const META_PARAMS: &str = "lodestone.v1.params";
+/// RBD's key namespaces.
+pub const KEYS: KeySpace = KeySpace {
+    volumes: "volume.rbd.lodestone.dev",
+    snapshots: "snapshot.rbd.lodestone.dev",
+};
+
+/// Metadata key: the id of the volume or snapshot an image was made from.
 pub const META_SOURCE: &str = "lodestone.v1.source";
 /// On a hidden snapshot image: the CSI snapshot's creation time.
 pub const META_CREATED: &str = "lodestone.v1.created";
 /// The snapshot of a hidden snapshot image that CSI restores from.
 pub const SNAP_NAME: &str = "csi";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    Volume,
-    Snapshot,
-}
-
-impl Kind {
-    fn id_prefix(self) -> &'static str {
-        match self {
-            Kind::Volume => "rbd1",
-            Kind::Snapshot => "rbds1",
-        }
-    }
-
-    pub fn image_prefix(self) -> &'static str {
-        match self {
-            Kind::Volume => "lds-",
-            Kind::Snapshot => "ldsnap-",
-        }
-    }
-
-    fn namespace(self) -> Uuid {
-        let label: &[u8] = match self {
-            Kind::Volume => b"volume.rbd.lodestone.dev",
-            Kind::Snapshot => b"snapshot.rbd.lodestone.dev",
-        };
-        Uuid::new_v5(&Uuid::NAMESPACE_DNS, label)
-    }
-
-    pub fn key_for_name(self, request_name: &str) -> String {
-        Uuid::new_v5(&self.namespace(), request_name.as_bytes())
-            .simple()
-            .to_string()
-    }
-
+/// What RBD adds to a [`Kind`].
+pub trait RbdKind: Copy {
+    /// The 32-hex-digit key of a request name, in RBD's key space.
+    fn key_for_name(self, request_name: &str) -> String;
     /// The key of an image name of this kind, if it is one.
-    pub fn key_of_image(self, image: &str) -> Option<&str> {
-        image
-            .strip_prefix(self.image_prefix())
-            .filter(|k| is_key(k))
+    fn key_of_image(self, image: &str) -> Option<&str>;
+}
+
+impl RbdKind for Kind {
+    fn key_for_name(self, request_name: &str) -> String {
+        KEYS.key_for_name(self, request_name)
+    }
+
+    fn key_of_image(self, image: &str) -> Option<&str> {
+        self.key_of_name(image)
     }
 }
 
-fn is_key(s: &str) -> bool {
-    s.len() == 32
-        && s.bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+fn id_prefix(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Volume => "rbd1",
+        Kind::Snapshot => "rbds1",
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,13 +60,13 @@ pub struct RbdId {
 
 impl RbdId {
     pub fn image(&self) -> String {
-        format!("{}{}", self.kind.image_prefix(), self.key)
+        self.kind.object_name(&self.key)
     }
 
     pub fn encode(&self) -> String {
         format!(
             "{}:{}:{}:{}",
-            self.kind.id_prefix(),
+            id_prefix(self.kind),
             self.cluster,
             self.pool_id,
             self.key
@@ -96,7 +78,7 @@ impl RbdId {
         let mut parts = id.split(':');
         let (prefix, cluster, pool, key) =
             (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-        if parts.next().is_some() || prefix != kind.id_prefix() || !is_key(key) {
+        if parts.next().is_some() || prefix != id_prefix(kind) || !is_key(key) {
             return None;
         }
         let pool_id: i64 = pool.parse().ok().filter(|p| *p >= 0)?;
@@ -115,13 +97,9 @@ impl RbdId {
     }
 }
 
-/// A short digest of the parameters that shape a volume or snapshot.
+/// The params digest in RBD's key space (see [`KeySpace::params_digest`]).
 pub fn params_digest(params: &BTreeMap<String, String>) -> String {
-    let canonical = serde_json::to_string(params).expect("string map serializes");
-    Uuid::new_v5(&Kind::Volume.namespace(), canonical.as_bytes())
-        .simple()
-        .to_string()[..16]
-        .to_string()
+    KEYS.params_digest(params)
 }
 
 #[cfg(test)]
@@ -155,5 +133,48 @@ mod tests {
         ] {
             assert_eq!(RbdId::parse(Kind::Volume, bad), None, "{bad}");
         }
+    }
+
+    /// What is in Ceph stays readable: keys and digests of existing images
+    /// are fixed byte for byte.
+    #[test]
+    fn on_disk_formats_are_fixed() {
+        let key = Kind::Volume.key_for_name("pvc-1");
+        assert_eq!(key, "7866faa9aeb25d688fdc741900eab627");
+        assert_eq!(
+            Kind::Snapshot.key_for_name("pvc-1"),
+            "98321005e322529d9cc60544bab0932e"
+        );
+        let p: BTreeMap<String, String> = [
+            ("clusterID".to_string(), "c".to_string()),
+            ("pool".to_string(), "rbd".to_string()),
+        ]
+        .into();
+        assert_eq!(params_digest(&p), "449a8a276a425188");
+        let id = RbdId {
+            kind: Kind::Snapshot,
+            cluster: "c".into(),
+            pool_id: 2,
+            key: key.clone(),
+        };
+        assert_eq!(id.encode(), format!("rbds1:c:2:{key}"));
+        assert_eq!(id.image(), format!("ldsnap-{key}"));
+        assert_eq!(temp_name(&key), format!("ldtmp-{key}"));
+        assert_eq!(
+            [
+                META_PREFIX,
+                META_NAME,
+                META_PARAMS,
+                META_SOURCE,
+                META_CREATED
+            ],
+            [
+                "lodestone.v1.",
+                "lodestone.v1.name",
+                "lodestone.v1.params",
+                "lodestone.v1.source",
+                "lodestone.v1.created"
+            ]
+        );
     }
 }

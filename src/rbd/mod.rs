@@ -1,11 +1,13 @@
 //! Ceph RBD backend (feature `rbd`): the controller (in-process librbd)
 //! and, below it, the librados / librbd binding.
 //!
-//! * [`ffi`]: raw `extern "C"` declarations (links `librados`, `librbd`).
+//! * [`ffi`]: the librados / librbd C functions, loaded at run time by the
+//!   controller only (`dlopen`; the binary does not link them).
 //! * [`client`]: safe, blocking `Cluster` / `IoCtx` / `Image` with RAII.
 //! * [`pool`]: async access for the controller: pooled connections, calls
 //!   run under `spawn_blocking`, idle connections reaped.
 //! * [`error`]: `RbdError` (typed errno) and its mapping to gRPC codes.
+//! * [`params`]: StorageClass parameters, parsed into types.
 //! * [`memory`]: keeps the heap librbd calls leave behind small.
 
 pub mod client;
@@ -16,6 +18,7 @@ pub mod ffi;
 pub mod ids;
 pub mod memory;
 pub mod node;
+pub mod params;
 pub mod pool;
 
 pub use client::{

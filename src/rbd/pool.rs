@@ -80,17 +80,31 @@ where
     F: FnOnce() -> R + Send + 'static,
     R: Send + 'static,
 {
+    let asked = Instant::now();
     let permit = Arc::clone(slots)
         .acquire_owned()
         .await
         .expect("never closed");
-    tokio::task::spawn_blocking(move || {
+    let granted = Instant::now();
+    let (out, started, done) = tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
         let out = f();
         drop(permit);
-        out
+        (out, started, Instant::now())
     })
     .await
-    .map_err(join_error)
+    .map_err(join_error)?;
+    // Where a call's time went, apart from librbd's own work
+    // (RUST_LOG=lodestone::rbd::timing=trace).
+    tracing::trace!(
+        target: "lodestone::rbd::timing",
+        slot_wait_us = (granted - asked).as_micros() as u64,
+        to_thread_us = (started - granted).as_micros() as u64,
+        call_us = (done - started).as_micros() as u64,
+        back_us = done.elapsed().as_micros() as u64,
+        "librbd call"
+    );
+    Ok(out)
 }
 
 /// Connections to Ceph clusters, shared by async callers. Create it inside a

@@ -156,7 +156,7 @@ async fn controller_refuses_an_agent_that_is_another_node() {
         .await
         .expect_err("trusted node-a as node-b");
     assert!(
-        matches!(e, lodestone::error::Error::Unavailable(_)),
+        matches!(e, lodestone::lvm::error::LvmError::Unavailable(_)),
         "{e:?}"
     );
     assert!(e.to_string().contains("node-b"), "{e}");

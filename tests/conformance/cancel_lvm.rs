@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use lodestone::lvm::ids::{Kind, LvId};
+use lodestone::lvm::ids::{Kind, LvId, LvmKind};
 use nix::fcntl::{Flock, FlockArg};
 use tonic::Code;
 

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use lodestone::csi;
 use lodestone::csi::controller_client::ControllerClient;
 use lodestone::csi::volume_content_source::{SnapshotSource, Type as SourceType};
-use lodestone::lvm::ids::Kind;
+use lodestone::lvm::ids::{Kind, LvmKind};
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -976,4 +976,37 @@ async fn thin_pool_fix_converges_after_a_crash() {
         fields.len() == 2 && fields[0].chars().nth(7) == Some('z') && fields[1] == "error",
         "pool after the retried create: {attrs:?} (want zeroing and error when full)"
     );
+}
+
+/// An lvextend left running by a killed driver commits after the restarted
+/// driver read its report: the retried ControllerExpandVolume finds the LV
+/// already at the size (its own lvextend fails on an unchanged size) and
+/// answers OK. Played deterministically: the LV is grown behind the
+/// driver's back, then the expansion is asked for.
+#[tokio::test]
+async fn expand_finished_by_an_earlier_attempt_is_ok() {
+    if skip_without_lvm() {
+        return;
+    }
+    let d = start_armed(new_temp_dir(), &[]).await;
+    for (class, vg) in [(THIN, THIN_VG), (THICK, THICK_VG)] {
+        let v = d
+            .create(&unique_name("lateextend"), class, block_cap(), SIZE, 0)
+            .await;
+        let key = v.volume_id.rsplit(':').next().expect("volume id");
+        let lv = format!("{vg}/{}", Kind::Volume.lv_name(key));
+        lvm(&["lvextend", "--size", &format!("{}b", 2 * SIZE), &lv]);
+        let r = expect_ok(
+            d.controller()
+                .controller_expand_volume(csi::ControllerExpandVolumeRequest {
+                    volume_id: v.volume_id.clone(),
+                    capacity_range: range(2 * SIZE, 0),
+                    ..Default::default()
+                })
+                .await,
+            &format!("ControllerExpandVolume ({class})"),
+        );
+        assert!(r.capacity_bytes >= 2 * SIZE, "{class}: {r:?}");
+        delete_volume(&d, &v.volume_id).await;
+    }
 }

@@ -311,3 +311,143 @@ fn an_address_in_use_stops_the_driver() {
         "{log}"
     );
 }
+
+/// Whether the server closes `s` (end of stream or reset, after at most a
+/// short answer) within `wait`.
+fn closed_within(mut s: &TcpStream, wait: Duration) -> bool {
+    s.set_read_timeout(Some(wait)).unwrap();
+    let mut buf = [0u8; 512];
+    let mut answer = Vec::new();
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(_) => return false,
+        }
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 503 "),
+        "a refused connection was told {answer:?}"
+    );
+    true
+}
+
+/// A field of /proc/PID/status, in its unit (kB for memory).
+fn proc_status(pid: i32, key: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.trim().split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in {status}"))
+}
+
+fn open_fds(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// GET /metrics from a client among many: 200 with the page, or refused
+/// (503 or closed) because the server is at its connection bound.
+fn scrape_or_refused(addr: &str) -> Result<String, String> {
+    let mut s = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let _ = s.write_all(format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes());
+    let mut reply = Vec::new();
+    match s.read_to_end(&mut reply) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("a scrape neither answered nor closed: {e}"),
+    }
+    let reply = String::from_utf8_lossy(&reply).into_owned();
+    match reply.strip_prefix("HTTP/1.1 200 OK\r\n") {
+        Some(rest) => Ok(rest.to_string()),
+        None if reply.is_empty() || reply.starts_with("HTTP/1.1 503 ") => Err(reply),
+        None => panic!("unexpected answer: {reply}"),
+    }
+}
+
+/// A hundred clients at once stay within the connection bound (16): idle
+/// connections over the bound are closed at once instead of queuing behind
+/// the ones served, a hundred concurrent scrapes all end quickly (answered
+/// or refused), the server answers right after, and rounds of this leave
+/// no descriptors, threads or memory behind.
+#[tokio::test]
+async fn a_hundred_connections_stay_bounded() {
+    let (d, addr) = start_with_metrics().await;
+    let pid = d.pid();
+    let _ = scrape(&addr);
+    let (fds, threads) = (open_fds(pid), proc_status(pid, "Threads:"));
+    let mut rss = Vec::new();
+    for round in 0..4 {
+        // Idle clients: at most 16 are served (until the head timeout), the
+        // others are closed at once.
+        let started = std::time::Instant::now();
+        let idle: Vec<TcpStream> = (0..100)
+            .map(|_| TcpStream::connect(&addr).expect("connect"))
+            .collect();
+        let closed = idle
+            .iter()
+            .filter(|s| closed_within(s, Duration::from_millis(200)))
+            .count();
+        assert!(
+            (84..100).contains(&closed),
+            "round {round}: {closed} of 100 idle connections closed"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(8),
+            "{:?}",
+            started.elapsed()
+        );
+        drop(idle);
+
+        // A hundred scrapes at once.
+        let started = std::time::Instant::now();
+        let clients: Vec<_> = (0..100)
+            .map(|_| {
+                let addr = addr.clone();
+                std::thread::spawn(move || scrape_or_refused(&addr))
+            })
+            .collect();
+        let answers: Vec<_> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+        let served = answers.iter().filter(|a| a.is_ok()).count();
+        assert!(served >= 1, "round {round}: every scrape was refused");
+        for page in answers.iter().flatten() {
+            assert!(page.contains("\nlodestone_build_info{"), "{page}");
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
+
+        // Answering again as soon as the slots are free.
+        let started = std::time::Instant::now();
+        while scrape_or_refused(&addr).is_err() {
+            assert!(started.elapsed() < Duration::from_secs(5), "still refusing");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        rss.push(proc_status(pid, "VmRSS:"));
+    }
+    // Nothing left behind: descriptors back to where they were (the served
+    // connections end as their clients leave), no extra threads, and memory
+    // flat from one round to the next.
+    let started = std::time::Instant::now();
+    while open_fds(pid) > fds {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{} descriptors open, {fds} before",
+            open_fds(pid)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(proc_status(pid, "Threads:") <= threads);
+    eprintln!("RSS after each round (kB): {rss:?}");
+    assert!(
+        rss[3] < rss[1] + 8 * 1024,
+        "memory grew from round to round (kB): {rss:?}"
+    );
+    assert_eq!(http_get(&addr, "/metrics").0, 200);
+}

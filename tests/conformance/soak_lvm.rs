@@ -25,7 +25,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use lodestone::csi;
 use lodestone::csi::volume_content_source::{SnapshotSource, Type as SourceType, VolumeSource};
-use lodestone::lvm::ids::Kind;
+use lodestone::lvm::ids::{Kind, LvmKind};
 use tonic::Code;
 
 use crate::common::*;
