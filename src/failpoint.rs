@@ -20,7 +20,7 @@ use std::collections::HashSet;
 use std::sync::OnceLock;
 
 /// Environment variable naming the armed points.
-pub const ENV: &str = "LODESTONE_FAILPOINTS";
+pub(crate) const ENV: &str = "LODESTONE_FAILPOINTS";
 
 fn armed() -> &'static (bool, HashSet<String>) {
     static ARMED: OnceLock<(bool, HashSet<String>)> = OnceLock::new();
@@ -37,7 +37,7 @@ fn armed() -> &'static (bool, HashSet<String>) {
 }
 
 /// What `fail_point!` calls; see the module documentation.
-pub fn hit(name: &str) {
+pub(crate) fn hit(name: &str) {
     let (list, names) = armed();
     if *list {
         eprintln!("lodestone: fail point {name} crossed");

@@ -14,7 +14,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tower::ServiceExt;
 
 /// Where a pod finds its service account's token and the cluster's CA.
-pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+pub(crate) const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 
 /// Why the API server cannot be reached or did not answer as expected.
 /// Every call's error names its path; the text carries its source's.
@@ -70,7 +70,7 @@ pub enum KubeError {
     },
 }
 
-pub struct Kube {
+pub(crate) struct Kube {
     channel: Channel,
     token: PathBuf,
 }
@@ -78,7 +78,7 @@ pub struct Kube {
 impl Kube {
     /// The API server from `KUBERNETES_SERVICE_HOST`/`_PORT`, trusted by the
     /// CA in `sa_dir` (`ca.crt`), authenticated with its `token`.
-    pub fn in_cluster(sa_dir: &Path) -> Result<Kube, KubeError> {
+    pub(crate) fn in_cluster(sa_dir: &Path) -> Result<Kube, KubeError> {
         let host = std::env::var("KUBERNETES_SERVICE_HOST").map_err(|_| KubeError::NotInCluster)?;
         let port = std::env::var("KUBERNETES_SERVICE_PORT").unwrap_or_else(|_| "443".into());
         Kube::at(host, &port, sa_dir)
@@ -116,7 +116,7 @@ impl Kube {
     }
 
     /// GET `path` (e.g. `/api/v1/nodes/x`) as JSON.
-    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, KubeError> {
+    pub(crate) async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, KubeError> {
         let token = std::fs::read_to_string(&self.token).map_err(KubeError::Token)?;
         let req = http::Request::get(path)
             .header("authorization", format!("Bearer {}", token.trim()))
@@ -159,52 +159,51 @@ impl Kube {
 
 #[derive(Debug, Deserialize)]
 #[serde(bound = "T: DeserializeOwned")]
-pub struct List<T> {
+pub(crate) struct List<T> {
     #[serde(default)]
     pub items: Vec<T>,
 }
 
 #[derive(Debug, Deserialize)]
-pub struct Meta {
+pub(crate) struct Meta {
     pub name: String,
 }
 
 /// `storage.k8s.io/v1` CSINode: which CSI drivers registered on a node,
 /// and the node id each reported.
 #[derive(Debug, Deserialize)]
-pub struct CsiNode {
+pub(crate) struct CsiNode {
     pub metadata: Meta,
     pub spec: CsiNodeSpec,
 }
 
 #[derive(Debug, Deserialize)]
-pub struct CsiNodeSpec {
+pub(crate) struct CsiNodeSpec {
     #[serde(default)]
     pub drivers: Option<Vec<CsiNodeDriver>>,
 }
 
 #[derive(Debug, Deserialize)]
-pub struct CsiNodeDriver {
+pub(crate) struct CsiNodeDriver {
     pub name: String,
     #[serde(rename = "nodeID")]
     pub node_id: String,
 }
 
 #[derive(Debug, Deserialize)]
-pub struct Node {
-    pub metadata: Meta,
+pub(crate) struct Node {
     #[serde(default)]
     pub status: Option<NodeStatus>,
 }
 
 #[derive(Debug, Deserialize)]
-pub struct NodeStatus {
+pub(crate) struct NodeStatus {
     #[serde(default)]
     pub addresses: Vec<NodeAddress>,
 }
 
 #[derive(Debug, Deserialize)]
-pub struct NodeAddress {
+pub(crate) struct NodeAddress {
     #[serde(rename = "type")]
     pub kind: String,
     pub address: String,
@@ -212,7 +211,7 @@ pub struct NodeAddress {
 
 impl Node {
     /// The node's InternalIP (the agent listens on the host network).
-    pub fn internal_ip(&self) -> Option<&str> {
+    pub(crate) fn internal_ip(&self) -> Option<&str> {
         let addresses = &self.status.as_ref()?.addresses;
         addresses
             .iter()
@@ -222,7 +221,7 @@ impl Node {
 }
 
 /// host:port, with brackets for IPv6.
-pub fn host_port(ip: &str, port: u16) -> String {
+pub(crate) fn host_port(ip: &str, port: u16) -> String {
     if ip.contains(':') {
         format!("[{ip}]:{port}")
     } else {

@@ -21,17 +21,21 @@
 //!   run an external program), with `error` and `failpoint`.
 //!
 //! `metrics` holds the Prometheus registry and its HTTP endpoint.
+//!
+//! Only what `main`, the integration tests and the benchmarks use is
+//! public; everything else is `pub(crate)`.
 
+#![warn(unreachable_pub)]
 pub mod client;
 pub mod config;
-pub mod core;
+pub(crate) mod core;
 pub mod ctl;
 pub mod demo;
-pub mod driver;
+pub(crate) mod driver;
 pub mod error;
-pub mod failpoint;
-pub mod host;
-pub mod kube;
+pub(crate) mod failpoint;
+pub(crate) mod host;
+pub(crate) mod kube;
 pub mod lvm;
 pub mod metrics;
 #[cfg(feature = "rbd")]

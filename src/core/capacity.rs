@@ -72,7 +72,7 @@ impl Range {
     }
 }
 
-pub fn round_up(value: u64, granule: u64) -> Option<u64> {
+pub(crate) fn round_up(value: u64, granule: u64) -> Option<u64> {
     let granule = granule.max(1);
     value.div_ceil(granule).checked_mul(granule)
 }

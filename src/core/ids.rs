@@ -72,10 +72,14 @@ use uuid::Uuid;
 
 /// What every tag or metadata key of ours starts with; the version changes
 /// if a format ever does.
+#[allow(unreachable_pub)] // re-exported by the rbd backend
+#[cfg_attr(not(feature = "rbd"), allow(dead_code))]
 pub const KEY_PREFIX: &str = "lodestone.v1.";
 /// Records the CSI request name (an LVM tag key, an RBD metadata key).
+#[allow(unreachable_pub)] // re-exported by the rbd backend
 pub const NAME_KEY: &str = "lodestone.v1.name";
 /// Records the params digest (an LVM tag key, an RBD metadata key).
+#[allow(unreachable_pub)] // re-exported by the rbd backend
 pub const PARAMS_KEY: &str = "lodestone.v1.params";
 /// Key under which the source's id enters the parameters that are digested.
 pub const SOURCE_KEY: &str = "lodestone/source";
@@ -117,7 +121,7 @@ impl Kind {
 }
 
 /// Whether `s` is a key: 32 lowercase hex digits.
-pub fn is_key(s: &str) -> bool {
+pub(crate) fn is_key(s: &str) -> bool {
     s.len() == 32
         && s.bytes()
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))

@@ -1,10 +1,10 @@
 //! Backend-neutral core: identity rules, request validation, capacity math,
 //! placement, operation locks, and the node-side filesystem work every backend shares.
 
-pub mod backend;
-pub mod capacity;
-pub mod ids;
-pub mod locks;
-pub mod node;
-pub mod placement;
-pub mod request;
+pub(crate) mod backend;
+pub(crate) mod capacity;
+pub(crate) mod ids;
+pub(crate) mod locks;
+pub(crate) mod node;
+pub(crate) mod placement;
+pub(crate) mod request;

@@ -15,6 +15,7 @@ use crate::runner::Runner;
 
 /// Volume context key with extra mkfs arguments (a StorageClass's
 /// `mkfsOptions`, passed on by the controller).
+#[allow(unreachable_pub)] // re-exported by the rbd backend
 pub const CTX_MKFS_OPTIONS: &str = "mkfsOptions";
 
 pub struct NodeOps {
@@ -60,7 +61,7 @@ fn belongs(entry: &mount::MountEntry, device: Option<&Path>) -> bool {
 
 /// Where a staged block volume's device is bound inside the staging path:
 /// the record that the volume is staged, and what keeps it from deletion.
-pub fn staged_block_file(staging: &Path) -> std::path::PathBuf {
+pub(crate) fn staged_block_file(staging: &Path) -> std::path::PathBuf {
     staging.join("device")
 }
 

@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 
 /// A node (or pool) that could hold the volume.
 #[derive(Debug, Clone)]
-pub struct Candidate {
+pub(crate) struct Candidate {
     pub name: String,
     pub segments: BTreeMap<String, String>,
     /// Bytes available for a volume of this class there.
@@ -23,12 +23,12 @@ pub struct Candidate {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Decision {
+pub(crate) struct Decision {
     pub node: String,
     pub rule: &'static str,
 }
 
-pub fn place(
+pub(crate) fn place(
     requirement: Option<&csi::TopologyRequirement>,
     candidates: &[Candidate],
     size: u64,

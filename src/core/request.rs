@@ -11,11 +11,11 @@ use crate::error::{Error, Result};
 use crate::invalid;
 
 /// The spec's size limit for names and ids.
-pub const MAX_NAME_BYTES: usize = 128;
+pub(crate) const MAX_NAME_BYTES: usize = 128;
 const MAX_PATH_BYTES: usize = 4096;
 /// Parameters with this prefix come from the sidecars (PVC name, namespace,
 /// secrets references...) and are not StorageClass options of ours.
-pub const SIDECAR_PARAM_PREFIX: &str = "csi.storage.k8s.io/";
+pub(crate) const SIDECAR_PARAM_PREFIX: &str = "csi.storage.k8s.io/";
 
 /// Filesystems a mount volume may ask for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -96,7 +96,7 @@ impl Capability {
 
 /// Why a capability is not supported (for ValidateVolumeCapabilities'
 /// message) versus malformed (INVALID_ARGUMENT everywhere).
-pub fn parse_capability(cap: &csi::VolumeCapability) -> Result<Capability> {
+pub(crate) fn parse_capability(cap: &csi::VolumeCapability) -> Result<Capability> {
     let mode = cap
         .access_mode
         .as_ref()
@@ -146,7 +146,7 @@ pub fn parse_capability(cap: &csi::VolumeCapability) -> Result<Capability> {
     }
 }
 
-pub fn parse_capabilities(caps: &[csi::VolumeCapability]) -> Result<Vec<Capability>> {
+pub(crate) fn parse_capabilities(caps: &[csi::VolumeCapability]) -> Result<Vec<Capability>> {
     if caps.is_empty() {
         return Err(invalid!("volume_capabilities is required"));
     }
@@ -171,7 +171,7 @@ fn validate_mount_flag(flag: &str) -> Result<()> {
 }
 
 /// A CSI name (volume or snapshot request name).
-pub fn validate_name(name: &str, what: &str) -> Result<()> {
+pub(crate) fn validate_name(name: &str, what: &str) -> Result<()> {
     if name.is_empty() {
         return Err(invalid!("{what} is required"));
     }
@@ -189,7 +189,7 @@ pub fn validate_name(name: &str, what: &str) -> Result<()> {
 
 /// A volume or snapshot id: present and of sane size. Whether it decodes is
 /// the backend's business (an undecodable id is simply not found).
-pub fn require_id<'a>(id: &'a str, what: &str) -> Result<&'a str> {
+pub(crate) fn require_id<'a>(id: &'a str, what: &str) -> Result<&'a str> {
     if id.is_empty() {
         return Err(invalid!("{what} is required"));
     }
@@ -197,7 +197,7 @@ pub fn require_id<'a>(id: &'a str, what: &str) -> Result<&'a str> {
 }
 
 /// An absolute, normalized path with no `.` or `..` components.
-pub fn validate_path(path: &str, what: &str) -> Result<PathBuf> {
+pub(crate) fn validate_path(path: &str, what: &str) -> Result<PathBuf> {
     if path.is_empty() {
         return Err(invalid!("{what} is required"));
     }
@@ -227,7 +227,7 @@ pub fn validate_path(path: &str, what: &str) -> Result<PathBuf> {
 /// Values of `json` keys must be JSON (they are only ever parsed, never
 /// passed on); every other value is refused when it carries characters a
 /// shell or a flag parser would read.
-pub fn storage_params(
+pub(crate) fn storage_params(
     params: &HashMap<String, String>,
     known: &[&str],
     json: &[&str],
@@ -260,16 +260,11 @@ pub fn storage_params(
     Ok(out)
 }
 
-/// Topology segments a CSI Topology message names.
-pub fn segments(t: &csi::Topology) -> BTreeMap<String, String> {
-    t.segments
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect()
-}
-
 /// Whether a node with `node_segments` lies inside topology `t`.
-pub fn topology_matches(t: &csi::Topology, node_segments: &BTreeMap<String, String>) -> bool {
+pub(crate) fn topology_matches(
+    t: &csi::Topology,
+    node_segments: &BTreeMap<String, String>,
+) -> bool {
     t.segments
         .iter()
         .all(|(k, v)| node_segments.get(k) == Some(v))
@@ -278,7 +273,7 @@ pub fn topology_matches(t: &csi::Topology, node_segments: &BTreeMap<String, Stri
 /// A volume path of NodeGetVolumeStats or NodeExpandVolume: required, and
 /// NOT_FOUND (never touched) unless it is a clean absolute path, since no
 /// volume can be published at anything else.
-pub fn existing_volume_path(path: &str, what: &str) -> Result<PathBuf> {
+pub(crate) fn existing_volume_path(path: &str, what: &str) -> Result<PathBuf> {
     if path.is_empty() {
         return Err(invalid!("{what} is required"));
     }

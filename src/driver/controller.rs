@@ -580,7 +580,7 @@ impl Controller for ControllerService {
 
 /// One page of `items` (sorted by key) after `token`; the next token is the
 /// last key of the page when more items follow.
-pub fn page<'a, T>(
+pub(crate) fn page<'a, T>(
     items: &'a [T],
     token: &str,
     max: usize,

@@ -13,7 +13,7 @@ use crate::csi::{
 
 /// Readiness checks of the parts this process runs; each returns why it is
 /// not ready. They read in-memory state only: Probe never runs a command.
-pub type ReadinessCheck = Arc<dyn Fn() -> Option<String> + Send + Sync>;
+pub(crate) type ReadinessCheck = Arc<dyn Fn() -> Option<String> + Send + Sync>;
 
 pub struct IdentityService {
     pub name: String,
@@ -77,14 +77,14 @@ impl Identity for IdentityService {
 }
 
 /// Why the process is not ready (every failing check, joined), or None.
-pub fn not_ready(checks: &[ReadinessCheck]) -> Option<String> {
+pub(crate) fn not_ready(checks: &[ReadinessCheck]) -> Option<String> {
     let problems: Vec<String> = checks.iter().filter_map(|c| c()).collect();
     (!problems.is_empty()).then(|| problems.join("; "))
 }
 
 /// Adds `lodestone_ready` to the registry: the readiness checks, run at
 /// each scrape (they read memory only).
-pub fn register_metrics(
+pub(crate) fn register_metrics(
     registry: &mut prometheus_client::registry::Registry,
     checks: &[ReadinessCheck],
 ) {

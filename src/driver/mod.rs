@@ -1,9 +1,9 @@
 //! The CSI services: validate each request, take the operation lock, call
 //! the core or backend, map the result to CSI messages and gRPC codes.
 
-pub mod controller;
-pub mod identity;
-pub mod node;
+pub(crate) mod controller;
+pub(crate) mod identity;
+pub(crate) mod node;
 
 use std::future::Future;
 use std::time::Instant;

@@ -21,7 +21,7 @@ nix::ioctl_read_bad!(
 );
 
 /// Whether the kernel refuses writes to the device.
-pub fn is_read_only(path: &Path) -> Result<bool> {
+pub(crate) fn is_read_only(path: &Path) -> Result<bool> {
     let f = File::open(path)
         .map_err(|e| Error::Internal(format!("cannot open {}: {e}", path.display())))?;
     let mut ro: nix::libc::c_int = 0;
@@ -33,7 +33,7 @@ pub fn is_read_only(path: &Path) -> Result<bool> {
 
 /// Makes the kernel refuse (or accept again) writes to the whole device: a
 /// read-only bind mount of a device node does not stop writes to the device.
-pub fn set_read_only(path: &Path, read_only: bool) -> Result<()> {
+pub(crate) fn set_read_only(path: &Path, read_only: bool) -> Result<()> {
     let f = File::open(path)
         .map_err(|e| Error::Internal(format!("cannot open {}: {e}", path.display())))?;
     let ro: nix::libc::c_int = read_only.into();
@@ -44,7 +44,7 @@ pub fn set_read_only(path: &Path, read_only: bool) -> Result<()> {
 }
 
 /// Size of a block device in bytes.
-pub fn size(path: &Path) -> Result<u64> {
+pub(crate) fn size(path: &Path) -> Result<u64> {
     let f = File::open(path)
         .map_err(|e| Error::Internal(format!("cannot open {}: {e}", path.display())))?;
     size_of(&f, path)
@@ -61,7 +61,7 @@ fn size_of(f: &File, path: &Path) -> Result<u64> {
 /// Opens the device for writing with O_EXCL, which the kernel refuses with
 /// EBUSY while the device is mounted or otherwise claimed. Holding the file
 /// keeps anyone else from mounting it.
-pub fn open_exclusive(path: &Path) -> Result<File> {
+pub(crate) fn open_exclusive(path: &Path) -> Result<File> {
     open_exclusive_with(path, 0)
 }
 
@@ -89,7 +89,7 @@ fn libc_o_excl() -> i32 {
 /// Zeroes the whole device through BLKZEROOUT, so the kernel uses the
 /// cheapest way the device offers that guarantees zeroes (write-zeroes,
 /// unmap with zeroing, or plain writes). Blocking: call from spawn_blocking.
-pub fn zero_all(f: &File, path: &Path) -> Result<u64> {
+pub(crate) fn zero_all(f: &File, path: &Path) -> Result<u64> {
     let total = size_of(f, path)?;
     const CHUNK: u64 = 1 << 30;
     let mut offset = 0;
@@ -116,7 +116,7 @@ pub fn zero_all(f: &File, path: &Path) -> Result<u64> {
 /// read as zeroes) it is skipped, otherwise it is zeroed with BLKZEROOUT, so
 /// no old data of `dst` can survive. `dst` is opened O_EXCL (never a mounted
 /// device). Stops early, with an error, when `cancel` is set. Blocking.
-pub fn copy(
+pub(crate) fn copy(
     src: &Path,
     dst: &Path,
     dst_reads_zero: bool,

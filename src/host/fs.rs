@@ -9,7 +9,7 @@ use crate::runner::{Cmd, Runner};
 
 /// What a low-level probe found on a device.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Content {
+pub(crate) enum Content {
     Blank,
     Filesystem(String),
     /// A partition table or other signature that is not a filesystem.
@@ -17,7 +17,7 @@ pub enum Content {
 }
 
 /// Parses `blkid -p -o export` output.
-pub fn parse_blkid(stdout: &str) -> Content {
+pub(crate) fn parse_blkid(stdout: &str) -> Content {
     let mut fs = None;
     let mut other = None;
     for line in stdout.lines() {
@@ -35,7 +35,7 @@ pub fn parse_blkid(stdout: &str) -> Content {
 }
 
 /// Probes the device directly (no blkid cache). Exit code 2 means blank.
-pub async fn probe(runner: &Runner, device: &Path) -> Result<Content> {
+pub(crate) async fn probe(runner: &Runner, device: &Path) -> Result<Content> {
     let cmd = Cmd::new("blkid").args(["-p", "-o", "export"]).arg(device);
     let out = runner.run_unchecked(&cmd).await?;
     match out.code {
@@ -53,7 +53,7 @@ pub async fn probe(runner: &Runner, device: &Path) -> Result<Content> {
 /// thin blocks are unallocated, thick LVs were zeroed on delete).
 /// The mkfs command; `extra` (checked by [`mkfs_options`]) goes before the
 /// device and replaces our defaults when given.
-pub fn mkfs_command(fs: FsType, device: &Path, extra: &[String]) -> Cmd {
+pub(crate) fn mkfs_command(fs: FsType, device: &Path, extra: &[String]) -> Cmd {
     let cmd = match fs {
         FsType::Ext4 if extra.is_empty() => Cmd::new("mkfs.ext4").args([
             "-q",
@@ -67,7 +67,12 @@ pub fn mkfs_command(fs: FsType, device: &Path, extra: &[String]) -> Cmd {
     cmd.args(extra).arg(device)
 }
 
-pub async fn mkfs(runner: &Runner, fs: FsType, device: &Path, extra: &[String]) -> Result<()> {
+pub(crate) async fn mkfs(
+    runner: &Runner,
+    fs: FsType,
+    device: &Path,
+    extra: &[String],
+) -> Result<()> {
     runner.run(&mkfs_command(fs, device, extra)).await?;
     Ok(())
 }
@@ -75,7 +80,7 @@ pub async fn mkfs(runner: &Runner, fs: FsType, device: &Path, extra: &[String]) 
 /// Extra mkfs arguments from a StorageClass (`mkfsOptions`), split on
 /// whitespace. Each must be a plain option or value: no path (so nothing
 /// can name another device), no shell or quoting characters, at most 16.
-pub fn mkfs_options(s: &str) -> Result<Vec<String>> {
+pub(crate) fn mkfs_options(s: &str) -> Result<Vec<String>> {
     let args: Vec<String> = s.split_whitespace().map(String::from).collect();
     let plain = |a: &str| {
         a.bytes()
@@ -91,7 +96,7 @@ pub fn mkfs_options(s: &str) -> Result<Vec<String>> {
 }
 
 /// The command that grows a mounted filesystem to its device's size.
-pub fn grow_command(fs_type: &str, device: &Path, mount_point: &Path) -> Result<Cmd> {
+pub(crate) fn grow_command(fs_type: &str, device: &Path, mount_point: &Path) -> Result<Cmd> {
     Ok(match fs_type {
         "ext4" | "ext3" | "ext2" => Cmd::new("resize2fs").arg(device),
         "xfs" => Cmd::new("xfs_growfs").arg("-d").arg(mount_point),
@@ -106,7 +111,12 @@ pub fn grow_command(fs_type: &str, device: &Path, mount_point: &Path) -> Result<
     })
 }
 
-pub async fn grow(runner: &Runner, fs_type: &str, device: &Path, mount_point: &Path) -> Result<()> {
+pub(crate) async fn grow(
+    runner: &Runner,
+    fs_type: &str,
+    device: &Path,
+    mount_point: &Path,
+) -> Result<()> {
     runner
         .run(&grow_command(fs_type, device, mount_point)?)
         .await?;
@@ -115,7 +125,7 @@ pub async fn grow(runner: &Runner, fs_type: &str, device: &Path, mount_point: &P
 
 /// The size a filesystem thinks it has, read from its superblock (no
 /// process). None for an unknown filesystem or an unreadable superblock.
-pub fn fs_size(device: &Path, fs_type: &str) -> Option<u64> {
+pub(crate) fn fs_size(device: &Path, fs_type: &str) -> Option<u64> {
     use std::os::unix::fs::FileExt;
     let f = std::fs::File::open(device).ok()?;
     let read = |offset: u64, len: usize| -> Option<Vec<u8>> {
@@ -168,7 +178,7 @@ pub struct Usage {
     pub used_inodes: u64,
 }
 
-pub fn usage(path: &Path) -> Result<Usage> {
+pub(crate) fn usage(path: &Path) -> Result<Usage> {
     let st = nix::sys::statvfs::statvfs(path)
         .map_err(|e| Error::Internal(format!("statvfs {}: {e}", path.display())))?;
     let frsize = st.fragment_size() as u64;

@@ -1,5 +1,5 @@
 //! What the node does to its host: block device ioctls, mounts, filesystems.
 
-pub mod blockdev;
-pub mod fs;
-pub mod mount;
+pub(crate) mod blockdev;
+pub(crate) mod fs;
+pub(crate) mod mount;

@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 
 /// One line of /proc/self/mountinfo.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MountEntry {
+pub(crate) struct MountEntry {
     pub major: u32,
     pub minor: u32,
     /// Root of the mount within its filesystem ("/" unless a bind of a subdir).
@@ -21,7 +21,7 @@ pub struct MountEntry {
 }
 
 impl MountEntry {
-    pub fn read_only(&self) -> bool {
+    pub(crate) fn read_only(&self) -> bool {
         self.options.iter().any(|o| o == "ro")
     }
 }
@@ -47,7 +47,7 @@ fn unescape(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
+pub(crate) fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
     text.lines().filter_map(parse_line).collect()
 }
 
@@ -70,14 +70,14 @@ fn parse_line(line: &str) -> Option<MountEntry> {
     })
 }
 
-pub fn read_mounts() -> Result<Vec<MountEntry>> {
+pub(crate) fn read_mounts() -> Result<Vec<MountEntry>> {
     let text = std::fs::read_to_string("/proc/self/mountinfo")
         .map_err(|e| Error::Internal(format!("cannot read /proc/self/mountinfo: {e}")))?;
     Ok(parse_mountinfo(&text))
 }
 
 /// The mounts at `path`, bottom first (the last one is what a lookup sees).
-pub fn mounts_at(path: &Path) -> Result<Vec<MountEntry>> {
+pub(crate) fn mounts_at(path: &Path) -> Result<Vec<MountEntry>> {
     Ok(read_mounts()?
         .into_iter()
         .filter(|m| m.mount_point == path)
@@ -85,12 +85,12 @@ pub fn mounts_at(path: &Path) -> Result<Vec<MountEntry>> {
 }
 
 /// The top mount at `path`, if any.
-pub fn mount_at(path: &Path) -> Result<Option<MountEntry>> {
+pub(crate) fn mount_at(path: &Path) -> Result<Option<MountEntry>> {
     Ok(mounts_at(path)?.pop())
 }
 
 /// major:minor of a block device node.
-pub fn device_numbers(dev: &Path) -> Result<(u32, u32)> {
+pub(crate) fn device_numbers(dev: &Path) -> Result<(u32, u32)> {
     let st = nix::sys::stat::stat(dev)
         .map_err(|e| Error::Internal(format!("cannot stat {}: {e}", dev.display())))?;
     Ok((
@@ -102,7 +102,7 @@ pub fn device_numbers(dev: &Path) -> Result<(u32, u32)> {
 /// Whether a mount shows `device`: a filesystem on it (by device numbers,
 /// or by source path, since btrfs reports an anonymous device number), or a
 /// bind of its device node, which mountinfo lists as a file of devtmpfs.
-pub fn shows_device(entry: &MountEntry, device: &Path) -> Result<bool> {
+pub(crate) fn shows_device(entry: &MountEntry, device: &Path) -> Result<bool> {
     if device_numbers(device)? == (entry.major, entry.minor) {
         return Ok(true);
     }
@@ -120,7 +120,7 @@ pub fn shows_device(entry: &MountEntry, device: &Path) -> Result<bool> {
 }
 
 /// Every mount point that shows `device`.
-pub fn mounts_of(device: &Path) -> Result<Vec<PathBuf>> {
+pub(crate) fn mounts_of(device: &Path) -> Result<Vec<PathBuf>> {
     Ok(entries_of(device)?
         .into_iter()
         .map(|m| m.mount_point)
@@ -128,7 +128,7 @@ pub fn mounts_of(device: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// Every mount that shows `device`.
-pub fn entries_of(device: &Path) -> Result<Vec<MountEntry>> {
+pub(crate) fn entries_of(device: &Path) -> Result<Vec<MountEntry>> {
     let mut out = Vec::new();
     for m in read_mounts()? {
         if shows_device(&m, device)? {
@@ -139,7 +139,7 @@ pub fn entries_of(device: &Path) -> Result<Vec<MountEntry>> {
 }
 
 /// Splits CSI mount flags into kernel flags and filesystem data options.
-pub fn split_flags(flags: &[String]) -> (MountFlags, Vec<String>) {
+pub(crate) fn split_flags(flags: &[String]) -> (MountFlags, Vec<String>) {
     let mut kernel = MountFlags::empty();
     let mut data = Vec::new();
     for f in flags.iter().flat_map(|f| f.split(',')) {
@@ -172,7 +172,7 @@ fn mount_error(what: &str, target: &Path, e: std::io::Error) -> Error {
 /// FAILED_PRECONDITION rather than INVALID_ARGUMENT: the request itself is
 /// well-formed; what is wrong is the state of the node at that path, which
 /// the CO (or an operator) must clear before a retry can succeed.
-pub fn refuse_symlink(path: &Path) -> Result<()> {
+pub(crate) fn refuse_symlink(path: &Path) -> Result<()> {
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_symlink() => Err(Error::FailedPrecondition(format!(
             "{} is a symbolic link; Lodestone never mounts, unmounts or creates anything              through one (remove it and retry)",
@@ -219,7 +219,7 @@ impl PinnedTarget {
 
 /// Mounts a filesystem from a block device (never through a symlink at
 /// `target`).
-pub fn mount_device(
+pub(crate) fn mount_device(
     device: &Path,
     target: &Path,
     fs_type: &str,
@@ -248,7 +248,7 @@ pub fn mount_device(
 /// flags are set on a detached copy before it appears at `target`, so no
 /// instant exists, not even across a crash, where a read-only publication
 /// is writable; elsewhere a plain bind is followed by a remount.
-pub fn bind(source: &Path, target: &Path, read_only: bool, flags: &[String]) -> Result<()> {
+pub(crate) fn bind(source: &Path, target: &Path, read_only: bool, flags: &[String]) -> Result<()> {
     let pinned = PinnedTarget::open(target)?;
     let (mut kernel, _data) = split_flags(flags);
     if read_only {
@@ -404,7 +404,7 @@ mod new_api {
 
 /// Unmounts `target` without following a symlink there (UMOUNT_NOFOLLOW).
 /// EBUSY becomes FAILED_PRECONDITION with a hint.
-pub fn unmount(target: &Path) -> Result<()> {
+pub(crate) fn unmount(target: &Path) -> Result<()> {
     use nix::mount::{umount2, MntFlags};
     umount2(target, MntFlags::UMOUNT_NOFOLLOW).map_err(|e| {
         if e == nix::errno::Errno::EBUSY {
@@ -419,14 +419,15 @@ pub fn unmount(target: &Path) -> Result<()> {
 }
 
 /// Unmounts every mount stacked at `target`; true if anything was unmounted.
-pub fn unmount_all(target: &Path) -> Result<bool> {
+#[cfg(test)]
+fn unmount_all(target: &Path) -> Result<bool> {
     unmount_while(target, |_| true)
 }
 
 /// Unmounts the mounts stacked at `target` from the top down for as long as
 /// `ours` accepts the top one; true if anything was unmounted. A mount
 /// `ours` refuses is left in place (with what is below it).
-pub fn unmount_while(target: &Path, ours: impl Fn(&MountEntry) -> bool) -> Result<bool> {
+pub(crate) fn unmount_while(target: &Path, ours: impl Fn(&MountEntry) -> bool) -> Result<bool> {
     refuse_symlink(target)?;
     let mut any = false;
     while let Some(top) = mount_at(target)? {
@@ -448,7 +449,7 @@ pub fn unmount_while(target: &Path, ours: impl Fn(&MountEntry) -> bool) -> Resul
 /// whose node no longer exists, or a filesystem whose source device no longer
 /// exists or is now another device (an LV removed or renamed, an RBD image
 /// unmapped by force, while mounted).
-pub fn source_vanished(entry: &MountEntry) -> bool {
+pub(crate) fn source_vanished(entry: &MountEntry) -> bool {
     if entry.fs_type == "devtmpfs" && entry.root != "/" {
         let node = Path::new("/dev").join(entry.root.trim_start_matches('/'));
         return !node.exists();
@@ -465,7 +466,7 @@ pub fn source_vanished(entry: &MountEntry) -> bool {
 
 /// Whether the mount is a bind of a device node (a staged or published raw
 /// block volume) rather than a filesystem.
-pub fn is_device_bind(entry: &MountEntry) -> bool {
+pub(crate) fn is_device_bind(entry: &MountEntry) -> bool {
     entry.fs_type == "devtmpfs" && entry.root != "/"
 }
 

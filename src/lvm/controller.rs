@@ -24,9 +24,7 @@ use crate::lvm::ids::{self, Kind, LvId, LvmKind, TAG_COPYING};
 use crate::lvm::params::{LvmParams, PARAMETER_KEYS};
 use crate::lvm::report::Lv;
 
-pub use crate::lvm::params::PARAM_DEVICE_CLASS;
-
-pub struct LvmController {
+pub(crate) struct LvmController {
     config: LvmConfig,
     /// The agents of known nodes, by node id. Nodes are added as the
     /// resolver finds them and never dropped in a process's life (a node
@@ -118,7 +116,7 @@ fn new_volume_spec(
 }
 
 impl LvmController {
-    pub fn new(
+    pub(crate) fn new(
         config: LvmConfig,
         agents: Vec<Arc<dyn Agent>>,
         not_ready: Box<dyn Fn() -> Option<String> + Send + Sync>,
@@ -139,7 +137,7 @@ impl LvmController {
 
     /// The central controller: no agents until the resolver adds them, and
     /// ids of nodes not (yet) known are UNAVAILABLE, never "deleted".
-    pub fn central(config: LvmConfig) -> Self {
+    pub(crate) fn central(config: LvmConfig) -> Self {
         let mut c = Self::new(config, Vec::new(), Box::new(|| None));
         c.strict_nodes = true;
         c
@@ -181,17 +179,9 @@ impl LvmController {
     }
 
     /// Adds (or replaces, when its address changed) the agent of a node.
-    pub fn set_agent(&self, agent: Arc<dyn Agent>) {
+    pub(crate) fn set_agent(&self, agent: Arc<dyn Agent>) {
         let mut agents = self.agents.write().expect("agents poisoned");
         agents.insert(agent.node().to_string(), agent);
-    }
-
-    /// Whether the node has an agent here.
-    pub fn knows(&self, node: &str) -> bool {
-        self.agents
-            .read()
-            .expect("agents poisoned")
-            .contains_key(node)
     }
 
     /// The LV an id names, if it exists and carries its kind's tag.
@@ -349,7 +339,7 @@ impl LvmController {
     /// Every `every`, lists both kinds on every reachable node (the agents
     /// answer from memory) to find duplicates, e.g. after a node that was
     /// down comes back.
-    pub fn spawn_duplicate_scan(self: &Arc<Self>, every: Duration) {
+    pub(crate) fn spawn_duplicate_scan(self: &Arc<Self>, every: Duration) {
         if every.is_zero() {
             return;
         }
@@ -789,7 +779,7 @@ impl ControllerBackend for LvmController {
 
 /// Adds `lodestone_lvm_duplicates_found_total` to the registry: read from
 /// [`LvmController::duplicates`] at each scrape.
-pub fn register_metrics(
+pub(crate) fn register_metrics(
     registry: &mut prometheus_client::registry::Registry,
     controller: Arc<LvmController>,
 ) {

@@ -31,7 +31,7 @@ use crate::lvm::report::Lv;
 
 /// A copy under way, or the last one that failed.
 #[derive(Debug, Clone)]
-pub enum CopyEntry {
+pub(crate) enum CopyEntry {
     Running {
         done: Arc<AtomicU64>,
         total: u64,

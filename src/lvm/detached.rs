@@ -37,7 +37,7 @@ impl<A> Deref for Detached<A> {
 
 /// Runs `work` in a task of its own and waits for its result. Dropping the
 /// returned future leaves the work running to its end.
-pub async fn detach<T, F>(what: &'static str, work: F) -> Result<T>
+pub(crate) async fn detach<T, F>(what: &'static str, work: F) -> Result<T>
 where
     T: Send + 'static,
     F: Future<Output = Result<T>> + Send + 'static,

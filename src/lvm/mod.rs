@@ -3,14 +3,14 @@
 //! node logic that finds a volume's device.
 
 pub mod agent;
-pub mod controller;
-pub mod copy;
-pub mod detached;
+pub(crate) mod controller;
+pub(crate) mod copy;
+pub(crate) mod detached;
 pub mod error;
 pub mod ids;
-pub mod node;
-pub mod params;
+pub(crate) mod node;
+pub(crate) mod params;
 pub mod remote;
-pub mod report;
-pub mod resolver;
+pub(crate) mod report;
+pub(crate) mod resolver;
 pub mod rpc;

@@ -13,12 +13,12 @@ use crate::lvm::detached::detach;
 use crate::lvm::ids::{Kind, LvId};
 use crate::lvm::report::Lv;
 
-pub struct LvmNode {
+pub(crate) struct LvmNode {
     agent: Arc<LocalAgent>,
 }
 
 impl LvmNode {
-    pub fn new(agent: Arc<LocalAgent>) -> Self {
+    pub(crate) fn new(agent: Arc<LocalAgent>) -> Self {
         LvmNode { agent }
     }
 

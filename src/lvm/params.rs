@@ -10,13 +10,13 @@ use crate::error::{Error, Result};
 
 /// The device class to create the volume in (default: the configured
 /// default class, or the source's class for a restore or clone).
-pub const PARAM_DEVICE_CLASS: &str = "deviceClass";
+pub(crate) const PARAM_DEVICE_CLASS: &str = "deviceClass";
 /// Every StorageClass parameter LVM volumes take.
-pub const PARAMETER_KEYS: &[&str] = &[PARAM_DEVICE_CLASS];
+pub(crate) const PARAMETER_KEYS: &[&str] = &[PARAM_DEVICE_CLASS];
 
 /// What a StorageClass asks of an LVM volume.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct LvmParams {
+pub(crate) struct LvmParams {
     /// The device class named, if any.
     pub device_class: Option<String>,
 }
@@ -24,7 +24,7 @@ pub struct LvmParams {
 impl LvmParams {
     /// The parameters as the gate passed them. A key the gate should have
     /// refused is refused here too, in the gate's words.
-    pub fn parse(params: &BTreeMap<String, String>) -> Result<Self> {
+    pub(crate) fn parse(params: &BTreeMap<String, String>) -> Result<Self> {
         let mut out = LvmParams::default();
         for (k, v) in params {
             match k.as_str() {
@@ -43,7 +43,7 @@ impl LvmParams {
     /// What a volume's parameter digest is made of: the class it went to
     /// (named or not) and its source, if any. The same map as volumes made
     /// by earlier versions, so a retry across an upgrade finds its volume.
-    pub fn digest_input(class: &str, source: Option<&str>) -> BTreeMap<String, String> {
+    pub(crate) fn digest_input(class: &str, source: Option<&str>) -> BTreeMap<String, String> {
         let mut map = BTreeMap::new();
         map.insert(PARAM_DEVICE_CLASS.to_string(), class.to_string());
         if let Some(source) = source {
@@ -54,7 +54,7 @@ impl LvmParams {
 
     /// A snapshot's digest: its source volume only (snapshots take no
     /// parameters).
-    pub fn snapshot_digest_input(source: &str) -> BTreeMap<String, String> {
+    pub(crate) fn snapshot_digest_input(source: &str) -> BTreeMap<String, String> {
         [(SOURCE_KEY.to_string(), source.to_string())].into()
     }
 }

@@ -5,20 +5,20 @@
 use serde::Deserialize;
 
 /// Fields asked of each sub-report, in the order of the `--configreport` flags.
-pub const VG_FIELDS: &str = "vg_name,vg_size,vg_free,vg_extent_size";
+pub(crate) const VG_FIELDS: &str = "vg_name,vg_size,vg_free,vg_extent_size";
 /// (A VG field here, or the segment field `zero`, would make LVM switch the
 /// sub-report's type; the VG comes from the section and zeroing from lv_attr.)
-pub const LV_FIELDS: &str =
+pub(crate) const LV_FIELDS: &str =
     "lv_name,lv_size,lv_attr,lv_tags,pool_lv,data_percent,metadata_percent,lv_when_full,lv_time";
 
 #[derive(Debug, Deserialize)]
-pub struct FullReport {
+pub(crate) struct FullReport {
     #[serde(default)]
     pub report: Vec<VgSection>,
 }
 
 #[derive(Debug, Deserialize)]
-pub struct VgSection {
+pub(crate) struct VgSection {
     #[serde(default)]
     pub vg: Vec<RawVg>,
     #[serde(default)]
@@ -26,7 +26,7 @@ pub struct VgSection {
 }
 
 #[derive(Debug, Deserialize)]
-pub struct RawVg {
+pub(crate) struct RawVg {
     pub vg_name: String,
     pub vg_size: String,
     pub vg_free: String,
@@ -55,7 +55,7 @@ pub struct RawLv {
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct Vg {
+pub(crate) struct Vg {
     pub name: String,
     pub size: u64,
     pub free: u64,
@@ -159,7 +159,7 @@ impl Lv {
 }
 
 /// The VGs and LVs of a report.
-pub fn parse(report: FullReport) -> Result<(Vec<Vg>, Vec<Lv>), BadValue> {
+pub(crate) fn parse(report: FullReport) -> Result<(Vec<Vg>, Vec<Lv>), BadValue> {
     let mut vgs = Vec::new();
     let mut lvs = Vec::new();
     for section in report.report {

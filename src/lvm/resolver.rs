@@ -13,7 +13,7 @@ use crate::lvm::controller::LvmController;
 use crate::lvm::remote::{Deadlines, RemoteAgent};
 use crate::tls::TlsMaterial;
 
-pub enum Resolver {
+pub(crate) enum Resolver {
     /// (node id, host:port) pairs.
     Static(Vec<(String, String)>),
     Kubernetes {
@@ -35,7 +35,7 @@ fn plain_name(name: &str) -> bool {
 
 impl Resolver {
     /// Every node running this driver, with its agent's address.
-    pub async fn nodes(&self) -> Result<Vec<(String, String)>, String> {
+    pub(crate) async fn nodes(&self) -> Result<Vec<(String, String)>, String> {
         let (kube, driver, port) = match self {
             Resolver::Static(map) => return Ok(map.clone()),
             Resolver::Kubernetes { kube, driver, port } => (kube, driver, *port),
@@ -70,7 +70,7 @@ impl Resolver {
 }
 
 /// Keeps the controller's agents in step with the resolver.
-pub struct Directory {
+pub(crate) struct Directory {
     controller: Weak<LvmController>,
     resolver: Resolver,
     tls: TlsMaterial,
@@ -79,7 +79,7 @@ pub struct Directory {
 }
 
 impl Directory {
-    pub fn new(
+    pub(crate) fn new(
         controller: &Arc<LvmController>,
         resolver: Resolver,
         tls: TlsMaterial,
@@ -96,7 +96,7 @@ impl Directory {
 
     /// One resolution: adds new nodes, follows nodes whose address changed.
     /// Nodes that disappear keep their (now unreachable) agent.
-    pub async fn sync(&mut self) {
+    pub(crate) async fn sync(&mut self) {
         let Some(controller) = self.controller.upgrade() else {
             return;
         };
@@ -137,7 +137,7 @@ impl Directory {
     }
 
     /// Resolves again every `every` (never, for a static map).
-    pub fn spawn(mut self, every: Duration) {
+    pub(crate) fn spawn(mut self, every: Duration) {
         if matches!(self.resolver, Resolver::Static(_)) {
             return;
         }

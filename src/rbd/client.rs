@@ -146,13 +146,13 @@ fn from_buf(buf: &[u8]) -> String {
 /// used here take and return (little-endian u32 lengths).
 mod denc {
     /// A length-prefixed string.
-    pub fn put(out: &mut Vec<u8>, bytes: &[u8]) {
+    pub(super) fn put(out: &mut Vec<u8>, bytes: &[u8]) {
         out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
         out.extend_from_slice(bytes);
     }
 
     /// `std::map<std::string, bufferlist>`.
-    pub fn string_map(pairs: &[(&str, &str)]) -> Vec<u8> {
+    pub(super) fn string_map(pairs: &[(&str, &str)]) -> Vec<u8> {
         let mut out = Vec::new();
         out.extend_from_slice(&(pairs.len() as u32).to_le_bytes());
         for (k, v) in pairs {
@@ -170,7 +170,7 @@ mod denc {
     }
 
     /// `std::map<std::string, bufferlist>` (values as UTF-8), the whole input.
-    pub fn string_pairs(mut buf: &[u8]) -> Option<Vec<(String, String)>> {
+    pub(super) fn string_pairs(mut buf: &[u8]) -> Option<Vec<(String, String)>> {
         let n = u32::from_le_bytes(buf.get(..4)?.try_into().ok()?);
         buf = &buf[4..];
         let mut out = Vec::new();
@@ -183,7 +183,7 @@ mod denc {
     }
 
     /// `std::string`, the whole input.
-    pub fn string(buf: &[u8]) -> Option<String> {
+    pub(super) fn string(buf: &[u8]) -> Option<String> {
         let len = u32::from_le_bytes(buf.get(..4)?.try_into().ok()?) as usize;
         let body = buf.get(4..)?;
         (body.len() == len).then(|| String::from_utf8(body.to_vec()).ok())?

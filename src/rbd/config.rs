@@ -10,16 +10,16 @@ use crate::error::{Error, Result};
 use crate::rbd::{Credentials, Secret};
 
 /// Secret keys of a CSI secret for RBD.
-pub const USER_ID: &str = "userID";
-pub const USER_KEY: &str = "userKey";
+pub(crate) const USER_ID: &str = "userID";
+pub(crate) const USER_KEY: &str = "userKey";
 
 /// Longest cluster id (keeps ids well under 128 bytes).
-pub const MAX_CLUSTER_ID_LEN: usize = 36;
+pub(crate) const MAX_CLUSTER_ID_LEN: usize = 36;
 
 /// One Ceph cluster.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct Cluster {
+pub(crate) struct Cluster {
     #[serde(rename = "clusterID")]
     pub cluster_id: String,
     /// Monitor addresses (`host:port`, or `[v2:...,v1:...]`).
@@ -38,14 +38,14 @@ pub struct Cluster {
 
 /// The well-known Kubernetes topology keys node plugins report when a
 /// cluster's `topologyKeys` does not say otherwise.
-pub const DEFAULT_TOPOLOGY_KEYS: &[&str] = &[
+pub(crate) const DEFAULT_TOPOLOGY_KEYS: &[&str] = &[
     "topology.kubernetes.io/zone",
     "topology.kubernetes.io/region",
 ];
 
 impl Cluster {
     /// Whether `key` is a topology key this cluster's nodes may report.
-    pub fn knows_topology_key(&self, key: &str) -> bool {
+    pub(crate) fn knows_topology_key(&self, key: &str) -> bool {
         match &self.topology_keys {
             Some(keys) => keys.iter().any(|k| k == key),
             None => DEFAULT_TOPOLOGY_KEYS.contains(&key),
@@ -53,13 +53,13 @@ impl Cluster {
     }
 
     /// librados `mon_host`.
-    pub fn mon_host(&self) -> String {
+    pub(crate) fn mon_host(&self) -> String {
         self.monitors.join(",")
     }
 }
 
 #[derive(Debug, Clone, Default)]
-pub struct RbdConfig {
+pub(crate) struct RbdConfig {
     pub clusters: Vec<Cluster>,
     /// Where the controller's own credentials are (`userID`, `userKey`
     /// files, optionally per cluster in a subdirectory named by the cluster
@@ -76,7 +76,7 @@ fn valid_cluster_id(id: &str) -> bool {
 }
 
 impl RbdConfig {
-    pub fn parse(json: &str, secret_dir: Option<PathBuf>) -> Result<RbdConfig, String> {
+    pub(crate) fn parse(json: &str, secret_dir: Option<PathBuf>) -> Result<RbdConfig, String> {
         let clusters: Vec<Cluster> =
             serde_json::from_str(json).map_err(|e| format!("RBD config: {e}"))?;
         if clusters.is_empty() {
@@ -109,13 +109,13 @@ impl RbdConfig {
         })
     }
 
-    pub fn load(path: &Path, secret_dir: Option<PathBuf>) -> Result<RbdConfig, String> {
+    pub(crate) fn load(path: &Path, secret_dir: Option<PathBuf>) -> Result<RbdConfig, String> {
         let json = std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read the RBD config {}: {e}", path.display()))?;
         Self::parse(&json, secret_dir)
     }
 
-    pub fn cluster(&self, id: &str) -> Result<&Cluster> {
+    pub(crate) fn cluster(&self, id: &str) -> Result<&Cluster> {
         self.clusters
             .iter()
             .find(|c| c.cluster_id == id)
@@ -134,7 +134,7 @@ impl RbdConfig {
 
     /// Credentials for `cluster`: the request's secrets when it has them,
     /// else the controller's own.
-    pub fn credentials(&self, cluster: &Cluster, secrets: &Secrets) -> Result<Credentials> {
+    pub(crate) fn credentials(&self, cluster: &Cluster, secrets: &Secrets) -> Result<Credentials> {
         if !secrets.is_empty() {
             let user = secrets.get(USER_ID).filter(|u| !u.is_empty());
             let key = secrets.get(USER_KEY).filter(|k| !k.is_empty());

@@ -38,11 +38,11 @@ use crate::rbd::params::{
 use crate::rbd::{ConnectionPool, Credentials, ImageOptions, IoCtx, RbdError, RbdResult};
 
 /// Volume context keys the node plugin reads.
-pub const CTX_CLUSTER: &str = "clusterID";
-pub const CTX_POOL: &str = "pool";
-pub const CTX_IMAGE: &str = "imageName";
-pub const CTX_MOUNTER: &str = "mounter";
-pub use crate::core::node::CTX_MKFS_OPTIONS;
+pub(crate) const CTX_CLUSTER: &str = "clusterID";
+pub(crate) const CTX_POOL: &str = "pool";
+pub(crate) const CTX_IMAGE: &str = "imageName";
+pub(crate) const CTX_MOUNTER: &str = "mounter";
+pub(crate) use crate::core::node::CTX_MKFS_OPTIONS;
 
 /// Image metadata: the accessible topology (JSON), for Get/List.
 const META_TOPOLOGY: &str = "lodestone.v1.topology";
@@ -52,7 +52,7 @@ const DEFAULT_SIZE: u64 = 1 << 30;
 
 /// When to flatten clones.
 #[derive(Debug, Clone, Copy)]
-pub struct FlattenPolicy {
+pub(crate) struct FlattenPolicy {
     /// From this clone-chain depth on, a new clone is flattened in the
     /// background.
     pub soft_depth: usize,
@@ -69,7 +69,7 @@ impl Default for FlattenPolicy {
     }
 }
 
-pub struct RbdController {
+pub(crate) struct RbdController {
     config: RbdConfig,
     pool: Arc<ConnectionPool>,
     flatten: FlattenPolicy,
@@ -790,7 +790,11 @@ impl NewSnapshot {
 }
 
 impl RbdController {
-    pub fn new(config: RbdConfig, pool: Arc<ConnectionPool>, flatten: FlattenPolicy) -> Self {
+    pub(crate) fn new(
+        config: RbdConfig,
+        pool: Arc<ConnectionPool>,
+        flatten: FlattenPolicy,
+    ) -> Self {
         RbdController {
             config,
             pool,

@@ -7,26 +7,26 @@
 use std::collections::BTreeMap;
 
 use crate::core::ids::{is_key, KeySpace};
-pub use crate::core::ids::{
+pub(crate) use crate::core::ids::{
     temp_name, Kind, KEY_PREFIX as META_PREFIX, NAME_KEY as META_NAME, PARAMS_KEY as META_PARAMS,
     SOURCE_KEY,
 };
 
 /// RBD's key namespaces.
-pub const KEYS: KeySpace = KeySpace {
+pub(crate) const KEYS: KeySpace = KeySpace {
     volumes: "volume.rbd.lodestone.dev",
     snapshots: "snapshot.rbd.lodestone.dev",
 };
 
 /// Metadata key: the id of the volume or snapshot an image was made from.
-pub const META_SOURCE: &str = "lodestone.v1.source";
+pub(crate) const META_SOURCE: &str = "lodestone.v1.source";
 /// On a hidden snapshot image: the CSI snapshot's creation time.
-pub const META_CREATED: &str = "lodestone.v1.created";
+pub(crate) const META_CREATED: &str = "lodestone.v1.created";
 /// The snapshot of a hidden snapshot image that CSI restores from.
-pub const SNAP_NAME: &str = "csi";
+pub(crate) const SNAP_NAME: &str = "csi";
 
 /// What RBD adds to a [`Kind`].
-pub trait RbdKind: Copy {
+pub(crate) trait RbdKind: Copy {
     /// The 32-hex-digit key of a request name, in RBD's key space.
     fn key_for_name(self, request_name: &str) -> String;
     /// The key of an image name of this kind, if it is one.
@@ -51,7 +51,7 @@ fn id_prefix(kind: Kind) -> &'static str {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RbdId {
+pub(crate) struct RbdId {
     pub kind: Kind,
     pub cluster: String,
     pub pool_id: i64,
@@ -59,11 +59,11 @@ pub struct RbdId {
 }
 
 impl RbdId {
-    pub fn image(&self) -> String {
+    pub(crate) fn image(&self) -> String {
         self.kind.object_name(&self.key)
     }
 
-    pub fn encode(&self) -> String {
+    pub(crate) fn encode(&self) -> String {
         format!(
             "{}:{}:{}:{}",
             id_prefix(self.kind),
@@ -74,7 +74,7 @@ impl RbdId {
     }
 
     /// None for anything that is not a well-formed id of this kind.
-    pub fn parse(kind: Kind, id: &str) -> Option<RbdId> {
+    pub(crate) fn parse(kind: Kind, id: &str) -> Option<RbdId> {
         let mut parts = id.split(':');
         let (prefix, cluster, pool, key) =
             (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
@@ -98,7 +98,7 @@ impl RbdId {
 }
 
 /// The params digest in RBD's key space (see [`KeySpace::params_digest`]).
-pub fn params_digest(params: &BTreeMap<String, String>) -> String {
+pub(crate) fn params_digest(params: &BTreeMap<String, String>) -> String {
     KEYS.params_digest(params)
 }
 

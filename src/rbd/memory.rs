@@ -8,7 +8,7 @@
 //! and once the calls stop, freed pages go back to the kernel.
 
 /// Caps glibc's malloc arenas at two. Call early, before threads allocate.
-pub fn limit_arenas() {
+pub(crate) fn limit_arenas() {
     #[cfg(target_env = "gnu")]
     // SAFETY: mallopt only sets an allocator parameter.
     unsafe {
@@ -18,7 +18,7 @@ pub fn limit_arenas() {
 
 /// Returns free heap pages of every arena to the kernel. Blocks for about
 /// a millisecond per few MiB of heap: call it from a blocking thread.
-pub fn release_free_heap() {
+pub(crate) fn release_free_heap() {
     #[cfg(target_env = "gnu")]
     // SAFETY: malloc_trim takes the allocator's own locks.
     unsafe {

@@ -11,14 +11,14 @@
 //! * [`memory`]: keeps the heap librbd calls leave behind small.
 
 pub mod client;
-pub mod config;
-pub mod controller;
+pub(crate) mod config;
+pub(crate) mod controller;
 pub mod error;
 pub mod ffi;
-pub mod ids;
-pub mod memory;
-pub mod node;
-pub mod params;
+pub(crate) mod ids;
+pub(crate) mod memory;
+pub(crate) mod node;
+pub(crate) mod params;
 pub mod pool;
 
 pub use client::{

@@ -26,7 +26,7 @@ const SYSFS_RBD: &str = "/sys/bus/rbd/devices";
 /// What the node keeps in the staging directory for unstage.
 const STAGE_NOTE: &str = "lodestone-rbd.json";
 
-pub struct RbdNode {
+pub(crate) struct RbdNode {
     node_id: String,
     topology: BTreeMap<String, String>,
     config: RbdConfig,
@@ -107,7 +107,7 @@ fn sweep_keyrings(key_dir: &Path) -> usize {
 }
 
 impl RbdNode {
-    pub fn new(
+    pub(crate) fn new(
         node_id: String,
         topology: BTreeMap<String, String>,
         config: RbdConfig,

@@ -10,16 +10,16 @@ use crate::error::{Error, Result};
 use crate::rbd::client::DEFAULT_FEATURES;
 use crate::rbd::ffi;
 
-pub const P_CLUSTER: &str = "clusterID";
-pub const P_POOL: &str = "pool";
-pub const P_DATA_POOL: &str = "dataPool";
-pub const P_FEATURES: &str = "imageFeatures";
-pub const P_MKFS_OPTIONS: &str = "mkfsOptions";
-pub const P_MOUNTER: &str = "mounter";
-pub const P_TOPOLOGY_POOLS: &str = "topologyConstrainedPools";
+pub(crate) const P_CLUSTER: &str = "clusterID";
+pub(crate) const P_POOL: &str = "pool";
+pub(crate) const P_DATA_POOL: &str = "dataPool";
+pub(crate) const P_FEATURES: &str = "imageFeatures";
+pub(crate) const P_MKFS_OPTIONS: &str = "mkfsOptions";
+pub(crate) const P_MOUNTER: &str = "mounter";
+pub(crate) const P_TOPOLOGY_POOLS: &str = "topologyConstrainedPools";
 
 /// The StorageClass parameters the RBD driver knows.
-pub const PARAMETER_KEYS: &[&str] = &[
+pub(crate) const PARAMETER_KEYS: &[&str] = &[
     P_CLUSTER,
     P_POOL,
     P_DATA_POOL,
@@ -29,13 +29,13 @@ pub const PARAMETER_KEYS: &[&str] = &[
     P_TOPOLOGY_POOLS,
 ];
 /// The VolumeSnapshotClass parameters the RBD driver knows.
-pub const SNAPSHOT_PARAMETER_KEYS: &[&str] = &[P_CLUSTER];
+pub(crate) const SNAPSHOT_PARAMETER_KEYS: &[&str] = &[P_CLUSTER];
 /// Parameters whose values are JSON.
-pub const JSON_PARAMETER_KEYS: &[&str] = &[P_TOPOLOGY_POOLS];
+pub(crate) const JSON_PARAMETER_KEYS: &[&str] = &[P_TOPOLOGY_POOLS];
 
 /// A StorageClass's parameters for a new volume.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RbdParams {
+pub(crate) struct RbdParams {
     /// `clusterID` (required).
     pub cluster_id: String,
     /// `pool`, `dataPool`, `topologyConstrainedPools`.
@@ -49,7 +49,7 @@ pub struct RbdParams {
 }
 
 impl RbdParams {
-    pub fn parse(params: &BTreeMap<String, String>) -> Result<RbdParams> {
+    pub(crate) fn parse(params: &BTreeMap<String, String>) -> Result<RbdParams> {
         let cluster_id = cluster_id(params)?.clone();
         let features = features(params.get(P_FEATURES))?;
         let mounter = params
@@ -71,7 +71,7 @@ impl RbdParams {
 }
 
 /// `clusterID`, required.
-pub fn cluster_id(params: &BTreeMap<String, String>) -> Result<&String> {
+pub(crate) fn cluster_id(params: &BTreeMap<String, String>) -> Result<&String> {
     params.get(P_CLUSTER).ok_or_else(|| {
         Error::InvalidArgument(format!("StorageClass parameter {P_CLUSTER} is required"))
     })
@@ -80,14 +80,14 @@ pub fn cluster_id(params: &BTreeMap<String, String>) -> Result<&String> {
 /// GetCapacity's parameters: a StorageClass's cluster and pools, or none
 /// at all (then every configured cluster counts).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CapacityParams {
+pub(crate) struct CapacityParams {
     pub cluster_id: String,
     pub pools: Pools,
 }
 
 impl CapacityParams {
     /// None when no `clusterID` is given.
-    pub fn parse(params: &BTreeMap<String, String>) -> Result<Option<CapacityParams>> {
+    pub(crate) fn parse(params: &BTreeMap<String, String>) -> Result<Option<CapacityParams>> {
         let Some(cluster_id) = params.get(P_CLUSTER) else {
             return Ok(None);
         };
@@ -100,13 +100,13 @@ impl CapacityParams {
 
 /// A VolumeSnapshotClass's parameters.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SnapshotParams {
+pub(crate) struct SnapshotParams {
     /// `clusterID`: when given, it must be the source volume's.
     pub cluster_id: Option<String>,
 }
 
 impl SnapshotParams {
-    pub fn parse(params: &BTreeMap<String, String>) -> SnapshotParams {
+    pub(crate) fn parse(params: &BTreeMap<String, String>) -> SnapshotParams {
         SnapshotParams {
             cluster_id: params.get(P_CLUSTER).cloned(),
         }
@@ -115,7 +115,7 @@ impl SnapshotParams {
 
 /// How nodes map images.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mounter {
+pub(crate) enum Mounter {
     Krbd,
 }
 
@@ -133,7 +133,7 @@ impl Mounter {
         }
     }
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Mounter::Krbd => "krbd",
         }
@@ -142,14 +142,14 @@ impl Mounter {
 
 /// The pools a StorageClass offers new volumes.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Pools {
+pub(crate) struct Pools {
     pub choice: PoolChoice,
     /// `dataPool`: where image data goes (a constrained pool may name its own).
     pub data_pool: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PoolChoice {
+pub(crate) enum PoolChoice {
     /// `pool` alone: volumes reachable from every node.
     Plain(String),
     /// `topologyConstrainedPools` (never empty, each pool with its domain
@@ -161,7 +161,7 @@ pub enum PoolChoice {
 }
 
 impl Pools {
-    pub fn parse(params: &BTreeMap<String, String>) -> Result<Pools> {
+    pub(crate) fn parse(params: &BTreeMap<String, String>) -> Result<Pools> {
         let data_pool = params.get(P_DATA_POOL).cloned();
         let Some(spec) = params.get(P_TOPOLOGY_POOLS) else {
             let pool = params.get(P_POOL).ok_or_else(|| {
@@ -194,7 +194,7 @@ impl Pools {
 /// One entry of `topologyConstrainedPools`.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct ConstrainedPool {
+pub(crate) struct ConstrainedPool {
     pub pool_name: String,
     #[serde(default)]
     pub data_pool: Option<String>,
@@ -211,7 +211,7 @@ struct DomainSegment {
 
 impl ConstrainedPool {
     /// The topology of the pool's volumes.
-    pub fn segments(&self) -> BTreeMap<String, String> {
+    pub(crate) fn segments(&self) -> BTreeMap<String, String> {
         self.domain_segments
             .iter()
             .map(|s| (s.domain_label.clone(), s.value.clone()))
@@ -219,7 +219,7 @@ impl ConstrainedPool {
     }
 
     /// Whether the pool lies in topology `t`.
-    pub fn matches(&self, t: &csi::Topology) -> bool {
+    pub(crate) fn matches(&self, t: &csi::Topology) -> bool {
         self.domain_segments
             .iter()
             .all(|s| t.segments.get(&s.domain_label) == Some(&s.value))

@@ -18,7 +18,7 @@ use tower::{Layer, Service};
 
 /// The layer for `tonic::transport::Server::builder().layer(..)`.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct RunToEndLayer;
+pub(super) struct RunToEndLayer;
 
 impl<S> Layer<S> for RunToEndLayer {
     type Service = RunToEnd<S>;
@@ -28,7 +28,7 @@ impl<S> Layer<S> for RunToEndLayer {
 }
 
 #[derive(Debug, Clone)]
-pub struct RunToEnd<S>(S);
+pub(super) struct RunToEnd<S>(S);
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
