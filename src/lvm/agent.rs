@@ -105,6 +105,18 @@ pub trait Agent: Send + Sync + 'static {
     async fn copy_progress(&self, class: &str, lv: &str) -> Option<(String, bool)>;
 }
 
+/// The in-memory copy of LVM's state: one full report, plus the changes
+/// this agent made since.
+///
+/// A report takes a while (seconds under load) and does not hold off this
+/// agent's own mutations, so a report that started before an `lvcreate`
+/// finished may not show its LV. Every change to the copy therefore takes
+/// the next `generation` and records it per LV in `touched`; a report
+/// records the generation it started at and, when applied, yields to every
+/// LV changed after that: the copy never loses a change newer than the
+/// report (a new LV does not vanish, a removed one does not come back).
+/// Everything else is taken from the report, which is the truth for
+/// changes made by anyone else.
 #[derive(Debug, Default)]
 struct State {
     vgs: BTreeMap<String, Vg>,
@@ -113,6 +125,55 @@ struct State {
     problems: Vec<String>,
     refreshed: Option<Instant>,
     dirty: bool,
+    /// Count of changes made to this copy (never reset).
+    generation: u64,
+    /// The generation of the last change of each LV changed since the last
+    /// report was applied.
+    touched: BTreeMap<(String, String), u64>,
+    /// The generation at which the copy was last marked dirty.
+    dirty_at: u64,
+}
+
+impl State {
+    /// Records a change of one LV made by this agent.
+    fn touch(&mut self, vg: &str, name: &str) {
+        self.generation += 1;
+        self.touched
+            .insert((vg.to_string(), name.to_string()), self.generation);
+    }
+
+    /// Replaces the copy with a report that started at generation `start`,
+    /// keeping every LV changed after `start` as this copy has it (and the
+    /// VG space those changes took or gave back).
+    fn apply_report(&mut self, start: u64, vgs: Vec<Vg>, lvs: Vec<Lv>) {
+        let mut vgs: BTreeMap<String, Vg> = vgs.into_iter().map(|v| (v.name.clone(), v)).collect();
+        let mut lvs: BTreeMap<(String, String), Lv> = lvs
+            .into_iter()
+            .map(|l| ((l.vg.clone(), l.name.clone()), l))
+            .collect();
+        for (key, &at) in &self.touched {
+            if at <= start {
+                continue;
+            }
+            let ours = self.lvs.get(key);
+            let theirs = lvs.get(key);
+            // Space a thick LV holds in its VG (thin LVs take pool space).
+            let held = |l: Option<&Lv>| l.filter(|l| l.pool.is_none()).map_or(0, |l| l.size);
+            if let Some(vg) = vgs.get_mut(&key.0) {
+                vg.free = (vg.free + held(theirs)).saturating_sub(held(ours));
+            }
+            match ours {
+                Some(l) => lvs.insert(key.clone(), l.clone()),
+                None => lvs.remove(key),
+            };
+        }
+        self.vgs = vgs;
+        self.lvs = lvs;
+        // Every change recorded so far is older than the next report.
+        self.touched.clear();
+        self.refreshed = Some(Instant::now());
+        self.dirty = self.dirty_at > start;
+    }
 }
 
 pub struct LocalAgent {
@@ -272,9 +333,11 @@ impl LocalAgent {
         PathBuf::from(format!("/dev/{vg}/{lv}"))
     }
 
-    /// Runs one report and replaces the in-memory state with it.
+    /// Runs one report and applies it to the in-memory state (see
+    /// [`State`]: changes this agent made while it ran are kept).
     pub async fn refresh(&self) -> Result<()> {
         let _one_at_a_time = self.refreshing.lock().await;
+        let start = self.state.read().expect("state poisoned").generation;
         let cmd = self
             .lvm("fullreport")
             .args(["--reportformat", "json", "--units", "b", "--nosuffix"])
@@ -298,21 +361,12 @@ impl LocalAgent {
             Err(e) => return Err(e.into()),
         };
         let (vgs, lvs) = report::parse(parsed).map_err(|e| LvmError::Internal(e.to_string()))?;
-        let mut st = State {
-            vgs: vgs.into_iter().map(|v| (v.name.clone(), v)).collect(),
-            lvs: lvs
-                .into_iter()
-                .map(|l| ((l.vg.clone(), l.name.clone()), l))
-                .collect(),
-            problems: Vec::new(),
-            refreshed: Some(Instant::now()),
-            dirty: false,
-        };
+        let mut st = self.state.write().expect("state poisoned");
+        st.apply_report(start, vgs, lvs);
         st.problems = self.check_config(&st);
         if !st.problems.is_empty() {
             tracing::warn!(problems = ?st.problems, "LVM configuration problems");
         }
-        *self.state.write().expect("state poisoned") = st;
         Ok(())
     }
 
@@ -472,7 +526,10 @@ impl LocalAgent {
     }
 
     pub(super) fn mark_dirty(&self) {
-        self.state.write().expect("state poisoned").dirty = true;
+        let mut st = self.state.write().expect("state poisoned");
+        st.generation += 1;
+        st.dirty_at = st.generation;
+        st.dirty = true;
     }
 
     async fn ensure_fresh(&self) -> Result<()> {
@@ -504,6 +561,7 @@ impl LocalAgent {
                 LvmError::from(e)
             })?;
         let mut st = self.state.write().expect("state poisoned");
+        st.touch(vg, lv);
         if let Some(l) = st.lvs.get_mut(&(vg.to_string(), lv.to_string())) {
             let mut attr: Vec<char> = l.attr.chars().collect();
             if attr.len() > 4 {
@@ -684,6 +742,7 @@ impl LocalAgent {
     /// Records a new LV in the in-memory state (and the VG space it took).
     pub(super) fn remember(&self, class: &DeviceClass, lv: Lv) -> Lv {
         let mut st = self.state.write().expect("state poisoned");
+        st.touch(&lv.vg, &lv.name);
         if !class.is_thin() {
             if let Some(vg) = st.vgs.get_mut(&class.volume_group) {
                 vg.free = vg.free.saturating_sub(lv.size);
@@ -696,6 +755,7 @@ impl LocalAgent {
     /// Forgets a removed LV (and gives its space back to the VG).
     pub(super) fn forget(&self, vg: &str, name: &str) {
         let mut st = self.state.write().expect("state poisoned");
+        st.touch(vg, name);
         if let Some(lv) = st.lvs.remove(&(vg.to_string(), name.to_string())) {
             if lv.pool.is_none() {
                 if let Some(vg) = st.vgs.get_mut(vg) {
@@ -708,6 +768,7 @@ impl LocalAgent {
     /// Edits an LV's tags and attributes in the in-memory state.
     pub(super) fn update_lv(&self, vg: &str, name: &str, f: impl FnOnce(&mut Lv)) {
         let mut st = self.state.write().expect("state poisoned");
+        st.touch(vg, name);
         if let Some(lv) = st.lvs.get_mut(&(vg.to_string(), name.to_string())) {
             f(lv);
         }
@@ -957,6 +1018,7 @@ impl Agent for LocalAgent {
         }
         crate::fail_point!("lvm.expand.after_lvextend");
         let mut st = self.state.write().expect("state poisoned");
+        st.touch(&lv.vg, &lv.name);
         if !class.is_thin() {
             if let Some(vg) = st.vgs.get_mut(&lv.vg) {
                 vg.free = vg.free.saturating_sub(size - lv.size);
@@ -1234,6 +1296,75 @@ mod tests {
             zeroing: false,
             created: None,
         }
+    }
+
+    fn vg(name: &str, free: u64) -> Vg {
+        Vg {
+            name: name.into(),
+            size: 1 << 30,
+            free,
+            extent_size: 4 << 20,
+        }
+    }
+
+    /// A report that started before this agent's own create, remove or
+    /// change finished does not undo it; LVs nobody here touched since
+    /// are taken from the report (changes made by someone else), and so
+    /// is the dirty flag unless it was set after the report started.
+    #[test]
+    fn a_report_never_overwrites_a_newer_change() {
+        let mut st = State::default();
+        st.apply_report(
+            0,
+            vec![vg("vg1", 900)],
+            vec![
+                lv("vg1", "old", 100, "-wi-a-----", None),
+                lv("vg1", "gone", 50, "-wi-a-----", None),
+                lv("vg1", "theirs", 10, "-wi-a-----", None),
+            ],
+        );
+        assert_eq!(st.vgs["vg1"].free, 900);
+
+        // The report starts here; it cannot see what follows.
+        let start = st.generation;
+        // Our create (thick: takes VG space), our remove, our resize.
+        st.touch("vg1", "new");
+        st.lvs.insert(
+            ("vg1".into(), "new".into()),
+            lv("vg1", "new", 200, "-wi-a-----", None),
+        );
+        st.touch("vg1", "gone");
+        st.lvs.remove(&("vg1".into(), "gone".into()));
+        st.touch("vg1", "old");
+        st.lvs.get_mut(&("vg1".into(), "old".into())).unwrap().size = 300;
+        st.generation += 1;
+        st.dirty_at = st.generation;
+        st.dirty = true;
+
+        // What the report saw: everything as before our changes, and
+        // someone else removed "theirs" (its 10 bytes back in the VG).
+        st.apply_report(
+            start,
+            vec![vg("vg1", 910)],
+            vec![
+                lv("vg1", "old", 100, "-wi-a-----", None),
+                lv("vg1", "gone", 50, "-wi-a-----", None),
+            ],
+        );
+        let names: Vec<&str> = st.lvs.keys().map(|(_, n)| n.as_str()).collect();
+        assert_eq!(names, ["new", "old"], "ours kept, theirs gone");
+        assert_eq!(st.lvs[&("vg1".into(), "old".into())].size, 300);
+        // 910 from the report, -200 new, +50 gone, -200 grown.
+        assert_eq!(st.vgs["vg1"].free, 560);
+        assert!(st.dirty, "marked dirty after the report started");
+        assert!(st.touched.is_empty());
+
+        // The next report started after every change: it is the truth.
+        let start = st.generation;
+        st.apply_report(start, vec![vg("vg1", 700)], vec![]);
+        assert!(st.lvs.is_empty());
+        assert_eq!(st.vgs["vg1"].free, 700);
+        assert!(!st.dirty);
     }
 
     #[test]
