@@ -311,8 +311,7 @@ def _lodestone_flags() -> set[str]:
     return out
 
 
-# Flags of the RBD backend under construction (issue 4), written against its
-# agreed contract; they become real flags of src/config.rs when it lands.
+# Flags a manifest may use before src/config.rs has them (none today).
 PENDING_LODESTONE_FLAGS: set = set()
 
 
