@@ -16,6 +16,7 @@ use crate::config::{DeviceClass, LvmConfig};
 use crate::host::blockdev;
 use crate::lvm::error::{LvmError, Result};
 use crate::lvm::ids::{self, Kind, LvmKind};
+use crate::lvm::inventory::{Stamp, Stamped, Updates, WatchRequest};
 use crate::lvm::report::{self, FullReport, Lv, Vg};
 use crate::runner::{Cmd, Runner};
 
@@ -89,9 +90,9 @@ pub struct LvmStats {
 #[tonic::async_trait]
 pub trait Agent: Send + Sync + 'static {
     fn node(&self) -> &str;
-    async fn create(&self, spec: &LvSpec) -> Result<Lv>;
-    async fn remove(&self, class: &str, lv: &str) -> Result<()>;
-    async fn extend(&self, class: &str, lv: &str, size: u64) -> Result<Lv>;
+    async fn create(&self, spec: &LvSpec) -> Result<Stamped<Lv>>;
+    async fn remove(&self, class: &str, lv: &str) -> Result<Stamp>;
+    async fn extend(&self, class: &str, lv: &str, size: u64) -> Result<Stamped<Lv>>;
     async fn find(&self, class: &str, lv: &str) -> Result<Option<Lv>>;
     /// Every LV that belongs to a configured class, as (class, LV).
     async fn list(&self) -> Result<Vec<(String, Lv)>>;
@@ -99,10 +100,12 @@ pub trait Agent: Send + Sync + 'static {
     /// For an LV whose full copy is incomplete: makes sure the copy runs (it
     /// restarts after a crash or a failure), waits briefly, and returns the
     /// LV as it is then.
-    async fn resume(&self, class: &str, lv: &str) -> Result<Option<Lv>>;
+    async fn resume(&self, class: &str, lv: &str) -> Result<Stamped<Option<Lv>>>;
     /// What a running or failed copy into the LV has to say, if anything,
     /// and whether it failed for good.
     async fn copy_progress(&self, class: &str, lv: &str) -> Option<(String, bool)>;
+    /// The node's inventory, pushed (see [`crate::lvm::inventory`]).
+    async fn watch(&self, request: WatchRequest) -> Result<Updates>;
 }
 
 /// The in-memory copy of LVM's state: one full report, plus the changes
@@ -178,6 +181,8 @@ impl State {
 
 pub struct LocalAgent {
     node: String,
+    /// This process's inventory epoch (see [`crate::lvm::inventory`]).
+    epoch: String,
     config: LvmConfig,
     pub(super) runner: Arc<Runner>,
     lvm_config_arg: String,
@@ -230,6 +235,7 @@ impl LocalAgent {
         };
         Arc::new_cyclic(|me| LocalAgent {
             node,
+            epoch: uuid::Uuid::new_v4().simple().to_string(),
             config,
             runner,
             lvm_config_arg,
@@ -248,6 +254,21 @@ impl LocalAgent {
 
     pub fn config(&self) -> &LvmConfig {
         &self.config
+    }
+
+    /// The stamp that includes every change made so far.
+    pub(super) fn stamp(&self) -> Stamp {
+        Stamp {
+            epoch: self.epoch.clone(),
+            generation: self.state.read().expect("state poisoned").generation,
+        }
+    }
+
+    fn stamped<T>(&self, value: T) -> Stamped<T> {
+        Stamped {
+            value,
+            stamp: self.stamp(),
+        }
     }
 
     pub(super) fn lvm(&self, sub: &str) -> Cmd {
@@ -717,7 +738,7 @@ impl LocalAgent {
         };
         if !spec.read_only && spec.size > lv.size {
             crate::fail_point!("lvm.thin_clone.after_snapshot");
-            return self.extend(&class.name, &spec.name, spec.size).await;
+            return self.lvm_extend(&class.name, &spec.name, spec.size).await;
         }
         Ok(lv)
     }
@@ -901,13 +922,9 @@ fn now_epoch() -> i64 {
         .unwrap_or(0)
 }
 
-#[tonic::async_trait]
-impl Agent for LocalAgent {
-    fn node(&self) -> &str {
-        &self.node
-    }
-
-    async fn create(&self, spec: &LvSpec) -> Result<Lv> {
+/// The mutations, as LVM sees them (the [`Agent`] impl stamps them).
+impl LocalAgent {
+    async fn lvm_create(&self, spec: &LvSpec) -> Result<Lv> {
         let class = self.class(&spec.class)?.clone();
         let extent = self.extent_size(&class.volume_group)?;
         if spec.size == 0 || spec.size % extent != 0 {
@@ -926,7 +943,7 @@ impl Agent for LocalAgent {
         }
     }
 
-    async fn remove(&self, class: &str, lv_name: &str) -> Result<()> {
+    async fn lvm_remove(&self, class: &str, lv_name: &str) -> Result<()> {
         let class = self.class(class)?.clone();
         let Some(lv) = self.lookup(&class.volume_group, lv_name).await? else {
             return Ok(());
@@ -986,7 +1003,7 @@ impl Agent for LocalAgent {
         self.remove_temp_of(&lv).await
     }
 
-    async fn extend(&self, class: &str, lv_name: &str, size: u64) -> Result<Lv> {
+    async fn lvm_extend(&self, class: &str, lv_name: &str, size: u64) -> Result<Lv> {
         let class = self.class(class)?.clone();
         let lv = self
             .lookup(&class.volume_group, lv_name)
@@ -1028,6 +1045,28 @@ impl Agent for LocalAgent {
         entry.size = size;
         Ok(entry.clone())
     }
+}
+
+#[tonic::async_trait]
+impl Agent for LocalAgent {
+    fn node(&self) -> &str {
+        &self.node
+    }
+
+    async fn create(&self, spec: &LvSpec) -> Result<Stamped<Lv>> {
+        let lv = self.lvm_create(spec).await?;
+        Ok(self.stamped(lv))
+    }
+
+    async fn remove(&self, class: &str, lv_name: &str) -> Result<Stamp> {
+        self.lvm_remove(class, lv_name).await?;
+        Ok(self.stamp())
+    }
+
+    async fn extend(&self, class: &str, lv_name: &str, size: u64) -> Result<Stamped<Lv>> {
+        let lv = self.lvm_extend(class, lv_name, size).await?;
+        Ok(self.stamped(lv))
+    }
 
     async fn find(&self, class: &str, lv: &str) -> Result<Option<Lv>> {
         let class = self.class(class)?;
@@ -1061,8 +1100,9 @@ impl Agent for LocalAgent {
         }
     }
 
-    async fn resume(&self, class: &str, lv: &str) -> Result<Option<Lv>> {
-        self.resume_copy(class, lv).await
+    async fn resume(&self, class: &str, lv: &str) -> Result<Stamped<Option<Lv>>> {
+        let lv = self.resume_copy(class, lv).await?;
+        Ok(self.stamped(lv))
     }
 
     async fn copy_progress(&self, class: &str, lv: &str) -> Option<(String, bool)> {
@@ -1086,6 +1126,12 @@ impl Agent for LocalAgent {
         }
         let message = self.describe_copy(vg, lv)?;
         Some((message, self.copy_failed_for_good(vg, lv)))
+    }
+
+    async fn watch(&self, _request: WatchRequest) -> Result<Updates> {
+        Err(LvmError::Unavailable(
+            "the inventory stream is not built yet".into(),
+        ))
     }
 }
 

@@ -313,7 +313,7 @@ impl LvmController {
                 tracing::info!(lv = %lv.name, from = lv.size, to = size,
                     "finishing the growth of an interrupted restore or clone");
                 let agent = self.agent(&id.node).expect("found on this node");
-                Ok(agent.extend(&id.class, &lv.name, size).await?)
+                Ok(agent.extend(&id.class, &lv.name, size).await?.value)
             }
             _ => Ok(lv),
         }
@@ -325,7 +325,7 @@ impl LvmController {
             return Ok((lv, None));
         }
         let agent = self.agent(&id.node).expect("found on this node");
-        let lv = agent.resume(&id.class, &lv.name).await?.unwrap_or(lv);
+        let lv = agent.resume(&id.class, &lv.name).await?.value.unwrap_or(lv);
         if !is_copying(&lv) {
             return Ok((lv, None));
         }
@@ -516,7 +516,7 @@ impl LvmController {
     ) -> Result<VolumeInfo> {
         let agent = self.agent(&id.node).expect("placed on a known node");
         self.note_attempt(&id.key, &id.node);
-        let lv = agent.create(spec).await?;
+        let lv = agent.create(spec).await?.value;
         let (lv, copying) = self.settle(id, lv).await?;
         if let Some(progress) = copying {
             return Err(Error::Aborted(format!(
@@ -660,7 +660,7 @@ impl ControllerBackend for LvmController {
                 lid.class
             )));
         }
-        Ok(agent.extend(&lid.class, &lv.name, size).await?.size)
+        Ok(agent.extend(&lid.class, &lv.name, size).await?.value.size)
     }
 
     async fn capacity(
@@ -743,7 +743,7 @@ impl ControllerBackend for LvmController {
             read_only: true,
         };
         let agent = self.agent(&src.node).expect("resolved on a known node");
-        let lv = agent.create(&spec).await?;
+        let lv = agent.create(&spec).await?.value;
         let (lv, _) = self.settle(&id, lv).await?;
         Ok(Self::snapshot_info(&id, &lv))
     }
@@ -752,7 +752,8 @@ impl ControllerBackend for LvmController {
         match self.resolve(Kind::Snapshot, id).await? {
             Some((lid, lv)) => {
                 let agent = self.agent(&lid.node).expect("resolved on a known node");
-                Ok(agent.remove(&lid.class, &lv.name).await?)
+                agent.remove(&lid.class, &lv.name).await?;
+                Ok(())
             }
             None => Ok(()),
         }

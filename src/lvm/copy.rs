@@ -318,9 +318,9 @@ impl LocalAgent {
             // retry of the request starts over.
             if permanent && volume {
                 let removed = match agent.class_of(&target).map(|c| c.name.clone()) {
-                    Some(class) => {
-                        crate::lvm::agent::Agent::remove(&*agent, &class, &target.name).await
-                    }
+                    Some(class) => crate::lvm::agent::Agent::remove(&*agent, &class, &target.name)
+                        .await
+                        .map(|_| ()),
                     None => Ok(()),
                 };
                 match removed {

@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use crate::lvm::agent::{Agent, ClassCapacity, LvSpec};
 use crate::lvm::error::{LvmError, Result};
+use crate::lvm::inventory::{Stamp, Stamped, Updates, WatchRequest};
 use crate::lvm::report::Lv;
 
 /// An [`Agent`] whose mutations (create, remove, extend, resume) outlive
@@ -62,17 +63,17 @@ impl<A: Agent> Agent for Detached<A> {
         self.0.node()
     }
 
-    async fn create(&self, spec: &LvSpec) -> Result<Lv> {
+    async fn create(&self, spec: &LvSpec) -> Result<Stamped<Lv>> {
         let (agent, spec) = (self.0.clone(), spec.clone());
         detach("create", async move { agent.create(&spec).await }).await
     }
 
-    async fn remove(&self, class: &str, lv: &str) -> Result<()> {
+    async fn remove(&self, class: &str, lv: &str) -> Result<Stamp> {
         let (agent, class, lv) = (self.0.clone(), class.to_string(), lv.to_string());
         detach("remove", async move { agent.remove(&class, &lv).await }).await
     }
 
-    async fn extend(&self, class: &str, lv: &str, size: u64) -> Result<Lv> {
+    async fn extend(&self, class: &str, lv: &str, size: u64) -> Result<Stamped<Lv>> {
         let (agent, class, lv) = (self.0.clone(), class.to_string(), lv.to_string());
         detach(
             "extend",
@@ -93,13 +94,17 @@ impl<A: Agent> Agent for Detached<A> {
         self.0.capacity(class).await
     }
 
-    async fn resume(&self, class: &str, lv: &str) -> Result<Option<Lv>> {
+    async fn resume(&self, class: &str, lv: &str) -> Result<Stamped<Option<Lv>>> {
         let (agent, class, lv) = (self.0.clone(), class.to_string(), lv.to_string());
         detach("resume", async move { agent.resume(&class, &lv).await }).await
     }
 
     async fn copy_progress(&self, class: &str, lv: &str) -> Option<(String, bool)> {
         self.0.copy_progress(class, lv).await
+    }
+
+    async fn watch(&self, request: WatchRequest) -> Result<Updates> {
+        self.0.watch(request).await
     }
 }
 
@@ -145,17 +150,17 @@ mod tests {
         fn node(&self) -> &str {
             "n1"
         }
-        async fn create(&self, spec: &LvSpec) -> Result<Lv> {
+        async fn create(&self, spec: &LvSpec) -> Result<Stamped<Lv>> {
             self.mutate(format!("create {}", spec.name)).await;
-            Ok(Self::lv(&spec.name))
+            Ok(stamped(Self::lv(&spec.name)))
         }
-        async fn remove(&self, _: &str, lv: &str) -> Result<()> {
+        async fn remove(&self, _: &str, lv: &str) -> Result<Stamp> {
             self.mutate(format!("remove {lv}")).await;
-            Ok(())
+            Ok(Stamp::default())
         }
-        async fn extend(&self, _: &str, lv: &str, size: u64) -> Result<Lv> {
+        async fn extend(&self, _: &str, lv: &str, size: u64) -> Result<Stamped<Lv>> {
             self.mutate(format!("extend {lv} {size}")).await;
-            Ok(Self::lv(lv))
+            Ok(stamped(Self::lv(lv)))
         }
         async fn find(&self, _: &str, lv: &str) -> Result<Option<Lv>> {
             let done = self.done.lock().unwrap();
@@ -170,12 +175,22 @@ mod tests {
         async fn capacity(&self, _: &str) -> Result<ClassCapacity> {
             Err(LvmError::Unavailable("none".into()))
         }
-        async fn resume(&self, _: &str, lv: &str) -> Result<Option<Lv>> {
+        async fn resume(&self, _: &str, lv: &str) -> Result<Stamped<Option<Lv>>> {
             self.mutate(format!("resume {lv}")).await;
-            Ok(None)
+            Ok(stamped(None))
         }
         async fn copy_progress(&self, _: &str, _: &str) -> Option<(String, bool)> {
             None
+        }
+        async fn watch(&self, _: WatchRequest) -> Result<Updates> {
+            Err(LvmError::Unavailable("none".into()))
+        }
+    }
+
+    fn stamped<T>(value: T) -> Stamped<T> {
+        Stamped {
+            value,
+            stamp: Stamp::default(),
         }
     }
 
@@ -232,7 +247,7 @@ mod tests {
     #[tokio::test]
     async fn a_caller_that_stays_gets_the_result() {
         let agent = Detached::new(Arc::new(Fake::default()));
-        let lv = agent.create(&spec("a")).await.unwrap();
+        let lv = agent.create(&spec("a")).await.unwrap().value;
         assert_eq!(lv.name, "a");
         assert_eq!(agent.node(), "n1");
         assert!(agent.find("c", "a").await.unwrap().is_some());

@@ -16,6 +16,7 @@ use crate::agentpb as pb;
 use crate::agentpb::agent_client::AgentClient;
 use crate::lvm::agent::{Agent, ClassCapacity, LvSpec};
 use crate::lvm::error::{LvmError, Result};
+use crate::lvm::inventory::{Stamp, Stamped, Updates, WatchRequest};
 use crate::lvm::report::Lv;
 use crate::lvm::rpc::error_from_status;
 use crate::tls::TlsMaterial;
@@ -91,6 +92,15 @@ impl RemoteAgent {
         })
     }
 
+    fn stamp(&self, stamp: Option<pb::Stamp>) -> Result<Stamp> {
+        stamp.map(Into::into).ok_or_else(|| {
+            LvmError::Internal(format!(
+                "the agent of node {} sent no stamp (an older version?)",
+                self.node
+            ))
+        })
+    }
+
     /// Who answers at the address: its node name and device classes.
     pub async fn describe(&self) -> Result<pb::DescribeReply> {
         let r = self.request(pb::DescribeRequest {}, self.deadlines.read);
@@ -117,29 +127,35 @@ impl Agent for RemoteAgent {
         &self.node
     }
 
-    async fn create(&self, spec: &LvSpec) -> Result<Lv> {
+    async fn create(&self, spec: &LvSpec) -> Result<Stamped<Lv>> {
         let r = self.request(pb::CreateRequest::from(spec), self.deadlines.write);
         let reply = self
             .client
             .clone()
             .create(r)
             .await
-            .map_err(|s| self.err(s))?;
-        self.lv(reply.into_inner().lv)
+            .map_err(|s| self.err(s))?
+            .into_inner();
+        Ok(Stamped {
+            value: self.lv(reply.lv)?,
+            stamp: self.stamp(reply.stamp)?,
+        })
     }
 
-    async fn remove(&self, class: &str, lv: &str) -> Result<()> {
+    async fn remove(&self, class: &str, lv: &str) -> Result<Stamp> {
         let mut r = self.lv_ref(class, lv);
         r.set_timeout(self.deadlines.write);
-        self.client
+        let reply = self
+            .client
             .clone()
             .remove(r)
             .await
-            .map_err(|s| self.err(s))?;
-        Ok(())
+            .map_err(|s| self.err(s))?
+            .into_inner();
+        self.stamp(reply.stamp)
     }
 
-    async fn extend(&self, class: &str, lv: &str, size: u64) -> Result<Lv> {
+    async fn extend(&self, class: &str, lv: &str, size: u64) -> Result<Stamped<Lv>> {
         let r = self.request(
             pb::ExtendRequest {
                 class: class.to_string(),
@@ -153,8 +169,12 @@ impl Agent for RemoteAgent {
             .clone()
             .extend(r)
             .await
-            .map_err(|s| self.err(s))?;
-        self.lv(reply.into_inner().lv)
+            .map_err(|s| self.err(s))?
+            .into_inner();
+        Ok(Stamped {
+            value: self.lv(reply.lv)?,
+            stamp: self.stamp(reply.stamp)?,
+        })
     }
 
     async fn find(&self, class: &str, lv: &str) -> Result<Option<Lv>> {
@@ -190,7 +210,7 @@ impl Agent for RemoteAgent {
         Ok(reply.into_inner().into())
     }
 
-    async fn resume(&self, class: &str, lv: &str) -> Result<Option<Lv>> {
+    async fn resume(&self, class: &str, lv: &str) -> Result<Stamped<Option<Lv>>> {
         let mut r = self.lv_ref(class, lv);
         r.set_timeout(self.deadlines.write);
         let reply = self
@@ -198,8 +218,12 @@ impl Agent for RemoteAgent {
             .clone()
             .resume(r)
             .await
-            .map_err(|s| self.err(s))?;
-        Ok(reply.into_inner().lv.map(Into::into))
+            .map_err(|s| self.err(s))?
+            .into_inner();
+        Ok(Stamped {
+            value: reply.lv.map(Into::into),
+            stamp: self.stamp(reply.stamp)?,
+        })
     }
 
     async fn copy_progress(&self, class: &str, lv: &str) -> Option<(String, bool)> {
@@ -211,5 +235,11 @@ impl Agent for RemoteAgent {
             }
             Err(s) => Some((self.err(s).to_string(), false)),
         }
+    }
+
+    async fn watch(&self, _request: WatchRequest) -> Result<Updates> {
+        Err(LvmError::Unavailable(
+            "the inventory stream is not built yet".into(),
+        ))
     }
 }

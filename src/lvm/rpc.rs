@@ -11,6 +11,7 @@ use crate::error::Error;
 use crate::lvm::agent::{Agent, ClassCapacity, LocalAgent, LvSpec, Origin};
 use crate::lvm::error::LvmError;
 use crate::lvm::ids::{has_tag, Kind, LvmKind};
+use crate::lvm::inventory::Stamp;
 use crate::lvm::report::Lv;
 
 impl From<Lv> for pb::Lv {
@@ -79,6 +80,24 @@ impl From<pb::CreateRequest> for LvSpec {
                 frozen: o.frozen,
             }),
             read_only: r.read_only,
+        }
+    }
+}
+
+impl From<Stamp> for pb::Stamp {
+    fn from(s: Stamp) -> Self {
+        pb::Stamp {
+            epoch: s.epoch,
+            generation: s.generation,
+        }
+    }
+}
+
+impl From<pb::Stamp> for Stamp {
+    fn from(s: pb::Stamp) -> Self {
+        Stamp {
+            epoch: s.epoch,
+            generation: s.generation,
         }
     }
 }
@@ -329,9 +348,10 @@ impl pb::agent_server::Agent for AgentService {
             }
         }
         tracing::info!(class = %spec.class, lv = %spec.name, size = spec.size, "agent: create");
-        let lv = self.agent.create(&spec).await.map_err(status_from_error)?;
+        let done = self.agent.create(&spec).await.map_err(status_from_error)?;
         Ok(Response::new(pb::LvReply {
-            lv: Some(lv.into()),
+            lv: Some(done.value.into()),
+            stamp: Some(done.stamp.into()),
         }))
     }
 
@@ -341,11 +361,14 @@ impl pb::agent_server::Agent for AgentService {
             .await
             .map_err(status_from_error)?;
         tracing::info!(class = %r.class, lv = %r.name, "agent: remove");
-        self.agent
+        let stamp = self
+            .agent
             .remove(&r.class, &r.name)
             .await
             .map_err(status_from_error)?;
-        Ok(Response::new(pb::RemoveReply {}))
+        Ok(Response::new(pb::RemoveReply {
+            stamp: Some(stamp.into()),
+        }))
     }
 
     async fn extend(&self, r: Request<pb::ExtendRequest>) -> Result<Response<pb::LvReply>, Status> {
@@ -354,13 +377,14 @@ impl pb::agent_server::Agent for AgentService {
             .await
             .map_err(status_from_error)?;
         tracing::info!(class = %r.class, lv = %r.name, size = r.size, "agent: extend");
-        let lv = self
+        let done = self
             .agent
             .extend(&r.class, &r.name, r.size)
             .await
             .map_err(status_from_error)?;
         Ok(Response::new(pb::LvReply {
-            lv: Some(lv.into()),
+            lv: Some(done.value.into()),
+            stamp: Some(done.stamp.into()),
         }))
     }
 
@@ -375,6 +399,7 @@ impl pb::agent_server::Agent for AgentService {
             .filter(is_own);
         Ok(Response::new(pb::FindReply {
             lv: lv.map(Into::into),
+            stamp: None,
         }))
     }
 
@@ -409,13 +434,14 @@ impl pb::agent_server::Agent for AgentService {
         self.own_lv(&r.class, &r.name)
             .await
             .map_err(status_from_error)?;
-        let lv = self
+        let done = self
             .agent
             .resume(&r.class, &r.name)
             .await
             .map_err(status_from_error)?;
         Ok(Response::new(pb::FindReply {
-            lv: lv.map(Into::into),
+            lv: done.value.map(Into::into),
+            stamp: Some(done.stamp.into()),
         }))
     }
 
@@ -434,6 +460,19 @@ impl pb::agent_server::Agent for AgentService {
             message,
             failed_for_good,
         }))
+    }
+
+    type WatchStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<pb::InventoryUpdate, Status>> + Send>,
+    >;
+
+    async fn watch(
+        &self,
+        _r: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        Err(Status::unimplemented(
+            "the inventory stream is not built yet",
+        ))
     }
 }
 
