@@ -11,7 +11,7 @@ use crate::error::Error;
 use crate::lvm::agent::{Agent, ClassCapacity, LocalAgent, LvSpec, Origin};
 use crate::lvm::error::LvmError;
 use crate::lvm::ids::{has_tag, Kind, LvmKind};
-use crate::lvm::inventory::Stamp;
+use crate::lvm::inventory::{Stamp, Update, WatchRequest};
 use crate::lvm::report::Lv;
 
 impl From<Lv> for pb::Lv {
@@ -98,6 +98,93 @@ impl From<pb::Stamp> for Stamp {
         Stamp {
             epoch: s.epoch,
             generation: s.generation,
+        }
+    }
+}
+
+impl From<Update> for pb::InventoryUpdate {
+    fn from(u: Update) -> Self {
+        pb::InventoryUpdate {
+            epoch: u.epoch,
+            generation: u.generation,
+            full: u.full,
+            lvs: u
+                .lvs
+                .into_iter()
+                .map(|(class, lv)| pb::ClassLv {
+                    class,
+                    lv: Some(lv.into()),
+                })
+                .collect(),
+            removed: u
+                .removed
+                .into_iter()
+                .map(|(class, name)| pb::LvRef { class, name })
+                .collect(),
+            classes: u
+                .classes
+                .into_iter()
+                .map(|(class, c)| pb::ClassInventory {
+                    class,
+                    capacity: Some(c.into()),
+                })
+                .collect(),
+            problems: u.problems,
+        }
+    }
+}
+
+impl TryFrom<pb::InventoryUpdate> for Update {
+    type Error = LvmError;
+
+    fn try_from(u: pb::InventoryUpdate) -> Result<Self, LvmError> {
+        let missing =
+            |what: &str| LvmError::Internal(format!("an inventory update without {what}"));
+        Ok(Update {
+            epoch: u.epoch,
+            generation: u.generation,
+            full: u.full,
+            lvs: u
+                .lvs
+                .into_iter()
+                .map(|c| Ok((c.class, c.lv.ok_or_else(|| missing("an LV"))?.into())))
+                .collect::<Result<_, LvmError>>()?,
+            removed: u.removed.into_iter().map(|r| (r.class, r.name)).collect(),
+            classes: u
+                .classes
+                .into_iter()
+                .map(|c| {
+                    Ok((
+                        c.class,
+                        c.capacity.ok_or_else(|| missing("a capacity"))?.into(),
+                    ))
+                })
+                .collect::<Result<_, LvmError>>()?,
+            problems: u.problems,
+        })
+    }
+}
+
+impl From<&WatchRequest> for pb::WatchRequest {
+    fn from(w: &WatchRequest) -> Self {
+        let cursor = w.cursor.clone().unwrap_or_default();
+        pb::WatchRequest {
+            epoch: cursor.epoch,
+            generation: cursor.generation,
+            heartbeat_ms: w.heartbeat.as_millis().min(u32::MAX as u128) as u32,
+        }
+    }
+}
+
+impl From<pb::WatchRequest> for WatchRequest {
+    fn from(w: pb::WatchRequest) -> Self {
+        let (low, high) = crate::lvm::inventory::HEARTBEAT_LIMITS;
+        WatchRequest {
+            cursor: (!w.epoch.is_empty()).then(|| Stamp {
+                epoch: w.epoch,
+                generation: w.generation,
+            }),
+            heartbeat: std::time::Duration::from_millis(w.heartbeat_ms.into()).clamp(low, high),
         }
     }
 }
