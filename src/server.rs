@@ -251,11 +251,14 @@ pub async fn lvm_services(args: &RunArgs) -> Result<Services, ServerError> {
         (Mode::Node, _) => None,
         (Mode::All, Some(agent)) => {
             let ready = local_ready.clone().expect("local agent");
-            Some(Arc::new(LvmController::new(
+            let controller = Arc::new(LvmController::new(
                 config.clone(),
                 vec![Arc::new(Detached::new(agent.clone())) as Arc<dyn Agent>],
                 Box::new(ready),
-            )))
+            ));
+            // The one node's inventory is in before the first request.
+            controller.start(Duration::from_secs(30)).await;
+            Some(controller)
         }
         _ => Some(central_controller(args, &config).await?),
     };

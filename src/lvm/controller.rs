@@ -2,11 +2,23 @@
 //! snapshots through each node's agent. Identity is in LVM (see `ids`), so
 //! any controller process can restart at any time and a retried call finds
 //! what an earlier attempt made.
+//!
+//! What every node holds and how much room it has comes from the agents'
+//! inventory streams, kept in the [`Index`]: reads ask no agent, and a
+//! create, delete, expand or snapshot makes exactly one agent call (plus
+//! the calls a copy still running needs).
+//!
+//! The liveness rule: a request that involves no node that is down or
+//! unseen never waits on one. A request whose volume may exist on such a
+//! node (an earlier attempt of it went there, or the node has not sent its
+//! inventory since this controller started) is UNAVAILABLE, naming the
+//! node, rather than risk a second copy elsewhere. Placement skips nodes
+//! that are not live.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::config::{DeviceClass, LvmConfig, TOPOLOGY_NODE_KEY};
 use crate::core::backend::{
@@ -18,18 +30,26 @@ use crate::core::placement::{self, Candidate};
 use crate::core::request::{topology_matches, Access, FsType};
 use crate::csi;
 use crate::error::{Error, Result};
-use crate::lvm::agent::{Agent, LvSpec, Origin};
-use crate::lvm::error::LvmError;
+use crate::lvm::agent::{Agent, ClassCapacity, LvSpec, Origin};
 use crate::lvm::ids::{self, Kind, LvId, LvmKind, TAG_COPYING};
+use crate::lvm::index::{self, Health, Index};
+use crate::lvm::inventory::Stamp;
 use crate::lvm::params::{LvmParams, PARAMETER_KEYS};
 use crate::lvm::report::Lv;
 
 pub(crate) struct LvmController {
     config: LvmConfig,
-    /// The agents of known nodes, by node id. Nodes are added as the
-    /// resolver finds them and never dropped in a process's life (a node
-    /// that went away answers UNAVAILABLE, so nothing on it looks deleted).
-    agents: RwLock<BTreeMap<String, Arc<dyn Agent>>>,
+    /// The agents of known nodes, by node id, each with the task that
+    /// follows its inventory. Nodes are added as the resolver finds them
+    /// and never dropped in a process's life (a node that went away is
+    /// down, so nothing on it looks deleted).
+    agents: RwLock<BTreeMap<String, Slot>>,
+    index: Arc<Index>,
+    /// The heartbeat period asked of every agent's stream.
+    heartbeat: Duration,
+    setups: Arc<tokio::sync::Semaphore>,
+    /// Time spent deciding placements (for the metrics).
+    pub placements: prometheus_client::metrics::histogram::Histogram,
     /// Whether an id naming an unknown node is UNAVAILABLE (central
     /// controller: the node may not be resolved yet) rather than absent.
     strict_nodes: bool,
@@ -41,6 +61,22 @@ pub(crate) struct LvmController {
     /// LV keys found on more than one node (see `report_duplicates`).
     pub duplicates: AtomicU64,
 }
+
+struct Slot {
+    agent: Arc<dyn Agent>,
+    follower: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(f) = &self.follower {
+            f.abort();
+        }
+    }
+}
+
+/// The heartbeat period the controller asks of agents' streams.
+pub(crate) const HEARTBEAT: Duration = Duration::from_secs(2);
 
 fn node_segments(node: &str) -> BTreeMap<String, String> {
     [(TOPOLOGY_NODE_KEY.to_string(), node.to_string())].into()
@@ -121,18 +157,38 @@ impl LvmController {
         agents: Vec<Arc<dyn Agent>>,
         not_ready: Box<dyn Fn() -> Option<String> + Send + Sync>,
     ) -> Self {
+        let index = Arc::new(Index::default());
         let agents = agents
             .into_iter()
-            .map(|a| (a.node().to_string(), a))
+            .map(|a| {
+                index.add_node(a.node());
+                let slot = Slot {
+                    agent: a.clone(),
+                    follower: None,
+                };
+                (a.node().to_string(), slot)
+            })
             .collect();
         LvmController {
             config,
             agents: RwLock::new(agents),
+            index,
+            heartbeat: HEARTBEAT,
+            setups: Arc::new(tokio::sync::Semaphore::new(index::SETUPS_AT_ONCE)),
+            placements: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(1e-5, 4.0, 10),
+            ),
             strict_nodes: false,
             not_ready,
             attempts: Mutex::default(),
             duplicates: AtomicU64::new(0),
         }
+    }
+
+    /// Sets the heartbeat period asked of agents' streams (before use).
+    pub(crate) fn with_heartbeat(mut self, every: Duration) -> Self {
+        self.heartbeat = every;
+        self
     }
 
     /// The central controller: no agents until the resolver adds them, and
@@ -170,23 +226,70 @@ impl LvmController {
             .read()
             .expect("agents poisoned")
             .get(node)
-            .cloned()
+            .map(|s| s.agent.clone())
     }
 
-    fn all_agents(&self) -> Vec<(String, Arc<dyn Agent>)> {
-        let agents = self.agents.read().expect("agents poisoned");
-        agents.iter().map(|(n, a)| (n.clone(), a.clone())).collect()
+    /// The agent of a node the index has the LV on, for a change: fails
+    /// fast, naming the node, when the node is not live.
+    fn agent_for_change(&self, node: &str) -> Result<Arc<dyn Agent>> {
+        match self.index.health(node) {
+            Some(Health::Live) => {}
+            Some(Health::Down(why)) => return Err(index::down_error(node, &why).into()),
+            Some(Health::Unseen) | None => {
+                return Err(Error::Unavailable(format!(
+                    "node {node} has not sent its inventory to this controller yet; retry"
+                )))
+            }
+        }
+        self.agent(node)
+            .ok_or_else(|| Error::Unavailable(format!("node {node} is not known; retry")))
     }
 
-    /// Adds (or replaces, when its address changed) the agent of a node.
+    /// Adds (or replaces, when its address changed) the agent of a node,
+    /// and follows its inventory.
     pub(crate) fn set_agent(&self, agent: Arc<dyn Agent>) {
+        let node = agent.node().to_string();
+        self.index.add_node(&node);
+        let follower = Some(self.follow(agent.clone()));
         let mut agents = self.agents.write().expect("agents poisoned");
-        agents.insert(agent.node().to_string(), agent);
+        agents.insert(node, Slot { agent, follower });
     }
 
-    /// The LV an id names, if it exists and carries its kind's tag.
+    fn follow(&self, agent: Arc<dyn Agent>) -> tokio::task::JoinHandle<()> {
+        index::follow(
+            Arc::downgrade(&self.index),
+            agent,
+            self.heartbeat,
+            self.setups.clone(),
+        )
+    }
+
+    /// Follows the inventory of every agent given at construction, and
+    /// waits (at most `limit`) until each has sent it.
+    pub(crate) async fn start(&self, limit: Duration) {
+        {
+            let mut agents = self.agents.write().expect("agents poisoned");
+            for slot in agents.values_mut() {
+                if slot.follower.is_none() {
+                    slot.follower = Some(self.follow(slot.agent.clone()));
+                }
+            }
+        }
+        let unseen = self.index.wait_seen(limit).await;
+        if !unseen.is_empty() {
+            tracing::warn!(nodes = ?unseen, "serving before these nodes sent their inventory");
+        }
+    }
+
+    /// Node counts by health: (live, down, unseen).
+    pub(crate) fn node_counts(&self) -> (usize, usize, usize) {
+        self.index.counts()
+    }
+
+    /// The LV an id names, if it exists and carries its kind's tag, as the
+    /// index has it. UNAVAILABLE when its node's inventory is not in.
     async fn find(&self, id: &LvId) -> Result<Option<Lv>> {
-        let Some(agent) = self.agent(&id.node) else {
+        if self.agent(&id.node).is_none() {
             if self.strict_nodes {
                 return Err(Error::Unavailable(format!(
                     "node {} is not known to this controller (yet); retry",
@@ -194,15 +297,17 @@ impl LvmController {
                 )));
             }
             return Ok(None);
-        };
+        }
         if self.config.class(&id.class).is_none() {
             return Ok(None);
         }
-        let lv = match agent.find(&id.class, &id.lv_name()).await {
-            Ok(lv) => lv,
-            Err(LvmError::NoSuchClass(_)) => None,
-            Err(e) => return Err(e.into()),
-        };
+        if self.index.health(&id.node) == Some(Health::Unseen) {
+            return Err(Error::Unavailable(format!(
+                "node {} has not sent its inventory to this controller yet; retry",
+                id.node
+            )));
+        }
+        let lv = self.index.get(&id.node, &id.class, &id.lv_name());
         Ok(lv.filter(|l| ids::has_tag(&l.tags, id.kind.tag())))
     }
 
@@ -213,31 +318,19 @@ impl LvmController {
         Ok(self.find(&lid).await?.map(|lv| (lid, lv)))
     }
 
-    /// An LV of that kind and key in any class on any node. Nodes that
-    /// cannot be asked are skipped unless an earlier attempt of this
-    /// request went there: then the answer is UNAVAILABLE, for this request
-    /// only (creating it elsewhere could make a second copy).
+    /// An LV of that kind and key in any class on any node, from the
+    /// index. When there is none, the liveness rule applies: UNAVAILABLE if
+    /// an earlier attempt of this request went to a node that is not live
+    /// now, or if some node has not sent its inventory since this
+    /// controller started (the LV could be there); nodes that were seen
+    /// and are down now are only logged.
     async fn find_anywhere(&self, kind: Kind, key: &str) -> Result<Option<(LvId, Lv)>> {
-        let mut down = Vec::new();
-        for (node, agent) in self.all_agents() {
-            for class in &self.config.classes {
-                let id = LvId {
-                    kind,
-                    node: node.clone(),
-                    class: class.name.clone(),
-                    key: key.into(),
-                };
-                match agent.find(&class.name, &id.lv_name()).await {
-                    Ok(Some(lv)) => return Ok(Some((id, lv))),
-                    Ok(None) => {}
-                    Err(LvmError::NoSuchClass(_)) => {}
-                    Err(e) if e.is_unreachable() => {
-                        down.push((node.clone(), e));
-                        break;
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-            }
+        let found = self.index.find_key(kind, key);
+        if found.len() > 1 {
+            self.report_duplicates(kind, &found);
+        }
+        if let Some(hit) = found.into_iter().next() {
+            return Ok(Some(hit));
         }
         let tried = self
             .attempts
@@ -245,14 +338,38 @@ impl LvmController {
             .expect("attempts poisoned")
             .get(key)
             .cloned();
-        for (node, e) in down {
-            if tried.as_deref() == Some(node.as_str()) {
-                return Err(Error::Unavailable(format!(
-                    "an earlier attempt of this request went to node {node}, which cannot be \
-                     reached now ({e}); retry when it is back"
-                )));
+        if let Some(node) = tried {
+            match self.index.health(&node) {
+                Some(Health::Down(why)) => {
+                    return Err(Error::Unavailable(format!(
+                        "an earlier attempt of this request went to node {node}, which is down \
+                         ({why}); retry when it is back"
+                    )))
+                }
+                Some(Health::Unseen) => {
+                    return Err(Error::Unavailable(format!(
+                        "an earlier attempt of this request went to node {node}, whose \
+                         inventory is not in yet; retry"
+                    )))
+                }
+                _ => {}
             }
-            tracing::warn!(node = %node, error = %e, "node skipped: its agent cannot be reached");
+        }
+        let absent = self.index.absent();
+        if !absent.unseen.is_empty() {
+            let n = absent.unseen.len();
+            let first: Vec<&str> = absent.unseen.iter().take(5).map(String::as_str).collect();
+            return Err(Error::Unavailable(format!(
+                "{n} node(s) ({}{}) have not sent their inventory since this controller \
+                 started, and this request's {} could be there; retry",
+                first.join(", "),
+                if n > first.len() { ", ..." } else { "" },
+                if kind == Kind::Volume {
+                    "volume"
+                } else {
+                    "snapshot"
+                }
+            )));
         }
         Ok(None)
     }
@@ -312,8 +429,12 @@ impl LvmController {
             Some(size) if size > lv.size => {
                 tracing::info!(lv = %lv.name, from = lv.size, to = size,
                     "finishing the growth of an interrupted restore or clone");
-                let agent = self.agent(&id.node).expect("found on this node");
-                Ok(agent.extend(&id.class, &lv.name, size).await?.value)
+                let agent = self.agent_for_change(&id.node)?;
+                let done = agent.extend(&id.class, &lv.name, size).await?;
+                let lv = done.value;
+                self.index
+                    .record(&id.node, &id.class, &lv.name, Some(lv.clone()), done.stamp);
+                Ok(lv)
             }
             _ => Ok(lv),
         }
@@ -324,8 +445,16 @@ impl LvmController {
         if !is_copying(&lv) {
             return Ok((lv, None));
         }
-        let agent = self.agent(&id.node).expect("found on this node");
-        let lv = agent.resume(&id.class, &lv.name).await?.value.unwrap_or(lv);
+        let agent = self.agent_for_change(&id.node)?;
+        let done = agent.resume(&id.class, &lv.name).await?;
+        self.index.record(
+            &id.node,
+            &id.class,
+            &lv.name,
+            done.value.clone(),
+            done.stamp,
+        );
+        let lv = done.value.unwrap_or(lv);
         if !is_copying(&lv) {
             return Ok((lv, None));
         }
@@ -336,9 +465,8 @@ impl LvmController {
         }
     }
 
-    /// Every `every`, lists both kinds on every reachable node (the agents
-    /// answer from memory) to find duplicates, e.g. after a node that was
-    /// down comes back.
+    /// Every `every`, looks through the index for duplicates, e.g. after a
+    /// node that was down comes back.
     pub(crate) fn spawn_duplicate_scan(self: &Arc<Self>, every: Duration) {
         if every.is_zero() {
             return;
@@ -350,9 +478,7 @@ impl LvmController {
                 tick.tick().await;
                 let Some(me) = me.upgrade() else { return };
                 for kind in [Kind::Volume, Kind::Snapshot] {
-                    if let Err(e) = me.list_kind(kind).await {
-                        tracing::warn!(error = %e, "duplicate scan failed");
-                    }
+                    me.list_kind(kind);
                 }
             }
         });
@@ -447,77 +573,103 @@ impl LvmController {
         Ok(Self::volume_info(&id, &lv))
     }
 
-    /// Placement: every node's capacity for the class, then the decision.
-    /// Returns the decision and the size the volume has on that node.
-    async fn place(
+    /// Placement: the live nodes' room for the class (from the index, less
+    /// what creates under way were promised), then the decision, and a
+    /// reservation of the volume's size on the chosen node. Returns the
+    /// decision, the size the volume has there, and the reservation.
+    fn place(
         &self,
         req: &CreateVolume,
         class: &DeviceClass,
         sizing: &Sizing,
         source_node: Option<&str>,
-    ) -> Result<(placement::Decision, u64)> {
-        let mut candidates = Vec::new();
-        let mut sizes = BTreeMap::new();
-        let mut full_pools = Vec::new();
-        for (node, agent) in self.all_agents() {
-            let cap = match agent.capacity(&class.name).await {
-                Ok(c) => c,
-                Err(LvmError::NoSuchClass(_)) => continue,
-                Err(e) => {
-                    tracing::warn!(node, error = %e, "node skipped for placement");
-                    continue;
+    ) -> Result<((placement::Decision, u64), u64)> {
+        let started = Instant::now();
+        let placed = self.index.place(&class.name, |rooms| {
+            let mut candidates = Vec::with_capacity(rooms.len());
+            let mut sizes = HashMap::with_capacity(rooms.len());
+            let mut full_pools = Vec::new();
+            for room in rooms {
+                let cap = &room.capacity;
+                if cap.pool_full {
+                    full_pools.push(format!(
+                        "{}: thin pool {}/{} is {:.1}% full (threshold {}%)",
+                        room.node,
+                        class.volume_group,
+                        class.thin_pool.as_deref().unwrap_or(""),
+                        cap.used_percent,
+                        class.pool_full_threshold_percent
+                    ));
                 }
-            };
-            if cap.pool_full {
-                full_pools.push(format!(
-                    "{node}: thin pool {}/{} is {:.1}% full (threshold {}%)",
-                    class.volume_group,
-                    class.thin_pool.as_deref().unwrap_or(""),
-                    cap.used_percent,
-                    class.pool_full_threshold_percent
-                ));
+                let size = req
+                    .range
+                    .pick(cap.extent_size, sizing.minimum, sizing.default)?;
+                sizes.insert(room.node.as_str(), size);
+                candidates.push(Candidate {
+                    name: room.node.clone(),
+                    segments: room.segments.clone(),
+                    available: cap.available.saturating_sub(room.reserved),
+                });
             }
-            let size = req
-                .range
-                .pick(cap.extent_size, sizing.minimum, sizing.default)?;
-            sizes.insert(node.clone(), size);
-            candidates.push(Candidate {
-                name: node.clone(),
-                segments: node_segments(&node),
-                available: cap.available,
-            });
+            let Some(&largest) = sizes.values().max() else {
+                return Err(Error::Unavailable(format!(
+                    "no live node can serve device class {} right now",
+                    class.name
+                )));
+            };
+            let decision =
+                placement::place(req.requirement.as_ref(), &candidates, largest, source_node)
+                    .map_err(|e| match (e, full_pools.is_empty()) {
+                        (Error::ResourceExhausted(m), false) => {
+                            Error::ResourceExhausted(format!("{m}; {}", full_pools.join("; ")))
+                        }
+                        (e, _) => e,
+                    })?;
+            let size = sizes[decision.node.as_str()];
+            let node = decision.node.clone();
+            Ok(((decision, size), node, size))
+        });
+        self.placements.observe(started.elapsed().as_secs_f64());
+        let absent = self.index.absent();
+        if !absent.unseen.is_empty() || !absent.down.is_empty() {
+            tracing::info!(
+                class = %class.name, unseen = absent.unseen.len(), down = absent.down.len(),
+                first_down = ?absent.down.first().map(|(n, _)| n),
+                "placement skipped the nodes that are not live"
+            );
         }
-        let Some(&largest) = sizes.values().max() else {
-            return Err(Error::Unavailable(format!(
-                "no node can serve device class {} right now",
-                class.name
-            )));
-        };
-        let decision =
-            placement::place(req.requirement.as_ref(), &candidates, largest, source_node).map_err(
-                |e| match (e, full_pools.is_empty()) {
-                    (Error::ResourceExhausted(m), false) => {
-                        Error::ResourceExhausted(format!("{m}; {}", full_pools.join("; ")))
-                    }
-                    (e, _) => e,
-                },
-            )?;
-        let size = sizes[&decision.node];
-        Ok((decision, size))
+        placed
     }
 
     /// Creates the LV on its node and answers once its data is complete
-    /// (ABORTED while a copy from its source runs).
+    /// (ABORTED while a copy from its source runs). Ends the reservation
+    /// made for it when the agent answers (and, on success, once the
+    /// node's inventory shows the new LV).
     async fn create_on_node(
         &self,
         req: &CreateVolume,
         id: &LvId,
         spec: &LvSpec,
+        reservation: u64,
     ) -> Result<VolumeInfo> {
-        let agent = self.agent(&id.node).expect("placed on a known node");
+        let agent = match self.agent_for_change(&id.node) {
+            Ok(a) => a,
+            Err(e) => {
+                self.index.settle(reservation, None);
+                return Err(e);
+            }
+        };
         self.note_attempt(&id.key, &id.node);
-        let lv = agent.create(spec).await?.value;
-        let (lv, copying) = self.settle(id, lv).await?;
+        let done = match agent.create(spec).await {
+            Ok(done) => done,
+            Err(e) => {
+                self.index.settle(reservation, None);
+                return Err(e.into());
+            }
+        };
+        self.record(id, &done.value, done.stamp.clone());
+        self.index.settle(reservation, Some(done.stamp));
+        let (lv, copying) = self.settle(id, done.value).await?;
         if let Some(progress) = copying {
             return Err(Error::Aborted(format!(
                 "volume {:?} is being filled from its source ({progress}); retry",
@@ -527,38 +679,25 @@ impl LvmController {
         Ok(Self::volume_info(id, &lv))
     }
 
-    async fn list_kind(&self, kind: Kind) -> Result<Vec<(LvId, Lv)>> {
-        let mut out = Vec::new();
-        for (node, agent) in self.all_agents() {
-            let lvs = match agent.list().await {
-                Ok(lvs) => lvs,
-                Err(e) if e.is_unreachable() => {
-                    tracing::warn!(node = %node, error = %e,
-                        "listing without this node: its agent cannot be reached");
-                    continue;
-                }
-                Err(e) => return Err(e.into()),
-            };
-            for (class, lv) in lvs {
-                if !ids::has_tag(&lv.tags, kind.tag()) {
-                    continue;
-                }
-                let Some(key) = kind.key_of_lv(&lv.name) else {
-                    continue;
-                };
-                out.push((
-                    LvId {
-                        kind,
-                        node: node.clone(),
-                        class,
-                        key: key.to_string(),
-                    },
-                    lv,
-                ));
-            }
-        }
+    fn record(&self, id: &LvId, lv: &Lv, stamp: Stamp) {
+        self.index
+            .record(&id.node, &id.class, &lv.name, Some(lv.clone()), stamp);
+    }
+
+    /// Removes an LV the index has, and records that it is gone.
+    async fn remove(&self, id: &LvId, lv: &Lv) -> Result<()> {
+        let agent = self.agent_for_change(&id.node)?;
+        let stamp = agent.remove(&id.class, &lv.name).await?;
+        self.index
+            .record(&id.node, &id.class, &lv.name, None, stamp);
+        Ok(())
+    }
+
+    /// Every LV of the kind, from the index (duplicates are reported).
+    fn list_kind(&self, kind: Kind) -> Vec<(LvId, Lv)> {
+        let out = self.index.list(kind);
         self.report_duplicates(kind, &out);
-        Ok(out)
+        out
     }
 }
 
@@ -593,7 +732,7 @@ impl ControllerBackend for LvmController {
         }
         let sizing = Sizing::of(req, class, source.as_ref().map(|(_, lv)| lv))?;
         let source_node = source.as_ref().map(|(sid, _)| sid.node.as_str());
-        let (decision, size) = self.place(req, class, &sizing, source_node).await?;
+        let ((decision, size), reservation) = self.place(req, class, &sizing, source_node)?;
         tracing::info!(
             name = %req.name, node = %decision.node, rule = decision.rule, class = %class.name,
             size, source = ?source_id, "placed volume"
@@ -605,14 +744,13 @@ impl ControllerBackend for LvmController {
             key,
         };
         let spec = new_volume_spec(req, &id, size, &digest, source.as_ref());
-        self.create_on_node(req, &id, &spec).await
+        self.create_on_node(req, &id, &spec, reservation).await
     }
 
     async fn delete_volume(&self, id: &str, _: &Secrets) -> Result<()> {
         match self.resolve(Kind::Volume, id).await? {
             Some((lid, lv)) => {
-                let agent = self.agent(&lid.node).expect("resolved on a known node");
-                agent.remove(&lid.class, &lv.name).await?;
+                self.remove(&lid, &lv).await?;
                 self.forget_attempt(&lid.key);
                 Ok(())
             }
@@ -631,7 +769,6 @@ impl ControllerBackend for LvmController {
     async fn list_volumes(&self) -> Result<Vec<VolumeInfo>> {
         let mut out: Vec<VolumeInfo> = self
             .list_kind(Kind::Volume)
-            .await?
             .iter()
             .filter(|(_, lv)| !is_copying(lv))
             .map(|(id, lv)| Self::volume_info(id, lv))
@@ -645,11 +782,20 @@ impl ControllerBackend for LvmController {
             .resolve(Kind::Volume, id)
             .await?
             .ok_or_else(|| Error::NotFound(format!("volume {id} does not exist")))?;
-        let agent = self.agent(&lid.node).expect("resolved on a known node");
-        let cap = agent.capacity(&lid.class).await?;
         if lv.size >= range.required {
             return Ok(lv.size);
         }
+        let agent = self.agent_for_change(&lid.node)?;
+        let room = self.index.room(&lid.node, &lid.class).ok_or_else(|| {
+            Error::Unavailable(format!(
+                "node {} has no capacity report for device class {}; retry",
+                lid.node, lid.class
+            ))
+        })?;
+        let cap = ClassCapacity {
+            available: room.capacity.available.saturating_sub(room.reserved),
+            ..room.capacity
+        };
         let size = range.pick(cap.extent_size, 0, lv.size)?;
         if size - lv.size > cap.available {
             return Err(Error::ResourceExhausted(format!(
@@ -660,7 +806,9 @@ impl ControllerBackend for LvmController {
                 lid.class
             )));
         }
-        Ok(agent.extend(&lid.class, &lv.name, size).await?.value.size)
+        let done = agent.extend(&lid.class, &lv.name, size).await?;
+        self.record(&lid, &done.value, done.stamp);
+        Ok(done.value.size)
     }
 
     async fn capacity(
@@ -670,25 +818,17 @@ impl ControllerBackend for LvmController {
     ) -> Result<Capacity> {
         let class = self.class_for(&LvmParams::parse(params)?)?;
         let mut total = Capacity::default();
-        for (node, agent) in self.all_agents() {
+        // Live nodes only: a node that is down or unseen takes no volume now.
+        for room in self.index.rooms(&class.name) {
             if let Some(t) = topology {
-                if !topology_matches(t, &node_segments(&node)) {
+                if !topology_matches(t, &room.segments) {
                     continue;
                 }
             }
-            let cap = match agent.capacity(&class.name).await {
-                Ok(cap) => cap,
-                Err(LvmError::NoSuchClass(_)) => continue,
-                // Without a topology the answer is the reachable nodes' sum.
-                Err(e) if topology.is_none() && e.is_unreachable() => {
-                    tracing::warn!(node = %node, error = %e, "capacity without this node");
-                    continue;
-                }
-                Err(e) => return Err(e.into()),
-            };
-            total.available += cap.available;
-            total.maximum_volume = total.maximum_volume.max(cap.available);
-            total.minimum_volume = total.minimum_volume.max(cap.extent_size);
+            let available = room.capacity.available.saturating_sub(room.reserved);
+            total.available += available;
+            total.maximum_volume = total.maximum_volume.max(available);
+            total.minimum_volume = total.minimum_volume.max(room.capacity.extent_size);
         }
         Ok(total)
     }
@@ -742,17 +882,19 @@ impl ControllerBackend for LvmController {
             }),
             read_only: true,
         };
-        let agent = self.agent(&src.node).expect("resolved on a known node");
-        let lv = agent.create(&spec).await?.value;
-        let (lv, _) = self.settle(&id, lv).await?;
+        let agent = self.agent_for_change(&src.node)?;
+        self.note_attempt(&id.key, &id.node);
+        let done = agent.create(&spec).await?;
+        self.record(&id, &done.value, done.stamp);
+        let (lv, _) = self.settle(&id, done.value).await?;
         Ok(Self::snapshot_info(&id, &lv))
     }
 
     async fn delete_snapshot(&self, id: &str, _: &Secrets) -> Result<()> {
         match self.resolve(Kind::Snapshot, id).await? {
             Some((lid, lv)) => {
-                let agent = self.agent(&lid.node).expect("resolved on a known node");
-                agent.remove(&lid.class, &lv.name).await?;
+                self.remove(&lid, &lv).await?;
+                self.forget_attempt(&lid.key);
                 Ok(())
             }
             None => Ok(()),
@@ -769,7 +911,6 @@ impl ControllerBackend for LvmController {
     async fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>> {
         let mut out: Vec<SnapshotInfo> = self
             .list_kind(Kind::Snapshot)
-            .await?
             .iter()
             .map(|(id, lv)| Self::snapshot_info(id, lv))
             .collect();
@@ -798,6 +939,7 @@ impl std::fmt::Debug for DuplicatesFound {
 impl prometheus_client::collector::Collector for DuplicatesFound {
     fn encode(&self, mut out: prometheus_client::encoding::DescriptorEncoder) -> std::fmt::Result {
         use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::gauge::ConstGauge;
         let found = self.0.duplicates.load(Ordering::Relaxed);
         let counter = prometheus_client::metrics::counter::ConstCounter::new(found);
         counter.encode(out.encode_descriptor(
@@ -806,9 +948,32 @@ impl prometheus_client::collector::Collector for DuplicatesFound {
              classes (see the logs; nothing is deleted).",
             None,
             counter.metric_type(),
+        )?)?;
+        let (live, down, unseen) = self.0.node_counts();
+        let mut family = out.encode_descriptor(
+            "lodestone_lvm_inventory_nodes",
+            "Nodes by the state of their inventory stream: live, down (seen, then silent or \
+             cut) or unseen (no inventory since the controller started).",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (state, n) in [("live", live), ("down", down), ("unseen", unseen)] {
+            let gauge = ConstGauge::new(n as i64);
+            gauge.encode(family.encode_family(&[("state", state)])?)?;
+        }
+        self.0.placements.encode(out.encode_descriptor(
+            "lodestone_lvm_placement_seconds",
+            "Time the controller spent deciding where a new volume goes (from its index, \
+             reservation included).",
+            None,
+            self.0.placements.metric_type(),
         )?)
     }
 }
+
+#[cfg(test)]
+#[path = "controller_tests.rs"]
+mod tests;
 
 #[cfg(test)]
 mod metrics_tests {

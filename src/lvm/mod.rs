@@ -8,6 +8,7 @@ pub(crate) mod copy;
 pub(crate) mod detached;
 pub mod error;
 pub mod ids;
+pub(crate) mod index;
 pub mod inventory;
 pub(crate) mod node;
 pub(crate) mod params;

@@ -124,15 +124,7 @@ impl Directory {
             };
             let moved = self.known.insert(node.clone(), address.clone());
             tracing::info!(node = %node, address = %address, previous = ?moved, "node agent added");
-            controller.set_agent(agent.clone() as Arc<dyn Agent>);
-            tokio::spawn(async move {
-                match agent.describe().await {
-                    Ok(d) => tracing::info!(node = %d.node, classes = ?d.classes,
-                        version = %d.version, "agent reachable"),
-                    Err(e) => tracing::warn!(node = %agent.node(), error = %e,
-                        "agent not reachable yet"),
-                }
-            });
+            controller.set_agent(agent as Arc<dyn Agent>);
         }
     }
 

@@ -180,7 +180,7 @@ impl From<pb::WatchRequest> for WatchRequest {
     fn from(w: pb::WatchRequest) -> Self {
         let (low, high) = crate::lvm::inventory::HEARTBEAT_LIMITS;
         WatchRequest {
-            cursor: (!w.epoch.is_empty()).then(|| Stamp {
+            cursor: (!w.epoch.is_empty()).then_some(Stamp {
                 epoch: w.epoch,
                 generation: w.generation,
             }),

@@ -1,0 +1,420 @@
+//! The controller against in-memory agents that push their inventory: what
+//! a read, a create and a delete cost in agent calls, what a node that is
+//! down or hung costs other requests, and that concurrent creates never
+//! promise a node more room than it has.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use super::*;
+use crate::core::backend::ControllerBackend;
+use crate::core::request::Capability;
+use crate::csi::volume_capability::access_mode::Mode as AccessMode;
+use crate::lvm::error::{LvmError, Result as LvmResult};
+use crate::lvm::inventory::{Stamped, Update, Updates, WatchRequest};
+
+const GIB: u64 = 1 << 30;
+const EXTENT: u64 = 4 << 20;
+
+/// One node's LVM, in memory: class "thin" with a fixed room.
+struct FakeNode {
+    node: String,
+    room: u64,
+    state: Mutex<(u64, BTreeMap<String, Lv>)>,
+    watchers: Mutex<Vec<mpsc::Sender<LvmResult<Update>>>>,
+    /// Every call but watch, by name.
+    calls: Mutex<BTreeMap<&'static str, u64>>,
+    /// Calls (and watches) never answer.
+    hung: Arc<AtomicBool>,
+    creates: AtomicU64,
+}
+
+impl FakeNode {
+    fn new(node: &str, room: u64) -> Arc<Self> {
+        Arc::new(FakeNode {
+            node: node.to_string(),
+            room,
+            state: Mutex::new((0, BTreeMap::new())),
+            watchers: Mutex::default(),
+            calls: Mutex::default(),
+            hung: Arc::default(),
+            creates: AtomicU64::new(0),
+        })
+    }
+
+    fn count(&self, call: &'static str) {
+        *self.calls.lock().unwrap().entry(call).or_default() += 1;
+    }
+
+    fn calls(&self) -> u64 {
+        self.calls.lock().unwrap().values().sum()
+    }
+
+    async fn hang_if_asked(&self) {
+        if self.hung.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    fn used(lvs: &BTreeMap<String, Lv>) -> u64 {
+        lvs.values().map(|l| l.size).sum()
+    }
+
+    /// A full update of the state as it is.
+    fn full(&self) -> Update {
+        let st = self.state.lock().unwrap();
+        Update {
+            epoch: "e1".into(),
+            generation: st.0,
+            full: true,
+            lvs: st.1.values().map(|l| ("thin".into(), l.clone())).collect(),
+            removed: Vec::new(),
+            classes: vec![(
+                "thin".into(),
+                ClassCapacity {
+                    available: self.room - Self::used(&st.1),
+                    extent_size: EXTENT,
+                    pool_full: false,
+                    total: self.room,
+                    used_percent: 0.0,
+                },
+            )],
+            problems: Vec::new(),
+        }
+    }
+
+    /// Pushes the state to every watcher (a full update is a valid delta
+    /// for this fake's purpose; the real agent sends changes only).
+    fn push(&self) {
+        let update = self.full();
+        self.watchers
+            .lock()
+            .unwrap()
+            .retain(|w| w.try_send(Ok(update.clone())).is_ok());
+    }
+
+    fn change(&self, f: impl FnOnce(&mut BTreeMap<String, Lv>)) -> Stamp {
+        let stamp = {
+            let mut st = self.state.lock().unwrap();
+            f(&mut st.1);
+            st.0 += 1;
+            Stamp {
+                epoch: "e1".into(),
+                generation: st.0,
+            }
+        };
+        self.push();
+        stamp
+    }
+}
+
+fn new_lv(spec: &LvSpec) -> Lv {
+    Lv {
+        vg: "vg".into(),
+        name: spec.name.clone(),
+        size: spec.size,
+        attr: "Vwi-a-tz--".into(),
+        tags: spec.tags.clone(),
+        pool: Some("pool".into()),
+        data_percent: None,
+        metadata_percent: None,
+        when_full: String::new(),
+        zeroing: false,
+        created: Some(1),
+    }
+}
+
+#[tonic::async_trait]
+impl Agent for FakeNode {
+    fn node(&self) -> &str {
+        &self.node
+    }
+
+    async fn create(&self, spec: &LvSpec) -> LvmResult<Stamped<Lv>> {
+        self.count("create");
+        self.hang_if_asked().await;
+        self.creates.fetch_add(1, Ordering::SeqCst);
+        // The call takes a while, as lvcreate does: creates overlap.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let lv = new_lv(spec);
+        let mut full = false;
+        let stamp = self.change(|lvs| {
+            if Self::used(lvs) + spec.size > self.room && !lvs.contains_key(&spec.name) {
+                full = true;
+                return;
+            }
+            lvs.insert(spec.name.clone(), lv.clone());
+        });
+        if full {
+            return Err(LvmError::NoSpace("the fake VG is full".into()));
+        }
+        Ok(Stamped { value: lv, stamp })
+    }
+
+    async fn remove(&self, _: &str, lv: &str) -> LvmResult<Stamp> {
+        self.count("remove");
+        self.hang_if_asked().await;
+        Ok(self.change(|lvs| {
+            lvs.remove(lv);
+        }))
+    }
+
+    async fn extend(&self, _: &str, lv: &str, size: u64) -> LvmResult<Stamped<Lv>> {
+        self.count("extend");
+        self.hang_if_asked().await;
+        let mut out = None;
+        let stamp = self.change(|lvs| {
+            if let Some(l) = lvs.get_mut(lv) {
+                l.size = l.size.max(size);
+                out = Some(l.clone());
+            }
+        });
+        let value = out.ok_or_else(|| LvmError::LvMissing(lv.into()))?;
+        Ok(Stamped { value, stamp })
+    }
+
+    async fn find(&self, _: &str, lv: &str) -> LvmResult<Option<Lv>> {
+        self.count("find");
+        self.hang_if_asked().await;
+        Ok(self.state.lock().unwrap().1.get(lv).cloned())
+    }
+
+    async fn list(&self) -> LvmResult<Vec<(String, Lv)>> {
+        self.count("list");
+        self.hang_if_asked().await;
+        Ok(self.full().lvs)
+    }
+
+    async fn capacity(&self, _: &str) -> LvmResult<ClassCapacity> {
+        self.count("capacity");
+        self.hang_if_asked().await;
+        Ok(self.full().classes.remove(0).1)
+    }
+
+    async fn resume(&self, _: &str, lv: &str) -> LvmResult<Stamped<Option<Lv>>> {
+        self.count("resume");
+        let st = self.state.lock().unwrap();
+        Ok(Stamped {
+            value: st.1.get(lv).cloned(),
+            stamp: Stamp {
+                epoch: "e1".into(),
+                generation: st.0,
+            },
+        })
+    }
+
+    async fn copy_progress(&self, _: &str, _: &str) -> Option<(String, bool)> {
+        None
+    }
+
+    async fn watch(&self, request: WatchRequest) -> LvmResult<Updates> {
+        self.hang_if_asked().await;
+        let (tx, rx) = mpsc::channel(1024);
+        tx.try_send(Ok(self.full())).unwrap();
+        // Heartbeats (full updates, here) at the period asked.
+        let beat = tx.clone();
+        let me = self.full();
+        let hung = self.hung.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(request.heartbeat).await;
+                if hung.load(Ordering::SeqCst) {
+                    // A hung host: the stream stays open and says nothing.
+                    continue;
+                }
+                let mut hb = me.clone();
+                hb.full = false;
+                hb.lvs.clear();
+                if beat.send(Ok(hb)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        self.watchers.lock().unwrap().push(tx);
+        Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+}
+
+fn config() -> LvmConfig {
+    LvmConfig::load(None, &["thin=vg/pool".into()]).unwrap()
+}
+
+async fn controller(nodes: &[Arc<FakeNode>]) -> Arc<LvmController> {
+    let agents = nodes.iter().map(|n| n.clone() as Arc<dyn Agent>).collect();
+    let c = LvmController::new(config(), agents, Box::new(|| None))
+        .with_heartbeat(Duration::from_millis(50));
+    let c = Arc::new(c);
+    c.start(Duration::from_secs(5)).await;
+    c
+}
+
+fn request(name: &str, size: u64) -> CreateVolume {
+    CreateVolume {
+        name: name.into(),
+        range: Range {
+            required: size,
+            limit: 0,
+        },
+        params: BTreeMap::new(),
+        capabilities: vec![Capability {
+            access: Access::Block,
+            mode: AccessMode::SingleNodeWriter,
+        }],
+        requirement: None,
+        source: None,
+        secrets: Default::default(),
+    }
+}
+
+fn total_calls(nodes: &[Arc<FakeNode>]) -> u64 {
+    nodes.iter().map(|n| n.calls()).sum()
+}
+
+#[tokio::test]
+async fn reads_ask_no_agent_and_changes_ask_one() {
+    let nodes: Vec<_> = (0..5)
+        .map(|i| FakeNode::new(&format!("n{i}"), 10 * GIB))
+        .collect();
+    let c = controller(&nodes).await;
+    let before = total_calls(&nodes);
+    let v = c.create_volume(&request("pvc-1", GIB)).await.unwrap();
+    assert_eq!(total_calls(&nodes) - before, 1, "one agent call per create");
+
+    let before = total_calls(&nodes);
+    assert!(c.get_volume(&v.id).await.unwrap().is_some());
+    assert_eq!(c.list_volumes().await.unwrap().len(), 1);
+    c.capacity(&BTreeMap::new(), None).await.unwrap();
+    // A retry finds the volume in the index.
+    let again = c.create_volume(&request("pvc-1", GIB)).await.unwrap();
+    assert_eq!(again.id, v.id);
+    assert_eq!(total_calls(&nodes) - before, 0, "reads ask no agent");
+
+    let before = total_calls(&nodes);
+    c.delete_volume(&v.id, &Default::default()).await.unwrap();
+    assert_eq!(total_calls(&nodes) - before, 1, "one agent call per delete");
+    // Gone at once for reads, whatever the stream's timing.
+    assert!(c.get_volume(&v.id).await.unwrap().is_none());
+    c.delete_volume(&v.id, &Default::default()).await.unwrap();
+    assert_eq!(
+        total_calls(&nodes) - before,
+        1,
+        "deleting what is gone asks nobody"
+    );
+}
+
+#[tokio::test]
+async fn a_hung_node_costs_other_requests_nothing() {
+    let nodes: Vec<_> = (0..3)
+        .map(|i| FakeNode::new(&format!("n{i}"), 10 * GIB))
+        .collect();
+    let c = controller(&nodes).await;
+    // n0 hangs: it accepts calls and never answers, stream included.
+    nodes[0].hung.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(matches!(c.index.health("n0"), Some(Health::Down(_))));
+    for i in 0..10 {
+        let started = Instant::now();
+        let v = c
+            .create_volume(&request(&format!("pvc-{i}"), GIB))
+            .await
+            .unwrap();
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(!v.id.contains("n0"), "placed on the hung node: {}", v.id);
+    }
+    assert_eq!(nodes[0].calls(), 0, "nothing asked the hung node");
+}
+
+#[tokio::test]
+async fn an_unseen_node_makes_new_names_unavailable_and_says_which() {
+    let nodes: Vec<_> = (0..2)
+        .map(|i| FakeNode::new(&format!("n{i}"), 10 * GIB))
+        .collect();
+    nodes[1].hung.store(true, Ordering::SeqCst);
+    let agents = nodes.iter().map(|n| n.clone() as Arc<dyn Agent>).collect();
+    let c = LvmController::new(config(), agents, Box::new(|| None))
+        .with_heartbeat(Duration::from_millis(50));
+    let c = Arc::new(c);
+    c.start(Duration::from_millis(300)).await;
+    let err = c.create_volume(&request("pvc-x", GIB)).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::Unavailable(m) if m.contains("n1")),
+        "{err:?}"
+    );
+    // Once it has sent its inventory, the same request proceeds.
+    nodes[1].hung.store(false, Ordering::SeqCst);
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        match c.create_volume(&request("pvc-x", GIB)).await {
+            Ok(_) => break,
+            Err(Error::Unavailable(_)) if Instant::now() < end => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_earlier_attempt_on_a_node_now_down_is_unavailable() {
+    let nodes: Vec<_> = (0..2)
+        .map(|i| FakeNode::new(&format!("n{i}"), 10 * GIB))
+        .collect();
+    let c = controller(&nodes).await;
+    // The first attempt goes to a node that then hangs mid-call.
+    c.note_attempt(&Kind::Volume.key_for_name("pvc-a"), "n1");
+    nodes[1].hung.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let err = c.create_volume(&request("pvc-a", GIB)).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::Unavailable(m) if m.contains("n1")),
+        "{err:?}"
+    );
+    // Other names go on.
+    c.create_volume(&request("pvc-b", GIB)).await.unwrap();
+}
+
+#[tokio::test]
+async fn concurrent_creates_never_promise_a_node_more_than_it_has() {
+    // Two nodes with room for 10 volumes each; 50 creates at once.
+    let nodes: Vec<_> = (0..2)
+        .map(|i| FakeNode::new(&format!("n{i}"), 10 * GIB))
+        .collect();
+    let c = controller(&nodes).await;
+    let calls = (0..50).map(|i| {
+        let c = c.clone();
+        async move { c.create_volume(&request(&format!("pvc-{i}"), GIB)).await }
+    });
+    let results = futures_join_all(calls).await;
+    let ok = results.iter().filter(|r| r.is_ok()).count();
+    let exhausted = results
+        .iter()
+        .filter(|r| matches!(r, Err(Error::ResourceExhausted(_))))
+        .count();
+    assert_eq!((ok, exhausted), (20, 30), "{results:?}");
+    // No create was sent to a node that had no room for it.
+    let sent: u64 = nodes.iter().map(|n| n.creates.load(Ordering::SeqCst)).sum();
+    assert_eq!(sent, 20);
+}
+
+async fn futures_join_all<F: std::future::Future>(
+    futures: impl Iterator<Item = F>,
+) -> Vec<F::Output>
+where
+    F: Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futures.map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
+}

@@ -1,0 +1,767 @@
+//! The controller's index: every node's inventory as its agent last
+//! reported it (see [`crate::lvm::inventory`] for the protocol), plus the
+//! results of this controller's own calls, plus the space promised to
+//! creates still under way.
+//!
+//! Reads (lookups by request name or id, lists, capacity, placement) are
+//! answered from here and ask no agent. Each node has a health:
+//!
+//! - *unseen*: known (from the resolver) but no full inventory since this
+//!   controller started: nothing may be concluded about what it holds;
+//! - *live*: its stream sends updates or heartbeats;
+//! - *down*: it was seen, then its stream broke or went silent. What it
+//!   held at its last update is known, nothing newer.
+//!
+//! The controller's liveness rule (in `controller`) builds on this.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use crate::config::TOPOLOGY_NODE_KEY;
+use crate::lvm::agent::{Agent, ClassCapacity};
+use crate::lvm::error::LvmError;
+use crate::lvm::ids::{Kind, LvId, LvmKind};
+use crate::lvm::inventory::{Stamp, Update, WatchRequest, DOWN_AFTER_HEARTBEATS};
+use crate::lvm::report::Lv;
+
+/// What is known of a node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Health {
+    Unseen,
+    Live,
+    /// Why it is down.
+    Down(String),
+}
+
+/// One LV as the index knows it, and the stamp it was learnt at. `lv` is
+/// None for an LV this controller removed, kept until the stream has
+/// caught up with the removal (so an older update cannot bring it back).
+#[derive(Debug, Clone)]
+struct Entry {
+    lv: Option<Lv>,
+    stamp: Stamp,
+}
+
+#[derive(Debug)]
+struct NodeView {
+    health: Health,
+    /// The last update applied: its epoch and generation.
+    cursor: Option<Stamp>,
+    segments: BTreeMap<String, String>,
+    /// By (class, LV name).
+    lvs: HashMap<(String, String), Entry>,
+    classes: BTreeMap<String, ClassCapacity>,
+    problems: Vec<String>,
+}
+
+impl NodeView {
+    fn new(node: &str) -> Self {
+        NodeView {
+            health: Health::Unseen,
+            cursor: None,
+            segments: [(TOPOLOGY_NODE_KEY.to_string(), node.to_string())].into(),
+            lvs: HashMap::new(),
+            classes: BTreeMap::new(),
+            problems: Vec::new(),
+        }
+    }
+
+    /// Whether the stream has already reported everything up to `stamp`.
+    fn covers(&self, stamp: &Stamp) -> bool {
+        self.cursor
+            .as_ref()
+            .is_some_and(|c| c.epoch == stamp.epoch && c.generation >= stamp.generation)
+    }
+}
+
+/// Space promised to a create under way, until the node's inventory shows
+/// the create (or the create failed).
+#[derive(Debug)]
+struct Reservation {
+    node: String,
+    class: String,
+    bytes: u64,
+    /// Released once the node's stream covers this stamp.
+    until: Option<Stamp>,
+}
+
+/// Where an LV is: (node, class, LV name).
+type Place = (String, String, String);
+
+#[derive(Debug, Default)]
+struct Inner {
+    nodes: HashMap<String, NodeView>,
+    /// Where each request key's LVs are: (kind, key) -> {(node, class, LV name)}.
+    by_key: HashMap<(Kind, String), BTreeSet<Place>>,
+    reservations: HashMap<u64, Reservation>,
+    next_reservation: u64,
+}
+
+/// The kind and request key of one of our LV names.
+fn kind_and_key(name: &str) -> Option<(Kind, String)> {
+    [Kind::Volume, Kind::Snapshot]
+        .into_iter()
+        .find_map(|k| k.key_of_lv(name).map(|key| (k, key.to_string())))
+}
+
+impl Inner {
+    fn view(&mut self, node: &str) -> &mut NodeView {
+        self.nodes
+            .entry(node.to_string())
+            .or_insert_with(|| NodeView::new(node))
+    }
+
+    /// Sets (or clears) one LV's entry and keeps `by_key` in step.
+    fn set(&mut self, node: &str, class: &str, name: &str, entry: Option<Entry>) {
+        let key = (class.to_string(), name.to_string());
+        let present = entry.as_ref().is_some_and(|e| e.lv.is_some());
+        let view = self.view(node);
+        match entry {
+            Some(e) => view.lvs.insert(key, e),
+            None => view.lvs.remove(&key),
+        };
+        if let Some(k) = kind_and_key(name) {
+            let at = (node.to_string(), class.to_string(), name.to_string());
+            if present {
+                self.by_key.entry(k).or_default().insert(at);
+            } else if let Some(set) = self.by_key.get_mut(&k) {
+                set.remove(&at);
+                if set.is_empty() {
+                    self.by_key.remove(&k);
+                }
+            }
+        }
+    }
+
+    fn release_covered(&mut self, node: &str) {
+        let Some(view) = self.nodes.get(node) else {
+            return;
+        };
+        let covered: Vec<u64> = self
+            .reservations
+            .iter()
+            .filter(|(_, r)| r.node == node)
+            .filter(|(_, r)| r.until.as_ref().is_some_and(|s| view.covers(s)))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in covered {
+            self.reservations.remove(&id);
+        }
+    }
+
+    fn rooms(&self, class: &str) -> Vec<Room> {
+        let mut reserved: HashMap<&str, u64> = HashMap::new();
+        for r in self.reservations.values().filter(|r| r.class == class) {
+            *reserved.entry(r.node.as_str()).or_default() += r.bytes;
+        }
+        let rooms: Vec<Room> = self
+            .nodes
+            .iter()
+            .filter(|(_, v)| v.health == Health::Live)
+            .filter_map(|(node, v)| {
+                Some(Room {
+                    node: node.clone(),
+                    segments: v.segments.clone(),
+                    capacity: v.classes.get(class)?.clone(),
+                    reserved: reserved.get(node.as_str()).copied().unwrap_or(0),
+                })
+            })
+            .collect();
+        rooms
+    }
+
+    fn reserved(&self, node: &str, class: &str) -> u64 {
+        self.reservations
+            .values()
+            .filter(|r| r.node == node && r.class == class)
+            .map(|r| r.bytes)
+            .sum()
+    }
+}
+
+/// A candidate node for a new volume, from the index.
+#[derive(Debug, Clone)]
+pub(crate) struct Room {
+    pub node: String,
+    pub segments: BTreeMap<String, String>,
+    pub capacity: ClassCapacity,
+    /// Bytes promised to creates under way there.
+    pub reserved: u64,
+}
+
+/// Nodes that are not live, for the liveness rule and for logs.
+#[derive(Debug, Default)]
+pub(crate) struct Absent {
+    pub unseen: Vec<String>,
+    pub down: Vec<(String, String)>,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Index {
+    inner: RwLock<Inner>,
+    /// Signalled whenever a node's health changes (for waiters).
+    changed: tokio::sync::Notify,
+}
+
+impl Index {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
+        self.inner.read().expect("index poisoned")
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
+        self.inner.write().expect("index poisoned")
+    }
+
+    /// Makes a node known (unseen until its first full inventory).
+    pub(crate) fn add_node(&self, node: &str) {
+        self.write().view(node);
+    }
+
+    pub(crate) fn health(&self, node: &str) -> Option<Health> {
+        self.read().nodes.get(node).map(|v| v.health.clone())
+    }
+
+    /// Where the next watch of `node` resumes from.
+    pub(crate) fn cursor(&self, node: &str) -> Option<Stamp> {
+        self.read().nodes.get(node).and_then(|v| v.cursor.clone())
+    }
+
+    /// Applies one update of `node`'s stream. A delta that does not follow
+    /// the index's cursor is refused (the caller watches again from
+    /// scratch).
+    pub(crate) fn apply(&self, node: &str, u: Update) -> Result<(), String> {
+        let mut inner = self.write();
+        let view = inner.view(node);
+        let stamp = u.stamp();
+        let newer = |e: &Entry| e.stamp.epoch == stamp.epoch && e.stamp.generation > u.generation;
+        if u.full {
+            // Keep only what this controller learnt from replies newer than
+            // the update; the update is the truth for everything else.
+            let keep: Vec<((String, String), Entry)> = view
+                .lvs
+                .iter()
+                .filter(|(_, e)| newer(e))
+                .map(|(k, e)| (k.clone(), e.clone()))
+                .collect();
+            let old: Vec<(String, String)> = view.lvs.keys().cloned().collect();
+            for (class, name) in old {
+                inner.set(node, &class, &name, None);
+            }
+            for (class, lv) in u.lvs {
+                let name = lv.name.clone();
+                inner.set(
+                    node,
+                    &class,
+                    &name,
+                    Some(Entry {
+                        lv: Some(lv),
+                        stamp: stamp.clone(),
+                    }),
+                );
+            }
+            for ((class, name), e) in keep {
+                inner.set(node, &class, &name, Some(e));
+            }
+        } else {
+            let follows = view.cursor.as_ref().is_some_and(|c| c.epoch == u.epoch);
+            if !follows {
+                return Err(format!(
+                    "node {node} sent changes of epoch {} that do not follow what this \
+                     controller has",
+                    u.epoch
+                ));
+            }
+            for (class, lv) in u.lvs {
+                let name = lv.name.clone();
+                let key = (class.clone(), name.clone());
+                if inner.view(node).lvs.get(&key).is_some_and(newer) {
+                    continue;
+                }
+                let entry = Entry {
+                    lv: Some(lv),
+                    stamp: stamp.clone(),
+                };
+                inner.set(node, &class, &name, Some(entry));
+            }
+            for (class, name) in u.removed {
+                let key = (class.clone(), name.clone());
+                if inner.view(node).lvs.get(&key).is_some_and(newer) {
+                    continue;
+                }
+                inner.set(node, &class, &name, None);
+            }
+        }
+        let view = inner.view(node);
+        // Removals this controller made and the stream now covers are done.
+        view.lvs.retain(|_, e| {
+            e.lv.is_some() || e.stamp.epoch != stamp.epoch || e.stamp.generation > stamp.generation
+        });
+        view.classes = u.classes.into_iter().collect();
+        view.problems = u.problems;
+        view.cursor = Some(stamp);
+        let was = std::mem::replace(&mut view.health, Health::Live);
+        inner.release_covered(node);
+        drop(inner);
+        if was != Health::Live {
+            self.changed.notify_waiters();
+        }
+        Ok(())
+    }
+
+    /// Records the result of this controller's own mutation on `node`:
+    /// `lv` as it is after it (None: removed), stamped by the agent.
+    pub(crate) fn record(&self, node: &str, class: &str, name: &str, lv: Option<Lv>, stamp: Stamp) {
+        let mut inner = self.write();
+        let view = inner.view(node);
+        if view.covers(&stamp) {
+            // The stream got there first, with this change or a newer one.
+            return;
+        }
+        inner.set(node, class, name, Some(Entry { lv, stamp }));
+    }
+
+    /// Marks a node down (its stream broke or went silent).
+    pub(crate) fn mark_down(&self, node: &str, why: String) {
+        let mut inner = self.write();
+        let view = inner.view(node);
+        if view.health == Health::Unseen {
+            return;
+        }
+        if view.health == Health::Live {
+            tracing::warn!(node = %node, reason = %why, "node down: its inventory stream stopped");
+        }
+        view.health = Health::Down(why);
+        drop(inner);
+        self.changed.notify_waiters();
+    }
+
+    /// Forgets what the index has of a node's history, so its next watch
+    /// starts with a full inventory (its LVs stay known until then).
+    pub(crate) fn reset_cursor(&self, node: &str) {
+        if let Some(v) = self.write().nodes.get_mut(node) {
+            v.cursor = None;
+        }
+    }
+
+    /// Every LV of that kind and key, on any node.
+    pub(crate) fn find_key(&self, kind: Kind, key: &str) -> Vec<(LvId, Lv)> {
+        let inner = self.read();
+        let Some(at) = inner.by_key.get(&(kind, key.to_string())) else {
+            return Vec::new();
+        };
+        at.iter()
+            .filter_map(|(node, class, name)| {
+                let view = inner.nodes.get(node)?;
+                let lv = view.lvs.get(&(class.clone(), name.clone()))?.lv.clone()?;
+                Some((
+                    LvId {
+                        kind,
+                        node: node.clone(),
+                        class: class.clone(),
+                        key: key.to_string(),
+                    },
+                    lv,
+                ))
+            })
+            .collect()
+    }
+
+    /// The LV `name` of `class` on `node`, as last known.
+    pub(crate) fn get(&self, node: &str, class: &str, name: &str) -> Option<Lv> {
+        let inner = self.read();
+        let view = inner.nodes.get(node)?;
+        view.lvs
+            .get(&(class.to_string(), name.to_string()))?
+            .lv
+            .clone()
+    }
+
+    /// Every LV of that kind, on every node, as last known.
+    pub(crate) fn list(&self, kind: Kind) -> Vec<(LvId, Lv)> {
+        let inner = self.read();
+        let mut out = Vec::new();
+        for (node, view) in &inner.nodes {
+            for ((class, name), e) in &view.lvs {
+                let (Some(lv), Some(key)) = (&e.lv, kind.key_of_lv(name)) else {
+                    continue;
+                };
+                out.push((
+                    LvId {
+                        kind,
+                        node: node.clone(),
+                        class: class.clone(),
+                        key: key.to_string(),
+                    },
+                    lv.clone(),
+                ));
+            }
+        }
+        out
+    }
+
+    /// The nodes that are not live.
+    pub(crate) fn absent(&self) -> Absent {
+        let inner = self.read();
+        let mut out = Absent::default();
+        for (node, view) in &inner.nodes {
+            match &view.health {
+                Health::Live => {}
+                Health::Unseen => out.unseen.push(node.clone()),
+                Health::Down(why) => out.down.push((node.clone(), why.clone())),
+            }
+        }
+        out.unseen.sort();
+        out.down.sort();
+        out
+    }
+
+    /// Node counts by health: (live, down, unseen).
+    pub(crate) fn counts(&self) -> (usize, usize, usize) {
+        let inner = self.read();
+        let mut c = (0, 0, 0);
+        for v in inner.nodes.values() {
+            match v.health {
+                Health::Live => c.0 += 1,
+                Health::Down(_) => c.1 += 1,
+                Health::Unseen => c.2 += 1,
+            }
+        }
+        c
+    }
+
+    /// A class's capacity on a node, less what creates under way were
+    /// promised there; None unless the node is live and has the class.
+    pub(crate) fn room(&self, node: &str, class: &str) -> Option<Room> {
+        let inner = self.read();
+        let view = inner.nodes.get(node)?;
+        if view.health != Health::Live {
+            return None;
+        }
+        Some(Room {
+            node: node.to_string(),
+            segments: view.segments.clone(),
+            capacity: view.classes.get(class)?.clone(),
+            reserved: inner.reserved(node, class),
+        })
+    }
+
+    /// Decides where a new volume of `class` goes, with `decide` choosing
+    /// among the live nodes that have the class, and reserves the bytes it
+    /// returns there, in one step: two creates deciding at once never both
+    /// count the same free space. Returns the decision and the reservation.
+    pub(crate) fn place<T>(
+        &self,
+        class: &str,
+        decide: impl FnOnce(&[Room]) -> crate::error::Result<(T, String, u64)>,
+    ) -> crate::error::Result<(T, u64)> {
+        let mut inner = self.write();
+        let rooms = inner.rooms(class);
+        let (decision, node, bytes) = decide(&rooms)?;
+        inner.next_reservation += 1;
+        let id = inner.next_reservation;
+        inner.reservations.insert(
+            id,
+            Reservation {
+                node,
+                class: class.to_string(),
+                bytes,
+                until: None,
+            },
+        );
+        Ok((decision, id))
+    }
+
+    /// Every live node that has `class`, with its room.
+    pub(crate) fn rooms(&self, class: &str) -> Vec<Room> {
+        self.read().rooms(class)
+    }
+
+    /// Ends a reservation: at once if the create failed (`None`), else
+    /// when the node's stream covers the create's stamp.
+    pub(crate) fn settle(&self, reservation: u64, stamp: Option<Stamp>) {
+        let mut inner = self.write();
+        match stamp {
+            None => {
+                inner.reservations.remove(&reservation);
+            }
+            Some(s) => {
+                let Some(r) = inner.reservations.get_mut(&reservation) else {
+                    return;
+                };
+                r.until = Some(s);
+                let node = r.node.clone();
+                inner.release_covered(&node);
+            }
+        }
+    }
+
+    /// Waits until no node is unseen, or `limit` passes. Returns the
+    /// nodes still unseen.
+    pub(crate) async fn wait_seen(&self, limit: Duration) -> Vec<String> {
+        let end = Instant::now() + limit;
+        loop {
+            let notified = self.changed.notified();
+            let unseen = self.absent().unseen;
+            if unseen.is_empty() || Instant::now() >= end {
+                return unseen;
+            }
+            let _ = tokio::time::timeout_at(end.into(), notified).await;
+        }
+    }
+}
+
+/// Bounds how many watches are being set up at once (connection, TLS
+/// handshake, first inventory), so thousands of agents are reached in
+/// parallel without a storm.
+pub(crate) const SETUPS_AT_ONCE: usize = 64;
+
+/// Follows one agent's inventory into the index until `stop` is dropped or
+/// the index goes away: watches, applies, judges silence, and watches
+/// again after a cut (from its cursor; from scratch after a refused delta).
+pub(crate) fn follow(
+    index: std::sync::Weak<Index>,
+    agent: Arc<dyn Agent>,
+    heartbeat: Duration,
+    setups: Arc<tokio::sync::Semaphore>,
+) -> tokio::task::JoinHandle<()> {
+    use tokio_stream::StreamExt;
+    let node = agent.node().to_string();
+    tokio::spawn(async move {
+        let silence = heartbeat * DOWN_AFTER_HEARTBEATS;
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let Some(ix) = index.upgrade() else { return };
+            let request = WatchRequest {
+                cursor: ix.cursor(&node),
+                heartbeat,
+            };
+            drop(ix);
+            let permit = setups.acquire().await;
+            let opened = tokio::time::timeout(silence, agent.watch(request)).await;
+            let mut updates = match opened {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    drop(permit);
+                    down(&index, &node, format!("its agent cannot be watched: {e}"));
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    continue;
+                }
+                Err(_) => {
+                    drop(permit);
+                    down(
+                        &index,
+                        &node,
+                        format!("no answer to a watch within {silence:?}"),
+                    );
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    continue;
+                }
+            };
+            let mut first = Some(permit);
+            let why = loop {
+                match tokio::time::timeout(silence, updates.next()).await {
+                    Err(_) => break format!("silent for {silence:?}"),
+                    Ok(None) => break "its inventory stream ended".to_string(),
+                    Ok(Some(Err(e))) => break format!("its inventory stream failed: {e}"),
+                    Ok(Some(Ok(u))) => {
+                        let Some(ix) = index.upgrade() else { return };
+                        let full = u.full;
+                        if let Err(e) = ix.apply(&node, u) {
+                            ix.reset_cursor(&node);
+                            break e;
+                        }
+                        if full && first.take().is_some() {
+                            tracing::info!(node = %node, "node inventory received");
+                        }
+                        backoff = Duration::from_millis(200);
+                    }
+                }
+            };
+            drop(first);
+            down(&index, &node, why);
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+        }
+    })
+}
+
+fn down(index: &std::sync::Weak<Index>, node: &str, why: String) {
+    if let Some(ix) = index.upgrade() {
+        ix.mark_down(node, why);
+    }
+}
+
+/// For errors of agents that answer for a node the index has as down.
+pub(crate) fn down_error(node: &str, why: &str) -> LvmError {
+    LvmError::Unavailable(format!(
+        "node {node} is down ({why}); retry when it is back"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lv(name: &str, size: u64) -> Lv {
+        Lv {
+            vg: "vg".into(),
+            name: name.into(),
+            size,
+            attr: "Vwi-a-tz--".into(),
+            tags: Vec::new(),
+            pool: Some("pool".into()),
+            data_percent: None,
+            metadata_percent: None,
+            when_full: String::new(),
+            zeroing: false,
+            created: None,
+        }
+    }
+
+    fn name(n: u8) -> String {
+        Kind::Volume.lv_name(&format!("{n:032x}"))
+    }
+
+    fn stamp(epoch: &str, generation: u64) -> Stamp {
+        Stamp {
+            epoch: epoch.into(),
+            generation,
+        }
+    }
+
+    fn update(epoch: &str, generation: u64, full: bool) -> Update {
+        Update {
+            epoch: epoch.into(),
+            generation,
+            full,
+            classes: vec![(
+                "thin".into(),
+                ClassCapacity {
+                    available: 100,
+                    extent_size: 1,
+                    pool_full: false,
+                    total: 100,
+                    used_percent: 0.0,
+                },
+            )],
+            ..Update::default()
+        }
+    }
+
+    fn names(ix: &Index) -> Vec<String> {
+        let mut v: Vec<String> = ix
+            .list(Kind::Volume)
+            .into_iter()
+            .map(|(_, l)| l.name)
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn a_reply_wins_over_an_older_update_in_either_order() {
+        let ix = Index::default();
+        ix.add_node("n1");
+        assert_eq!(ix.health("n1"), Some(Health::Unseen));
+        let mut u = update("e", 3, true);
+        u.lvs.push(("thin".into(), lv(&name(1), 1)));
+        ix.apply("n1", u).unwrap();
+        assert_eq!(ix.health("n1"), Some(Health::Live));
+
+        // Created at 5 (the reply), then an update read at 4 arrives.
+        ix.record("n1", "thin", &name(2), Some(lv(&name(2), 1)), stamp("e", 5));
+        let mut u = update("e", 4, false);
+        u.removed.push(("thin".into(), name(2)));
+        ix.apply("n1", u).unwrap();
+        assert_eq!(
+            names(&ix),
+            [name(1), name(2)],
+            "an older update removed a newer LV"
+        );
+
+        // Removed at 6 (the reply); an update read at 5 still has it.
+        ix.record("n1", "thin", &name(1), None, stamp("e", 6));
+        let mut u = update("e", 5, false);
+        u.lvs.push(("thin".into(), lv(&name(1), 1)));
+        ix.apply("n1", u).unwrap();
+        assert_eq!(
+            names(&ix),
+            [name(2)],
+            "an older update brought a removed LV back"
+        );
+        assert_eq!(ix.find_key(Kind::Volume, &format!("{:032x}", 1)).len(), 0);
+
+        // A full update at 6 is the truth for everything up to 6.
+        let mut u = update("e", 6, true);
+        u.lvs.push(("thin".into(), lv(&name(2), 1)));
+        ix.apply("n1", u).unwrap();
+        assert_eq!(names(&ix), [name(2)]);
+
+        // A reply the stream already covers changes nothing.
+        ix.record("n1", "thin", &name(2), None, stamp("e", 6));
+        assert_eq!(names(&ix), [name(2)]);
+    }
+
+    #[test]
+    fn a_restarted_agent_replaces_the_node_and_a_stray_delta_is_refused() {
+        let ix = Index::default();
+        let mut u = update("old", 9, true);
+        u.lvs.push(("thin".into(), lv(&name(1), 1)));
+        ix.apply("n1", u).unwrap();
+        let err = ix.apply("n1", update("new", 1, false)).unwrap_err();
+        assert!(err.contains("do not follow"), "{err}");
+        let mut u = update("new", 1, true);
+        u.lvs.push(("thin".into(), lv(&name(2), 1)));
+        ix.apply("n1", u).unwrap();
+        assert_eq!(names(&ix), [name(2)]);
+        assert_eq!(ix.cursor("n1"), Some(stamp("new", 1)));
+    }
+
+    #[test]
+    fn reservations_hold_until_the_stream_shows_the_create() {
+        let ix = Index::default();
+        ix.apply("n1", update("e", 1, true)).unwrap();
+        let take = |ix: &Index, bytes: u64| {
+            ix.place("thin", |rooms| {
+                let r = &rooms[0];
+                let left = r.capacity.available - r.reserved;
+                if left < bytes {
+                    return Err(crate::error::Error::ResourceExhausted(format!(
+                        "{left} left"
+                    )));
+                }
+                Ok(((), r.node.clone(), bytes))
+            })
+        };
+        let (_, a) = take(&ix, 60).unwrap();
+        assert!(take(&ix, 60).is_err(), "promised the same room twice");
+        // The create failed: its room is free again.
+        ix.settle(a, None);
+        let (_, b) = take(&ix, 60).unwrap();
+        // It succeeded at generation 2: held until the stream says so.
+        ix.settle(b, Some(stamp("e", 2)));
+        assert_eq!(ix.room("n1", "thin").unwrap().reserved, 60);
+        ix.apply("n1", update("e", 2, false)).unwrap();
+        assert_eq!(ix.room("n1", "thin").unwrap().reserved, 0);
+    }
+
+    #[test]
+    fn a_node_down_keeps_what_it_held_and_takes_no_placement() {
+        let ix = Index::default();
+        let mut u = update("e", 1, true);
+        u.lvs.push(("thin".into(), lv(&name(1), 1)));
+        ix.apply("n1", u).unwrap();
+        ix.mark_down("n1", "silent".into());
+        assert!(matches!(ix.health("n1"), Some(Health::Down(_))));
+        assert_eq!(names(&ix), [name(1)]);
+        assert!(ix.rooms("thin").is_empty());
+        assert!(ix.room("n1", "thin").is_none());
+        // An unseen node stays unseen (nothing was ever known of it).
+        ix.add_node("n2");
+        ix.mark_down("n2", "no answer".into());
+        assert_eq!(ix.absent().unseen, ["n2"]);
+    }
+}
