@@ -243,6 +243,16 @@ pub struct RunArgs {
     )]
     pub agent_timeout_seconds: u64,
 
+    /// How often each agent's inventory stream sends a heartbeat when
+    /// nothing changes; a node silent for three periods is down.
+    #[arg(
+        long,
+        env = "LODESTONE_AGENT_HEARTBEAT_MS",
+        default_value_t = 2000,
+        global = true
+    )]
+    pub agent_heartbeat_ms: u64,
+
     /// PEM certificate of this process for the agent API (mutual TLS). An
     /// agent's names its node (DNS SAN); the controller's names
     /// `--controller-identity`.
@@ -362,6 +372,12 @@ impl RunArgs {
             (None, None, None) => Ok(None),
             _ => Err(ConfigError::TlsFlagsApart),
         }
+    }
+
+    /// The heartbeat period asked of agents' inventory streams.
+    pub fn agent_heartbeat(&self) -> Duration {
+        let (low, high) = crate::lvm::inventory::HEARTBEAT_LIMITS;
+        Duration::from_millis(self.agent_heartbeat_ms).clamp(low, high)
     }
 
     /// The static agent map: (node, address) pairs.

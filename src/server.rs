@@ -224,7 +224,8 @@ async fn central_controller(
         read: write.min(Duration::from_secs(15)),
         write,
     };
-    let controller = Arc::new(LvmController::central(config.clone()));
+    let controller =
+        Arc::new(LvmController::central(config.clone()).with_heartbeat(args.agent_heartbeat()));
     let mut directory = Directory::new(&controller, resolver, tls, deadlines);
     directory.sync().await;
     directory.spawn(Duration::from_secs(30));
@@ -251,11 +252,14 @@ pub async fn lvm_services(args: &RunArgs) -> Result<Services, ServerError> {
         (Mode::Node, _) => None,
         (Mode::All, Some(agent)) => {
             let ready = local_ready.clone().expect("local agent");
-            let controller = Arc::new(LvmController::new(
-                config.clone(),
-                vec![Arc::new(Detached::new(agent.clone())) as Arc<dyn Agent>],
-                Box::new(ready),
-            ));
+            let controller = Arc::new(
+                LvmController::new(
+                    config.clone(),
+                    vec![Arc::new(Detached::new(agent.clone())) as Arc<dyn Agent>],
+                    Box::new(ready),
+                )
+                .with_heartbeat(args.agent_heartbeat()),
+            );
             // The one node's inventory is in before the first request.
             controller.start(Duration::from_secs(30)).await;
             Some(controller)
