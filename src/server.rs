@@ -198,7 +198,8 @@ async fn serve_agent(args: &RunArgs, agent: Arc<LocalAgent>) -> Result<(), Serve
 }
 
 /// `--mode controller`: the central controller, with the agents the
-/// resolver finds (first resolution before serving, then every 30 s).
+/// resolver finds (first resolution before serving, then every 30 s),
+/// following each agent's inventory stream.
 async fn central_controller(
     args: &RunArgs,
     config: &LvmConfig,
@@ -228,6 +229,10 @@ async fn central_controller(
         Arc::new(LvmController::central(config.clone()).with_heartbeat(args.agent_heartbeat()));
     let mut directory = Directory::new(&controller, resolver, tls, deadlines);
     directory.sync().await;
+    // Every agent's stream is being set up (concurrently, bounded); serve
+    // once all inventories are in, or after a short wait (requests that
+    // need a node still unseen are UNAVAILABLE until it is).
+    controller.start(Duration::from_secs(10)).await;
     directory.spawn(Duration::from_secs(30));
     controller.spawn_duplicate_scan(Duration::from_secs(60));
     Ok(controller)

@@ -87,14 +87,77 @@ impl NodeAgent {
 
 /// The central controller for `agents`, with the controller's certificate.
 pub async fn start_controller(ca: &Ca, agents: &[&NodeAgent], class_args: &[String]) -> Driver {
+    let flags: Vec<String> = agents.iter().map(|a| a.agent_flag()).collect();
+    start_controller_with(ca, &flags, class_args, &[]).await
+}
+
+/// The central controller for `--agent` flags (NODE=HOST:PORT), with more
+/// arguments.
+pub async fn start_controller_with(
+    ca: &Ca,
+    agent_flags: &[String],
+    class_args: &[String],
+    extra: &[&str],
+) -> Driver {
     let tls = ca.issue(CONTROLLER_IDENTITY);
     let mut b = Driver::builder()
         .mode("controller")
         .node_id("controller")
         .class_args(class_args.to_vec())
-        .args(tls.args());
-    for a in agents {
-        b = b.args(["--agent".to_string(), a.agent_flag()]);
+        .args(tls.args())
+        .args(extra.iter().copied());
+    for flag in agent_flags {
+        b = b.args(["--agent".to_string(), flag.clone()]);
     }
     b.start_in(new_temp_dir()).await
+}
+
+/// A TCP relay between the controller and one agent that can cut every
+/// connection through it (and refuse new ones) until it is mended: a
+/// network partition, with both processes still running.
+pub struct Relay {
+    pub address: String,
+    cut: tokio::sync::watch::Sender<bool>,
+}
+
+impl Relay {
+    /// Listens on `ip` (a loopback address) and relays to `to`.
+    pub async fn start(ip: &str, to: &str) -> Relay {
+        let listener = tokio::net::TcpListener::bind((ip, 0))
+            .await
+            .expect("bind the relay");
+        let address = listener.local_addr().unwrap().to_string();
+        let (cut, watch) = tokio::sync::watch::channel(false);
+        let to = to.to_string();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                if *watch.borrow() {
+                    continue;
+                }
+                let to = to.clone();
+                let mut watch = watch.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&to).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = watch.wait_for(|cut| *cut) => {}
+                    }
+                });
+            }
+        });
+        Relay { address, cut }
+    }
+
+    pub fn cut(&self) {
+        self.cut.send_replace(true);
+    }
+
+    pub fn mend(&self) {
+        self.cut.send_replace(false);
+    }
 }

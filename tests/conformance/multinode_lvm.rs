@@ -12,7 +12,7 @@ use lodestone::csi;
 use lodestone::csi::volume_content_source::{SnapshotSource, Type as SourceType};
 use tonic::Code;
 
-use crate::common::cluster::{start_controller, NodeAgent};
+use crate::common::cluster::{start_controller, start_controller_with, NodeAgent, Relay};
 use crate::common::pki::Ca;
 use crate::common::*;
 
@@ -31,6 +31,7 @@ fn b_class_args() -> Vec<String> {
 
 struct Cluster {
     _dir: tempfile::TempDir,
+    ca: Ca,
     ctl: Driver,
     a: NodeAgent,
     b: NodeAgent,
@@ -44,6 +45,7 @@ async fn cluster() -> Cluster {
     let ctl = start_controller(&ca, &[&a, &b], &default_class_args()).await;
     Cluster {
         _dir: dir,
+        ca,
         ctl,
         a,
         b,
@@ -366,4 +368,257 @@ async fn agent_killed_mid_create_leaves_one_volume() {
         lvs_with_key(&key)
     );
     drop(b);
+}
+
+/// Every volume and snapshot the controller answers for, by id.
+async fn inventory_of(ctl: &Driver) -> (Vec<String>, Vec<String>) {
+    let mut volumes: Vec<String> = ctl
+        .list_all(0)
+        .await
+        .into_iter()
+        .map(|v| v.volume_id)
+        .collect();
+    volumes.sort();
+    let r = ctl
+        .controller()
+        .list_snapshots(csi::ListSnapshotsRequest::default())
+        .await;
+    let mut snapshots: Vec<String> = expect_ok(r, "ListSnapshots")
+        .entries
+        .into_iter()
+        .filter_map(|e| e.snapshot.map(|s| s.snapshot_id))
+        .collect();
+    snapshots.sort();
+    (volumes, snapshots)
+}
+
+fn snapshot_req(name: &str, source: &str) -> csi::CreateSnapshotRequest {
+    csi::CreateSnapshotRequest {
+        source_volume_id: source.to_string(),
+        name: name.to_string(),
+        ..Default::default()
+    }
+}
+
+/// The controller keeps no state of its own: killed and started again, it
+/// rebuilds its index from the agents' streams and answers for every
+/// volume and snapshot as before. A retried CreateVolume finds its volume
+/// (no second copy), and a delete after the restart removes the LV.
+#[tokio::test]
+async fn a_restarted_controller_finds_every_volume_again() {
+    if skip_without_lvm() {
+        return;
+    }
+    let mut c = cluster().await;
+    let on_a = req(
+        &unique_name("mn-ra"),
+        THIN,
+        8 * MIB,
+        requirement(&[A], &[A]),
+    );
+    let on_b = req(
+        &unique_name("mn-rb"),
+        THICK,
+        8 * MIB,
+        requirement(&[B], &[B]),
+    );
+    let va = c.ctl.create_ok(on_a.clone()).await;
+    let vb = c.ctl.create_ok(on_b.clone()).await;
+    let snap = expect_ok(
+        c.ctl
+            .controller()
+            .create_snapshot(snapshot_req(&unique_name("mn-rs"), &va.volume_id))
+            .await,
+        "CreateSnapshot",
+    )
+    .snapshot
+    .expect("snapshot");
+    let before = inventory_of(&c.ctl).await;
+    assert!(before.0.contains(&va.volume_id) && before.0.contains(&vb.volume_id));
+    assert!(before.1.contains(&snap.snapshot_id));
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(c.ctl.pid()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let started = Instant::now();
+    c.ctl = start_controller(&c.ca, &[&c.a, &c.b], &default_class_args()).await;
+    eprintln!("controller serving again after {:?}", started.elapsed());
+
+    assert_eq!(
+        inventory_of(&c.ctl).await,
+        before,
+        "what the restarted controller knows"
+    );
+    for v in [&va, &vb] {
+        let r = c
+            .ctl
+            .controller()
+            .controller_get_volume(csi::ControllerGetVolumeRequest {
+                volume_id: v.volume_id.clone(),
+            })
+            .await;
+        expect_ok(r, "ControllerGetVolume after the restart");
+    }
+    // Retries find what the first attempts made.
+    assert_eq!(c.ctl.create_ok(on_a).await.volume_id, va.volume_id);
+    assert_eq!(c.ctl.create_ok(on_b).await.volume_id, vb.volume_id);
+    let key = |id: &str| id.rsplit(':').next().unwrap().to_string();
+    assert_eq!(lvs_with_key(&key(&va.volume_id)).len(), 1);
+
+    let r = c
+        .ctl
+        .controller()
+        .delete_snapshot(csi::DeleteSnapshotRequest {
+            snapshot_id: snap.snapshot_id.clone(),
+            ..Default::default()
+        })
+        .await;
+    expect_ok(r, "DeleteSnapshot after the restart");
+    c.ctl.delete(&va.volume_id).await;
+    c.ctl.delete(&vb.volume_id).await;
+    for id in [&va.volume_id, &vb.volume_id, &snap.snapshot_id] {
+        assert!(lvs_with_key(&key(id)).is_empty(), "{id} left behind");
+    }
+}
+
+/// A network cut between the controller and node-b: while it lasts, node-b
+/// is down (requests that need it are UNAVAILABLE and name it; others go
+/// on, and placement skips it); a change made on node-b meanwhile (an LV
+/// removed by hand, which the agent's own refresh notices) reaches the
+/// controller when the link is back, through the same stream resumed from
+/// where it stopped, not a second full inventory.
+#[tokio::test]
+async fn a_cut_stream_resumes_and_misses_nothing() {
+    if skip_without_lvm() {
+        return;
+    }
+    let dir = new_temp_dir();
+    let ca = Ca::new(dir.path(), "cluster");
+    let a = NodeAgent::start(&ca, A, "127.0.0.1", &default_class_args()).await;
+    let mut b_args = b_class_args();
+    b_args.extend(["--lvm-refresh-seconds".to_string(), "2".to_string()]);
+    let b = NodeAgent::start(&ca, B, "127.0.0.2", &b_args).await;
+    let relay = Relay::start("127.0.0.3", &b.address).await;
+    let ctl = start_controller_with(
+        &ca,
+        &[a.agent_flag(), format!("{B}={}", relay.address)],
+        &default_class_args(),
+        &["--agent-heartbeat-ms", "300"],
+    )
+    .await;
+
+    let keep = ctl
+        .create_ok(req(
+            &unique_name("mn-keep"),
+            THIN,
+            8 * MIB,
+            requirement(&[B], &[B]),
+        ))
+        .await;
+    let lost = ctl
+        .create_ok(req(
+            &unique_name("mn-lost"),
+            THIN,
+            8 * MIB,
+            requirement(&[B], &[B]),
+        ))
+        .await;
+    let fulls = |ctl: &Driver| {
+        ctl.log()
+            .lines()
+            .filter(|l| l.contains("node inventory received") && l.contains(B))
+            .count()
+    };
+    assert_eq!(fulls(&ctl), 1);
+
+    relay.cut();
+    // Silent past three heartbeats: down.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let e = expect_code(
+        ctl.controller()
+            .controller_expand_volume(csi::ControllerExpandVolumeRequest {
+                volume_id: keep.volume_id.clone(),
+                capacity_range: Some(csi::CapacityRange {
+                    required_bytes: 16 * MIB,
+                    limit_bytes: 0,
+                }),
+                ..Default::default()
+            })
+            .await,
+        Code::Unavailable,
+        "expanding a volume of node-b while it is cut off",
+    );
+    assert!(e.message().contains(B), "{}", e.message());
+    let started = Instant::now();
+    let other = ctl
+        .create_ok(req(
+            &unique_name("mn-side"),
+            THIN,
+            8 * MIB,
+            requirement(&[A, B], &[B, A]),
+        ))
+        .await;
+    assert_eq!(
+        volume_nodes(&other),
+        vec![A.to_string()],
+        "placed on the node cut off"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+    ctl.delete(&other.volume_id).await;
+
+    // Behind everyone's back, while the link is down.
+    let lost_lv = lost.volume_id.rsplit(':').next().unwrap().to_string();
+    let lv = lvs_with_key(&lost_lv).pop().expect("the LV of mn-lost");
+    let out = std::process::Command::new("lvm")
+        .args(["lvremove", "--yes", &format!("{}/{}", lv.vg, lv.name)])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    tokio::time::sleep(Duration::from_secs(4)).await;
+
+    relay.mend();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (volumes, _) = inventory_of(&ctl).await;
+        if !volumes.contains(&lost.volume_id) {
+            assert!(volumes.contains(&keep.volume_id));
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the removal never reached the controller"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(
+        fulls(&ctl),
+        1,
+        "the stream was not resumed: a second full inventory came"
+    );
+    // node-b takes requests again.
+    let r = ctl
+        .controller()
+        .controller_expand_volume(csi::ControllerExpandVolumeRequest {
+            volume_id: keep.volume_id.clone(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: 16 * MIB,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        })
+        .await;
+    expect_ok(r, "expand after the link is back");
+    ctl.delete(&keep.volume_id).await;
+    ctl.delete(&lost.volume_id).await;
+    drop((a, b));
 }
