@@ -62,6 +62,30 @@ pub(crate) struct LvmController {
     pub duplicates: AtomicU64,
 }
 
+/// Space promised to one create under way (see [`Index::place`]): freed
+/// when dropped (the create failed, or its caller left), or held until
+/// the node's inventory shows the create.
+struct Reserved {
+    index: Arc<Index>,
+    id: u64,
+    open: bool,
+}
+
+impl Reserved {
+    fn held_until(mut self, stamp: Stamp) {
+        self.open = false;
+        self.index.settle(self.id, Some(stamp));
+    }
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        if self.open {
+            self.index.settle(self.id, None);
+        }
+    }
+}
+
 struct Slot {
     agent: Arc<dyn Agent>,
     follower: Option<tokio::task::JoinHandle<()>>,
@@ -583,7 +607,7 @@ impl LvmController {
         class: &DeviceClass,
         sizing: &Sizing,
         source_node: Option<&str>,
-    ) -> Result<((placement::Decision, u64), u64)> {
+    ) -> Result<((placement::Decision, u64), Reserved)> {
         let started = Instant::now();
         let placed = self.index.place(&class.name, |rooms| {
             let mut candidates = Vec::with_capacity(rooms.len());
@@ -630,15 +654,20 @@ impl LvmController {
             Ok(((decision, size), node, size))
         });
         self.placements.observe(started.elapsed().as_secs_f64());
-        let absent = self.index.absent();
-        if !absent.unseen.is_empty() || !absent.down.is_empty() {
-            tracing::info!(
-                class = %class.name, unseen = absent.unseen.len(), down = absent.down.len(),
-                first_down = ?absent.down.first().map(|(n, _)| n),
-                "placement skipped the nodes that are not live"
-            );
+        let (_, down, unseen) = self.index.counts();
+        if down + unseen > 0 {
+            tracing::info!(class = %class.name, down, unseen,
+                "placement skipped the nodes that are not live");
         }
-        placed
+        let (decided, id) = placed?;
+        Ok((
+            decided,
+            Reserved {
+                index: self.index.clone(),
+                id,
+                open: true,
+            },
+        ))
     }
 
     /// Creates the LV on its node and answers once its data is complete
@@ -650,25 +679,13 @@ impl LvmController {
         req: &CreateVolume,
         id: &LvId,
         spec: &LvSpec,
-        reservation: u64,
+        reservation: Reserved,
     ) -> Result<VolumeInfo> {
-        let agent = match self.agent_for_change(&id.node) {
-            Ok(a) => a,
-            Err(e) => {
-                self.index.settle(reservation, None);
-                return Err(e);
-            }
-        };
+        let agent = self.agent_for_change(&id.node)?;
         self.note_attempt(&id.key, &id.node);
-        let done = match agent.create(spec).await {
-            Ok(done) => done,
-            Err(e) => {
-                self.index.settle(reservation, None);
-                return Err(e.into());
-            }
-        };
+        let done = agent.create(spec).await?;
         self.record(id, &done.value, done.stamp.clone());
-        self.index.settle(reservation, Some(done.stamp));
+        reservation.held_until(done.stamp);
         let (lv, copying) = self.settle(id, done.value).await?;
         if let Some(progress) = copying {
             return Err(Error::Aborted(format!(

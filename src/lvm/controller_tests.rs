@@ -30,6 +30,8 @@ struct FakeNode {
     calls: Mutex<BTreeMap<&'static str, u64>>,
     /// Calls (and watches) never answer.
     hung: Arc<AtomicBool>,
+    /// Creates never answer (the rest does).
+    stall_creates: AtomicBool,
     creates: AtomicU64,
 }
 
@@ -42,6 +44,7 @@ impl FakeNode {
             watchers: Mutex::default(),
             calls: Mutex::default(),
             hung: Arc::default(),
+            stall_creates: AtomicBool::new(false),
             creates: AtomicU64::new(0),
         })
     }
@@ -137,6 +140,9 @@ impl Agent for FakeNode {
     async fn create(&self, spec: &LvSpec) -> LvmResult<Stamped<Lv>> {
         self.count("create");
         self.hang_if_asked().await;
+        if self.stall_creates.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
         self.creates.fetch_add(1, Ordering::SeqCst);
         // The call takes a while, as lvcreate does: creates overlap.
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -402,6 +408,20 @@ async fn concurrent_creates_never_promise_a_node_more_than_it_has() {
     // No create was sent to a node that had no room for it.
     let sent: u64 = nodes.iter().map(|n| n.creates.load(Ordering::SeqCst)).sum();
     assert_eq!(sent, 20);
+}
+
+#[tokio::test]
+async fn a_create_whose_caller_left_frees_its_reservation() {
+    let nodes = vec![FakeNode::new("n0", 10 * GIB)];
+    let c = controller(&nodes).await;
+    nodes[0].stall_creates.store(true, Ordering::SeqCst);
+    let r = tokio::time::timeout(
+        Duration::from_millis(200),
+        c.create_volume(&request("pvc-1", 4 * GIB)),
+    )
+    .await;
+    assert!(r.is_err(), "the stalled create answered");
+    assert_eq!(c.index.room("n0", "thin").unwrap().reserved, 0);
 }
 
 async fn futures_join_all<F>(futures: impl Iterator<Item = F>) -> Vec<F::Output>

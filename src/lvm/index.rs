@@ -568,13 +568,17 @@ pub(crate) fn follow(
                     Ok(Some(Err(e))) => break format!("its inventory stream failed: {e}"),
                     Ok(Some(Ok(u))) => {
                         let Some(ix) = index.upgrade() else { return };
-                        let full = u.full;
+                        let (full, stamp) = (u.full, u.stamp());
                         if let Err(e) = ix.apply(&node, u) {
                             ix.reset_cursor(&node);
                             break e;
                         }
-                        if full && first.take().is_some() {
-                            tracing::info!(node = %node, "node inventory received");
+                        // The set-up is over at the first update, of any kind.
+                        if first.take().is_some() {
+                            let how = if full { "full" } else { "resumed" };
+                            tracing::info!(node = %node, epoch = %stamp.epoch,
+                                generation = stamp.generation, how,
+                                "node inventory received");
                         }
                         backoff = Duration::from_millis(200);
                     }
