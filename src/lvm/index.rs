@@ -530,6 +530,7 @@ pub(crate) fn follow(
     tokio::spawn(async move {
         let silence = heartbeat * DOWN_AFTER_HEARTBEATS;
         let mut backoff = Duration::from_millis(200);
+        let mut last_error: Option<String> = None;
         loop {
             let Some(ix) = index.upgrade() else { return };
             let request = WatchRequest {
@@ -543,7 +544,12 @@ pub(crate) fn follow(
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     drop(permit);
-                    down(&index, &node, format!("its agent cannot be watched: {e}"));
+                    let why = format!("its agent cannot be watched: {e}");
+                    if last_error.as_deref() != Some(why.as_str()) {
+                        tracing::warn!(node = %node, error = %e, "agent not reachable yet");
+                        last_error = Some(why.clone());
+                    }
+                    down(&index, &node, why);
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(10));
                     continue;
@@ -575,6 +581,7 @@ pub(crate) fn follow(
                         }
                         // The set-up is over at the first update, of any kind.
                         if first.take().is_some() {
+                            last_error = None;
                             let how = if full { "full" } else { "resumed" };
                             tracing::info!(node = %node, epoch = %stamp.epoch,
                                 generation = stamp.generation, how,

@@ -143,7 +143,7 @@ async fn kubernetes_resolver_finds_agents() {
         .await;
 
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !ctl.log().contains("agent reachable") {
+    while !ctl.log().contains("node inventory received") {
         assert!(
             Instant::now() < deadline,
             "the controller never reached w1's agent:\n{}",

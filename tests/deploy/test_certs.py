@@ -234,7 +234,7 @@ def test_the_driver_accepts_these_certificates(pki, tmp_path, served_cert, reach
                           "--tls-key", str(pki / "controller.key")],
                 stdout=log, stderr=subprocess.STDOUT, env=env))
         if reachable:
-            assert _wait_for(ctl_log, "agent reachable node=node-a", 15), ctl_log.read_text()
+            assert _wait_for(ctl_log, "node inventory received node=node-a", 15), ctl_log.read_text()
         else:
             assert _wait_for(ctl_log, 'certificate not valid for name "node-a"', 15), (
                 ctl_log.read_text())
