@@ -283,11 +283,13 @@ impl TlsMaterial {
 
     /// Controller side: a connector for tonic that opens TCP to the
     /// address of the URI and makes a TLS handshake with the current
-    /// material, in which the agent must prove it is `node`.
-    pub fn connector(&self, node: &str) -> AgentConnector {
+    /// material, in which the agent must prove it is `node`; both within
+    /// `deadline` (a peer that accepts and never answers fails then).
+    pub fn connector(&self, node: &str, deadline: std::time::Duration) -> AgentConnector {
         AgentConnector {
             tls: self.clone(),
             node: node.to_string(),
+            deadline,
         }
     }
 }
@@ -297,6 +299,7 @@ impl TlsMaterial {
 pub struct AgentConnector {
     tls: TlsMaterial,
     node: String,
+    deadline: std::time::Duration,
 }
 
 type Connecting = Pin<
@@ -318,7 +321,8 @@ impl tower::Service<http::Uri> for AgentConnector {
     fn call(&mut self, uri: http::Uri) -> Self::Future {
         let config = self.tls.current().client.clone();
         let node = self.node.clone();
-        Box::pin(async move {
+        let deadline = self.deadline;
+        let connect = async move {
             let address = uri
                 .authority()
                 .map(|a| a.as_str().to_string())
@@ -330,6 +334,14 @@ impl tower::Service<http::Uri> for AgentConnector {
             let _ = tcp.set_nodelay(true);
             let tls = TlsConnector::from(config).connect(name, tcp).await?;
             Ok(TokioIo::new(tls))
+        };
+        Box::pin(async move {
+            tokio::time::timeout(deadline, connect).await.map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no TLS connection within {deadline:?}"),
+                )
+            })?
         })
     }
 }

@@ -16,7 +16,7 @@ use crate::config::{DeviceClass, LvmConfig};
 use crate::host::blockdev;
 use crate::lvm::error::{LvmError, Result};
 use crate::lvm::ids::{self, Kind, LvmKind};
-use crate::lvm::inventory::{Stamp, Stamped, Updates, WatchRequest};
+use crate::lvm::inventory::{Stamp, Stamped, Update, Updates, WatchRequest};
 use crate::lvm::report::{self, FullReport, Lv, Vg};
 use crate::runner::{Cmd, Runner};
 
@@ -120,6 +120,12 @@ pub trait Agent: Send + Sync + 'static {
 /// report (a new LV does not vanish, a removed one does not come back).
 /// Everything else is taken from the report, which is the truth for
 /// changes made by anyone else.
+///
+/// The copy is also what the inventory stream sends (see
+/// [`crate::lvm::inventory`]): `changed` keeps, per LV, the generation of
+/// its last change, removals included, across reports, so a watcher can
+/// be sent every change after any generation it has seen, down to
+/// `horizon` (older removals are forgotten past [`REMEMBERED_REMOVALS`]).
 #[derive(Debug, Default)]
 struct State {
     vgs: BTreeMap<String, Vg>,
@@ -135,14 +141,61 @@ struct State {
     touched: BTreeMap<(String, String), u64>,
     /// The generation at which the copy was last marked dirty.
     dirty_at: u64,
+    /// The generation of each LV's last change (present or removed).
+    changed: BTreeMap<(String, String), u64>,
+    /// Changes at or below this generation may be forgotten.
+    horizon: u64,
+}
+
+/// Removed LVs whose removal the agent remembers for watchers resuming.
+const REMEMBERED_REMOVALS: usize = 10_000;
+
+/// Whether two states of an LV differ for the inventory: a thin volume's
+/// own usage is noise (it moves with every write), a pool's is capacity.
+fn differs(a: Option<&Lv>, b: Option<&Lv>) -> bool {
+    match (a, b) {
+        (None, None) => false,
+        (Some(a), Some(b)) if !a.is_thin_pool() && !b.is_thin_pool() => {
+            let quiet = |l: &Lv| Lv {
+                data_percent: None,
+                metadata_percent: None,
+                ..l.clone()
+            };
+            quiet(a) != quiet(b)
+        }
+        (a, b) => a != b,
+    }
 }
 
 impl State {
-    /// Records a change of one LV made by this agent.
-    fn touch(&mut self, vg: &str, name: &str) {
+    /// Records a change of one LV made by this agent; returns its
+    /// generation.
+    fn touch(&mut self, vg: &str, name: &str) -> u64 {
         self.generation += 1;
-        self.touched
-            .insert((vg.to_string(), name.to_string()), self.generation);
+        let key = (vg.to_string(), name.to_string());
+        self.touched.insert(key.clone(), self.generation);
+        self.changed.insert(key, self.generation);
+        self.generation
+    }
+
+    /// Forgets the oldest removals beyond [`REMEMBERED_REMOVALS`], raising
+    /// the horizon past them.
+    fn prune(&mut self) {
+        let removed = self.changed.len().saturating_sub(self.lvs.len());
+        if removed <= REMEMBERED_REMOVALS {
+            return;
+        }
+        let mut gone: Vec<(u64, (String, String))> = self
+            .changed
+            .iter()
+            .filter(|(k, _)| !self.lvs.contains_key(*k))
+            .map(|(k, g)| (*g, k.clone()))
+            .collect();
+        gone.sort();
+        for (g, k) in gone.into_iter().take(removed - REMEMBERED_REMOVALS) {
+            self.changed.remove(&k);
+            self.horizon = self.horizon.max(g);
+        }
     }
 
     /// Replaces the copy with a report that started at generation `start`,
@@ -170,12 +223,58 @@ impl State {
                 None => lvs.remove(key),
             };
         }
+        // What the report changed (made by others, or noticed late) takes
+        // one new generation.
+        let keys: std::collections::BTreeSet<(String, String)> =
+            self.lvs.keys().chain(lvs.keys()).cloned().collect();
+        let moved: Vec<(String, String)> = keys
+            .into_iter()
+            .filter(|k| differs(self.lvs.get(k), lvs.get(k)))
+            .collect();
+        if !moved.is_empty() || self.vgs != vgs {
+            self.generation += 1;
+            for k in moved {
+                self.changed.insert(k, self.generation);
+            }
+        }
         self.vgs = vgs;
         self.lvs = lvs;
+        self.prune();
         // Every change recorded so far is older than the next report.
         self.touched.clear();
         self.refreshed = Some(Instant::now());
         self.dirty = self.dirty_at > start;
+    }
+}
+
+/// A write lock on the state that tells watchers of the new generation
+/// when it is released.
+struct StateWrite<'a> {
+    guard: std::sync::RwLockWriteGuard<'a, State>,
+    changes: &'a tokio::sync::watch::Sender<u64>,
+}
+
+impl std::ops::Deref for StateWrite<'_> {
+    type Target = State;
+    fn deref(&self) -> &State {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for StateWrite<'_> {
+    fn deref_mut(&mut self) -> &mut State {
+        &mut self.guard
+    }
+}
+
+impl Drop for StateWrite<'_> {
+    fn drop(&mut self) {
+        let g = self.guard.generation;
+        self.changes.send_if_modified(|v| {
+            let moved = *v != g;
+            *v = g;
+            moved
+        });
     }
 }
 
@@ -197,6 +296,8 @@ pub struct LocalAgent {
     pub(super) removing: std::sync::Mutex<std::collections::BTreeSet<String>>,
     /// This agent, for tasks that outlive the call that started them.
     pub(super) me: std::sync::Weak<LocalAgent>,
+    /// The generation, for watchers of the inventory.
+    changes: tokio::sync::watch::Sender<u64>,
     /// How long a call that starts or resumes a full copy waits for it
     /// before answering "in progress".
     pub(super) copy_wait: Duration,
@@ -249,26 +350,45 @@ impl LocalAgent {
             removing: Default::default(),
             me: me.clone(),
             copy_wait: opts.copy_wait,
+            changes: tokio::sync::watch::channel(0).0,
         })
+    }
+
+    /// The state, for a change: watchers hear of the new generation when
+    /// the guard goes.
+    fn write_state(&self) -> StateWrite<'_> {
+        StateWrite {
+            guard: self.state.write().expect("state poisoned"),
+            changes: &self.changes,
+        }
+    }
+
+    /// An LV as the copy has it now, with the stamp of its last change.
+    fn stamped_lv(&self, lv: Lv) -> Stamped<Lv> {
+        let st = self.state.read().expect("state poisoned");
+        let key = (lv.vg.clone(), lv.name.clone());
+        let generation = st.changed.get(&key).copied().unwrap_or(st.generation);
+        Stamped {
+            value: st.lvs.get(&key).cloned().unwrap_or(lv),
+            stamp: Stamp {
+                epoch: self.epoch.clone(),
+                generation,
+            },
+        }
+    }
+
+    /// The stamp of an LV's last change (a removal included).
+    fn stamp_of(&self, vg: &str, name: &str) -> Stamp {
+        let st = self.state.read().expect("state poisoned");
+        let key = (vg.to_string(), name.to_string());
+        Stamp {
+            epoch: self.epoch.clone(),
+            generation: st.changed.get(&key).copied().unwrap_or(st.generation),
+        }
     }
 
     pub fn config(&self) -> &LvmConfig {
         &self.config
-    }
-
-    /// The stamp that includes every change made so far.
-    pub(super) fn stamp(&self) -> Stamp {
-        Stamp {
-            epoch: self.epoch.clone(),
-            generation: self.state.read().expect("state poisoned").generation,
-        }
-    }
-
-    fn stamped<T>(&self, value: T) -> Stamped<T> {
-        Stamped {
-            value,
-            stamp: self.stamp(),
-        }
     }
 
     pub(super) fn lvm(&self, sub: &str) -> Cmd {
@@ -382,7 +502,7 @@ impl LocalAgent {
             Err(e) => return Err(e.into()),
         };
         let (vgs, lvs) = report::parse(parsed).map_err(|e| LvmError::Internal(e.to_string()))?;
-        let mut st = self.state.write().expect("state poisoned");
+        let mut st = self.write_state();
         st.apply_report(start, vgs, lvs);
         st.problems = self.check_config(&st);
         if !st.problems.is_empty() {
@@ -392,7 +512,7 @@ impl LocalAgent {
     }
 
     fn record_problems(&self, problems: Vec<String>) {
-        let mut st = self.state.write().expect("state poisoned");
+        let mut st = self.write_state();
         st.problems = problems;
         st.refreshed.get_or_insert_with(Instant::now);
     }
@@ -547,7 +667,7 @@ impl LocalAgent {
     }
 
     pub(super) fn mark_dirty(&self) {
-        let mut st = self.state.write().expect("state poisoned");
+        let mut st = self.write_state();
         st.generation += 1;
         st.dirty_at = st.generation;
         st.dirty = true;
@@ -581,7 +701,7 @@ impl LocalAgent {
                 self.mark_dirty();
                 LvmError::from(e)
             })?;
-        let mut st = self.state.write().expect("state poisoned");
+        let mut st = self.write_state();
         st.touch(vg, lv);
         if let Some(l) = st.lvs.get_mut(&(vg.to_string(), lv.to_string())) {
             let mut attr: Vec<char> = l.attr.chars().collect();
@@ -762,7 +882,7 @@ impl LocalAgent {
 
     /// Records a new LV in the in-memory state (and the VG space it took).
     pub(super) fn remember(&self, class: &DeviceClass, lv: Lv) -> Lv {
-        let mut st = self.state.write().expect("state poisoned");
+        let mut st = self.write_state();
         st.touch(&lv.vg, &lv.name);
         if !class.is_thin() {
             if let Some(vg) = st.vgs.get_mut(&class.volume_group) {
@@ -775,7 +895,7 @@ impl LocalAgent {
 
     /// Forgets a removed LV (and gives its space back to the VG).
     pub(super) fn forget(&self, vg: &str, name: &str) {
-        let mut st = self.state.write().expect("state poisoned");
+        let mut st = self.write_state();
         st.touch(vg, name);
         if let Some(lv) = st.lvs.remove(&(vg.to_string(), name.to_string())) {
             if lv.pool.is_none() {
@@ -788,7 +908,7 @@ impl LocalAgent {
 
     /// Edits an LV's tags and attributes in the in-memory state.
     pub(super) fn update_lv(&self, vg: &str, name: &str, f: impl FnOnce(&mut Lv)) {
-        let mut st = self.state.write().expect("state poisoned");
+        let mut st = self.write_state();
         st.touch(vg, name);
         if let Some(lv) = st.lvs.get_mut(&(vg.to_string(), name.to_string())) {
             f(lv);
@@ -818,6 +938,136 @@ impl LocalAgent {
 
     pub(super) fn capacity_now(&self, class: &DeviceClass) -> Result<ClassCapacity> {
         let st = self.state.read().expect("state poisoned");
+        capacity_in(&st, class)
+    }
+}
+
+/// The inventory stream (see [`crate::lvm::inventory`] for the protocol).
+impl LocalAgent {
+    /// The update a watcher gets now: everything (`since` None), or the
+    /// changes after generation `since`. Read under one lock, so its
+    /// contents are exactly the copy at its generation.
+    fn inventory_update(&self, since: Option<u64>) -> Update {
+        let st = self.state.read().expect("state poisoned");
+        let mut u = Update {
+            epoch: self.epoch.clone(),
+            generation: st.generation,
+            full: since.is_none(),
+            problems: st.problems.clone(),
+            ..Update::default()
+        };
+        let ours = |lv: &Lv| {
+            ids::is_own(lv)
+                .then(|| self.class_of(lv))
+                .flatten()
+                .map(|c| (c.name.clone(), lv.clone()))
+        };
+        match since {
+            None => u.lvs = st.lvs.values().filter_map(ours).collect(),
+            Some(since) => {
+                for (key, _) in st.changed.iter().filter(|(_, g)| **g > since) {
+                    match st.lvs.get(key).and_then(ours) {
+                        Some(found) => u.lvs.push(found),
+                        // Gone, or no longer ours: gone from every class of
+                        // its VG (removing what is absent is a no-op).
+                        None if key_is_ours(&key.1) => {
+                            for c in self.config.classes.iter() {
+                                if c.volume_group == key.0 {
+                                    u.removed.push((c.name.clone(), key.1.clone()));
+                                }
+                            }
+                        }
+                        None => {}
+                    }
+                }
+            }
+        }
+        u.classes = self
+            .config
+            .classes
+            .iter()
+            .filter_map(|c| Some((c.name.clone(), capacity_in(&st, c).ok()?)))
+            .collect();
+        u
+    }
+
+    /// Where a watch starts: after the watcher's cursor when this process
+    /// still knows every change since it, else from scratch.
+    fn resumable(&self, cursor: Option<&Stamp>) -> Option<u64> {
+        let c = cursor?;
+        let st = self.state.read().expect("state poisoned");
+        (c.epoch == self.epoch && c.generation >= st.horizon && c.generation <= st.generation)
+            .then_some(c.generation)
+    }
+
+    /// One watcher's stream: the first update, then an update whenever the
+    /// generation moves, and heartbeats. Ends when the watcher goes.
+    fn inventory_stream(self: Arc<Self>, request: WatchRequest) -> Updates {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Update>>(4);
+        let mut changes = self.changes.subscribe();
+        let agent = Arc::downgrade(&self);
+        let mut since = self.resumable(request.cursor.as_ref());
+        tracing::info!(
+            resumed_from = ?since, heartbeat = ?request.heartbeat,
+            "agent: inventory watch opened"
+        );
+        drop(self);
+        tokio::spawn(async move {
+            loop {
+                let Some(me) = agent.upgrade() else { return };
+                // Never send a state this agent itself distrusts.
+                if me.state.read().expect("state poisoned").dirty {
+                    if let Err(e) = me.refresh().await {
+                        tracing::warn!(error = %e, "inventory: refresh before sending failed");
+                    }
+                }
+                changes.borrow_and_update();
+                let update = me.inventory_update(since);
+                drop(me);
+                since = Some(update.generation);
+                if tx.send(Ok(update)).await.is_err() {
+                    return;
+                }
+                // Until the generation moves, heartbeats.
+                loop {
+                    tokio::select! {
+                        moved = changes.changed() => {
+                            if moved.is_err() {
+                                return;
+                            }
+                            break;
+                        }
+                        _ = tokio::time::sleep(request.heartbeat) => {
+                            let Some(me) = agent.upgrade() else { return };
+                            let beat = me.inventory_update(since);
+                            drop(me);
+                            if !beat.is_heartbeat() {
+                                // A change slipped in: send it as such.
+                                since = Some(beat.generation);
+                            }
+                            if tx.send(Ok(beat)).await.is_err() {
+                                return;
+                            }
+                        }
+                        _ = tx.closed() => return,
+                    }
+                }
+            }
+        });
+        Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+    }
+}
+
+/// Whether an LV name is one of Lodestone's (a volume's or a snapshot's).
+fn key_is_ours(name: &str) -> bool {
+    [Kind::Volume, Kind::Snapshot]
+        .iter()
+        .any(|k| k.key_of_lv(name).is_some())
+}
+
+/// A class's capacity in a copy of the LVM state.
+fn capacity_in(st: &State, class: &DeviceClass) -> Result<ClassCapacity> {
+    {
         let vg = st.vgs.get(&class.volume_group).ok_or_else(|| {
             LvmError::Unavailable(format!(
                 "volume group {} of device class {} is not available",
@@ -1034,7 +1284,7 @@ impl LocalAgent {
             };
         }
         crate::fail_point!("lvm.expand.after_lvextend");
-        let mut st = self.state.write().expect("state poisoned");
+        let mut st = self.write_state();
         st.touch(&lv.vg, &lv.name);
         if !class.is_thin() {
             if let Some(vg) = st.vgs.get_mut(&lv.vg) {
@@ -1055,17 +1305,18 @@ impl Agent for LocalAgent {
 
     async fn create(&self, spec: &LvSpec) -> Result<Stamped<Lv>> {
         let lv = self.lvm_create(spec).await?;
-        Ok(self.stamped(lv))
+        Ok(self.stamped_lv(lv))
     }
 
     async fn remove(&self, class: &str, lv_name: &str) -> Result<Stamp> {
         self.lvm_remove(class, lv_name).await?;
-        Ok(self.stamp())
+        let vg = &self.class(class)?.volume_group;
+        Ok(self.stamp_of(vg, lv_name))
     }
 
     async fn extend(&self, class: &str, lv_name: &str, size: u64) -> Result<Stamped<Lv>> {
         let lv = self.lvm_extend(class, lv_name, size).await?;
-        Ok(self.stamped(lv))
+        Ok(self.stamped_lv(lv))
     }
 
     async fn find(&self, class: &str, lv: &str) -> Result<Option<Lv>> {
@@ -1101,8 +1352,20 @@ impl Agent for LocalAgent {
     }
 
     async fn resume(&self, class: &str, lv: &str) -> Result<Stamped<Option<Lv>>> {
-        let lv = self.resume_copy(class, lv).await?;
-        Ok(self.stamped(lv))
+        let vg = self.class(class)?.volume_group.clone();
+        Ok(match self.resume_copy(class, lv).await? {
+            Some(found) => {
+                let done = self.stamped_lv(found);
+                Stamped {
+                    value: Some(done.value),
+                    stamp: done.stamp,
+                }
+            }
+            None => Stamped {
+                value: None,
+                stamp: self.stamp_of(&vg, lv),
+            },
+        })
     }
 
     async fn copy_progress(&self, class: &str, lv: &str) -> Option<(String, bool)> {
@@ -1128,10 +1391,12 @@ impl Agent for LocalAgent {
         Some((message, self.copy_failed_for_good(vg, lv)))
     }
 
-    async fn watch(&self, _request: WatchRequest) -> Result<Updates> {
-        Err(LvmError::Unavailable(
-            "the inventory stream is not built yet".into(),
-        ))
+    async fn watch(&self, request: WatchRequest) -> Result<Updates> {
+        let me = self
+            .me
+            .upgrade()
+            .ok_or_else(|| LvmError::Unavailable("the agent is stopping".into()))?;
+        Ok(me.inventory_stream(request))
     }
 }
 

@@ -176,6 +176,14 @@ pub fn params_digest(params: &BTreeMap<String, String>) -> String {
 }
 
 /// Tags for a new LV of `kind`.
+/// Whether an LV is Lodestone's: a volume's or a snapshot's name that
+/// carries its kind's tag.
+pub fn is_own(lv: &crate::lvm::report::Lv) -> bool {
+    [Kind::Volume, Kind::Snapshot]
+        .into_iter()
+        .any(|k| k.key_of_lv(&lv.name).is_some() && has_tag(&lv.tags, k.tag()))
+}
+
 pub fn tags(
     kind: Kind,
     request_name: &str,

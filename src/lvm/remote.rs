@@ -16,7 +16,7 @@ use crate::agentpb as pb;
 use crate::agentpb::agent_client::AgentClient;
 use crate::lvm::agent::{Agent, ClassCapacity, LvSpec};
 use crate::lvm::error::{LvmError, Result};
-use crate::lvm::inventory::{Stamp, Stamped, Updates, WatchRequest};
+use crate::lvm::inventory::{Stamp, Stamped, Update, Updates, WatchRequest};
 use crate::lvm::report::Lv;
 use crate::lvm::rpc::error_from_status;
 use crate::tls::TlsMaterial;
@@ -61,7 +61,9 @@ impl RemoteAgent {
             .keep_alive_timeout(Duration::from_secs(10));
         Ok(RemoteAgent {
             node: node.to_string(),
-            client: AgentClient::new(endpoint.connect_with_connector_lazy(tls.connector(node))),
+            client: AgentClient::new(
+                endpoint.connect_with_connector_lazy(tls.connector(node, deadlines.connect)),
+            ),
             deadlines,
         })
     }
@@ -101,16 +103,29 @@ impl RemoteAgent {
         })
     }
 
+    /// Runs one call with its deadline enforced here too: the header
+    /// tells a live agent when to give up, and this bounds the wait for one
+    /// that never answers (a hung host that still accepts connections).
+    async fn within<T>(
+        &self,
+        deadline: Duration,
+        call: impl std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+    ) -> Result<T> {
+        match tokio::time::timeout(deadline, call).await {
+            Ok(Ok(r)) => Ok(r.into_inner()),
+            Ok(Err(s)) => Err(self.err(s)),
+            Err(_) => Err(self.err(tonic::Status::deadline_exceeded(format!(
+                "no answer within {deadline:?}"
+            )))),
+        }
+    }
+
     /// Who answers at the address: its node name and device classes.
     pub async fn describe(&self) -> Result<pb::DescribeReply> {
         let r = self.request(pb::DescribeRequest {}, self.deadlines.read);
         let reply = self
-            .client
-            .clone()
-            .describe(r)
-            .await
-            .map_err(|s| self.err(s))?
-            .into_inner();
+            .within(self.deadlines.read, self.client.clone().describe(r))
+            .await?;
         if reply.node != self.node {
             return Err(LvmError::Unavailable(format!(
                 "the agent reached for node {} says it serves node {}",
@@ -128,14 +143,9 @@ impl Agent for RemoteAgent {
     }
 
     async fn create(&self, spec: &LvSpec) -> Result<Stamped<Lv>> {
-        let r = self.request(pb::CreateRequest::from(spec), self.deadlines.write);
-        let reply = self
-            .client
-            .clone()
-            .create(r)
-            .await
-            .map_err(|s| self.err(s))?
-            .into_inner();
+        let d = self.deadlines.write;
+        let r = self.request(pb::CreateRequest::from(spec), d);
+        let reply = self.within(d, self.client.clone().create(r)).await?;
         Ok(Stamped {
             value: self.lv(reply.lv)?,
             stamp: self.stamp(reply.stamp)?,
@@ -143,34 +153,24 @@ impl Agent for RemoteAgent {
     }
 
     async fn remove(&self, class: &str, lv: &str) -> Result<Stamp> {
+        let d = self.deadlines.write;
         let mut r = self.lv_ref(class, lv);
-        r.set_timeout(self.deadlines.write);
-        let reply = self
-            .client
-            .clone()
-            .remove(r)
-            .await
-            .map_err(|s| self.err(s))?
-            .into_inner();
+        r.set_timeout(d);
+        let reply = self.within(d, self.client.clone().remove(r)).await?;
         self.stamp(reply.stamp)
     }
 
     async fn extend(&self, class: &str, lv: &str, size: u64) -> Result<Stamped<Lv>> {
+        let d = self.deadlines.write;
         let r = self.request(
             pb::ExtendRequest {
                 class: class.to_string(),
                 name: lv.to_string(),
                 size,
             },
-            self.deadlines.write,
+            d,
         );
-        let reply = self
-            .client
-            .clone()
-            .extend(r)
-            .await
-            .map_err(|s| self.err(s))?
-            .into_inner();
+        let reply = self.within(d, self.client.clone().extend(r)).await?;
         Ok(Stamped {
             value: self.lv(reply.lv)?,
             stamp: self.stamp(reply.stamp)?,
@@ -179,15 +179,18 @@ impl Agent for RemoteAgent {
 
     async fn find(&self, class: &str, lv: &str) -> Result<Option<Lv>> {
         let r = self.lv_ref(class, lv);
-        let reply = self.client.clone().find(r).await.map_err(|s| self.err(s))?;
-        Ok(reply.into_inner().lv.map(Into::into))
+        let reply = self
+            .within(self.deadlines.read, self.client.clone().find(r))
+            .await?;
+        Ok(reply.lv.map(Into::into))
     }
 
     async fn list(&self) -> Result<Vec<(String, Lv)>> {
         let r = self.request(pb::ListRequest {}, self.deadlines.read);
-        let reply = self.client.clone().list(r).await.map_err(|s| self.err(s))?;
+        let reply = self
+            .within(self.deadlines.read, self.client.clone().list(r))
+            .await?;
         reply
-            .into_inner()
             .lvs
             .into_iter()
             .map(|c| Ok((c.class, self.lv(c.lv)?)))
@@ -202,24 +205,16 @@ impl Agent for RemoteAgent {
             self.deadlines.read,
         );
         let reply = self
-            .client
-            .clone()
-            .capacity(r)
-            .await
-            .map_err(|s| self.err(s))?;
-        Ok(reply.into_inner().into())
+            .within(self.deadlines.read, self.client.clone().capacity(r))
+            .await?;
+        Ok(reply.into())
     }
 
     async fn resume(&self, class: &str, lv: &str) -> Result<Stamped<Option<Lv>>> {
+        let d = self.deadlines.write;
         let mut r = self.lv_ref(class, lv);
-        r.set_timeout(self.deadlines.write);
-        let reply = self
-            .client
-            .clone()
-            .resume(r)
-            .await
-            .map_err(|s| self.err(s))?
-            .into_inner();
+        r.set_timeout(d);
+        let reply = self.within(d, self.client.clone().resume(r)).await?;
         Ok(Stamped {
             value: reply.lv.map(Into::into),
             stamp: self.stamp(reply.stamp)?,
@@ -228,18 +223,28 @@ impl Agent for RemoteAgent {
 
     async fn copy_progress(&self, class: &str, lv: &str) -> Option<(String, bool)> {
         let r = self.lv_ref(class, lv);
-        match self.client.clone().copy_progress(r).await {
-            Ok(reply) => {
-                let p = reply.into_inner();
-                (!p.message.is_empty()).then_some((p.message, p.failed_for_good))
-            }
-            Err(s) => Some((self.err(s).to_string(), false)),
+        match self
+            .within(self.deadlines.read, self.client.clone().copy_progress(r))
+            .await
+        {
+            Ok(p) => (!p.message.is_empty()).then_some((p.message, p.failed_for_good)),
+            Err(e) => Some((e.to_string(), false)),
         }
     }
 
-    async fn watch(&self, _request: WatchRequest) -> Result<Updates> {
-        Err(LvmError::Unavailable(
-            "the inventory stream is not built yet".into(),
-        ))
+    /// Opens the stream: its set-up (connection, TLS handshake, the
+    /// answer's headers) within the read deadline; then no deadline (the
+    /// controller judges the stream by its heartbeats).
+    async fn watch(&self, request: WatchRequest) -> Result<Updates> {
+        use tokio_stream::StreamExt;
+        let r = Request::new(pb::WatchRequest::from(&request));
+        let updates = self
+            .within(self.deadlines.read, self.client.clone().watch(r))
+            .await?;
+        let node = self.node.clone();
+        Ok(Box::pin(updates.map(move |item| match item {
+            Ok(u) => Update::try_from(u),
+            Err(s) => Err(error_from_status(&node, s)),
+        })))
     }
 }

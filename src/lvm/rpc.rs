@@ -357,12 +357,7 @@ fn own_kind(name: &str) -> Result<Kind, LvmError> {
         })
 }
 
-/// Whether an LV carries the tag of the kind its name says.
-fn is_own(lv: &Lv) -> bool {
-    [Kind::Volume, Kind::Snapshot]
-        .into_iter()
-        .any(|k| k.key_of_lv(&lv.name).is_some() && has_tag(&lv.tags, k.tag()))
-}
+use crate::lvm::ids::is_own;
 
 fn not_tagged(class: &str, name: &str) -> LvmError {
     tracing::warn!(class = %class, lv = %name,
@@ -555,11 +550,14 @@ impl pb::agent_server::Agent for AgentService {
 
     async fn watch(
         &self,
-        _r: Request<pb::WatchRequest>,
+        r: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        Err(Status::unimplemented(
-            "the inventory stream is not built yet",
-        ))
+        use tokio_stream::StreamExt;
+        let request = WatchRequest::from(r.into_inner());
+        let updates = self.agent.watch(request).await.map_err(status_from_error)?;
+        Ok(Response::new(Box::pin(updates.map(|u| {
+            u.map(pb::InventoryUpdate::from).map_err(status_from_error)
+        }))))
     }
 }
 
