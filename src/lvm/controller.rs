@@ -749,10 +749,12 @@ impl ControllerBackend for LvmController {
         }
         let sizing = Sizing::of(req, class, source.as_ref().map(|(_, lv)| lv))?;
         let source_node = source.as_ref().map(|(sid, _)| sid.node.as_str());
+        let deciding = Instant::now();
         let ((decision, size), reservation) = self.place(req, class, &sizing, source_node)?;
+        let placement_us = deciding.elapsed().as_micros() as u64;
         tracing::info!(
             name = %req.name, node = %decision.node, rule = decision.rule, class = %class.name,
-            size, source = ?source_id, "placed volume"
+            size, source = ?source_id, placement_us, "placed volume"
         );
         let id = LvId {
             kind: Kind::Volume,
