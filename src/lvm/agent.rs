@@ -1622,6 +1622,198 @@ mod tests {
     /// change finished does not undo it; LVs nobody here touched since
     /// are taken from the report (changes made by someone else), and so
     /// is the dirty flag unless it was set after the report started.
+    /// An agent with one thin class (vg0/pool0) and one thick class (vg1),
+    /// its copy of LVM filled by hand (no lvm runs).
+    fn agent_with_state() -> Arc<LocalAgent> {
+        let config = LvmConfig::load(None, &["thin=vg0/pool0".into(), "thick=vg1".into()]);
+        let runner = Arc::new(Runner::new(Duration::from_secs(5)));
+        let options = AgentOptions {
+            udev: false,
+            copy_wait: Duration::from_secs(1),
+        };
+        let agent = LocalAgent::new("n1".into(), config.unwrap(), runner, options);
+        {
+            let mut st = agent.write_state();
+            let mut pool = lv("vg0", "pool0", 1 << 30, "twi-aotz--", None);
+            pool.data_percent = Some(1.0);
+            st.apply_report(
+                0,
+                vec![vg("vg0", 1 << 30), vg("vg1", 4 << 30)],
+                vec![pool, ours("vg1", "a", None)],
+            );
+        }
+        agent
+    }
+
+    /// A volume LV of ours named after `seed`.
+    fn ours(vg: &str, seed: &str, pool: Option<&str>) -> Lv {
+        let name = Kind::Volume.lv_name(&Kind::Volume.key_for_name(seed));
+        let attr = if pool.is_some() {
+            "Vwi-a-tz--"
+        } else {
+            "-wi-a-----"
+        };
+        let mut l = lv(vg, &name, 64 << 20, attr, pool);
+        l.tags = ids::tags(Kind::Volume, seed, "d", None, false);
+        l
+    }
+
+    fn names(lvs: &[(String, Lv)]) -> Vec<(String, String)> {
+        let mut v: Vec<_> = lvs
+            .iter()
+            .map(|(c, l)| (c.clone(), l.name.clone()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn inventory_is_full_then_only_what_changed() {
+        let agent = agent_with_state();
+        let full = agent.inventory_update(None);
+        assert!(full.full);
+        assert_eq!(
+            names(&full.lvs),
+            [("thick".into(), ours("vg1", "a", None).name)]
+        );
+        let classes: Vec<&str> = full.classes.iter().map(|(c, _)| c.as_str()).collect();
+        assert_eq!(classes, ["thin", "thick"]);
+        let g = full.generation;
+
+        // Nothing since: a heartbeat.
+        assert!(agent.inventory_update(Some(g)).is_heartbeat());
+
+        // Our create and our remove, each with its exact stamp.
+        let thin = agent.config.class("thin").unwrap().clone();
+        let b = agent.remember(&thin, ours("vg0", "b", Some("pool0")));
+        let done = agent.stamped_lv(b.clone());
+        assert_eq!(done.stamp.generation, g + 1);
+        agent.forget("vg1", &ours("vg1", "a", None).name);
+        let removed = agent.stamp_of("vg1", &ours("vg1", "a", None).name);
+        assert_eq!(removed.generation, g + 2);
+
+        let delta = agent.inventory_update(Some(g));
+        assert!(!delta.full);
+        assert_eq!(names(&delta.lvs), [("thin".into(), b.name.clone())]);
+        // Gone from every class of its VG.
+        assert_eq!(
+            delta.removed,
+            [("thick".into(), ours("vg1", "a", None).name)]
+        );
+        // From a later cursor, only the later change.
+        let later = agent.inventory_update(Some(g + 1));
+        assert!(later.lvs.is_empty());
+        assert_eq!(later.removed.len(), 1);
+    }
+
+    #[test]
+    fn a_watch_resumes_only_from_this_process_and_within_memory() {
+        let agent = agent_with_state();
+        let now = agent.stamp_of("vg1", "nothing");
+        assert_eq!(agent.resumable(Some(&now)), Some(now.generation));
+        let other = Stamp {
+            epoch: "another process".into(),
+            generation: now.generation,
+        };
+        assert_eq!(agent.resumable(Some(&other)), None);
+        let future = Stamp {
+            generation: now.generation + 5,
+            ..now.clone()
+        };
+        assert_eq!(agent.resumable(Some(&future)), None);
+        agent.write_state().horizon = now.generation + 1;
+        assert_eq!(
+            agent.resumable(Some(&now)),
+            None,
+            "older than what it remembers"
+        );
+        assert_eq!(agent.resumable(None), None);
+    }
+
+    #[test]
+    fn a_report_started_before_a_create_sends_no_removal() {
+        let agent = agent_with_state();
+        let start = agent.stamp_of("vg0", "x").generation;
+        let thin = agent.config.class("thin").unwrap().clone();
+        // The create lands while the report runs; the report misses it.
+        let b = agent.remember(&thin, ours("vg0", "b", Some("pool0")));
+        let before_report = agent.stamp_of("vg0", "x").generation;
+        {
+            let mut pool = lv("vg0", "pool0", 1 << 30, "twi-aotz--", None);
+            pool.data_percent = Some(1.0);
+            let mut st = agent.write_state();
+            st.apply_report(
+                start,
+                vec![vg("vg0", 1 << 30), vg("vg1", 4 << 30)],
+                vec![pool, ours("vg1", "a", None)],
+            );
+        }
+        let delta = agent.inventory_update(Some(before_report));
+        assert!(delta.removed.is_empty(), "{:?}", delta.removed);
+        assert!(delta.lvs.is_empty());
+        assert_eq!(
+            agent.inventory_update(None).lvs.len(),
+            2,
+            "the new LV stays in the copy"
+        );
+        assert!(agent.stamped_lv(b).value.pool.is_some());
+    }
+
+    #[test]
+    fn a_report_sends_what_others_changed_but_not_usage_noise() {
+        let agent = agent_with_state();
+        let g = agent.stamp_of("vg1", "x").generation;
+        let report = |thin_usage: f64, with_a: bool| {
+            let mut pool = lv("vg0", "pool0", 1 << 30, "twi-aotz--", None);
+            pool.data_percent = Some(1.0);
+            let mut b = ours("vg0", "b", Some("pool0"));
+            b.data_percent = Some(thin_usage);
+            let mut lvs = vec![pool, b];
+            if with_a {
+                lvs.push(ours("vg1", "a", None));
+            }
+            let mut st = agent.write_state();
+            let start = st.generation;
+            st.apply_report(start, vec![vg("vg0", 1 << 30), vg("vg1", 4 << 30)], lvs);
+        };
+        // Someone made "b" by hand: one change.
+        report(5.0, true);
+        let delta = agent.inventory_update(Some(g));
+        assert_eq!(delta.lvs.len(), 1);
+        let g = delta.generation;
+        // Only b's own usage moved: nothing to send.
+        report(50.0, true);
+        assert_eq!(agent.inventory_update(Some(g)).generation, g);
+        // Someone removed "a" by hand.
+        report(50.0, false);
+        let delta = agent.inventory_update(Some(g));
+        assert_eq!(delta.removed.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_watch_sends_full_then_changes_then_heartbeats() {
+        use tokio_stream::StreamExt;
+        let agent = agent_with_state();
+        agent.write_state().dirty = false;
+        let mut updates = agent
+            .watch(WatchRequest {
+                cursor: None,
+                heartbeat: Duration::from_millis(100),
+            })
+            .await
+            .unwrap();
+        let first = updates.next().await.unwrap().unwrap();
+        assert!(first.full);
+        let thin = agent.config.class("thin").unwrap().clone();
+        agent.remember(&thin, ours("vg0", "b", Some("pool0")));
+        let next = updates.next().await.unwrap().unwrap();
+        assert_eq!(next.lvs.len(), 1, "{next:?}");
+        assert_eq!(next.generation, first.generation + 1);
+        let beat = updates.next().await.unwrap().unwrap();
+        assert!(beat.is_heartbeat(), "{beat:?}");
+        assert_eq!(beat.generation, next.generation);
+    }
+
     #[test]
     fn a_report_never_overwrites_a_newer_change() {
         let mut st = State::default();
