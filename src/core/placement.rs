@@ -15,9 +15,9 @@ use crate::error::{Error, Result};
 
 /// A node (or pool) that could hold the volume.
 #[derive(Debug, Clone)]
-pub(crate) struct Candidate {
-    pub name: String,
-    pub segments: BTreeMap<String, String>,
+pub(crate) struct Candidate<'a> {
+    pub name: &'a str,
+    pub segments: &'a BTreeMap<String, String>,
     /// Bytes available for a volume of this class there.
     pub available: u64,
 }
@@ -28,23 +28,77 @@ pub(crate) struct Decision {
     pub rule: &'static str,
 }
 
+/// Matches topology terms against thousands of candidates without a scan
+/// per term: when every candidate has the same segment keys (one node key,
+/// for LVM), a term with exactly those keys matches the one candidate with
+/// those values, found by lookup. Other terms are matched by a scan.
+struct Terms<'a> {
+    keys: Option<Vec<&'a str>>,
+    exact: std::collections::HashMap<Vec<&'a str>, Vec<usize>>,
+}
+
+impl<'a> Terms<'a> {
+    fn new(candidates: &'a [Candidate<'a>]) -> Self {
+        let keys_of =
+            |c: &'a Candidate<'a>| c.segments.keys().map(String::as_str).collect::<Vec<_>>();
+        let keys = candidates.first().map(keys_of);
+        let shared = keys
+            .as_ref()
+            .is_some_and(|k| candidates.iter().all(|c| keys_of(c) == *k));
+        let mut exact: std::collections::HashMap<Vec<&str>, Vec<usize>> = Default::default();
+        if shared {
+            for (i, c) in candidates.iter().enumerate() {
+                let values = c.segments.values().map(String::as_str).collect();
+                exact.entry(values).or_default().push(i);
+            }
+        }
+        Terms {
+            keys: keys.filter(|_| shared),
+            exact,
+        }
+    }
+
+    /// Calls `f` with the index of every candidate the term matches.
+    fn each_match(&self, t: &csi::Topology, candidates: &[Candidate], mut f: impl FnMut(usize)) {
+        if let Some(keys) = &self.keys {
+            if t.segments.len() == keys.len() && keys.iter().all(|k| t.segments.contains_key(*k)) {
+                let values: Vec<&str> = keys.iter().map(|k| t.segments[*k].as_str()).collect();
+                for &i in self.exact.get(&values).into_iter().flatten() {
+                    f(i);
+                }
+                return;
+            }
+        }
+        for (i, c) in candidates.iter().enumerate() {
+            if topology_matches(t, &c.segments) {
+                f(i);
+            }
+        }
+    }
+}
+
 pub(crate) fn place(
     requirement: Option<&csi::TopologyRequirement>,
     candidates: &[Candidate],
     size: u64,
     source_node: Option<&str>,
 ) -> Result<Decision> {
-    let allowed: Vec<&Candidate> = match requirement {
-        Some(req) if !req.requisite.is_empty() => candidates
-            .iter()
-            .filter(|c| {
-                req.requisite
-                    .iter()
-                    .any(|t| topology_matches(t, &c.segments))
-            })
-            .collect(),
-        _ => candidates.iter().collect(),
+    let terms = Terms::new(candidates);
+    let permitted: Vec<bool> = match requirement {
+        Some(req) if !req.requisite.is_empty() => {
+            let mut ok = vec![false; candidates.len()];
+            for t in &req.requisite {
+                terms.each_match(t, candidates, |i| ok[i] = true);
+            }
+            ok
+        }
+        _ => vec![true; candidates.len()],
     };
+    let allowed: Vec<&Candidate> = candidates
+        .iter()
+        .zip(&permitted)
+        .filter_map(|(c, ok)| ok.then_some(c))
+        .collect();
     if allowed.is_empty() {
         return Err(Error::ResourceExhausted(
             "no node of this driver lies in the requested topology (requisite)".to_string(),
@@ -54,7 +108,7 @@ pub(crate) fn place(
     if let Some(source) = source_node {
         return match allowed.iter().find(|c| c.name == source) {
             Some(c) if c.available >= size => Ok(Decision {
-                node: c.name.clone(),
+                node: c.name.to_string(),
                 rule: "source-locality",
             }),
             Some(c) => Err(Error::ResourceExhausted(format!(
@@ -75,10 +129,21 @@ pub(crate) fn place(
         )));
     }
     if let Some(req) = requirement {
+        let fitting: Vec<bool> = candidates
+            .iter()
+            .zip(&permitted)
+            .map(|(c, ok)| *ok && c.available >= size)
+            .collect();
         for t in &req.preferred {
-            if let Some(c) = fits.iter().find(|c| topology_matches(t, &c.segments)) {
+            let mut first: Option<usize> = None;
+            terms.each_match(t, candidates, |i| {
+                if fitting[i] && first.is_none_or(|f| i < f) {
+                    first = Some(i);
+                }
+            });
+            if let Some(i) = first {
                 return Ok(Decision {
-                    node: c.name.clone(),
+                    node: candidates[i].name.to_string(),
                     rule: "preferred-topology",
                 });
             }
@@ -93,7 +158,7 @@ pub(crate) fn place(
         })
         .expect("fits is not empty");
     Ok(Decision {
-        node: best.name.clone(),
+        node: best.name.to_string(),
         rule: "most-capacity",
     })
 }
@@ -102,10 +167,13 @@ pub(crate) fn place(
 mod tests {
     use super::*;
 
-    fn node(name: &str, available: u64) -> Candidate {
+    /// A candidate node (leaked: tests only).
+    fn node(name: &str, available: u64) -> Candidate<'static> {
+        let segments: BTreeMap<String, String> =
+            [("topology.lodestone.dev/node".to_string(), name.to_string())].into();
         Candidate {
-            name: name.into(),
-            segments: [("topology.lodestone.dev/node".to_string(), name.to_string())].into(),
+            name: Box::leak(name.to_string().into_boxed_str()),
+            segments: Box::leak(Box::new(segments)),
             available,
         }
     }
@@ -168,5 +236,43 @@ mod tests {
         };
         let err = place(Some(&req), &nodes, 10, Some("b")).unwrap_err();
         assert!(err.to_string().contains("node b"));
+    }
+
+    #[test]
+    fn thousands_of_topology_terms_are_matched_without_a_scan_each() {
+        let nodes: Vec<Candidate> = (0..5000).map(|i| node(&format!("n{i:04}"), 10)).collect();
+        // What the provisioner sends with strict topology off: every node
+        // in requisite, every node in preferred (the pick first).
+        let all: Vec<csi::Topology> = (0..5000).map(|i| topo(&format!("n{i:04}"))).collect();
+        let mut preferred = all.clone();
+        preferred.rotate_left(4321);
+        let req = csi::TopologyRequirement {
+            requisite: all,
+            preferred,
+        };
+        let started = std::time::Instant::now();
+        let d = place(Some(&req), &nodes, 5, None).unwrap();
+        assert_eq!((d.node.as_str(), d.rule), ("n4321", "preferred-topology"));
+        assert!(started.elapsed() < std::time::Duration::from_millis(500));
+    }
+
+    #[test]
+    fn terms_with_fewer_keys_still_match_by_subset() {
+        let zoned = |name: &str, zone: &str| {
+            let mut c = node(name, 10);
+            let mut segments = c.segments.clone();
+            segments.insert("zone".into(), zone.into());
+            c.segments = Box::leak(Box::new(segments));
+            c
+        };
+        let (a, b) = (zoned("a", "z1"), zoned("b", "z2"));
+        let zone = csi::Topology {
+            segments: [("zone".to_string(), "z2".to_string())].into(),
+        };
+        let req = csi::TopologyRequirement {
+            requisite: vec![zone],
+            preferred: vec![],
+        };
+        assert_eq!(place(Some(&req), &[a, b], 5, None).unwrap().node, "b");
     }
 }

@@ -628,10 +628,10 @@ impl LvmController {
                 let size = req
                     .range
                     .pick(cap.extent_size, sizing.minimum, sizing.default)?;
-                sizes.insert(room.node.as_str(), size);
+                sizes.insert(room.node, size);
                 candidates.push(Candidate {
-                    name: room.node.clone(),
-                    segments: room.segments.clone(),
+                    name: room.node,
+                    segments: room.segments,
                     available: cap.available.saturating_sub(room.reserved),
                 });
             }

@@ -150,6 +150,27 @@ impl Inner {
         }
     }
 
+    /// Every live node that has `class`, borrowed (placement reads
+    /// thousands of them per decision).
+    fn room_refs(&self, class: &str) -> Vec<RoomRef<'_>> {
+        let mut reserved: HashMap<&str, u64> = HashMap::new();
+        for r in self.reservations.values().filter(|r| r.class == class) {
+            *reserved.entry(r.node.as_str()).or_default() += r.bytes;
+        }
+        self.nodes
+            .iter()
+            .filter(|(_, v)| v.health == Health::Live)
+            .filter_map(|(node, v)| {
+                Some(RoomRef {
+                    node: node.as_str(),
+                    segments: &v.segments,
+                    capacity: v.classes.get(class)?,
+                    reserved: reserved.get(node.as_str()).copied().unwrap_or(0),
+                })
+            })
+            .collect()
+    }
+
     fn rooms(&self, class: &str) -> Vec<Room> {
         let mut reserved: HashMap<&str, u64> = HashMap::new();
         for r in self.reservations.values().filter(|r| r.class == class) {
@@ -161,7 +182,6 @@ impl Inner {
             .filter(|(_, v)| v.health == Health::Live)
             .filter_map(|(node, v)| {
                 Some(Room {
-                    node: node.clone(),
                     segments: v.segments.clone(),
                     capacity: v.classes.get(class)?.clone(),
                     reserved: reserved.get(node.as_str()).copied().unwrap_or(0),
@@ -183,10 +203,18 @@ impl Inner {
 /// A candidate node for a new volume, from the index.
 #[derive(Debug, Clone)]
 pub(crate) struct Room {
-    pub node: String,
     pub segments: BTreeMap<String, String>,
     pub capacity: ClassCapacity,
     /// Bytes promised to creates under way there.
+    pub reserved: u64,
+}
+
+/// A [`Room`], borrowed from the index while it is locked.
+#[derive(Debug)]
+pub(crate) struct RoomRef<'a> {
+    pub node: &'a str,
+    pub segments: &'a BTreeMap<String, String>,
+    pub capacity: &'a ClassCapacity,
     pub reserved: u64,
 }
 
@@ -439,7 +467,6 @@ impl Index {
             return None;
         }
         Some(Room {
-            node: node.to_string(),
             segments: view.segments.clone(),
             capacity: view.classes.get(class)?.clone(),
             reserved: inner.reserved(node, class),
@@ -453,11 +480,13 @@ impl Index {
     pub(crate) fn place<T>(
         &self,
         class: &str,
-        decide: impl FnOnce(&[Room]) -> crate::error::Result<(T, String, u64)>,
+        decide: impl FnOnce(&[RoomRef<'_>]) -> crate::error::Result<(T, String, u64)>,
     ) -> crate::error::Result<(T, u64)> {
         let mut inner = self.write();
-        let rooms = inner.rooms(class);
-        let (decision, node, bytes) = decide(&rooms)?;
+        let (decision, node, bytes) = {
+            let rooms = inner.room_refs(class);
+            decide(&rooms)?
+        };
         inner.next_reservation += 1;
         let id = inner.next_reservation;
         inner.reservations.insert(
@@ -744,7 +773,7 @@ mod tests {
                         "{left} left"
                     )));
                 }
-                Ok(((), r.node.clone(), bytes))
+                Ok(((), r.node.to_string(), bytes))
             })
         };
         let (_, a) = take(&ix, 60).unwrap();
