@@ -70,7 +70,7 @@ impl<'a> Terms<'a> {
             }
         }
         for (i, c) in candidates.iter().enumerate() {
-            if topology_matches(t, &c.segments) {
+            if topology_matches(t, c.segments) {
                 f(i);
             }
         }
@@ -154,7 +154,7 @@ pub(crate) fn place(
         .max_by(|a, b| {
             a.available
                 .cmp(&b.available)
-                .then_with(|| b.name.cmp(&a.name))
+                .then_with(|| b.name.cmp(a.name))
         })
         .expect("fits is not empty");
     Ok(Decision {
