@@ -83,12 +83,14 @@ pub(crate) fn place(
     size: u64,
     source_node: Option<&str>,
 ) -> Result<Decision> {
-    let terms = Terms::new(candidates);
+    // Built only when the request has topology terms to match.
+    let terms = std::cell::OnceCell::new();
+    let terms = || terms.get_or_init(|| Terms::new(candidates));
     let permitted: Vec<bool> = match requirement {
         Some(req) if !req.requisite.is_empty() => {
             let mut ok = vec![false; candidates.len()];
             for t in &req.requisite {
-                terms.each_match(t, candidates, |i| ok[i] = true);
+                terms().each_match(t, candidates, |i| ok[i] = true);
             }
             ok
         }
@@ -136,7 +138,7 @@ pub(crate) fn place(
             .collect();
         for t in &req.preferred {
             let mut first: Option<usize> = None;
-            terms.each_match(t, candidates, |i| {
+            terms().each_match(t, candidates, |i| {
                 if fitting[i] && first.is_none_or(|f| i < f) {
                     first = Some(i);
                 }

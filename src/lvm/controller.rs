@@ -611,7 +611,7 @@ impl LvmController {
         let started = Instant::now();
         let placed = self.index.place(&class.name, |rooms| {
             let mut candidates = Vec::with_capacity(rooms.len());
-            let mut sizes = HashMap::with_capacity(rooms.len());
+            let mut sizes = Vec::with_capacity(rooms.len());
             let mut full_pools = Vec::new();
             for room in rooms {
                 let cap = &room.capacity;
@@ -628,14 +628,14 @@ impl LvmController {
                 let size = req
                     .range
                     .pick(cap.extent_size, sizing.minimum, sizing.default)?;
-                sizes.insert(room.node, size);
+                sizes.push(size);
                 candidates.push(Candidate {
                     name: room.node,
                     segments: room.segments,
                     available: cap.available.saturating_sub(room.reserved),
                 });
             }
-            let Some(&largest) = sizes.values().max() else {
+            let Some(&largest) = sizes.iter().max() else {
                 return Err(Error::Unavailable(format!(
                     "no live node can serve device class {} right now",
                     class.name
@@ -649,7 +649,8 @@ impl LvmController {
                         }
                         (e, _) => e,
                     })?;
-            let size = sizes[decision.node.as_str()];
+            let at = candidates.iter().position(|c| c.name == decision.node);
+            let size = sizes[at.expect("the decision is a candidate")];
             let node = decision.node.clone();
             Ok(((decision, size), node, size))
         });

@@ -14,7 +14,7 @@
 //!
 //! The controller's liveness rule (in `controller`) builds on this.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -40,7 +40,9 @@ pub(crate) enum Health {
 #[derive(Debug, Clone)]
 struct Entry {
     lv: Option<Lv>,
-    stamp: Stamp,
+    /// Shared by every entry learnt from the same epoch.
+    epoch: Arc<str>,
+    generation: u64,
 }
 
 #[derive(Debug)]
@@ -93,7 +95,7 @@ type Place = (String, String, String);
 struct Inner {
     nodes: HashMap<String, NodeView>,
     /// Where each request key's LVs are: (kind, key) -> {(node, class, LV name)}.
-    by_key: HashMap<(Kind, String), BTreeSet<Place>>,
+    by_key: HashMap<(Kind, String), Vec<Place>>,
     reservations: HashMap<u64, Reservation>,
     next_reservation: u64,
 }
@@ -124,9 +126,12 @@ impl Inner {
         if let Some(k) = kind_and_key(name) {
             let at = (node.to_string(), class.to_string(), name.to_string());
             if present {
-                self.by_key.entry(k).or_default().insert(at);
+                let places = self.by_key.entry(k).or_default();
+                if !places.contains(&at) {
+                    places.push(at);
+                }
             } else if let Some(set) = self.by_key.get_mut(&k) {
-                set.remove(&at);
+                set.retain(|p| *p != at);
                 if set.is_empty() {
                     self.by_key.remove(&k);
                 }
@@ -262,7 +267,8 @@ impl Index {
         let mut inner = self.write();
         let view = inner.view(node);
         let stamp = u.stamp();
-        let newer = |e: &Entry| e.stamp.epoch == stamp.epoch && e.stamp.generation > u.generation;
+        let epoch: Arc<str> = Arc::from(stamp.epoch.as_str());
+        let newer = |e: &Entry| *e.epoch == *stamp.epoch && e.generation > u.generation;
         if u.full {
             // Keep only what this controller learnt from replies newer than
             // the update; the update is the truth for everything else.
@@ -284,7 +290,8 @@ impl Index {
                     &name,
                     Some(Entry {
                         lv: Some(lv),
-                        stamp: stamp.clone(),
+                        epoch: epoch.clone(),
+                        generation: u.generation,
                     }),
                 );
             }
@@ -308,7 +315,8 @@ impl Index {
                 }
                 let entry = Entry {
                     lv: Some(lv),
-                    stamp: stamp.clone(),
+                    epoch: epoch.clone(),
+                    generation: u.generation,
                 };
                 inner.set(node, &class, &name, Some(entry));
             }
@@ -323,7 +331,7 @@ impl Index {
         let view = inner.view(node);
         // Removals this controller made and the stream now covers are done.
         view.lvs.retain(|_, e| {
-            e.lv.is_some() || e.stamp.epoch != stamp.epoch || e.stamp.generation > stamp.generation
+            e.lv.is_some() || *e.epoch != *stamp.epoch || e.generation > stamp.generation
         });
         view.classes = u.classes.into_iter().collect();
         view.problems = u.problems;
@@ -346,7 +354,12 @@ impl Index {
             // The stream got there first, with this change or a newer one.
             return;
         }
-        inner.set(node, class, name, Some(Entry { lv, stamp }));
+        let entry = Entry {
+            lv,
+            epoch: Arc::from(stamp.epoch.as_str()),
+            generation: stamp.generation,
+        };
+        inner.set(node, class, name, Some(entry));
     }
 
     /// Marks a node down (its stream broke or went silent).
