@@ -1039,6 +1039,21 @@ impl LocalAgent {
                         }
                         _ = tokio::time::sleep(request.heartbeat) => {
                             let Some(me) = agent.upgrade() else { return };
+                            // A class whose VG or pool is missing is looked
+                            // for again (a pool made after the start shows
+                            // up within a few heartbeats, not a refresh
+                            // period); a change it finds is sent next.
+                            let missing = me
+                                .config
+                                .classes
+                                .iter()
+                                .any(|c| me.capacity_now(c).is_err());
+                            if missing && me.refresh_if_older(MISSING_REFRESH).await.is_ok() {
+                                let moved = *changes.borrow() != since.unwrap_or(0);
+                                if moved {
+                                    break;
+                                }
+                            }
                             let beat = me.inventory_update(since);
                             drop(me);
                             if !beat.is_heartbeat() {

@@ -22,10 +22,17 @@ fn agent_builder(
     tls: &TlsFiles,
     class_args: &[String],
 ) -> super::DriverBuilder {
+    // A refresh period given with the classes replaces the default (off).
+    let mut classes = class_args.to_vec();
+    let mut refresh = Vec::new();
+    if let Some(i) = classes.iter().position(|a| a == "--lvm-refresh-seconds") {
+        refresh = classes.drain(i..i + 2).collect();
+    }
     Driver::builder()
         .mode("node")
         .node_id(node)
-        .class_args(class_args.to_vec())
+        .class_args(classes)
+        .args(refresh)
         .args(["--agent-listen", address])
         .args(tls.args())
 }

@@ -123,7 +123,18 @@ impl DriverBuilder {
     }
 
     pub fn args<S: Into<String>>(mut self, args: impl IntoIterator<Item = S>) -> Self {
-        self.extra_args.extend(args.into_iter().map(Into::into));
+        let args: Vec<String> = args.into_iter().map(Into::into).collect();
+        // A test that sets the refresh period replaces the default (off).
+        if args.iter().any(|a| a == "--lvm-refresh-seconds") {
+            if let Some(i) = self
+                .extra_args
+                .iter()
+                .position(|a| a == "--lvm-refresh-seconds")
+            {
+                self.extra_args.drain(i..i + 2);
+            }
+        }
+        self.extra_args.extend(args);
         self
     }
 

@@ -630,6 +630,25 @@ async fn thick_temporary_snapshot_is_zeroed_before_removal() {
     );
 }
 
+/// CreateVolume in a class whose pool was made after the driver started:
+/// the agent looks for a missing pool again at each heartbeat (at most
+/// every 2 s) and pushes it; until then the answer is UNAVAILABLE.
+async fn until_the_class_shows(
+    d: &Driver,
+    req: &csi::CreateVolumeRequest,
+) -> Result<tonic::Response<csi::CreateVolumeResponse>, tonic::Status> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = d.controller().create_volume(req.clone()).await;
+        match &r {
+            Err(s) if s.code() == Code::Unavailable && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(250)).await
+            }
+            _ => return r,
+        }
+    }
+}
+
 /// A thin pool made after the driver started, neither zeroing new blocks
 /// nor failing writes when full: the first create in its class sets both.
 #[tokio::test]
@@ -667,11 +686,13 @@ async fn thin_pool_made_later_is_made_safe_on_first_use() {
         ])
     };
     let before = attrs();
-    // The driver looks for a missing pool again at most every 2 s.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    let v = d
-        .create(&unique_name("latepool"), "late", block_cap(), 16 * MIB, 0)
-        .await;
+    let req = create_req(&unique_name("latepool"), "late", block_cap(), 16 * MIB, 0);
+    let v = until_the_class_shows(&d, &req)
+        .await
+        .expect("create in the late pool")
+        .into_inner()
+        .volume
+        .expect("volume");
     let after = attrs();
     delete_volume(&d, &v.volume_id).await;
     lvm(&["lvremove", "--yes", &format!("{THIN_VG}/{pool}")]);
@@ -939,10 +960,9 @@ async fn thin_pool_fix_converges_after_a_crash() {
         pool,
         THIN_VG,
     ]);
-    tokio::time::sleep(Duration::from_millis(2500)).await;
     let name = unique_name("fixpool");
     let req = create_req(&name, "fixed", block_cap(), 16 * MIB, 0);
-    let r = d.controller().create_volume(req.clone()).await;
+    let r = until_the_class_shows(&d, &req).await;
     await_death(&d).await;
     assert!(dead(d.pid()), "the driver did not die at {point}: {r:?}");
     assert_eq!(reached_in(&d.log()), vec![point.to_string()]);
