@@ -525,12 +525,14 @@ async fn a_cut_stream_resumes_and_misses_nothing() {
             requirement(&[B], &[B]),
         ))
         .await;
-    let fulls = |ctl: &Driver| {
+    let received = |ctl: &Driver, how: &str| {
         ctl.log()
             .lines()
             .filter(|l| l.contains("node inventory received") && l.contains(B))
+            .filter(|l| l.contains(&format!("how=\"{how}\"")))
             .count()
     };
+    let fulls = |ctl: &Driver| received(ctl, "full");
     assert_eq!(fulls(&ctl), 1);
 
     relay.cut();
