@@ -264,6 +264,11 @@ impl Index {
     /// the index's cursor is refused (the caller watches again from
     /// scratch).
     pub(crate) fn apply(&self, node: &str, u: Update) -> Result<(), String> {
+        // Most updates are heartbeats that change nothing: answered under
+        // the read lock, so thousands of streams do not queue placement.
+        if u.is_heartbeat() && self.unchanged_by(node, &u) {
+            return Ok(());
+        }
         let mut inner = self.write();
         let view = inner.view(node);
         let stamp = u.stamp();
@@ -343,6 +348,25 @@ impl Index {
             self.changed.notify_waiters();
         }
         Ok(())
+    }
+
+    /// Whether a heartbeat would change nothing: same cursor, node live,
+    /// same capacity and problems.
+    fn unchanged_by(&self, node: &str, u: &Update) -> bool {
+        let inner = self.read();
+        let Some(view) = inner.nodes.get(node) else {
+            return false;
+        };
+        view.health == Health::Live
+            && view
+                .cursor
+                .as_ref()
+                .is_some_and(|c| c.epoch == u.epoch && c.generation == u.generation)
+            && view.problems == u.problems
+            && view.classes.len() == u.classes.len()
+            && u.classes
+                .iter()
+                .all(|(c, cap)| view.classes.get(c) == Some(cap))
     }
 
     /// Records the result of this controller's own mutation on `node`:
@@ -812,6 +836,12 @@ mod tests {
         assert_eq!(names(&ix), [name(1)]);
         assert!(ix.rooms("thin").is_empty());
         assert!(ix.room("n1", "thin").is_none());
+        // Its next heartbeat (same generation) makes it live again.
+        ix.apply("n1", update("e", 1, false)).unwrap();
+        assert_eq!(ix.health("n1"), Some(Health::Live));
+        ix.apply("n1", update("e", 1, false)).unwrap();
+        assert_eq!(ix.rooms("thin").len(), 1);
+        ix.mark_down("n1", "silent".into());
         // An unseen node stays unseen (nothing was ever known of it).
         ix.add_node("n2");
         ix.mark_down("n2", "no answer".into());
