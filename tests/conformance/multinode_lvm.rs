@@ -509,22 +509,17 @@ async fn a_cut_stream_resumes_and_misses_nothing() {
     )
     .await;
 
-    let keep = ctl
-        .create_ok(req(
-            &unique_name("mn-keep"),
-            THIN,
-            8 * MIB,
-            requirement(&[B], &[B]),
-        ))
-        .await;
-    let lost = ctl
-        .create_ok(req(
-            &unique_name("mn-lost"),
-            THIN,
-            8 * MIB,
-            requirement(&[B], &[B]),
-        ))
-        .await;
+    let on_b = |name: &str| req(&unique_name(name), THIN, 8 * MIB, requirement(&[B], &[B]));
+    let keep = ctl.create_ok(on_b("mn-keep")).await;
+    let lost = ctl.create_ok(on_b("mn-lost")).await;
+    let grow_keep = || csi::ControllerExpandVolumeRequest {
+        volume_id: keep.volume_id.clone(),
+        capacity_range: Some(csi::CapacityRange {
+            required_bytes: 16 * MIB,
+            limit_bytes: 0,
+        }),
+        ..Default::default()
+    };
     let received = |ctl: &Driver, how: &str| {
         ctl.log()
             .lines()
@@ -539,16 +534,7 @@ async fn a_cut_stream_resumes_and_misses_nothing() {
     // Silent past three heartbeats: down.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let e = expect_code(
-        ctl.controller()
-            .controller_expand_volume(csi::ControllerExpandVolumeRequest {
-                volume_id: keep.volume_id.clone(),
-                capacity_range: Some(csi::CapacityRange {
-                    required_bytes: 16 * MIB,
-                    limit_bytes: 0,
-                }),
-                ..Default::default()
-            })
-            .await,
+        ctl.controller().controller_expand_volume(grow_keep()).await,
         Code::Unavailable,
         "expanding a volume of node-b while it is cut off",
     );
@@ -608,17 +594,7 @@ async fn a_cut_stream_resumes_and_misses_nothing() {
         "the stream was not resumed: a second full inventory came"
     );
     // node-b takes requests again.
-    let r = ctl
-        .controller()
-        .controller_expand_volume(csi::ControllerExpandVolumeRequest {
-            volume_id: keep.volume_id.clone(),
-            capacity_range: Some(csi::CapacityRange {
-                required_bytes: 16 * MIB,
-                limit_bytes: 0,
-            }),
-            ..Default::default()
-        })
-        .await;
+    let r = ctl.controller().controller_expand_volume(grow_keep()).await;
     expect_ok(r, "expand after the link is back");
     ctl.delete(&keep.volume_id).await;
     ctl.delete(&lost.volume_id).await;
