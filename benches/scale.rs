@@ -505,7 +505,16 @@ struct Controller {
 
 impl Drop for Controller {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        // A wrapped controller (a child of the wrapper) gets SIGTERM, so
+        // that it exits normally and the profiler can finish.
+        if std::env::var_os("LODESTONE_SCALE_WRAP").is_some() {
+            let parent = self.child.id().to_string();
+            let _ = Command::new("pkill")
+                .args(["-TERM", "-P", &parent, "-x", "lodestone"])
+                .status();
+        } else {
+            let _ = self.child.kill();
+        }
         let _ = self.child.wait();
     }
 }
@@ -514,7 +523,18 @@ fn start_controller(dir: &Path, fleet: &Fleet, run: usize) -> R<Controller> {
     let socket = dir.join(format!("csi-{run}.sock"));
     let log = dir.join(format!("controller-{run}.log"));
     let out = std::fs::File::create(&log).map_err(|e| e.to_string())?;
-    let mut cmd = Command::new("target/release/lodestone");
+    // LODESTONE_SCALE_WRAP runs the controller under a profiler, e.g.
+    // "heaptrack -o /tmp/ctl" (its RSS and CPU are then the wrapper's).
+    let wrap = std::env::var("LODESTONE_SCALE_WRAP").unwrap_or_default();
+    let mut words = wrap.split_whitespace();
+    let mut cmd = match words.next() {
+        Some(w) => {
+            let mut c = Command::new(w);
+            c.args(words).arg("target/release/lodestone");
+            c
+        }
+        None => Command::new("target/release/lodestone"),
+    };
     cmd.args([
         "--driver",
         "lvm",
@@ -538,8 +558,14 @@ fn start_controller(dir: &Path, fleet: &Fleet, run: usize) -> R<Controller> {
     .arg("--tls-ca")
     .arg(dir.join("ca.pem"))
     .env("RUST_LOG", "info");
-    for a in &fleet.addresses {
-        cmd.args(["--agent", a]);
+    if wrap.is_empty() {
+        for a in &fleet.addresses {
+            cmd.args(["--agent", a]);
+        }
+    } else {
+        // Profilers choke on a long argv; one variable holds up to 128 KiB
+        // (about 4,000 agents).
+        cmd.env("LODESTONE_AGENTS", fleet.addresses.join(";"));
     }
     let child = cmd
         .stdout(Stdio::from(out.try_clone().map_err(|e| e.to_string())?))

@@ -2,10 +2,15 @@
 //!
 //! Rules, in order: the orchestrator's requisite topology filters the
 //! candidates; a volume with a source goes where the source lives; otherwise
-//! the orchestrator's preferred order decides among nodes that fit; then the
+//! the orchestrator's preferred order decides among nodes that fit (among
+//! the nodes one preferred term matches, the most free capacity); then the
 //! most free capacity; then the node name, so the same request in the same
 //! state always lands on the same node. The rule that decided is returned so
 //! it can be logged.
+//!
+//! Placement never reads every candidate: it asks [`Candidates`] for the
+//! best one, for one by name, or for a term's matches, so a backend with
+//! thousands of nodes answers from an index kept in order.
 
 use std::collections::BTreeMap;
 
@@ -28,87 +33,84 @@ pub(crate) struct Decision {
     pub rule: &'static str,
 }
 
-/// Matches topology terms against thousands of candidates without a scan
-/// per term: when every candidate has the same segment keys (one node key,
-/// for LVM), a term with exactly those keys matches the one candidate with
-/// those values, found by lookup. Other terms are matched by a scan.
-struct Terms<'a> {
-    keys: Option<Vec<&'a str>>,
-    exact: std::collections::HashMap<Vec<&'a str>, Vec<usize>>,
+/// The nodes (or pools) a volume could go to, as placement reads them. A
+/// cluster has thousands: placement asks for the few it needs (by name, by
+/// most room, by a topology term) instead of reading them all.
+pub(crate) trait Candidates {
+    /// The candidate of that name, if there is one.
+    fn named(&self, name: &str) -> Option<Candidate<'_>>;
+    /// Every candidate, the most available bytes first (ties: by name).
+    fn by_room(&self) -> Box<dyn Iterator<Item = Candidate<'_>> + '_>;
+    /// The candidates a term matches, when they can be found by lookup
+    /// (LVM: a term naming a node); None when only a scan can tell.
+    fn lookup(&self, term: &csi::Topology) -> Option<Vec<Candidate<'_>>>;
 }
 
-impl<'a> Terms<'a> {
-    fn new(candidates: &'a [Candidate<'a>]) -> Self {
-        let keys_of =
-            |c: &'a Candidate<'a>| c.segments.keys().map(String::as_str).collect::<Vec<_>>();
-        let keys = candidates.first().map(keys_of);
-        let shared = keys
-            .as_ref()
-            .is_some_and(|k| candidates.iter().all(|c| keys_of(c) == *k));
-        let mut exact: std::collections::HashMap<Vec<&str>, Vec<usize>> = Default::default();
-        if shared {
-            for (i, c) in candidates.iter().enumerate() {
-                let values = c.segments.values().map(String::as_str).collect();
-                exact.entry(values).or_default().push(i);
-            }
-        }
-        Terms {
-            keys: keys.filter(|_| shared),
-            exact,
-        }
+/// A plain list (tests and small sets): every question is a scan.
+impl Candidates for [Candidate<'_>] {
+    fn named(&self, name: &str) -> Option<Candidate<'_>> {
+        self.iter().find(|c| c.name == name).cloned()
     }
 
-    /// Calls `f` with the index of every candidate the term matches.
-    fn each_match(&self, t: &csi::Topology, candidates: &[Candidate], mut f: impl FnMut(usize)) {
-        if let Some(keys) = &self.keys {
-            if t.segments.len() == keys.len() && keys.iter().all(|k| t.segments.contains_key(*k)) {
-                let values: Vec<&str> = keys.iter().map(|k| t.segments[*k].as_str()).collect();
-                for &i in self.exact.get(&values).into_iter().flatten() {
-                    f(i);
-                }
-                return;
-            }
-        }
-        for (i, c) in candidates.iter().enumerate() {
-            if topology_matches(t, c.segments) {
-                f(i);
-            }
-        }
+    fn by_room(&self) -> Box<dyn Iterator<Item = Candidate<'_>> + '_> {
+        let mut v: Vec<Candidate> = self.to_vec();
+        v.sort_by(|a, b| room_order(b, a));
+        Box::new(v.into_iter())
+    }
+
+    fn lookup(&self, _: &csi::Topology) -> Option<Vec<Candidate<'_>>> {
+        None
     }
 }
 
-pub(crate) fn place(
+/// More room first, then the smaller name: `max_by(room_order)` is the
+/// best candidate.
+pub(crate) fn room_order(a: &Candidate, b: &Candidate) -> std::cmp::Ordering {
+    a.available
+        .cmp(&b.available)
+        .then_with(|| b.name.cmp(a.name))
+}
+
+/// Every candidate a term matches.
+fn matches<'c, C: Candidates + ?Sized>(candidates: &'c C, t: &csi::Topology) -> Vec<Candidate<'c>> {
+    candidates.lookup(t).unwrap_or_else(|| {
+        candidates
+            .by_room()
+            .filter(|c| topology_matches(t, c.segments))
+            .collect()
+    })
+}
+
+pub(crate) fn place<C: Candidates + ?Sized>(
     requirement: Option<&csi::TopologyRequirement>,
-    candidates: &[Candidate],
+    candidates: &C,
     size: u64,
     source_node: Option<&str>,
 ) -> Result<Decision> {
-    // Built only when the request has topology terms to match.
-    let terms = std::cell::OnceCell::new();
-    let terms = || terms.get_or_init(|| Terms::new(candidates));
-    let permitted: Vec<bool> = match requirement {
-        Some(req) if !req.requisite.is_empty() => {
-            let mut ok = vec![false; candidates.len()];
-            for t in &req.requisite {
-                terms().each_match(t, candidates, |i| ok[i] = true);
-            }
-            ok
-        }
-        _ => vec![true; candidates.len()],
+    // The union of the requisite terms; None: no requisite, all allowed.
+    let permitted: Option<BTreeMap<&str, Candidate>> = match requirement {
+        Some(req) if !req.requisite.is_empty() => Some(
+            req.requisite
+                .iter()
+                .flat_map(|t| matches(candidates, t))
+                .map(|c| (c.name, c))
+                .collect(),
+        ),
+        _ => None,
     };
-    let allowed: Vec<&Candidate> = candidates
-        .iter()
-        .zip(&permitted)
-        .filter_map(|(c, ok)| ok.then_some(c))
-        .collect();
-    if allowed.is_empty() {
+    let allowed = |name: &str| permitted.as_ref().is_none_or(|p| p.contains_key(name));
+    let best = match &permitted {
+        Some(p) => p.values().max_by(|a, b| room_order(a, b)).cloned(),
+        None => candidates.by_room().next(),
+    };
+    let Some(best) = best else {
         return Err(Error::ResourceExhausted(
             "no node of this driver lies in the requested topology (requisite)".to_string(),
         ));
-    }
+    };
 
     if let Some(source) = source_node {
-        return match allowed.iter().find(|c| c.name == source) {
+        return match candidates.named(source).filter(|c| allowed(c.name)) {
             Some(c) if c.available >= size => Ok(Decision {
                 node: c.name.to_string(),
                 rule: "source-locality",
@@ -123,42 +125,26 @@ pub(crate) fn place(
         };
     }
 
-    let fits: Vec<&&Candidate> = allowed.iter().filter(|c| c.available >= size).collect();
-    if fits.is_empty() {
+    if best.available < size {
         return Err(Error::ResourceExhausted(format!(
             "no allowed node has {size} bytes available (best: {} bytes)",
-            allowed.iter().map(|c| c.available).max().unwrap_or(0)
+            best.available
         )));
     }
-    if let Some(req) = requirement {
-        let fitting: Vec<bool> = candidates
-            .iter()
-            .zip(&permitted)
-            .map(|(c, ok)| *ok && c.available >= size)
-            .collect();
-        for t in &req.preferred {
-            let mut first: Option<usize> = None;
-            terms().each_match(t, candidates, |i| {
-                if fitting[i] && first.is_none_or(|f| i < f) {
-                    first = Some(i);
-                }
+    // Preferred terms in the orchestrator's order; among the nodes one term
+    // matches, the most room.
+    for t in requirement.iter().flat_map(|r| &r.preferred) {
+        let pick = matches(candidates, t)
+            .into_iter()
+            .filter(|c| allowed(c.name) && c.available >= size)
+            .max_by(|a, b| room_order(a, b));
+        if let Some(c) = pick {
+            return Ok(Decision {
+                node: c.name.to_string(),
+                rule: "preferred-topology",
             });
-            if let Some(i) = first {
-                return Ok(Decision {
-                    node: candidates[i].name.to_string(),
-                    rule: "preferred-topology",
-                });
-            }
         }
     }
-    let best = fits
-        .iter()
-        .max_by(|a, b| {
-            a.available
-                .cmp(&b.available)
-                .then_with(|| b.name.cmp(a.name))
-        })
-        .expect("fits is not empty");
     Ok(Decision {
         node: best.name.to_string(),
         rule: "most-capacity",
@@ -193,12 +179,12 @@ mod tests {
             requisite: vec![topo("a"), topo("b"), topo("c")],
             preferred: vec![topo("a"), topo("b")],
         };
-        assert_eq!(place(Some(&req), &nodes, 5, None).unwrap().node, "a");
+        assert_eq!(place(Some(&req), &nodes[..], 5, None).unwrap().node, "a");
         // "a" does not fit: next preferred.
-        let d = place(Some(&req), &nodes, 20, None).unwrap();
+        let d = place(Some(&req), &nodes[..], 20, None).unwrap();
         assert_eq!((d.node.as_str(), d.rule), ("b", "preferred-topology"));
         // No requirement: most capacity, ties broken by name.
-        let d = place(None, &nodes, 20, None).unwrap();
+        let d = place(None, &nodes[..], 20, None).unwrap();
         assert_eq!((d.node.as_str(), d.rule), ("b", "most-capacity"));
     }
 
@@ -210,7 +196,7 @@ mod tests {
             preferred: vec![],
         };
         assert!(matches!(
-            place(Some(&req), &nodes, 20, None),
+            place(Some(&req), &nodes[..], 20, None),
             Err(Error::ResourceExhausted(_))
         ));
         let req = csi::TopologyRequirement {
@@ -218,7 +204,7 @@ mod tests {
             preferred: vec![],
         };
         assert!(matches!(
-            place(Some(&req), &nodes, 1, None),
+            place(Some(&req), &nodes[..], 1, None),
             Err(Error::ResourceExhausted(_))
         ));
     }
@@ -230,19 +216,42 @@ mod tests {
             requisite: vec![topo("a"), topo("b")],
             preferred: vec![topo("a")],
         };
-        let d = place(Some(&req), &nodes, 10, Some("b")).unwrap();
+        let d = place(Some(&req), &nodes[..], 10, Some("b")).unwrap();
         assert_eq!((d.node.as_str(), d.rule), ("b", "source-locality"));
         let req = csi::TopologyRequirement {
             requisite: vec![topo("a")],
             preferred: vec![],
         };
-        let err = place(Some(&req), &nodes, 10, Some("b")).unwrap_err();
+        let err = place(Some(&req), &nodes[..], 10, Some("b")).unwrap_err();
         assert!(err.to_string().contains("node b"));
+    }
+
+    /// Answers node terms by lookup, as the LVM index does.
+    struct ByName<'a>(BTreeMap<&'a str, Candidate<'a>>);
+
+    impl Candidates for ByName<'_> {
+        fn named(&self, name: &str) -> Option<Candidate<'_>> {
+            self.0.get(name).cloned()
+        }
+        fn by_room(&self) -> Box<dyn Iterator<Item = Candidate<'_>> + '_> {
+            let mut all: Vec<Candidate> = self.0.values().cloned().collect();
+            all.sort_by(|a, b| room_order(b, a));
+            Box::new(all.into_iter())
+        }
+        fn lookup(&self, term: &csi::Topology) -> Option<Vec<Candidate<'_>>> {
+            let name = term.segments.get("topology.lodestone.dev/node")?;
+            Some(self.named(name).into_iter().collect())
+        }
     }
 
     #[test]
     fn thousands_of_topology_terms_are_matched_without_a_scan_each() {
-        let nodes: Vec<Candidate> = (0..5000).map(|i| node(&format!("n{i:04}"), 10)).collect();
+        let nodes = ByName(
+            (0..5000)
+                .map(|i| node(&format!("n{i:04}"), 10))
+                .map(|c| (c.name, c))
+                .collect(),
+        );
         // What the provisioner sends with strict topology off: every node
         // in requisite, every node in preferred (the pick first).
         let all: Vec<csi::Topology> = (0..5000).map(|i| topo(&format!("n{i:04}"))).collect();
@@ -275,6 +284,6 @@ mod tests {
             requisite: vec![zone],
             preferred: vec![],
         };
-        assert_eq!(place(Some(&req), &[a, b], 5, None).unwrap().node, "b");
+        assert_eq!(place(Some(&req), &[a, b][..], 5, None).unwrap().node, "b");
     }
 }

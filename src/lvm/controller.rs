@@ -26,13 +26,13 @@ use crate::core::backend::{
     VolumeInfo,
 };
 use crate::core::capacity::Range;
-use crate::core::placement::{self, Candidate};
+use crate::core::placement::{self, Candidates};
 use crate::core::request::{topology_matches, Access, FsType};
 use crate::csi;
 use crate::error::{Error, Result};
 use crate::lvm::agent::{Agent, ClassCapacity, LvSpec, Origin};
 use crate::lvm::ids::{self, Kind, LvId, LvmKind, TAG_COPYING};
-use crate::lvm::index::{self, Health, Index};
+use crate::lvm::index::{self, Health, Index, Ranked};
 use crate::lvm::inventory::Stamp;
 use crate::lvm::params::{LvmParams, PARAMETER_KEYS};
 use crate::lvm::report::Lv;
@@ -609,48 +609,33 @@ impl LvmController {
         source_node: Option<&str>,
     ) -> Result<((placement::Decision, u64), Reserved)> {
         let started = Instant::now();
-        let placed = self.index.place(&class.name, |rooms| {
-            let mut candidates = Vec::with_capacity(rooms.len());
-            let mut sizes = Vec::with_capacity(rooms.len());
-            let mut full_pools = Vec::new();
-            for room in rooms {
-                let cap = &room.capacity;
-                if cap.pool_full {
-                    full_pools.push(format!(
-                        "{}: thin pool {}/{} is {:.1}% full (threshold {}%)",
-                        room.node,
-                        class.volume_group,
-                        class.thin_pool.as_deref().unwrap_or(""),
-                        cap.used_percent,
-                        class.pool_full_threshold_percent
-                    ));
-                }
-                let size = req
-                    .range
-                    .pick(cap.extent_size, sizing.minimum, sizing.default)?;
-                sizes.push(size);
-                candidates.push(Candidate {
-                    name: room.node,
-                    segments: room.segments,
-                    available: cap.available.saturating_sub(room.reserved),
-                });
+        let placed = self.index.place(&class.name, |ranked| {
+            // The size rounds up to the extent: the largest any node needs.
+            let mut largest = None;
+            for extent in ranked.extent_sizes() {
+                let size = req.range.pick(extent, sizing.minimum, sizing.default)?;
+                largest = largest.max(Some(size));
             }
-            let Some(&largest) = sizes.iter().max() else {
+            let Some(largest) = largest else {
                 return Err(Error::Unavailable(format!(
                     "no live node can serve device class {} right now",
                     class.name
                 )));
             };
-            let decision =
-                placement::place(req.requirement.as_ref(), &candidates, largest, source_node)
-                    .map_err(|e| match (e, full_pools.is_empty()) {
-                        (Error::ResourceExhausted(m), false) => {
-                            Error::ResourceExhausted(format!("{m}; {}", full_pools.join("; ")))
-                        }
-                        (e, _) => e,
-                    })?;
-            let at = candidates.iter().position(|c| c.name == decision.node);
-            let size = sizes[at.expect("the decision is a candidate")];
+            let decision = placement::place(req.requirement.as_ref(), ranked, largest, source_node)
+                .map_err(|e| match e {
+                    Error::ResourceExhausted(m) => match full_pools(class, ranked) {
+                        full if full.is_empty() => Error::ResourceExhausted(m),
+                        full => Error::ResourceExhausted(format!("{m}; {}", full.join("; "))),
+                    },
+                    e => e,
+                })?;
+            let cap = ranked
+                .capacity(&decision.node)
+                .expect("the decision is a candidate");
+            let size = req
+                .range
+                .pick(cap.extent_size, sizing.minimum, sizing.default)?;
             let node = decision.node.clone();
             Ok(((decision, size), node, size))
         });
@@ -989,6 +974,27 @@ impl prometheus_client::collector::Collector for DuplicatesFound {
             self.0.placements.metric_type(),
         )?)
     }
+}
+
+/// The nodes whose thin pool for `class` is past its threshold: said when
+/// no node has room (only then: it reads every node).
+fn full_pools(class: &DeviceClass, ranked: &Ranked<'_>) -> Vec<String> {
+    ranked
+        .by_room()
+        .filter_map(|c| {
+            let cap = ranked.capacity(c.name)?;
+            cap.pool_full.then(|| {
+                format!(
+                    "{}: thin pool {}/{} is {:.1}% full (threshold {}%)",
+                    c.name,
+                    class.volume_group,
+                    class.thin_pool.as_deref().unwrap_or(""),
+                    cap.used_percent,
+                    class.pool_full_threshold_percent
+                )
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]

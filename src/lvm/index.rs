@@ -19,6 +19,9 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::config::TOPOLOGY_NODE_KEY;
+use crate::core::placement::{Candidate, Candidates};
+use crate::core::request::topology_matches;
+use crate::csi;
 use crate::lvm::agent::{Agent, ClassCapacity};
 use crate::lvm::error::LvmError;
 use crate::lvm::ids::{Kind, LvId, LvmKind};
@@ -39,10 +42,79 @@ pub(crate) enum Health {
 /// caught up with the removal (so an older update cannot bring it back).
 #[derive(Debug, Clone)]
 struct Entry {
-    lv: Option<Lv>,
+    lv: Option<Kept>,
     /// Shared by every entry learnt from the same epoch.
     epoch: Arc<str>,
     generation: u64,
+}
+
+/// An [`Lv`] as the index keeps it. A cluster holds 100,000 of them, so
+/// the strings many LVs share (VG, pool, attributes) are held once per
+/// index and the tags as one string; the name is the entry's key.
+#[derive(Debug, Clone)]
+struct Kept {
+    vg: Arc<str>,
+    attr: Arc<str>,
+    pool: Option<Arc<str>>,
+    /// The tags joined by commas (no LVM tag holds one).
+    tags: Box<str>,
+    size: u64,
+    data_percent: Option<f64>,
+    metadata_percent: Option<f64>,
+    when_full: Box<str>,
+    zeroing: bool,
+    created: Option<i64>,
+}
+
+impl Kept {
+    fn lv(&self, name: &str) -> Lv {
+        Lv {
+            vg: self.vg.to_string(),
+            name: name.to_string(),
+            size: self.size,
+            attr: self.attr.to_string(),
+            tags: match &*self.tags {
+                "" => Vec::new(),
+                t => t.split(',').map(str::to_string).collect(),
+            },
+            pool: self.pool.as_deref().map(str::to_string),
+            data_percent: self.data_percent,
+            metadata_percent: self.metadata_percent,
+            when_full: self.when_full.to_string(),
+            zeroing: self.zeroing,
+            created: self.created,
+        }
+    }
+}
+
+/// Shared copies of strings that recur across LVs and nodes.
+#[derive(Debug, Default)]
+struct Strings(std::collections::HashSet<Arc<str>>);
+
+impl Strings {
+    fn get(&mut self, s: &str) -> Arc<str> {
+        if let Some(a) = self.0.get(s) {
+            return a.clone();
+        }
+        let a: Arc<str> = Arc::from(s);
+        self.0.insert(a.clone());
+        a
+    }
+
+    fn keep(&mut self, lv: Lv) -> Kept {
+        Kept {
+            vg: self.get(&lv.vg),
+            attr: self.get(&lv.attr),
+            pool: lv.pool.as_deref().map(|p| self.get(p)),
+            tags: lv.tags.join(",").into(),
+            size: lv.size,
+            data_percent: lv.data_percent,
+            metadata_percent: lv.metadata_percent,
+            when_full: lv.when_full.into(),
+            zeroing: lv.zeroing,
+            created: lv.created,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -51,10 +123,13 @@ struct NodeView {
     /// The last update applied: its epoch and generation.
     cursor: Option<Stamp>,
     segments: BTreeMap<String, String>,
-    /// By (class, LV name).
-    lvs: HashMap<(String, String), Entry>,
+    /// By class, then LV name.
+    lvs: HashMap<Arc<str>, HashMap<Box<str>, Entry>>,
     classes: BTreeMap<String, ClassCapacity>,
     problems: Vec<String>,
+    /// Where the node stands in each class's [`Ranking`]: (class, room,
+    /// extent size), empty unless live.
+    ranked: Vec<(Arc<str>, u64, u64)>,
 }
 
 impl NodeView {
@@ -66,7 +141,19 @@ impl NodeView {
             lvs: HashMap::new(),
             classes: BTreeMap::new(),
             problems: Vec::new(),
+            ranked: Vec::new(),
         }
+    }
+
+    fn entry(&self, class: &str, name: &str) -> Option<&Entry> {
+        self.lvs.get(class)?.get(name)
+    }
+
+    /// Every entry: (class, LV name, entry).
+    fn entries(&self) -> impl Iterator<Item = (&Arc<str>, &str, &Entry)> {
+        self.lvs
+            .iter()
+            .flat_map(|(c, m)| m.iter().map(move |(n, e)| (c, &**n, e)))
     }
 
     /// Whether the stream has already reported everything up to `stamp`.
@@ -88,43 +175,81 @@ struct Reservation {
     until: Option<Stamp>,
 }
 
-/// Where an LV is: (node, class, LV name).
-type Place = (String, String, String);
+/// The live nodes that have one class, ordered by their room (capacity
+/// less reservations), kept up to date as updates and reservations change
+/// it: placement reads the top instead of every node.
+#[derive(Debug, Default)]
+struct Ranking {
+    order: std::collections::BTreeSet<(u64, std::cmp::Reverse<Arc<str>>)>,
+    /// How many of them have each extent size.
+    extents: BTreeMap<u64, usize>,
+}
+
+/// Where an LV of a known kind and key is: (node, class). Its name
+/// follows from the kind and key.
+type Place = (Arc<str>, Arc<str>);
 
 #[derive(Debug, Default)]
 struct Inner {
-    nodes: HashMap<String, NodeView>,
-    /// Where each request key's LVs are: (kind, key) -> {(node, class, LV name)}.
-    by_key: HashMap<(Kind, String), Vec<Place>>,
+    nodes: HashMap<Arc<str>, NodeView>,
+    /// Where each request key's LVs are: (kind, key) -> {(node, class)}.
+    /// A key is 32 hex digits: kept as the number they spell.
+    by_key: HashMap<(Kind, u128), Vec<Place>>,
+    /// The live nodes of each class by room, for placement.
+    ranking: HashMap<Arc<str>, Ranking>,
+    strings: Strings,
     reservations: HashMap<u64, Reservation>,
     next_reservation: u64,
 }
 
 /// The kind and request key of one of our LV names.
-fn kind_and_key(name: &str) -> Option<(Kind, String)> {
+fn kind_and_key(name: &str) -> Option<(Kind, u128)> {
     [Kind::Volume, Kind::Snapshot]
         .into_iter()
-        .find_map(|k| k.key_of_lv(name).map(|key| (k, key.to_string())))
+        .find_map(|k| Some((k, key_bits(k.key_of_lv(name)?)?)))
+}
+
+fn key_bits(key: &str) -> Option<u128> {
+    u128::from_str_radix(key, 16).ok()
 }
 
 impl Inner {
     fn view(&mut self, node: &str) -> &mut NodeView {
-        self.nodes
-            .entry(node.to_string())
-            .or_insert_with(|| NodeView::new(node))
+        if !self.nodes.contains_key(node) {
+            self.nodes.insert(Arc::from(node), NodeView::new(node));
+        }
+        self.nodes.get_mut(node).expect("just inserted")
+    }
+
+    fn entry(&mut self, lv: Option<Lv>, epoch: &Arc<str>, generation: u64) -> Entry {
+        Entry {
+            lv: lv.map(|lv| self.strings.keep(lv)),
+            epoch: epoch.clone(),
+            generation,
+        }
     }
 
     /// Sets (or clears) one LV's entry and keeps `by_key` in step.
     fn set(&mut self, node: &str, class: &str, name: &str, entry: Option<Entry>) {
-        let key = (class.to_string(), name.to_string());
         let present = entry.as_ref().is_some_and(|e| e.lv.is_some());
+        let class = self.strings.get(class);
         let view = self.view(node);
         match entry {
-            Some(e) => view.lvs.insert(key, e),
-            None => view.lvs.remove(&key),
+            Some(e) => {
+                view.lvs
+                    .entry(class.clone())
+                    .or_default()
+                    .insert(name.into(), e);
+            }
+            None => {
+                if let Some(m) = view.lvs.get_mut(&*class) {
+                    m.remove(name);
+                }
+            }
         };
         if let Some(k) = kind_and_key(name) {
-            let at = (node.to_string(), class.to_string(), name.to_string());
+            let (node, _) = self.nodes.get_key_value(node).expect("viewed above");
+            let at = (node.clone(), class);
             if present {
                 let places = self.by_key.entry(k).or_default();
                 if !places.contains(&at) {
@@ -150,30 +275,58 @@ impl Inner {
             .filter(|(_, r)| r.until.as_ref().is_some_and(|s| view.covers(s)))
             .map(|(id, _)| *id)
             .collect();
+        if covered.is_empty() {
+            return;
+        }
         for id in covered {
             self.reservations.remove(&id);
         }
+        self.rerank(node);
     }
 
-    /// Every live node that has `class`, borrowed (placement reads
-    /// thousands of them per decision).
-    fn room_refs(&self, class: &str) -> Vec<RoomRef<'_>> {
-        let mut reserved: HashMap<&str, u64> = HashMap::new();
-        for r in self.reservations.values().filter(|r| r.class == class) {
-            *reserved.entry(r.node.as_str()).or_default() += r.bytes;
+    /// Puts a node in its place in each class's ranking (after its
+    /// health, capacity or reservations changed).
+    fn rerank(&mut self, node: &str) {
+        let Some((name, view)) = self.nodes.get_key_value(node) else {
+            return;
+        };
+        let name = name.clone();
+        let mut fresh = Vec::new();
+        if view.health == Health::Live {
+            for (class, cap) in &view.classes {
+                let room = cap.available.saturating_sub(self.reserved(node, class));
+                fresh.push((class.clone(), room, cap.extent_size));
+            }
         }
-        self.nodes
-            .iter()
-            .filter(|(_, v)| v.health == Health::Live)
-            .filter_map(|(node, v)| {
-                Some(RoomRef {
-                    node: node.as_str(),
-                    segments: &v.segments,
-                    capacity: v.classes.get(class)?,
-                    reserved: reserved.get(node.as_str()).copied().unwrap_or(0),
-                })
-            })
-            .collect()
+        let fresh: Vec<(Arc<str>, u64, u64)> = fresh
+            .into_iter()
+            .map(|(c, room, extent)| (self.strings.get(&c), room, extent))
+            .collect();
+        let view = self.nodes.get_mut(node).expect("found above");
+        let old = std::mem::replace(&mut view.ranked, fresh.clone());
+        for (class, room, extent) in old {
+            let r = self.ranking.entry(class).or_default();
+            r.order.remove(&(room, std::cmp::Reverse(name.clone())));
+            if let Some(n) = r.extents.get_mut(&extent) {
+                *n -= 1;
+                if *n == 0 {
+                    r.extents.remove(&extent);
+                }
+            }
+        }
+        for (class, room, extent) in fresh {
+            let r = self.ranking.entry(class).or_default();
+            r.order.insert((room, std::cmp::Reverse(name.clone())));
+            *r.extents.entry(extent).or_default() += 1;
+        }
+    }
+
+    fn ranked<'a>(&'a self, class: &'a str) -> Ranked<'a> {
+        Ranked {
+            inner: self,
+            class,
+            ranking: self.ranking.get(class),
+        }
     }
 
     fn rooms(&self, class: &str) -> Vec<Room> {
@@ -189,7 +342,7 @@ impl Inner {
                 Some(Room {
                     segments: v.segments.clone(),
                     capacity: v.classes.get(class)?.clone(),
-                    reserved: reserved.get(node.as_str()).copied().unwrap_or(0),
+                    reserved: reserved.get(&**node).copied().unwrap_or(0),
                 })
             })
             .collect();
@@ -214,13 +367,60 @@ pub(crate) struct Room {
     pub reserved: u64,
 }
 
-/// A [`Room`], borrowed from the index while it is locked.
-#[derive(Debug)]
-pub(crate) struct RoomRef<'a> {
-    pub node: &'a str,
-    pub segments: &'a BTreeMap<String, String>,
-    pub capacity: &'a ClassCapacity,
-    pub reserved: u64,
+/// The live nodes that have one class, as placement reads them (borrowed
+/// from the locked index).
+pub(crate) struct Ranked<'a> {
+    inner: &'a Inner,
+    class: &'a str,
+    ranking: Option<&'a Ranking>,
+}
+
+impl Ranked<'_> {
+    /// The extent sizes these nodes have (one, on most clusters).
+    pub(crate) fn extent_sizes(&self) -> impl Iterator<Item = u64> + '_ {
+        self.ranking
+            .into_iter()
+            .flat_map(|r| r.extents.keys().copied())
+    }
+
+    /// A node's capacity for the class, as its agent reported it.
+    pub(crate) fn capacity(&self, node: &str) -> Option<&ClassCapacity> {
+        self.inner.nodes.get(node)?.classes.get(self.class)
+    }
+}
+
+impl Candidates for Ranked<'_> {
+    fn named(&self, name: &str) -> Option<Candidate<'_>> {
+        let (node, view) = self.inner.nodes.get_key_value(name)?;
+        let (_, room, _) = view.ranked.iter().find(|(c, ..)| **c == *self.class)?;
+        Some(Candidate {
+            name: node,
+            segments: &view.segments,
+            available: *room,
+        })
+    }
+
+    fn by_room(&self) -> Box<dyn Iterator<Item = Candidate<'_>> + '_> {
+        let order = self.ranking.into_iter().flat_map(|r| r.order.iter().rev());
+        Box::new(order.filter_map(|(room, std::cmp::Reverse(node))| {
+            Some(Candidate {
+                name: node,
+                segments: &self.inner.nodes.get(&**node)?.segments,
+                available: *room,
+            })
+        }))
+    }
+
+    /// A term that names a node is answered by looking the node up.
+    fn lookup(&self, term: &csi::Topology) -> Option<Vec<Candidate<'_>>> {
+        let node = term.segments.get(TOPOLOGY_NODE_KEY)?;
+        Some(
+            self.named(node)
+                .filter(|c| topology_matches(term, c.segments))
+                .into_iter()
+                .collect(),
+        )
+    }
 }
 
 /// Nodes that are not live, for the liveness rule and for logs.
@@ -277,30 +477,23 @@ impl Index {
         if u.full {
             // Keep only what this controller learnt from replies newer than
             // the update; the update is the truth for everything else.
-            let keep: Vec<((String, String), Entry)> = view
-                .lvs
-                .iter()
-                .filter(|(_, e)| newer(e))
-                .map(|(k, e)| (k.clone(), e.clone()))
-                .collect();
-            let old: Vec<(String, String)> = view.lvs.keys().cloned().collect();
+            let mut keep: Vec<(String, String, Entry)> = Vec::new();
+            let mut old: Vec<(String, String)> = Vec::new();
+            for (class, name, e) in view.entries() {
+                if newer(e) {
+                    keep.push((class.to_string(), name.to_string(), e.clone()));
+                }
+                old.push((class.to_string(), name.to_string()));
+            }
             for (class, name) in old {
                 inner.set(node, &class, &name, None);
             }
             for (class, lv) in u.lvs {
                 let name = lv.name.clone();
-                inner.set(
-                    node,
-                    &class,
-                    &name,
-                    Some(Entry {
-                        lv: Some(lv),
-                        epoch: epoch.clone(),
-                        generation: u.generation,
-                    }),
-                );
+                let entry = inner.entry(Some(lv), &epoch, u.generation);
+                inner.set(node, &class, &name, Some(entry));
             }
-            for ((class, name), e) in keep {
+            for (class, name, e) in keep {
                 inner.set(node, &class, &name, Some(e));
             }
         } else {
@@ -314,20 +507,14 @@ impl Index {
             }
             for (class, lv) in u.lvs {
                 let name = lv.name.clone();
-                let key = (class.clone(), name.clone());
-                if inner.view(node).lvs.get(&key).is_some_and(newer) {
+                if inner.view(node).entry(&class, &name).is_some_and(newer) {
                     continue;
                 }
-                let entry = Entry {
-                    lv: Some(lv),
-                    epoch: epoch.clone(),
-                    generation: u.generation,
-                };
+                let entry = inner.entry(Some(lv), &epoch, u.generation);
                 inner.set(node, &class, &name, Some(entry));
             }
             for (class, name) in u.removed {
-                let key = (class.clone(), name.clone());
-                if inner.view(node).lvs.get(&key).is_some_and(newer) {
+                if inner.view(node).entry(&class, &name).is_some_and(newer) {
                     continue;
                 }
                 inner.set(node, &class, &name, None);
@@ -335,14 +522,17 @@ impl Index {
         }
         let view = inner.view(node);
         // Removals this controller made and the stream now covers are done.
-        view.lvs.retain(|_, e| {
-            e.lv.is_some() || *e.epoch != *stamp.epoch || e.generation > stamp.generation
-        });
+        for m in view.lvs.values_mut() {
+            m.retain(|_, e| {
+                e.lv.is_some() || *e.epoch != *stamp.epoch || e.generation > stamp.generation
+            });
+        }
         view.classes = u.classes.into_iter().collect();
         view.problems = u.problems;
         view.cursor = Some(stamp);
         let was = std::mem::replace(&mut view.health, Health::Live);
         inner.release_covered(node);
+        inner.rerank(node);
         drop(inner);
         if was != Health::Live {
             self.changed.notify_waiters();
@@ -378,11 +568,7 @@ impl Index {
             // The stream got there first, with this change or a newer one.
             return;
         }
-        let entry = Entry {
-            lv,
-            epoch: Arc::from(stamp.epoch.as_str()),
-            generation: stamp.generation,
-        };
+        let entry = inner.entry(lv, &Arc::from(stamp.epoch.as_str()), stamp.generation);
         inner.set(node, class, name, Some(entry));
     }
 
@@ -397,6 +583,7 @@ impl Index {
             tracing::warn!(node = %node, reason = %why, "node down: its inventory stream stopped");
         }
         view.health = Health::Down(why);
+        inner.rerank(node);
         drop(inner);
         self.changed.notify_waiters();
     }
@@ -412,18 +599,19 @@ impl Index {
     /// Every LV of that kind and key, on any node.
     pub(crate) fn find_key(&self, kind: Kind, key: &str) -> Vec<(LvId, Lv)> {
         let inner = self.read();
-        let Some(at) = inner.by_key.get(&(kind, key.to_string())) else {
+        let Some(at) = key_bits(key).and_then(|k| inner.by_key.get(&(kind, k))) else {
             return Vec::new();
         };
+        let name = kind.lv_name(key);
         at.iter()
-            .filter_map(|(node, class, name)| {
+            .filter_map(|(node, class)| {
                 let view = inner.nodes.get(node)?;
-                let lv = view.lvs.get(&(class.clone(), name.clone()))?.lv.clone()?;
+                let lv = view.entry(class, &name)?.lv.as_ref()?.lv(&name);
                 Some((
                     LvId {
                         kind,
-                        node: node.clone(),
-                        class: class.clone(),
+                        node: node.to_string(),
+                        class: class.to_string(),
                         key: key.to_string(),
                     },
                     lv,
@@ -436,10 +624,7 @@ impl Index {
     pub(crate) fn get(&self, node: &str, class: &str, name: &str) -> Option<Lv> {
         let inner = self.read();
         let view = inner.nodes.get(node)?;
-        view.lvs
-            .get(&(class.to_string(), name.to_string()))?
-            .lv
-            .clone()
+        Some(view.entry(class, name)?.lv.as_ref()?.lv(name))
     }
 
     /// Every LV of that kind, on every node, as last known.
@@ -447,18 +632,18 @@ impl Index {
         let inner = self.read();
         let mut out = Vec::new();
         for (node, view) in &inner.nodes {
-            for ((class, name), e) in &view.lvs {
+            for (class, name, e) in view.entries() {
                 let (Some(lv), Some(key)) = (&e.lv, kind.key_of_lv(name)) else {
                     continue;
                 };
                 out.push((
                     LvId {
                         kind,
-                        node: node.clone(),
-                        class: class.clone(),
+                        node: node.to_string(),
+                        class: class.to_string(),
                         key: key.to_string(),
                     },
-                    lv.clone(),
+                    lv.lv(name),
                 ));
             }
         }
@@ -472,8 +657,8 @@ impl Index {
         for (node, view) in &inner.nodes {
             match &view.health {
                 Health::Live => {}
-                Health::Unseen => out.unseen.push(node.clone()),
-                Health::Down(why) => out.down.push((node.clone(), why.clone())),
+                Health::Unseen => out.unseen.push(node.to_string()),
+                Health::Down(why) => out.down.push((node.to_string(), why.clone())),
             }
         }
         out.unseen.sort();
@@ -517,24 +702,22 @@ impl Index {
     pub(crate) fn place<T>(
         &self,
         class: &str,
-        decide: impl FnOnce(&[RoomRef<'_>]) -> crate::error::Result<(T, String, u64)>,
+        decide: impl FnOnce(&Ranked<'_>) -> crate::error::Result<(T, String, u64)>,
     ) -> crate::error::Result<(T, u64)> {
         let mut inner = self.write();
-        let (decision, node, bytes) = {
-            let rooms = inner.room_refs(class);
-            decide(&rooms)?
-        };
+        let (decision, node, bytes) = decide(&inner.ranked(class))?;
         inner.next_reservation += 1;
         let id = inner.next_reservation;
         inner.reservations.insert(
             id,
             Reservation {
-                node,
+                node: node.clone(),
                 class: class.to_string(),
                 bytes,
                 until: None,
             },
         );
+        inner.rerank(&node);
         Ok((decision, id))
     }
 
@@ -549,7 +732,9 @@ impl Index {
         let mut inner = self.write();
         match stamp {
             None => {
-                inner.reservations.remove(&reservation);
+                if let Some(r) = inner.reservations.remove(&reservation) {
+                    inner.rerank(&r.node);
+                }
             }
             Some(s) => {
                 let Some(r) = inner.reservations.get_mut(&reservation) else {
@@ -739,6 +924,21 @@ mod tests {
     }
 
     #[test]
+    fn a_kept_lv_reads_back_as_it_was() {
+        let mut strings = Strings::default();
+        let mut a = lv(&name(1), 5);
+        assert_eq!(strings.keep(a.clone()).lv(&a.name), a);
+        a.tags = vec!["lodestone.v1.vol".into(), "lodestone.v1.name=6162".into()];
+        a.data_percent = Some(12.5);
+        a.created = Some(7);
+        let kept = strings.keep(a.clone());
+        assert_eq!(kept.lv(&a.name), a);
+        // The VG, pool and attributes of the next LV are the same strings.
+        let b = strings.keep(lv(&name(2), 6));
+        assert!(Arc::ptr_eq(&kept.vg, &b.vg) && Arc::ptr_eq(&kept.attr, &b.attr));
+    }
+
+    #[test]
     fn a_reply_wins_over_an_older_update_in_either_order() {
         let ix = Index::default();
         ix.add_node("n1");
@@ -802,15 +1002,15 @@ mod tests {
         let ix = Index::default();
         ix.apply("n1", update("e", 1, true)).unwrap();
         let take = |ix: &Index, bytes: u64| {
-            ix.place("thin", |rooms| {
-                let r = &rooms[0];
-                let left = r.capacity.available - r.reserved;
-                if left < bytes {
+            ix.place("thin", |ranked| {
+                let r = ranked.by_room().next().expect("n1 is live");
+                if r.available < bytes {
                     return Err(crate::error::Error::ResourceExhausted(format!(
-                        "{left} left"
+                        "{} left",
+                        r.available
                     )));
                 }
-                Ok(((), r.node.to_string(), bytes))
+                Ok(((), r.name.to_string(), bytes))
             })
         };
         let (_, a) = take(&ix, 60).unwrap();
@@ -823,6 +1023,48 @@ mod tests {
         assert_eq!(ix.room("n1", "thin").unwrap().reserved, 60);
         ix.apply("n1", update("e", 2, false)).unwrap();
         assert_eq!(ix.room("n1", "thin").unwrap().reserved, 0);
+    }
+
+    #[test]
+    fn the_ranking_follows_capacity_reservations_and_health() {
+        let ix = Index::default();
+        let with = |epoch: &str, generation: u64, available: u64| {
+            let mut u = update(epoch, generation, true);
+            u.classes[0].1.available = available;
+            u
+        };
+        ix.apply("a", with("e", 1, 100)).unwrap();
+        ix.apply("b", with("e", 1, 80)).unwrap();
+        ix.apply("c", with("e", 1, 100)).unwrap();
+        let order = |ix: &Index| -> Vec<(String, u64)> {
+            let inner = ix.read();
+            let ranked = inner.ranked("thin");
+            let v = ranked
+                .by_room()
+                .map(|c| (c.name.to_string(), c.available))
+                .collect();
+            v
+        };
+        let at = |v: &[(&str, u64)]| -> Vec<(String, u64)> {
+            v.iter().map(|(n, b)| (n.to_string(), *b)).collect()
+        };
+        // Most room first, ties by name.
+        assert_eq!(order(&ix), at(&[("a", 100), ("c", 100), ("b", 80)]));
+        // A reservation moves its node down; its end moves it back.
+        let (_, r) = ix.place("thin", |_| Ok(((), "a".to_string(), 30))).unwrap();
+        assert_eq!(order(&ix), at(&[("c", 100), ("b", 80), ("a", 70)]));
+        ix.settle(r, None);
+        assert_eq!(order(&ix)[0], ("a".to_string(), 100));
+        // New capacity from the stream; a node down leaves the ranking.
+        ix.apply("b", with("e", 2, 500)).unwrap();
+        ix.mark_down("c", "silent".into());
+        assert_eq!(order(&ix), at(&[("b", 500), ("a", 100)]));
+        // Lookups agree with the order.
+        let inner = ix.read();
+        let ranked = inner.ranked("thin");
+        assert_eq!(ranked.named("b").map(|c| c.available), Some(500));
+        assert!(ranked.named("c").is_none(), "a down node is no candidate");
+        assert_eq!(ranked.extent_sizes().collect::<Vec<_>>(), [1]);
     }
 
     #[test]
