@@ -21,6 +21,8 @@
 //!
 //! `scripts/bench-scale.sh` builds the release binary and runs this;
 //! options: `--nodes 10,100,1000,5000 --volumes 20 --calls 30 --burst 20`.
+//! `LODESTONE_SCALE_WRAP=heaptrack` (or another profiler's command) runs
+//! the controller under it.
 //! A markdown report goes to stdout, progress to stderr.
 
 use std::collections::BTreeMap;
@@ -524,7 +526,7 @@ fn start_controller(dir: &Path, fleet: &Fleet, run: usize) -> R<Controller> {
     let log = dir.join(format!("controller-{run}.log"));
     let out = std::fs::File::create(&log).map_err(|e| e.to_string())?;
     // LODESTONE_SCALE_WRAP runs the controller under a profiler, e.g.
-    // "heaptrack -o /tmp/ctl" (its RSS and CPU are then the wrapper's).
+    // "heaptrack" (its RSS and CPU are then the wrapper's).
     let wrap = std::env::var("LODESTONE_SCALE_WRAP").unwrap_or_default();
     let mut words = wrap.split_whitespace();
     let mut cmd = match words.next() {
