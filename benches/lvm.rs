@@ -1471,7 +1471,11 @@ impl Bench {
         let _ = writeln!(
             o,
             "- driver: `{}` (release), ready {:.0} ms after spawn\n",
-            env!("CARGO_BIN_EXE_lodestone"),
+            // Relative to the checkout: a report names no machine's paths.
+            std::path::Path::new(env!("CARGO_BIN_EXE_lodestone"))
+                .strip_prefix(env!("CARGO_MANIFEST_DIR"))
+                .unwrap_or(std::path::Path::new("lodestone"))
+                .display(),
             self.driver.start_ms
         );
 

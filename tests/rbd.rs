@@ -1807,20 +1807,8 @@ async fn node_plugin_maps_20_volumes_without_ceph_libraries() {
             .await
             .expect("connect to the node plugin"),
     );
-    let status = |pid: i32| {
-        let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-        s.lines()
-            .filter(|l| {
-                ["VmRSS", "RssAnon", "RssFile", "VmHWM", "Threads"]
-                    .iter()
-                    .any(|k| l.starts_with(k))
-            })
-            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
     tokio::time::sleep(Duration::from_secs(1)).await;
-    eprintln!("node plugin {bin}: idle: {}", status(pid));
+    eprintln!("node plugin {bin}: idle: {}", process_memory(pid));
     let mut volumes = Vec::new();
     for i in 0..20 {
         let v = controller
@@ -1842,7 +1830,10 @@ async fn node_plugin_maps_20_volumes_without_ceph_libraries() {
         volumes.push((v, staging));
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    eprintln!("node plugin {bin}: 20 volumes mapped: {}", status(pid));
+    eprintln!(
+        "node plugin {bin}: 20 volumes mapped: {}",
+        process_memory(pid)
+    );
     assert_eq!(ceph_libraries(pid), Vec::<String>::new(), "node plugin");
     for (v, staging) in &volumes {
         let r = client

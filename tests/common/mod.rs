@@ -156,7 +156,15 @@ impl DriverBuilder {
 
     fn command(&self, dir: &Path, log: &File) -> Command {
         let socket = dir.join("csi.sock");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_lodestone"));
+        // A node process may be another build (a release binary, to measure
+        // what every node runs).
+        let bin = match std::env::var("LODESTONE_TEST_NODE_BIN") {
+            // Absolute: the process starts in its own directory.
+            Ok(bin) if self.mode == "node" && !bin.is_empty() => std::fs::canonicalize(&bin)
+                .unwrap_or_else(|e| panic!("LODESTONE_TEST_NODE_BIN={bin}: {e}")),
+            _ => PathBuf::from(env!("CARGO_BIN_EXE_lodestone")),
+        };
+        let mut cmd = Command::new(bin);
         cmd.arg("--endpoint")
             .arg(format!("unix://{}", socket.display()))
             .arg("--node-id")
@@ -1008,4 +1016,20 @@ pub fn volume_nodes(v: &csi::Volume) -> Vec<String> {
         .iter()
         .filter_map(|t| t.segments.get(TOPOLOGY_KEY).cloned())
         .collect()
+}
+
+/// VmRSS, RssAnon, RssFile, VmHWM and threads of a process, from /proc,
+/// on one line (for memory figures the tests print).
+pub fn process_memory(pid: i32) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .filter(|l| {
+            ["VmRSS", "RssAnon", "RssFile", "VmHWM", "Threads"]
+                .iter()
+                .any(|k| l.starts_with(k))
+        })
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect::<Vec<_>>()
+        .join(", ")
 }

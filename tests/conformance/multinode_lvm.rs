@@ -600,3 +600,55 @@ async fn a_cut_stream_resumes_and_misses_nothing() {
     ctl.delete(&lost.volume_id).await;
     drop((a, b));
 }
+
+fn rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmRSS")
+}
+
+/// What every node runs (the CSI node plugin and the LVM agent, one
+/// process) stays small with 20 volumes staged: its memory idle and then
+/// is printed (`--nocapture`; `LODESTONE_TEST_NODE_BIN` names a release
+/// binary to measure), and staging 20 volumes may not grow it by more
+/// than 4 MiB.
+#[tokio::test]
+async fn a_node_process_stays_small_with_20_volumes_staged() {
+    if skip_without_lvm() {
+        return;
+    }
+    let c = cluster().await;
+    let pid = c.a.driver.pid();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let idle = rss_kib(pid);
+    eprintln!("node process, idle: {}", process_memory(pid));
+    let mut volumes = Vec::new();
+    for i in 0..20 {
+        let v = c
+            .ctl
+            .create_ok(req(
+                &unique_name(&format!("mn-rss{i}")),
+                THIN,
+                8 * MIB,
+                requirement(&[A], &[A]),
+            ))
+            .await;
+        let staging = format!("staging-{i}");
+        c.a.driver.stage(&v.volume_id, &staging, block_cap()).await;
+        volumes.push((v.volume_id, staging));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let staged = rss_kib(pid);
+    eprintln!("node process, 20 volumes staged: {}", process_memory(pid));
+    for (id, staging) in &volumes {
+        c.a.driver.unstage(id, staging).await;
+        c.ctl.delete(id).await;
+    }
+    assert!(
+        staged <= idle + 4096,
+        "staging 20 volumes grew the node process from {idle} to {staged} KiB"
+    );
+}
