@@ -398,6 +398,18 @@ impl Agent for Served {
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
     }
+
+    type BlockMapStream = Pin<Box<dyn Stream<Item = Result<pb::BlockMapPiece, Status>> + Send>>;
+
+    /// Not simulated: the scale run reads no block maps.
+    async fn block_map(
+        &self,
+        _: Request<pb::BlockMapRequest>,
+    ) -> Result<Response<Self::BlockMapStream>, Status> {
+        Err(Status::unimplemented(
+            "the simulated agent has no block maps",
+        ))
+    }
 }
 
 // ---------------------------------------------------------------------------

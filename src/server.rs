@@ -21,9 +21,11 @@ use crate::core::node::NodeOps;
 use crate::csi::controller_server::ControllerServer;
 use crate::csi::identity_server::IdentityServer;
 use crate::csi::node_server::NodeServer;
+use crate::csi::snapshot_metadata_server::SnapshotMetadataServer;
 use crate::driver::controller::ControllerService;
 use crate::driver::identity::{IdentityService, ReadinessCheck};
 use crate::driver::node::NodeService;
+use crate::driver::snapshot_metadata::SnapshotMetadataService;
 use crate::kube::{Kube, KubeError};
 use crate::lvm::agent::{Agent, AgentOptions, LocalAgent};
 use crate::lvm::controller::LvmController;
@@ -295,6 +297,9 @@ pub async fn lvm_services(args: &RunArgs) -> Result<Services, ServerError> {
         identity: IdentityService {
             name: args.driver_name(),
             controller: controller.is_some(),
+            snapshot_metadata: controller
+                .as_ref()
+                .is_some_and(|c| c.backend.serves_block_maps()),
             checks,
         },
         controller,
@@ -374,6 +379,9 @@ pub async fn rbd_services(args: &RunArgs) -> Result<Services, ServerError> {
         identity: IdentityService {
             name: args.driver_name(),
             controller: controller.is_some(),
+            snapshot_metadata: controller
+                .as_ref()
+                .is_some_and(|c| c.backend.serves_block_maps()),
             checks: Vec::new(),
         },
         controller,
@@ -437,6 +445,11 @@ pub async fn serve(
         .layer(RunToEndLayer)
         .add_service(IdentityServer::new(services.identity));
     if let Some(c) = services.controller {
+        if c.backend.serves_block_maps() {
+            router = router.add_service(SnapshotMetadataServer::new(SnapshotMetadataService {
+                backend: c.backend.clone(),
+            }));
+        }
         router = router.add_service(ControllerServer::new(c));
     }
     if let Some(n) = services.node {

@@ -4,10 +4,11 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use crate::core::blockmap::BlockMap;
 use crate::core::capacity::Range;
 use crate::core::request::Capability;
 use crate::csi;
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// Where a new volume's data comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -132,6 +133,26 @@ pub trait ControllerBackend: Send + Sync + 'static {
     async fn get_snapshot(&self, id: &str) -> Result<Option<SnapshotInfo>>;
     /// All snapshots, sorted by id.
     async fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>>;
+    /// Whether this backend serves block maps (the CSI SnapshotMetadata
+    /// service is offered only then).
+    fn serves_block_maps(&self) -> bool {
+        false
+    }
+    /// The ranges of a snapshot that hold data. NOT_FOUND when there is no
+    /// such snapshot.
+    async fn allocated(&self, _snapshot_id: &str, _secrets: &Secrets) -> Result<BlockMap> {
+        Err(Error::FailedPrecondition(
+            "this backend does not track allocated blocks".into(),
+        ))
+    }
+    /// The ranges that differ between two snapshots of one volume (`base`
+    /// taken before `target`). NOT_FOUND when either is missing,
+    /// INVALID_ARGUMENT when they are of different volumes.
+    async fn delta(&self, _base: &str, _target: &str, _secrets: &Secrets) -> Result<BlockMap> {
+        Err(Error::FailedPrecondition(
+            "this backend does not track changed blocks".into(),
+        ))
+    }
 }
 
 /// The backend's view of a volume on this node, without running anything.

@@ -2,6 +2,7 @@
 //! placement, operation locks, and the node-side filesystem work every backend shares.
 
 pub(crate) mod backend;
+pub(crate) mod blockmap;
 pub(crate) mod capacity;
 pub(crate) mod ids;
 pub(crate) mod locks;

@@ -18,6 +18,8 @@ pub(crate) type ReadinessCheck = Arc<dyn Fn() -> Option<String> + Send + Sync>;
 pub struct IdentityService {
     pub name: String,
     pub controller: bool,
+    /// The SnapshotMetadata service is served here.
+    pub snapshot_metadata: bool,
     pub checks: Vec<ReadinessCheck>,
 }
 
@@ -35,8 +37,8 @@ impl Identity for IdentityService {
         }))
     }
 
-    /// Controller service (when served here), topology constraints, and
-    /// online expansion.
+    /// Controller and SnapshotMetadata services (when served here),
+    /// topology constraints, and online expansion.
     async fn get_plugin_capabilities(
         &self,
         _: Request<GetPluginCapabilitiesRequest>,
@@ -49,6 +51,9 @@ impl Identity for IdentityService {
         let mut capabilities = vec![svc(service::Type::VolumeAccessibilityConstraints)];
         if self.controller {
             capabilities.push(svc(service::Type::ControllerService));
+        }
+        if self.snapshot_metadata {
+            capabilities.push(svc(service::Type::SnapshotMetadataService));
         }
         capabilities.push(PluginCapability {
             r#type: Some(plugin_capability::Type::VolumeExpansion(

@@ -4,6 +4,7 @@
 pub(crate) mod controller;
 pub(crate) mod identity;
 pub(crate) mod node;
+pub(crate) mod snapshot_metadata;
 
 use std::future::Future;
 use std::time::Instant;

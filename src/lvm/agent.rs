@@ -13,6 +13,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::config::{DeviceClass, LvmConfig};
+use crate::core::blockmap::BlockMap;
 use crate::host::blockdev;
 use crate::lvm::error::{LvmError, Result};
 use crate::lvm::ids::{self, Kind, LvmKind};
@@ -106,6 +107,9 @@ pub trait Agent: Send + Sync + 'static {
     async fn copy_progress(&self, class: &str, lv: &str) -> Option<(String, bool)>;
     /// The node's inventory, pushed (see [`crate::lvm::inventory`]).
     async fn watch(&self, request: WatchRequest) -> Result<Updates>;
+    /// The ranges of LV `lv` that hold data or, with `base`, that differ
+    /// from `base` (see [`crate::lvm::blockmap`]).
+    async fn block_map(&self, class: &str, lv: &str, base: Option<&str>) -> Result<BlockMap>;
 }
 
 /// The in-memory copy of LVM's state: one full report, plus the changes
@@ -301,6 +305,9 @@ pub struct LocalAgent {
     /// How long a call that starts or resumes a full copy waits for it
     /// before answering "in progress".
     pub(super) copy_wait: Duration,
+    /// Held while a pool's metadata snapshot is reserved (a pool has one
+    /// at most).
+    pub(super) metadata_snap: tokio::sync::Mutex<()>,
 }
 
 /// How an agent runs LVM.
@@ -351,6 +358,7 @@ impl LocalAgent {
             me: me.clone(),
             copy_wait: opts.copy_wait,
             changes: tokio::sync::watch::channel(0).0,
+            metadata_snap: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -915,7 +923,7 @@ impl LocalAgent {
         }
     }
 
-    fn extent_size(&self, vg: &str) -> Result<u64> {
+    pub(super) fn extent_size_of(&self, vg: &str) -> Result<u64> {
         let st = self.state.read().expect("state poisoned");
         st.vgs
             .get(vg)
@@ -1191,7 +1199,7 @@ fn now_epoch() -> i64 {
 impl LocalAgent {
     async fn lvm_create(&self, spec: &LvSpec) -> Result<Lv> {
         let class = self.class(&spec.class)?.clone();
-        let extent = self.extent_size(&class.volume_group)?;
+        let extent = self.extent_size_of(&class.volume_group)?;
         if spec.size == 0 || spec.size % extent != 0 {
             return Err(LvmError::Internal(format!(
                 "size {} is not a whole number of {extent}-byte extents",
@@ -1412,6 +1420,10 @@ impl Agent for LocalAgent {
             .upgrade()
             .ok_or_else(|| LvmError::Unavailable("the agent is stopping".into()))?;
         Ok(me.inventory_stream(request))
+    }
+
+    async fn block_map(&self, class: &str, lv: &str, base: Option<&str>) -> Result<BlockMap> {
+        self.read_block_map(class, lv, base).await
     }
 }
 

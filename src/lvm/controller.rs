@@ -25,6 +25,7 @@ use crate::core::backend::{
     Capacity, ControllerBackend, CreateSnapshot, CreateVolume, Secrets, SnapshotInfo, Source,
     VolumeInfo,
 };
+use crate::core::blockmap::BlockMap;
 use crate::core::capacity::Range;
 use crate::core::placement::{self, Candidates};
 use crate::core::request::{topology_matches, Access, FsType};
@@ -536,6 +537,21 @@ impl LvmController {
         }
     }
 
+    /// A snapshot whose block map is asked for: it must exist and be
+    /// complete (a thick snapshot's copy may still run).
+    async fn mapped_snapshot(&self, id: &str) -> Result<(LvId, Lv)> {
+        let (lid, lv) = self
+            .resolve(Kind::Snapshot, id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("snapshot {id} does not exist")))?;
+        if is_copying(&lv) {
+            return Err(Error::FailedPrecondition(format!(
+                "snapshot {id} is not ready to use yet (its copy runs)"
+            )));
+        }
+        Ok((lid, lv))
+    }
+
     /// The source of a restore or clone, which must exist and be complete.
     async fn source_of(&self, source: &Source) -> Result<(LvId, Lv)> {
         let (kind, id, what) = match source {
@@ -921,6 +937,35 @@ impl ControllerBackend for LvmController {
             .collect();
         out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)
+    }
+
+    fn serves_block_maps(&self) -> bool {
+        true
+    }
+
+    /// One agent call, to the snapshot's node.
+    async fn allocated(&self, snapshot_id: &str, _: &Secrets) -> Result<BlockMap> {
+        let (id, lv) = self.mapped_snapshot(snapshot_id).await?;
+        let agent = self.agent_for_change(&id.node)?;
+        Ok(agent.block_map(&id.class, &lv.name, None).await?)
+    }
+
+    /// One agent call, to the node of both snapshots (a volume's snapshots
+    /// live beside it).
+    async fn delta(&self, base: &str, target: &str, _: &Secrets) -> Result<BlockMap> {
+        let (base_id, base_lv) = self.mapped_snapshot(base).await?;
+        let (id, lv) = self.mapped_snapshot(target).await?;
+        let base_source = ids::tagged_source(&base_lv.tags, &base_id.node);
+        let source = ids::tagged_source(&lv.tags, &id.node);
+        if source.is_none() || base_source != source || base_id.node != id.node {
+            return Err(Error::InvalidArgument(format!(
+                "snapshots {base} and {target} are not of the same volume"
+            )));
+        }
+        let agent = self.agent_for_change(&id.node)?;
+        Ok(agent
+            .block_map(&id.class, &lv.name, Some(&base_lv.name))
+            .await?)
     }
 }
 

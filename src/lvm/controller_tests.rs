@@ -217,6 +217,13 @@ impl Agent for FakeNode {
         None
     }
 
+    async fn block_map(&self, _: &str, lv: &str, _: Option<&str>) -> LvmResult<BlockMap> {
+        self.count("block_map");
+        let size = self.state.lock().unwrap().1.get(lv).map(|l| l.size);
+        size.map(|s| BlockMap::whole(s, 1 << 16))
+            .ok_or_else(|| LvmError::LvMissing(lv.into()))
+    }
+
     async fn watch(&self, request: WatchRequest) -> LvmResult<Updates> {
         self.hang_if_asked().await;
         let (tx, rx) = mpsc::channel(1024);

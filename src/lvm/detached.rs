@@ -12,6 +12,7 @@ use std::future::Future;
 use std::ops::Deref;
 use std::sync::Arc;
 
+use crate::core::blockmap::BlockMap;
 use crate::lvm::agent::{Agent, ClassCapacity, LvSpec};
 use crate::lvm::error::{LvmError, Result};
 use crate::lvm::inventory::{Stamp, Stamped, Updates, WatchRequest};
@@ -106,6 +107,16 @@ impl<A: Agent> Agent for Detached<A> {
     async fn watch(&self, request: WatchRequest) -> Result<Updates> {
         self.0.watch(request).await
     }
+
+    /// Detached too: it reserves and releases a pool's metadata snapshot.
+    async fn block_map(&self, class: &str, lv: &str, base: Option<&str>) -> Result<BlockMap> {
+        let (agent, class, lv) = (self.0.clone(), class.to_string(), lv.to_string());
+        let base = base.map(str::to_string);
+        detach("block_map", async move {
+            agent.block_map(&class, &lv, base.as_deref()).await
+        })
+        .await
+    }
 }
 
 #[cfg(test)]
@@ -183,6 +194,9 @@ mod tests {
             None
         }
         async fn watch(&self, _: WatchRequest) -> Result<Updates> {
+            Err(LvmError::Unavailable("none".into()))
+        }
+        async fn block_map(&self, _: &str, _: &str, _: Option<&str>) -> Result<BlockMap> {
             Err(LvmError::Unavailable("none".into()))
         }
     }

@@ -3,6 +3,7 @@
 //! node logic that finds a volume's device.
 
 pub mod agent;
+pub(crate) mod blockmap;
 pub(crate) mod controller;
 pub(crate) mod copy;
 pub(crate) mod detached;

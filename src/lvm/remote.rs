@@ -14,11 +14,12 @@ use tonic::Request;
 
 use crate::agentpb as pb;
 use crate::agentpb::agent_client::AgentClient;
+use crate::core::blockmap::BlockMap;
 use crate::lvm::agent::{Agent, ClassCapacity, LvSpec};
 use crate::lvm::error::{LvmError, Result};
 use crate::lvm::inventory::{Stamp, Stamped, Update, Updates, WatchRequest};
 use crate::lvm::report::Lv;
-use crate::lvm::rpc::error_from_status;
+use crate::lvm::rpc::{block_map_of, error_from_status};
 use crate::tls::TlsMaterial;
 
 /// Deadlines of agent calls.
@@ -246,5 +247,30 @@ impl Agent for RemoteAgent {
             Ok(u) => Update::try_from(u),
             Err(s) => Err(error_from_status(&node, s)),
         })))
+    }
+
+    /// The agent reads the pool's metadata: bounded by the write deadline,
+    /// the whole stream included.
+    async fn block_map(&self, class: &str, lv: &str, base: Option<&str>) -> Result<BlockMap> {
+        use tokio_stream::StreamExt;
+        let d = self.deadlines.write;
+        let r = self.request(
+            pb::BlockMapRequest {
+                class: class.to_string(),
+                name: lv.to_string(),
+                base: base.map(str::to_string),
+            },
+            d,
+        );
+        let collect = async {
+            let mut stream = self.client.clone().block_map(r).await?.into_inner();
+            let mut pieces = Vec::new();
+            while let Some(piece) = stream.next().await {
+                pieces.push(piece?);
+            }
+            Ok(tonic::Response::new(pieces))
+        };
+        let pieces = self.within(d, collect).await?;
+        block_map_of(&pieces)
     }
 }

@@ -7,6 +7,7 @@ use tonic::metadata::MetadataValue;
 use tonic::{Code, Request, Response, Status};
 
 use crate::agentpb as pb;
+use crate::core::blockmap::{BlockMap, Extent};
 use crate::error::Error;
 use crate::lvm::agent::{Agent, ClassCapacity, LocalAgent, LvSpec, Origin};
 use crate::lvm::error::LvmError;
@@ -559,6 +560,76 @@ impl pb::agent_server::Agent for AgentService {
             u.map(pb::InventoryUpdate::from).map_err(status_from_error)
         }))))
     }
+
+    type BlockMapStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<pb::BlockMapPiece, Status>> + Send>,
+    >;
+
+    /// Only for LVs of ours (both of them, with a base).
+    async fn block_map(
+        &self,
+        r: Request<pb::BlockMapRequest>,
+    ) -> Result<Response<Self::BlockMapStream>, Status> {
+        let r = r.into_inner();
+        for name in std::iter::once(&r.name).chain(r.base.as_ref()) {
+            if self
+                .own_lv(&r.class, name)
+                .await
+                .map_err(status_from_error)?
+                .is_none()
+            {
+                return Err(Status::not_found(format!("{name} does not exist")));
+            }
+        }
+        let map = self
+            .agent
+            .block_map(&r.class, &r.name, r.base.as_deref())
+            .await
+            .map_err(status_from_error)?;
+        let pieces = block_map_pieces(&map).into_iter().map(Ok);
+        Ok(Response::new(Box::pin(tokio_stream::iter(pieces))))
+    }
+}
+
+/// Ranges per [`pb::BlockMapPiece`]: about 1 MiB of message.
+const RANGES_PER_PIECE: usize = 1 << 16;
+
+/// A map as the messages that carry it (one at least, for an empty map).
+pub(crate) fn block_map_pieces(map: &BlockMap) -> Vec<pb::BlockMapPiece> {
+    let piece = |ranges: &[Extent]| pb::BlockMapPiece {
+        capacity: map.capacity,
+        granularity: map.granularity,
+        offsets: ranges.iter().map(|e| e.offset).collect(),
+        lengths: ranges.iter().map(|e| e.length).collect(),
+    };
+    let mut pieces: Vec<_> = map.extents().chunks(RANGES_PER_PIECE).map(piece).collect();
+    if pieces.is_empty() {
+        pieces.push(piece(&[]));
+    }
+    pieces
+}
+
+/// The map the pieces carry.
+pub(crate) fn block_map_of(pieces: &[pb::BlockMapPiece]) -> Result<BlockMap, LvmError> {
+    let first = pieces
+        .first()
+        .ok_or_else(|| LvmError::Internal("the agent sent no block map".into()))?;
+    if pieces.iter().any(|p| {
+        p.offsets.len() != p.lengths.len()
+            || p.capacity != first.capacity
+            || p.granularity != first.granularity
+    }) {
+        return Err(LvmError::Internal(
+            "the agent sent a malformed block map".into(),
+        ));
+    }
+    let ranges = pieces.iter().flat_map(|p| {
+        p.offsets
+            .iter()
+            .zip(&p.lengths)
+            .map(|(&offset, &length)| Extent { offset, length })
+    });
+    Ok(BlockMap::new(first.capacity, first.granularity, ranges))
 }
 
 #[cfg(test)]

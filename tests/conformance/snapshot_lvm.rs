@@ -19,6 +19,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use lodestone::csi;
 use lodestone::csi::controller_client::ControllerClient;
+use lodestone::csi::snapshot_metadata_client::SnapshotMetadataClient;
 use lodestone::csi::volume_content_source::{SnapshotSource, Type as SourceType, VolumeSource};
 use lodestone::csi::volume_usage::Unit;
 use tonic::Code;
@@ -1192,4 +1193,402 @@ async fn crash_during_copy_never_ready_thick() {
          written to the source after CreateSnapshot had returned (the snapshot was cut); MiB \
          {other:?} hold neither"
     );
+}
+
+// ---------------------------------------------------------------------------
+// 8. Block maps (the SnapshotMetadata service)
+// ---------------------------------------------------------------------------
+
+/// The test pool's chunk size (lvm's default; the fixture sets none).
+const POOL_CHUNK: u64 = 64 << 10;
+
+fn snapshot_metadata(d: &Driver) -> SnapshotMetadataClient<tonic::transport::Channel> {
+    SnapshotMetadataClient::new(d.channel())
+}
+
+/// Writes `data` at `offset` of a raw block device and makes it durable.
+fn write_at(dev: &Path, offset: u64, data: &[u8]) {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dev)
+        .unwrap_or_else(|e| panic!("open {}: {e}", dev.display()));
+    f.seek(SeekFrom::Start(offset)).unwrap();
+    f.write_all(data).unwrap();
+    f.sync_all().unwrap();
+}
+
+fn read_all(dev: &Path) -> Vec<u8> {
+    let mut out = vec![0; SIZE as usize];
+    File::open(dev)
+        .and_then(|mut f| f.read_exact(&mut out))
+        .unwrap_or_else(|e| panic!("read {}: {e}", dev.display()));
+    out
+}
+
+/// The whole chunks that writes at `(offset, length)` touch, merged.
+fn chunks_of(writes: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut chunks: Vec<u64> = writes
+        .iter()
+        .flat_map(|&(o, l)| (o / POOL_CHUNK)..(o + l).div_ceil(POOL_CHUNK))
+        .collect();
+    chunks.sort_unstable();
+    chunks.dedup();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for c in chunks {
+        match out.last_mut() {
+            Some(last) if last.0 + last.1 == c * POOL_CHUNK => last.1 += POOL_CHUNK,
+            _ => out.push((c * POOL_CHUNK, POOL_CHUNK)),
+        }
+    }
+    out
+}
+
+/// Every message of a listing: each must be VARIABLE_LENGTH with the
+/// volume's size and at most `max` ranges; returns the ranges in order.
+fn ranges_of(
+    messages: Vec<(i32, i64, Vec<csi::BlockMetadata>)>,
+    max: usize,
+    what: &str,
+) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    for (kind, capacity, ranges) in messages {
+        assert_eq!(
+            kind,
+            csi::BlockMetadataType::VariableLength as i32,
+            "{what}"
+        );
+        assert_eq!(capacity, SIZE, "{what}: volume_capacity_bytes");
+        assert!(
+            !ranges.is_empty() && ranges.len() <= max,
+            "{what}: {} ranges",
+            ranges.len()
+        );
+        out.extend(
+            ranges
+                .iter()
+                .map(|r| (r.byte_offset as u64, r.size_bytes as u64)),
+        );
+    }
+    assert!(
+        out.windows(2).all(|w| w[0].0 + w[0].1 < w[1].0),
+        "{what}: unordered or unmerged: {out:?}"
+    );
+    out
+}
+
+async fn allocated(
+    d: &Driver,
+    id: &str,
+    start: i64,
+    max: i32,
+) -> Result<Vec<(u64, u64)>, tonic::Status> {
+    let mut stream = snapshot_metadata(d)
+        .get_metadata_allocated(csi::GetMetadataAllocatedRequest {
+            snapshot_id: id.to_string(),
+            starting_offset: start,
+            max_results: max,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let mut messages = Vec::new();
+    while let Some(m) = stream.message().await? {
+        messages.push((
+            m.block_metadata_type,
+            m.volume_capacity_bytes,
+            m.block_metadata,
+        ));
+    }
+    let max = if max == 0 { usize::MAX } else { max as usize };
+    Ok(ranges_of(
+        messages,
+        max,
+        &format!("GetMetadataAllocated({id})"),
+    ))
+}
+
+async fn delta(
+    d: &Driver,
+    base: &str,
+    target: &str,
+    start: i64,
+    max: i32,
+) -> Result<Vec<(u64, u64)>, tonic::Status> {
+    let mut stream = snapshot_metadata(d)
+        .get_metadata_delta(csi::GetMetadataDeltaRequest {
+            base_snapshot_id: base.to_string(),
+            target_snapshot_id: target.to_string(),
+            starting_offset: start,
+            max_results: max,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let mut messages = Vec::new();
+    while let Some(m) = stream.message().await? {
+        messages.push((
+            m.block_metadata_type,
+            m.volume_capacity_bytes,
+            m.block_metadata,
+        ));
+    }
+    let max = if max == 0 { usize::MAX } else { max as usize };
+    Ok(ranges_of(
+        messages,
+        max,
+        &format!("GetMetadataDelta({base}, {target})"),
+    ))
+}
+
+/// A raw block volume published at `tag`; returns the device path.
+async fn publish_block(d: &Driver, id: &str, tag: &str) -> PathBuf {
+    let staging = format!("{tag}-staging");
+    d.stage(id, &staging, block_cap()).await;
+    d.publish(id, &staging, tag, block_cap(), false).await;
+    d.path(tag)
+}
+
+async fn unpublish_block(d: &Driver, id: &str, tag: &str) {
+    d.unpublish(id, tag).await;
+    d.unstage(id, &format!("{tag}-staging")).await;
+}
+
+/// On a thin volume: blocks written, snapshot A, more written (one block
+/// overwritten), snapshot B.
+/// * The plugin advertises the SnapshotMetadata service.
+/// * GetMetadataAllocated(A) is exactly the pool chunks written before A,
+///   (B) those written before B; GetMetadataDelta(A, B) exactly the chunks
+///   written in between. No unwritten chunk is listed.
+/// * Paged by max_results = 1, and resumed at a starting_offset inside a
+///   range, the listing is the same ranges (the resumed one from the
+///   offset's chunk on).
+/// * A backup-style rebuild (zeros, A's allocated ranges read from a
+///   restore of A, then the delta read from a restore of B) is B, byte for
+///   byte.
+/// * Errors: no id INVALID_ARGUMENT, unknown or malformed id NOT_FOUND, an
+///   offset at the end OUT_OF_RANGE, snapshots of two volumes
+///   INVALID_ARGUMENT.
+#[tokio::test]
+async fn block_maps_of_thin_snapshots_are_exact() {
+    if skip_without_lvm() {
+        return;
+    }
+    let d = Driver::start().await;
+    let cl = Cleanup::new(&d);
+    let caps = expect_ok(
+        d.identity()
+            .get_plugin_capabilities(csi::GetPluginCapabilitiesRequest {})
+            .await,
+        "GetPluginCapabilities",
+    );
+    use csi::plugin_capability::{service, Service, Type as CapabilityType};
+    let wanted = CapabilityType::Service(Service {
+        r#type: service::Type::SnapshotMetadataService as i32,
+    });
+    assert!(
+        caps.capabilities
+            .iter()
+            .any(|c| c.r#type.as_ref() == Some(&wanted)),
+        "SNAPSHOT_METADATA_SERVICE not advertised: {caps:?}"
+    );
+
+    let src = create_volume(&d, &cl, "cbt", THIN, block_cap(), SIZE).await;
+    let dev = publish_block(&d, &src.volume_id, "cbt").await;
+    let before: [(u64, u64); 3] = [(0, 4096), (400 << 10, 4096), (10 << 20, 1 << 20)];
+    let between: [(u64, u64); 3] = [
+        (400 << 10, 4096),
+        (20 << 20, 128 << 10),
+        ((63 << 20) + 8192, 4096),
+    ];
+    for (i, &(o, l)) in before.iter().enumerate() {
+        write_at(&dev, o, &pattern(10 + i as u64, l as usize));
+    }
+    let a = snapshot_ready(&d, &cl, &unique_name("cbt-a"), &src.volume_id).await;
+    for (i, &(o, l)) in between.iter().enumerate() {
+        write_at(&dev, o, &pattern(20 + i as u64, l as usize));
+    }
+    let b = snapshot_ready(&d, &cl, &unique_name("cbt-b"), &src.volume_id).await;
+    unpublish_block(&d, &src.volume_id, "cbt").await;
+
+    let all: Vec<(u64, u64)> = before.iter().chain(&between).copied().collect();
+    let a_map = allocated(&d, &a.snapshot_id, 0, 0).await.unwrap();
+    assert_eq!(a_map, chunks_of(&before), "allocated(A)");
+    assert_eq!(
+        allocated(&d, &b.snapshot_id, 0, 0).await.unwrap(),
+        chunks_of(&all),
+        "allocated(B)"
+    );
+    let ab = delta(&d, &a.snapshot_id, &b.snapshot_id, 0, 0)
+        .await
+        .unwrap();
+    assert_eq!(ab, chunks_of(&between), "delta(A, B)");
+    assert!(
+        delta(&d, &b.snapshot_id, &b.snapshot_id, 0, 0)
+            .await
+            .unwrap()
+            .is_empty(),
+        "a snapshot differs from itself"
+    );
+
+    // Paging and resuming.
+    assert_eq!(
+        allocated(&d, &a.snapshot_id, 0, 1).await.unwrap(),
+        a_map,
+        "max_results=1"
+    );
+    let mid = (10 << 20) + 70_000;
+    let resumed = allocated(&d, &a.snapshot_id, mid, 2).await.unwrap();
+    let from = mid as u64 / POOL_CHUNK * POOL_CHUNK;
+    assert_eq!(resumed, vec![(from, (11 << 20) - from)], "resumed at {mid}");
+    assert_eq!(
+        delta(&d, &a.snapshot_id, &b.snapshot_id, 20 << 20, 1)
+            .await
+            .unwrap(),
+        ab[1..].to_vec(),
+        "delta resumed"
+    );
+
+    // Errors.
+    let code = |r: Result<Vec<(u64, u64)>, tonic::Status>| r.map(|_| ()).unwrap_err().code();
+    assert_eq!(code(allocated(&d, "", 0, 0).await), Code::InvalidArgument);
+    assert_eq!(
+        code(allocated(&d, "no-such-snapshot", 0, 0).await),
+        Code::NotFound
+    );
+    let gone = a
+        .snapshot_id
+        .replace(&a.snapshot_id[a.snapshot_id.len() - 4..], "0000");
+    assert_eq!(code(allocated(&d, &gone, 0, 0).await), Code::NotFound);
+    assert_eq!(
+        code(allocated(&d, &a.snapshot_id, SIZE, 0).await),
+        Code::OutOfRange
+    );
+    assert_eq!(
+        code(allocated(&d, &a.snapshot_id, -1, 0).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(delta(&d, &a.snapshot_id, "", 0, 0).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(delta(&d, &gone, &b.snapshot_id, 0, 0).await),
+        Code::NotFound
+    );
+
+    // A backup tool's rebuild of B from A's ranges and the delta.
+    let ra = create_from(
+        &d,
+        &cl,
+        &unique_name("cbt-ra"),
+        THIN,
+        block_cap(),
+        SIZE,
+        snapshot_source(&a.snapshot_id),
+    )
+    .await;
+    let rb = create_from(
+        &d,
+        &cl,
+        &unique_name("cbt-rb"),
+        THIN,
+        block_cap(),
+        SIZE,
+        snapshot_source(&b.snapshot_id),
+    )
+    .await;
+    let ra_dev = publish_block(&d, &ra.volume_id, "ra").await;
+    let rb_dev = publish_block(&d, &rb.volume_id, "rb").await;
+    let (a_bytes, b_bytes) = (read_all(&ra_dev), read_all(&rb_dev));
+    let mut rebuilt = vec![0u8; SIZE as usize];
+    for (o, l) in a_map.iter().map(|&(o, l)| (o as usize, l as usize)) {
+        rebuilt[o..o + l].copy_from_slice(&a_bytes[o..o + l]);
+    }
+    for (o, l) in ab.iter().map(|&(o, l)| (o as usize, l as usize)) {
+        rebuilt[o..o + l].copy_from_slice(&b_bytes[o..o + l]);
+    }
+    assert!(
+        rebuilt == b_bytes,
+        "B rebuilt from A's allocated ranges and the delta differs from B"
+    );
+    unpublish_block(&d, &ra.volume_id, "ra").await;
+    unpublish_block(&d, &rb.volume_id, "rb").await;
+
+    // Another volume's snapshot is no base for these.
+    let other = create_volume(&d, &cl, "cbt-other", THIN, block_cap(), SIZE).await;
+    let c = snapshot_ready(&d, &cl, &unique_name("cbt-c"), &other.volume_id).await;
+    assert_eq!(
+        code(delta(&d, &c.snapshot_id, &b.snapshot_id, 0, 0).await),
+        Code::InvalidArgument
+    );
+
+    for s in [&a, &b, &c] {
+        delete_snapshot(&d, &s.snapshot_id).await;
+    }
+    for v in [&ra, &rb, &other, &src] {
+        delete_volume(&d, &v.volume_id).await;
+    }
+}
+
+/// A thick snapshot is a full copy: its allocated map is the whole volume,
+/// and a delta is FAILED_PRECONDITION (changed blocks are not tracked).
+#[tokio::test]
+async fn block_maps_of_thick_snapshots_are_whole_and_have_no_delta() {
+    if skip_without_lvm() {
+        return;
+    }
+    let d = Driver::start().await;
+    let cl = Cleanup::new(&d);
+    let src = create_volume(&d, &cl, "cbt-thick", THICK, block_cap(), SIZE).await;
+    let a = snapshot_ready(&d, &cl, &unique_name("cbt-ta"), &src.volume_id).await;
+    let b = snapshot_ready(&d, &cl, &unique_name("cbt-tb"), &src.volume_id).await;
+    assert_eq!(
+        allocated(&d, &a.snapshot_id, 0, 0).await.unwrap(),
+        vec![(0, SIZE as u64)]
+    );
+    let r = delta(&d, &a.snapshot_id, &b.snapshot_id, 0, 0).await;
+    assert_eq!(r.map(|_| ()).unwrap_err().code(), Code::FailedPrecondition);
+    delete_snapshot(&d, &b.snapshot_id).await;
+    delete_snapshot(&d, &a.snapshot_id).await;
+    delete_volume(&d, &src.volume_id).await;
+}
+
+/// The agent dies with the pool's metadata snapshot reserved (fail point
+/// `lvm.block_map.after_reserve`); after a restart the same call releases
+/// the leftover and answers.
+#[tokio::test]
+async fn a_block_map_after_a_crash_with_the_metadata_snapshot_held() {
+    if skip_without_lvm() {
+        return;
+    }
+    let d = Driver::builder()
+        .env("LODESTONE_FAILPOINTS", "lvm.block_map.after_reserve")
+        .start()
+        .await;
+    let cl = Cleanup::new(&d);
+    let src = create_volume(&d, &cl, "cbt-crash", THIN, block_cap(), SIZE).await;
+    let dev = publish_block(&d, &src.volume_id, "crash").await;
+    write_at(&dev, 1 << 20, &pattern(30, 4096));
+    let a = snapshot_ready(&d, &cl, &unique_name("cbt-crash"), &src.volume_id).await;
+    unpublish_block(&d, &src.volume_id, "crash").await;
+    assert!(
+        allocated(&d, &a.snapshot_id, 0, 0).await.is_err(),
+        "the fail point did not fire"
+    );
+    let (status, dir) = d.stop_and_keep_dir();
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "the driver did not die: {status:?}"
+    );
+
+    let d = Driver::builder().start_in(dir).await;
+    let cl = cl.handover(&d);
+    d.track(&src.volume_id);
+    assert_eq!(
+        allocated(&d, &a.snapshot_id, 0, 0).await.unwrap(),
+        chunks_of(&[(1 << 20, 4096)])
+    );
+    delete_snapshot(&d, &a.snapshot_id).await;
+    delete_volume(&d, &src.volume_id).await;
+    drop(cl);
 }
