@@ -571,15 +571,16 @@ impl pb::agent_server::Agent for AgentService {
         r: Request<pb::BlockMapRequest>,
     ) -> Result<Response<Self::BlockMapStream>, Status> {
         let r = r.into_inner();
+        // Ours, both (PERMISSION_DENIED first), then there (NOT_FOUND).
+        let mut missing = None;
         for name in std::iter::once(&r.name).chain(r.base.as_ref()) {
-            if self
-                .own_lv(&r.class, name)
-                .await
-                .map_err(status_from_error)?
-                .is_none()
-            {
-                return Err(Status::not_found(format!("{name} does not exist")));
+            let found = self.own_lv(&r.class, name).await;
+            if found.map_err(status_from_error)?.is_none() {
+                missing.get_or_insert(name);
             }
+        }
+        if let Some(name) = missing {
+            return Err(Status::not_found(format!("{name} does not exist")));
         }
         let map = self
             .agent

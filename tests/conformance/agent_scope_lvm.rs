@@ -5,7 +5,9 @@
 
 use std::process::Command;
 
-use lodestone::agentpb::{CreateRequest, ExtendRequest, ListRequest, LvRef, Origin};
+use lodestone::agentpb::{
+    BlockMapRequest, CreateRequest, ExtendRequest, ListRequest, LvRef, Origin,
+};
 use tonic::Code;
 
 use crate::agent_tls::client;
@@ -111,6 +113,26 @@ async fn agent_api_acts_only_on_lodestone_lvs() {
             .await
             .expect_err(name);
         assert_eq!(e.code(), Code::PermissionDenied, "clone of {name}: {e:?}");
+        let map = |name: &str, base: Option<&str>| BlockMapRequest {
+            class: THIN.into(),
+            name: name.into(),
+            base: base.map(String::from),
+        };
+        let e = c.block_map(map(name, None)).await.expect_err(name);
+        assert_eq!(
+            e.code(),
+            Code::PermissionDenied,
+            "block map of {name}: {e:?}"
+        );
+        let e = c
+            .block_map(map("ldsnap-00000000000000000000000000000001", Some(name)))
+            .await
+            .expect_err(name);
+        assert_eq!(
+            e.code(),
+            Code::PermissionDenied,
+            "block map from {name}: {e:?}"
+        );
     }
     // Reads: foreign names are refused, the look-alike is not there.
     let e = c.find(r(FOREIGN)).await.expect_err("find foreign");
