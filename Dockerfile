@@ -41,6 +41,9 @@ LABEL org.opencontainers.image.title="lodestone" \
 # What each package is for (program -> package):
 #   lvm (and thin_check/thin_repair, which lvm runs for thin pools)
 #                         lvm2, thin-provisioning-tools
+#   thin_dump, thin_delta (block maps of thin snapshots)
+#                         thin-provisioning-tools
+#   dmsetup (a thin pool's metadata snapshot)  dmsetup
 #   mkfs.ext4, resize2fs  e2fsprogs
 #   mkfs.xfs, xfs_growfs  xfsprogs
 #   mkfs.btrfs, btrfs     btrfs-progs
@@ -53,7 +56,7 @@ LABEL org.opencontainers.image.title="lodestone" \
 #   librados2, librbd1    libraries the rbd controller loads at run time
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
-      lvm2 thin-provisioning-tools \
+      lvm2 thin-provisioning-tools dmsetup \
       e2fsprogs xfsprogs btrfs-progs \
       util-linux mount \
       ceph-common kmod \

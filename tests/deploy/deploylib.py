@@ -113,6 +113,7 @@ SIDECARS = {
     "csi-resizer": "csi-resizer",
     "csi-node-driver-registrar": "node-driver-registrar",
     "livenessprobe": "livenessprobe",
+    "csi-snapshot-metadata": "csi-snapshot-metadata",
 }
 
 
@@ -171,6 +172,7 @@ CRD_SCHEMAS = {
     ("snapshot.storage.k8s.io/v1", "VolumeSnapshotClass"): "volumesnapshotclass.json",
     ("cert-manager.io/v1", "Certificate"): "certificate.json",
     ("cert-manager.io/v1", "Issuer"): "issuer.json",
+    ("cbt.storage.k8s.io/v1beta1", "SnapshotMetadataService"): "snapshotmetadataservice.json",
 }
 
 

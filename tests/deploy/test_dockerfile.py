@@ -24,6 +24,10 @@ PROGRAMS = {
     # lvm runs thin_check / thin_repair / thin_dump when it activates or
     # repairs thin pools (lvm2 only recommends the package).
     "lvm": {"lvm2", "thin-provisioning-tools"},
+    # block maps of thin snapshots: the pool's metadata snapshot, read
+    "dmsetup": {"dmsetup"},
+    "thin_dump": {"thin-provisioning-tools"},
+    "thin_delta": {"thin-provisioning-tools"},
     "blkid": {"util-linux"},
     "mkfs.ext4": {"e2fsprogs"},
     "resize2fs": {"e2fsprogs"},

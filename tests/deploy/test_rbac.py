@@ -17,6 +17,11 @@ sources at those tags:
 - external-resizer v2.2.1: Pods only with --handle-volume-inuse-error=true
   (the default); VolumeAttributesClasses only for drivers with
   MODIFY_VOLUME; Secrets only for the controller-expand secret.
+- external-snapshot-metadata v1.1.0 (csi-snapshot-metadata): its release's
+  ClusterRole also grants get on tokenreviews and subjectaccessreviews and
+  list/watch/create/update/patch/delete on snapshotmetadataservices; its
+  code only creates the two reviews and gets VolumeSnapshots, their
+  contents and its driver's SnapshotMetadataService by name.
 - node-driver-registrar and livenessprobe: no API access.
 Lodestone's own needs are read from its source: the paths src/ GETs
 through the in-cluster client (src/kube.rs).
@@ -69,6 +74,13 @@ CLUSTER_NEEDS = {
         ("snapshot.storage.k8s.io", "volumesnapshotcontents",
          ("get", "list", "watch", "update", "patch")),
         ("snapshot.storage.k8s.io", "volumesnapshotcontents/status", ("update", "patch")),
+    ],
+    "csi-snapshot-metadata": [
+        ("authentication.k8s.io", "tokenreviews", ("create",)),
+        ("authorization.k8s.io", "subjectaccessreviews", ("create",)),
+        ("snapshot.storage.k8s.io", "volumesnapshots", ("get",)),
+        ("snapshot.storage.k8s.io", "volumesnapshotcontents", ("get",)),
+        ("cbt.storage.k8s.io", "snapshotmetadataservices", ("get",)),
     ],
     "csi-resizer": [
         ("", "persistentvolumes", ("get", "list", "watch", "patch")),

@@ -46,6 +46,7 @@ overlay_ids = [rel(d) for d in OVERLAYS]
 # name -> the keys the pods read.
 OUT_OF_BAND_SECRETS = {
     "lodestone-lvm-controller-tls": {"tls.crt", "tls.key", "ca.crt"},
+    "lodestone-lvm-snapshot-metadata-tls": {"tls.crt", "tls.key"},
 }
 
 # Where each node's own agent certificate, key and CA are on that node
@@ -56,6 +57,7 @@ NODE_TLS_HOST_DIR = "/etc/lodestone/agent-tls"
 def test_every_overlay_is_found():
     assert {rel(d) for d in OVERLAYS} == {
         "deploy/lvm/overlays/cluster",
+        "deploy/lvm/overlays/cluster-snapshot-metadata",
         "deploy/lvm/overlays/single-node",
         "deploy/rbd/overlays/cluster",
         "deploy/rbd/overlays/zones",
@@ -101,7 +103,7 @@ def test_namespaced_objects_share_the_overlay_namespace(directory):
     assert len(namespaces) == 1, namespaces
     cluster_scoped = {
         "Namespace", "CSIDriver", "StorageClass", "VolumeSnapshotClass",
-        "ClusterRole", "ClusterRoleBinding",
+        "ClusterRole", "ClusterRoleBinding", "SnapshotMetadataService",
     }
     for o in objs:
         ns = o["metadata"].get("namespace")
