@@ -9,12 +9,14 @@ use tonic::transport::{Channel, Endpoint};
 use crate::csi::controller_client::ControllerClient;
 use crate::csi::identity_client::IdentityClient;
 use crate::csi::node_client::NodeClient;
+use crate::csi::snapshot_metadata_client::SnapshotMetadataClient;
 
 #[derive(Clone)]
 pub struct Client {
     pub identity: IdentityClient<Channel>,
     pub controller: ControllerClient<Channel>,
     pub node: NodeClient<Channel>,
+    pub snapshot_metadata: SnapshotMetadataClient<Channel>,
 }
 
 /// Connects to the socket at `path` (one channel shared by every service).
@@ -30,6 +32,7 @@ pub async fn connect(path: &Path) -> Result<Client, tonic::transport::Error> {
     Ok(Client {
         identity: IdentityClient::new(channel.clone()),
         controller: ControllerClient::new(channel.clone()),
-        node: NodeClient::new(channel),
+        node: NodeClient::new(channel.clone()),
+        snapshot_metadata: SnapshotMetadataClient::new(channel),
     })
 }
