@@ -439,6 +439,16 @@ ceph_api! {
             max_images: *mut usize,
         ) -> c_int;
         fn rbd_flatten(image: rbd_image_t) -> c_int;
+        fn rbd_diff_iterate2(
+            image: rbd_image_t,
+            fromsnapname: *const c_char,
+            ofs: u64,
+            len: u64,
+            include_parent: u8,
+            whole_object: u8,
+            cb: Option<unsafe extern "C" fn(u64, usize, c_int, *mut c_void) -> c_int>,
+            arg: *mut c_void,
+        ) -> c_int;
         fn rbd_snap_list(image: rbd_image_t, snaps: *mut rbd_snap_info_t, max: *mut c_int) -> c_int;
         fn rbd_snap_list_end(snaps: *mut rbd_snap_info_t);
         fn rbd_snap_create(image: rbd_image_t, snapname: *const c_char) -> c_int;

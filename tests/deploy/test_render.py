@@ -47,6 +47,7 @@ overlay_ids = [rel(d) for d in OVERLAYS]
 OUT_OF_BAND_SECRETS = {
     "lodestone-lvm-controller-tls": {"tls.crt", "tls.key", "ca.crt"},
     "lodestone-lvm-snapshot-metadata-tls": {"tls.crt", "tls.key"},
+    "lodestone-rbd-snapshot-metadata-tls": {"tls.crt", "tls.key"},
 }
 
 # Where each node's own agent certificate, key and CA are on that node
@@ -60,6 +61,7 @@ def test_every_overlay_is_found():
         "deploy/lvm/overlays/cluster-snapshot-metadata",
         "deploy/lvm/overlays/single-node",
         "deploy/rbd/overlays/cluster",
+        "deploy/rbd/overlays/cluster-snapshot-metadata",
         "deploy/rbd/overlays/zones",
     }
 
