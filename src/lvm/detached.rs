@@ -108,14 +108,11 @@ impl<A: Agent> Agent for Detached<A> {
         self.0.watch(request).await
     }
 
-    /// Detached too: it reserves and releases a pool's metadata snapshot.
+    /// A read; the agent detaches its own reserve-read-release of a thin
+    /// pool's metadata snapshot (and stops a thick comparison when the
+    /// caller leaves).
     async fn block_map(&self, class: &str, lv: &str, base: Option<&str>) -> Result<BlockMap> {
-        let (agent, class, lv) = (self.0.clone(), class.to_string(), lv.to_string());
-        let base = base.map(str::to_string);
-        detach("block_map", async move {
-            agent.block_map(&class, &lv, base.as_deref()).await
-        })
-        .await
+        self.0.block_map(class, lv, base).await
     }
 }
 
