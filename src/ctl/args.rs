@@ -299,6 +299,21 @@ pub enum CtlCommand {
         #[command(flatten)]
         secrets: SecretArgs,
     },
+    /// The byte ranges of a snapshot that hold data (GetMetadataAllocated)
+    /// or, with --base, that changed since an earlier snapshot of the same
+    /// volume (GetMetadataDelta).
+    Blocks {
+        /// The snapshot id.
+        snapshot: String,
+        /// An earlier snapshot of the same volume.
+        #[arg(long)]
+        base: Option<String>,
+        /// List from this byte offset on (rounded down by the driver).
+        #[arg(long, value_parser = size, default_value = "0")]
+        from: i64,
+        #[command(flatten)]
+        secrets: SecretArgs,
+    },
     /// NodeStageVolume (the staging directory must exist).
     Stage {
         /// The volume id.
@@ -421,7 +436,8 @@ impl Prepared {
             CtlCommand::DeleteVolume { secrets, .. }
             | CtlCommand::ExpandVolume { secrets, .. }
             | CtlCommand::DeleteSnapshot { secrets, .. }
-            | CtlCommand::ListSnapshots { secrets, .. } => (secrets, &[], &[], &[]),
+            | CtlCommand::ListSnapshots { secrets, .. }
+            | CtlCommand::Blocks { secrets, .. } => (secrets, &[], &[], &[]),
             CtlCommand::CreateSnapshot {
                 params, secrets, ..
             } => (secrets, params, &[], &[]),

@@ -94,6 +94,12 @@ impl Caller {
                 let filter = (source.as_deref(), id.as_deref());
                 self.list_snapshots(filter, *page_size, p).await
             }
+            C::Blocks {
+                snapshot,
+                base,
+                from,
+                ..
+            } => self.blocks(snapshot, base.as_deref(), *from, p).await,
             C::Stage {
                 id,
                 staging_path,
@@ -274,6 +280,85 @@ impl Caller {
     }
 
     /// `filter`: the source volume and the snapshot id to list, if any.
+    async fn blocks(
+        &mut self,
+        snapshot: &str,
+        base: Option<&str>,
+        from: i64,
+        p: Prepared,
+    ) -> Result<Printed, Failure> {
+        let t = self.timeout;
+        let mut c = self.client.snapshot_metadata.clone();
+        // (capacity, ranges) of every message of the stream.
+        let mut capacity = 0;
+        let mut ranges: Vec<(i64, i64)> = Vec::new();
+        let mut take = |cap: i64, m: &[csi::BlockMetadata]| {
+            capacity = cap;
+            ranges.extend(m.iter().map(|b| (b.byte_offset, b.size_bytes)));
+        };
+        let method = if base.is_some() {
+            "GetMetadataDelta"
+        } else {
+            "GetMetadataAllocated"
+        };
+        let read = async {
+            match base {
+                None => {
+                    let req = csi::GetMetadataAllocatedRequest {
+                        snapshot_id: snapshot.to_string(),
+                        starting_offset: from,
+                        max_results: 0,
+                        secrets: p.secrets,
+                    };
+                    let mut s = c.get_metadata_allocated(req).await?.into_inner();
+                    while let Some(m) = s.message().await? {
+                        take(m.volume_capacity_bytes, &m.block_metadata);
+                    }
+                }
+                Some(base) => {
+                    let req = csi::GetMetadataDeltaRequest {
+                        base_snapshot_id: base.to_string(),
+                        target_snapshot_id: snapshot.to_string(),
+                        starting_offset: from,
+                        max_results: 0,
+                        secrets: p.secrets,
+                    };
+                    let mut s = c.get_metadata_delta(req).await?.into_inner();
+                    while let Some(m) = s.message().await? {
+                        take(m.volume_capacity_bytes, &m.block_metadata);
+                    }
+                }
+            }
+            Ok(tonic::Response::new(()))
+        };
+        call(method, t, read).await?;
+        let total: i64 = ranges.iter().map(|r| r.1).sum();
+        let rows: Vec<Vec<String>> = ranges
+            .iter()
+            .map(|(o, l)| vec![o.to_string(), l.to_string(), bytes(*l)])
+            .collect();
+        let what = if base.is_some() {
+            "changed ranges"
+        } else {
+            "allocated ranges"
+        };
+        let mut text = table(&["OFFSET", "LENGTH", "SIZE"], &rows, what);
+        text.push_str(&format!(
+            "{} {what}, {} of {}\n",
+            ranges.len(),
+            bytes(total),
+            bytes(capacity)
+        ));
+        let listed: Vec<_> = ranges
+            .iter()
+            .map(|(o, l)| json!({ "offset": o, "length": l }))
+            .collect();
+        Ok(Printed {
+            text,
+            json: json!({ "volume_capacity_bytes": capacity, "bytes": total, "ranges": listed }),
+        })
+    }
+
     async fn list_snapshots(
         &mut self,
         (source, id): (Option<&str>, Option<&str>),

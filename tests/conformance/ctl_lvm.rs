@@ -141,6 +141,21 @@ async fn ctl_drives_a_thin_volume_through_its_life() {
     let table = ctl(&d, &["list-snapshots", "--source", &id]);
     assert!(table.ok().starts_with("SNAPSHOT_ID"), "{}", table.stdout);
 
+    // The snapshot's allocated blocks: ext4's metadata and the file, a
+    // small part of the volume, in order.
+    let blocks = ctl(&d, &["-o", "json", "blocks", &snap_id]).json();
+    let total = blocks["bytes"].as_i64().unwrap();
+    let capacity = blocks["volume_capacity_bytes"].as_i64().unwrap();
+    let ranges = blocks["ranges"].as_array().unwrap();
+    assert!(
+        !ranges.is_empty() && total > 0 && total < capacity / 2,
+        "{blocks}"
+    );
+    let text = ctl(&d, &["blocks", &snap_id]);
+    assert!(text.ok().starts_with("OFFSET"), "{}", text.stdout);
+    let delta = ctl(&d, &["-o", "json", "blocks", &snap_id, "--base", &snap_id]).json();
+    assert_eq!(delta["bytes"], 0, "{delta}");
+
     ctl(&d, &["delete-snapshot", &snap_id]).ok();
     let page = scrape(&addr);
     assert_eq!(gauge(&page, "lodestone_lvm_snapshots"), snapshots);
