@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use lodestone::client::{self, Client};
+use lodestone::client::{self, block_pages, BlockQuery, Client};
 use lodestone::csi::volume_capability::{access_mode, AccessMode, BlockVolume};
 use lodestone::csi::*;
 
@@ -235,44 +235,19 @@ async fn snapshot(c: &mut Client, name: &str, source: &str) -> R<String> {
 
 /// One listing through the driver: its time and the ranges and bytes listed.
 async fn listing(c: &Client, base: Option<&str>, target: &str) -> R<(Duration, usize, u64)> {
+    let query = match base {
+        None => BlockQuery::Allocated(target),
+        Some(base) => BlockQuery::Delta { base, target },
+    };
     let mut sm = c.snapshot_metadata.clone();
     let started = Instant::now();
-    let mut ranges = 0;
-    let mut bytes = 0;
-    let mut add = |m: &[BlockMetadata]| {
-        ranges += m.len();
-        bytes += m.iter().map(|b| b.size_bytes as u64).sum::<u64>();
-    };
-    match base {
-        None => {
-            let mut s = sm
-                .get_metadata_allocated(GetMetadataAllocatedRequest {
-                    snapshot_id: target.into(),
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| e.to_string())?
-                .into_inner();
-            while let Some(m) = s.message().await.map_err(|e| e.to_string())? {
-                add(&m.block_metadata);
-            }
-        }
-        Some(base) => {
-            let mut s = sm
-                .get_metadata_delta(GetMetadataDeltaRequest {
-                    base_snapshot_id: base.into(),
-                    target_snapshot_id: target.into(),
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| e.to_string())?
-                .into_inner();
-            while let Some(m) = s.message().await.map_err(|e| e.to_string())? {
-                add(&m.block_metadata);
-            }
-        }
-    }
-    Ok((started.elapsed(), ranges, bytes))
+    let pages = block_pages(&mut sm, query, 0, 0, Default::default())
+        .await
+        .map_err(|e| format!("{query:?}: {e}"))?;
+    let elapsed = started.elapsed();
+    let ranges: Vec<(i64, i64)> = pages.into_iter().flat_map(|p| p.ranges).collect();
+    let bytes = ranges.iter().map(|r| r.1 as u64).sum();
+    Ok((elapsed, ranges.len(), bytes))
 }
 
 async fn restore(c: &mut Client, name: &str, snapshot: &str) -> R<String> {

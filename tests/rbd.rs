@@ -21,6 +21,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
+use lodestone::client::{block_pages, BlockQuery};
 use lodestone::csi;
 use lodestone::csi::volume_content_source::{SnapshotSource, Type as SourceType, VolumeSource};
 use tonic::Code;
@@ -1849,31 +1850,24 @@ async fn node_plugin_maps_20_volumes_without_ceph_libraries() {
     let _ = node.wait();
 }
 
-/// The allocated ranges of an RBD snapshot through the SnapshotMetadata
-/// service, all messages together.
-async fn allocated(d: &Driver, ceph: &Ceph, id: &str) -> Result<Vec<(u64, u64)>, tonic::Status> {
+/// The ranges of an RBD block-map listing, all messages together (each
+/// VARIABLE_LENGTH).
+async fn block_map(
+    d: &Driver,
+    ceph: &Ceph,
+    query: BlockQuery<'_>,
+) -> Result<Vec<(u64, u64)>, tonic::Status> {
     use lodestone::csi::snapshot_metadata_client::SnapshotMetadataClient;
-    let mut s = SnapshotMetadataClient::new(d.channel())
-        .get_metadata_allocated(csi::GetMetadataAllocatedRequest {
-            snapshot_id: id.to_string(),
-            secrets: ceph.secrets(),
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
-    let mut out = Vec::new();
-    while let Some(m) = s.message().await? {
-        assert_eq!(
-            m.block_metadata_type,
-            csi::BlockMetadataType::VariableLength as i32
-        );
-        out.extend(
-            m.block_metadata
-                .iter()
-                .map(|b| (b.byte_offset as u64, b.size_bytes as u64)),
-        );
-    }
-    Ok(out)
+    let mut client = SnapshotMetadataClient::new(d.channel());
+    let secrets = ceph.secrets();
+    let pages = block_pages(&mut client, query, 0, 0, secrets).await?;
+    let kind = csi::BlockMetadataType::VariableLength as i32;
+    assert!(pages.iter().all(|p| p.block_metadata_type == kind));
+    Ok(pages
+        .into_iter()
+        .flat_map(|p| p.ranges)
+        .map(|(o, l)| (o as u64, l as u64))
+        .collect())
 }
 
 /// Adjacent ranges merged.
@@ -1925,10 +1919,14 @@ async fn block_maps_of_rbd_snapshots() {
     write("4M");
     let s2 = snapshot(&d, &ceph, &unique_name("rbd-cbt-b"), &v.volume_id).await;
 
-    let map = allocated(&d, &ceph, &s.snapshot_id).await.unwrap();
+    let map = block_map(&d, &ceph, BlockQuery::Allocated(&s.snapshot_id))
+        .await
+        .unwrap();
     assert_eq!(map, vec![(0, MIB as u64)], "allocated(A)");
     assert_eq!(
-        allocated(&d, &ceph, &s2.snapshot_id).await.unwrap(),
+        block_map(&d, &ceph, BlockQuery::Allocated(&s2.snapshot_id))
+            .await
+            .unwrap(),
         vec![(0, 4 * MIB as u64)],
         "allocated(B)"
     );
@@ -1950,32 +1948,23 @@ async fn block_maps_of_rbd_snapshots() {
         "rbd diff of the snapshot image"
     );
 
-    let delta = delta(&d, &ceph, &s.snapshot_id, &s2.snapshot_id).await;
+    let delta = BlockQuery::Delta {
+        base: &s.snapshot_id,
+        target: &s2.snapshot_id,
+    };
+    let delta = block_map(&d, &ceph, delta).await;
     assert_eq!(delta.unwrap_err().code(), Code::FailedPrecondition);
     let (head, last) = s.snapshot_id.split_at(s.snapshot_id.len() - 1);
     let gone = format!("{head}{}", if last == "0" { "1" } else { "0" });
     assert_eq!(
-        allocated(&d, &ceph, &gone).await.unwrap_err().code(),
+        block_map(&d, &ceph, BlockQuery::Allocated(&gone))
+            .await
+            .unwrap_err()
+            .code(),
         Code::NotFound
     );
 
     delete_snapshot(&d, &ceph, &s.snapshot_id).await;
     delete_snapshot(&d, &ceph, &s2.snapshot_id).await;
     delete_volume(&d, &ceph, &v.volume_id).await;
-}
-
-/// GetMetadataDelta, its messages read and dropped.
-async fn delta(d: &Driver, ceph: &Ceph, base: &str, target: &str) -> Result<(), tonic::Status> {
-    use lodestone::csi::snapshot_metadata_client::SnapshotMetadataClient;
-    let mut s = SnapshotMetadataClient::new(d.channel())
-        .get_metadata_delta(csi::GetMetadataDeltaRequest {
-            base_snapshot_id: base.to_string(),
-            target_snapshot_id: target.to_string(),
-            secrets: ceph.secrets(),
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
-    while s.message().await?.is_some() {}
-    Ok(())
 }

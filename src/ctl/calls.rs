@@ -287,51 +287,27 @@ impl Caller {
         from: i64,
         p: Prepared,
     ) -> Result<Printed, Failure> {
-        let t = self.timeout;
-        let mut c = self.client.snapshot_metadata.clone();
-        // (capacity, ranges) of every message of the stream.
-        let mut capacity = 0;
-        let mut ranges: Vec<(i64, i64)> = Vec::new();
-        let mut take = |cap: i64, m: &[csi::BlockMetadata]| {
-            capacity = cap;
-            ranges.extend(m.iter().map(|b| (b.byte_offset, b.size_bytes)));
+        use crate::client::{block_pages, BlockQuery};
+        let query = match base {
+            None => BlockQuery::Allocated(snapshot),
+            Some(base) => BlockQuery::Delta {
+                base,
+                target: snapshot,
+            },
         };
         let method = if base.is_some() {
             "GetMetadataDelta"
         } else {
             "GetMetadataAllocated"
         };
+        let mut c = self.client.snapshot_metadata.clone();
         let read = async {
-            match base {
-                None => {
-                    let req = csi::GetMetadataAllocatedRequest {
-                        snapshot_id: snapshot.to_string(),
-                        starting_offset: from,
-                        max_results: 0,
-                        secrets: p.secrets,
-                    };
-                    let mut s = c.get_metadata_allocated(req).await?.into_inner();
-                    while let Some(m) = s.message().await? {
-                        take(m.volume_capacity_bytes, &m.block_metadata);
-                    }
-                }
-                Some(base) => {
-                    let req = csi::GetMetadataDeltaRequest {
-                        base_snapshot_id: base.to_string(),
-                        target_snapshot_id: snapshot.to_string(),
-                        starting_offset: from,
-                        max_results: 0,
-                        secrets: p.secrets,
-                    };
-                    let mut s = c.get_metadata_delta(req).await?.into_inner();
-                    while let Some(m) = s.message().await? {
-                        take(m.volume_capacity_bytes, &m.block_metadata);
-                    }
-                }
-            }
-            Ok(tonic::Response::new(()))
+            let pages = block_pages(&mut c, query, from, 0, p.secrets).await?;
+            Ok(tonic::Response::new(pages))
         };
-        call(method, t, read).await?;
+        let pages = call(method, self.timeout, read).await?;
+        let capacity = pages.last().map_or(0, |p| p.volume_capacity_bytes);
+        let ranges: Vec<(i64, i64)> = pages.into_iter().flat_map(|p| p.ranges).collect();
         let total: i64 = ranges.iter().map(|r| r.1).sum();
         let rows: Vec<Vec<String>> = ranges
             .iter()
@@ -343,12 +319,14 @@ impl Caller {
             "allocated ranges"
         };
         let mut text = table(&["OFFSET", "LENGTH", "SIZE"], &rows, what);
-        text.push_str(&format!(
-            "{} {what}, {} of {}\n",
-            ranges.len(),
-            bytes(total),
-            bytes(capacity)
-        ));
+        if !ranges.is_empty() {
+            let of = bytes(capacity);
+            text.push_str(&format!(
+                "{} {what}, {} of {of}\n",
+                ranges.len(),
+                bytes(total)
+            ));
+        }
         let listed: Vec<_> = ranges
             .iter()
             .map(|(o, l)| json!({ "offset": o, "length": l }))

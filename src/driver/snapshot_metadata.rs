@@ -77,8 +77,15 @@ fn pages(map: &BlockMap, start: u64, max: usize) -> Result<Vec<Vec<BlockMetadata
 
 type Pages<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
-fn stream<T: Send + 'static>(messages: Vec<T>) -> Pages<T> {
-    Box::pin(tokio_stream::iter(messages.into_iter().map(Ok)))
+/// The stream of the map's pages, each made a response by `response`.
+fn messages<T: Send + 'static>(
+    map: &BlockMap,
+    start: u64,
+    max: usize,
+    response: impl Fn(Vec<BlockMetadata>) -> T,
+) -> Result<Pages<T>> {
+    let all: Vec<T> = pages(map, start, max)?.into_iter().map(response).collect();
+    Ok(Box::pin(tokio_stream::iter(all.into_iter().map(Ok))))
 }
 
 #[tonic::async_trait]
@@ -98,15 +105,13 @@ impl SnapshotMetadata for SnapshotMetadataService {
                 .backend
                 .allocated(&r.snapshot_id, &Secrets::from(&r.secrets))
                 .await?;
-            let messages = pages(&map, start, max)?
-                .into_iter()
-                .map(|block_metadata| GetMetadataAllocatedResponse {
+            messages(&map, start, max, |block_metadata| {
+                GetMetadataAllocatedResponse {
                     block_metadata_type: BlockMetadataType::VariableLength as i32,
                     volume_capacity_bytes: map.capacity as i64,
                     block_metadata,
-                })
-                .collect();
-            Ok(stream(messages))
+                }
+            })
         })
         .await
     }
@@ -129,15 +134,13 @@ impl SnapshotMetadata for SnapshotMetadataService {
                     &Secrets::from(&r.secrets),
                 )
                 .await?;
-            let messages = pages(&map, start, max)?
-                .into_iter()
-                .map(|block_metadata| GetMetadataDeltaResponse {
+            messages(&map, start, max, |block_metadata| {
+                GetMetadataDeltaResponse {
                     block_metadata_type: BlockMetadataType::VariableLength as i32,
                     volume_capacity_bytes: map.capacity as i64,
                     block_metadata,
-                })
-                .collect();
-            Ok(stream(messages))
+                }
+            })
         })
         .await
     }

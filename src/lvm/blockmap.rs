@@ -93,32 +93,27 @@ impl LocalAgent {
         self.reserve_metadata_snap(&tpool).await?;
         crate::fail_point!("lvm.block_map.after_reserve");
         let meta = mapper_path(vg, &format!("{pool}_tmeta"));
-        let read = match base {
-            None => {
-                let cmd = Cmd::new("thin_dump")
-                    .args(["--metadata-snap", "--dev-id"])
-                    .arg(ids[0].to_string())
-                    .arg(&meta)
-                    .timeout(METADATA_READ_TIMEOUT);
-                self.runner
-                    .run(&cmd)
-                    .await
-                    .map(|out| parse_dump(&out.stdout))
-            }
-            Some(_) => {
-                let cmd = Cmd::new("thin_delta")
-                    .args(["--metadata-snap", "--snap1"])
-                    .arg(ids[1].to_string())
-                    .arg("--snap2")
-                    .arg(ids[0].to_string())
-                    .arg(&meta)
-                    .timeout(METADATA_READ_TIMEOUT);
-                self.runner
-                    .run(&cmd)
-                    .await
-                    .map(|out| parse_delta(&out.stdout))
-            }
+        type Parse = fn(&str) -> std::result::Result<Chunks, String>;
+        let (cmd, parse): (Cmd, Parse) = match base {
+            None => (
+                Cmd::new("thin_dump").args(["--dev-id".to_string(), ids[0].to_string()]),
+                parse_dump,
+            ),
+            Some(_) => (
+                Cmd::new("thin_delta").args([
+                    "--snap1".to_string(),
+                    ids[1].to_string(),
+                    "--snap2".to_string(),
+                    ids[0].to_string(),
+                ]),
+                parse_delta,
+            ),
         };
+        let cmd = cmd
+            .arg("--metadata-snap")
+            .arg(&meta)
+            .timeout(METADATA_READ_TIMEOUT);
+        let read = self.runner.run(&cmd).await.map(|out| parse(&out.stdout));
         // Released whatever the read did: a reserved metadata snapshot
         // costs the pool metadata space as long as it is kept.
         let released = self.release_metadata_snap(&tpool).await;

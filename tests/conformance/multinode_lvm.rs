@@ -659,42 +659,15 @@ async fn block_map(
     base: Option<&str>,
     target: &str,
 ) -> Result<Vec<(i64, i64)>, tonic::Status> {
+    use lodestone::client::{block_pages, BlockQuery};
     use lodestone::csi::snapshot_metadata_client::SnapshotMetadataClient;
-    let mut client = SnapshotMetadataClient::new(ctl.channel());
-    let mut out = Vec::new();
-    let ranges = |m: Vec<csi::BlockMetadata>| {
-        m.into_iter()
-            .map(|b| (b.byte_offset, b.size_bytes))
-            .collect::<Vec<_>>()
+    let query = match base {
+        None => BlockQuery::Allocated(target),
+        Some(base) => BlockQuery::Delta { base, target },
     };
-    match base {
-        None => {
-            let mut s = client
-                .get_metadata_allocated(csi::GetMetadataAllocatedRequest {
-                    snapshot_id: target.to_string(),
-                    ..Default::default()
-                })
-                .await?
-                .into_inner();
-            while let Some(m) = s.message().await? {
-                out.extend(ranges(m.block_metadata));
-            }
-        }
-        Some(base) => {
-            let mut s = client
-                .get_metadata_delta(csi::GetMetadataDeltaRequest {
-                    base_snapshot_id: base.to_string(),
-                    target_snapshot_id: target.to_string(),
-                    ..Default::default()
-                })
-                .await?
-                .into_inner();
-            while let Some(m) = s.message().await? {
-                out.extend(ranges(m.block_metadata));
-            }
-        }
-    }
-    Ok(out)
+    let mut client = SnapshotMetadataClient::new(ctl.channel());
+    let pages = block_pages(&mut client, query, 0, 0, Default::default()).await?;
+    Ok(pages.into_iter().flat_map(|p| p.ranges).collect())
 }
 
 /// The SnapshotMetadata service of the central controller answers from the

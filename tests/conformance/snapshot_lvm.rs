@@ -17,6 +17,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use lodestone::client::{block_pages, BlockQuery};
 use lodestone::csi;
 use lodestone::csi::controller_client::ControllerClient;
 use lodestone::csi::snapshot_metadata_client::SnapshotMetadataClient;
@@ -1202,10 +1203,6 @@ async fn crash_during_copy_never_ready_thick() {
 /// The test pool's chunk size (lvm's default; the fixture sets none).
 const POOL_CHUNK: u64 = 64 << 10;
 
-fn snapshot_metadata(d: &Driver) -> SnapshotMetadataClient<tonic::transport::Channel> {
-    SnapshotMetadataClient::new(d.channel())
-}
-
 /// Writes `data` at `offset` of a raw block device and makes it durable.
 fn write_at(dev: &Path, offset: u64, data: &[u8]) {
     let mut f = std::fs::OpenOptions::new()
@@ -1244,36 +1241,35 @@ fn chunks_of(writes: &[(u64, u64)]) -> Vec<(u64, u64)> {
 }
 
 /// Every message of a listing: each must be VARIABLE_LENGTH with the
-/// volume's size and at most `max` ranges; returns the ranges in order.
-fn ranges_of(
-    messages: Vec<(i32, i64, Vec<csi::BlockMetadata>)>,
-    max: usize,
-    what: &str,
-) -> Vec<(u64, u64)> {
+/// volume's size and at most `max` ranges (0: any number); returns the
+/// ranges in order.
+async fn listing(
+    d: &Driver,
+    query: BlockQuery<'_>,
+    start: i64,
+    max: i32,
+) -> Result<Vec<(u64, u64)>, tonic::Status> {
+    let mut client = SnapshotMetadataClient::new(d.channel());
+    let pages = block_pages(&mut client, query, start, max, Default::default()).await?;
+    let what = format!("{query:?}");
+    let limit = if max == 0 { usize::MAX } else { max as usize };
     let mut out = Vec::new();
-    for (kind, capacity, ranges) in messages {
+    for p in pages {
+        let kind = csi::BlockMetadataType::VariableLength as i32;
+        assert_eq!(p.block_metadata_type, kind, "{what}");
         assert_eq!(
-            kind,
-            csi::BlockMetadataType::VariableLength as i32,
-            "{what}"
+            p.volume_capacity_bytes, SIZE,
+            "{what}: volume_capacity_bytes"
         );
-        assert_eq!(capacity, SIZE, "{what}: volume_capacity_bytes");
-        assert!(
-            !ranges.is_empty() && ranges.len() <= max,
-            "{what}: {} ranges",
-            ranges.len()
-        );
-        out.extend(
-            ranges
-                .iter()
-                .map(|r| (r.byte_offset as u64, r.size_bytes as u64)),
-        );
+        let n = p.ranges.len();
+        assert!(n > 0 && n <= limit, "{what}: {n} ranges");
+        out.extend(p.ranges.iter().map(|&(o, l)| (o as u64, l as u64)));
     }
     assert!(
         out.windows(2).all(|w| w[0].0 + w[0].1 < w[1].0),
         "{what}: unordered or unmerged: {out:?}"
     );
-    out
+    Ok(out)
 }
 
 async fn allocated(
@@ -1282,29 +1278,7 @@ async fn allocated(
     start: i64,
     max: i32,
 ) -> Result<Vec<(u64, u64)>, tonic::Status> {
-    let mut stream = snapshot_metadata(d)
-        .get_metadata_allocated(csi::GetMetadataAllocatedRequest {
-            snapshot_id: id.to_string(),
-            starting_offset: start,
-            max_results: max,
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
-    let mut messages = Vec::new();
-    while let Some(m) = stream.message().await? {
-        messages.push((
-            m.block_metadata_type,
-            m.volume_capacity_bytes,
-            m.block_metadata,
-        ));
-    }
-    let max = if max == 0 { usize::MAX } else { max as usize };
-    Ok(ranges_of(
-        messages,
-        max,
-        &format!("GetMetadataAllocated({id})"),
-    ))
+    listing(d, BlockQuery::Allocated(id), start, max).await
 }
 
 async fn delta(
@@ -1314,30 +1288,7 @@ async fn delta(
     start: i64,
     max: i32,
 ) -> Result<Vec<(u64, u64)>, tonic::Status> {
-    let mut stream = snapshot_metadata(d)
-        .get_metadata_delta(csi::GetMetadataDeltaRequest {
-            base_snapshot_id: base.to_string(),
-            target_snapshot_id: target.to_string(),
-            starting_offset: start,
-            max_results: max,
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
-    let mut messages = Vec::new();
-    while let Some(m) = stream.message().await? {
-        messages.push((
-            m.block_metadata_type,
-            m.volume_capacity_bytes,
-            m.block_metadata,
-        ));
-    }
-    let max = if max == 0 { usize::MAX } else { max as usize };
-    Ok(ranges_of(
-        messages,
-        max,
-        &format!("GetMetadataDelta({base}, {target})"),
-    ))
+    listing(d, BlockQuery::Delta { base, target }, start, max).await
 }
 
 /// A raw block volume published at `tag`; returns the device path.
