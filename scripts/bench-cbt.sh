@@ -20,16 +20,7 @@ git diff --quiet HEAD -- src Cargo.toml benches 2>/dev/null \
 
 echo "bench-cbt.sh: building the release driver and the bench binary" >&2
 cargo build --release --locked --bin lodestone >&2
-bench=$(cargo bench --locked --bench cbt --no-run --message-format=json \
-  | python3 -c 'import json, sys
-for line in sys.stdin:
-    m = json.loads(line)
-    if m.get("reason") == "compiler-message":
-        print(m["message"].get("rendered", ""), end="", file=sys.stderr)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") \
-            and m["target"]["name"] == "cbt" and "bench" in m["target"]["kind"]:
-        print(m["executable"])')
-[[ -x "$bench" ]] || { echo "bench-cbt.sh: bench binary not found" >&2; exit 1; }
+bench=$(bash scripts/bench-binary.sh cbt)
 
 mkdir -p target/bench
 started=$(date +%s)

@@ -21,14 +21,7 @@ export LODESTONE_CEPH_MGR=0
 dir=target/ceph-bench
 export CARGO_TARGET_DIR=target/rbd
 cargo build --release --locked --features rbd --bin lodestone >&2
-bench=$(cargo bench --locked --features rbd --bench rbd --no-run --message-format=json \
-  | python3 -c 'import json, sys
-for line in sys.stdin:
-    m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") \
-            and m["target"]["name"] == "rbd" and "bench" in m["target"]["kind"]:
-        print(m["executable"])')
-[[ -x "$bench" ]] || { echo "bench-rbd.sh: bench binary not found" >&2; exit 1; }
+bench=$(bash scripts/bench-binary.sh rbd --features rbd)
 
 bash tests/ceph/cluster.sh start "$dir" >&2
 trap 'bash tests/ceph/cluster.sh stop "$dir" >/dev/null 2>&1 || true' EXIT

@@ -26,16 +26,7 @@ git diff --quiet HEAD -- src Cargo.toml benches 2>/dev/null \
 
 echo "bench.sh: building the release driver and the bench binary" >&2
 cargo build --release --locked --bin lodestone >&2
-bench=$(cargo bench --locked --bench lvm --no-run --message-format=json \
-  | python3 -c 'import json, sys
-for line in sys.stdin:
-    m = json.loads(line)
-    if m.get("reason") == "compiler-message":
-        print(m["message"].get("rendered", ""), end="", file=sys.stderr)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") \
-            and m["target"]["name"] == "lvm" and "bench" in m["target"]["kind"]:
-        print(m["executable"])')
-[[ -x "$bench" ]] || { echo "bench.sh: bench binary not found" >&2; exit 1; }
+bench=$(bash scripts/bench-binary.sh lvm)
 
 # How busy the host is while the guest runs: 1-minute load average and the
 # number of QEMU guests (ours included), every 5 s.
