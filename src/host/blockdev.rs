@@ -82,6 +82,26 @@ fn open_exclusive_with(path: &Path, extra_flags: i32) -> Result<File> {
         })
 }
 
+/// Opens the device for reading with O_EXCL: while it is held, nobody can
+/// mount it or open it exclusively (as a thick LV's zeroing before removal
+/// does). EBUSY is ABORTED: a retry after the other holder is done works.
+pub(crate) fn open_exclusive_read(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc_o_excl())
+        .open(path)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(nix::libc::EBUSY) {
+                Error::Aborted(format!(
+                    "{} is in use (being removed, or read by another call); retry",
+                    path.display()
+                ))
+            } else {
+                Error::Internal(format!("cannot open {} exclusively: {e}", path.display()))
+            }
+        })
+}
+
 fn libc_o_excl() -> i32 {
     nix::libc::O_EXCL
 }

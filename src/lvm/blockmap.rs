@@ -29,6 +29,7 @@ use serde::Deserialize;
 
 use crate::config::DeviceClass;
 use crate::core::blockmap::{BlockMap, Extent};
+use crate::host::blockdev;
 use crate::lvm::agent::LocalAgent;
 use crate::lvm::detached::detach;
 use crate::lvm::error::{LvmError, Result};
@@ -266,10 +267,10 @@ fn differing_chunks(
     stop: &AtomicBool,
 ) -> Result<Vec<Extent>> {
     use std::os::unix::fs::FileExt;
-    let open = |p: &Path| {
-        std::fs::File::open(p)
-            .map_err(|e| LvmError::Internal(format!("cannot open {}: {e}", p.display())))
-    };
+    // Held exclusively: a removal (which zeroes a thick LV through an
+    // exclusive open first) waits for the comparison instead of zeroing
+    // what it reads.
+    let open = |p: &Path| blockdev::open_exclusive_read(p).map_err(LvmError::Host);
     let read = |f: &std::fs::File, p: &Path, buf: &mut [u8], at: u64| {
         f.read_exact_at(buf, at)
             .map_err(|e| LvmError::Internal(format!("cannot read {} at {at}: {e}", p.display())))

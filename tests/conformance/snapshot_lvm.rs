@@ -1483,7 +1483,8 @@ async fn block_maps_of_thin_snapshots_are_exact() {
 
 /// A thick snapshot is a full copy: its allocated map is the whole volume,
 /// and the delta between two is computed by comparing them: exactly the
-/// 64 KiB chunks whose bytes changed in between.
+/// 64 KiB chunks whose bytes changed in between. The comparison holds both
+/// exclusively: while another holder has one, it is ABORTED.
 #[tokio::test]
 async fn block_maps_of_thick_snapshots_are_whole_and_deltas_compared() {
     if skip_without_lvm() {
@@ -1512,6 +1513,23 @@ async fn block_maps_of_thick_snapshots_are_whole_and_deltas_compared() {
         chunks_of(&between),
         "delta(A, B) of thick snapshots"
     );
+    // While something holds B exclusively (as a removal's zeroing does),
+    // the comparison does not read it: ABORTED, and fine afterwards.
+    let key = b.snapshot_id.rsplit(':').next().unwrap();
+    let held = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_EXCL)
+            .open(format!("/dev/{THICK_VG}/ldsnap-{key}"))
+            .expect("hold snapshot B exclusively")
+    };
+    let r = delta(&d, &a.snapshot_id, &b.snapshot_id, 0, 0).await;
+    assert_eq!(r.map(|_| ()).unwrap_err().code(), Code::Aborted);
+    drop(held);
+    assert!(delta(&d, &a.snapshot_id, &b.snapshot_id, 0, 0)
+        .await
+        .is_ok());
     delete_snapshot(&d, &b.snapshot_id).await;
     delete_snapshot(&d, &a.snapshot_id).await;
     delete_volume(&d, &src.volume_id).await;
