@@ -324,7 +324,10 @@ impl Agent for Served {
         Ok(Response::new(Sim::capacity(&m, &r.class)))
     }
 
-    async fn resume(&self, r: Request<pb::LvRef>) -> Result<Response<pb::FindReply>, Status> {
+    async fn resume(
+        &self,
+        r: Request<pb::ResumeRequest>,
+    ) -> Result<Response<pb::FindReply>, Status> {
         self.gate("resume").await?;
         let r = r.into_inner();
         let m = self.model.lock().unwrap();
@@ -408,6 +411,15 @@ impl Agent for Served {
     ) -> Result<Response<Self::BlockMapStream>, Status> {
         Err(Status::unimplemented(
             "the simulated agent has no block maps",
+        ))
+    }
+
+    async fn grant(
+        &self,
+        _: Request<pb::GrantRequest>,
+    ) -> Result<Response<pb::GrantReply>, Status> {
+        Err(Status::unimplemented(
+            "the simulated agent serves no snapshots to other nodes",
         ))
     }
 }

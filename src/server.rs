@@ -15,6 +15,7 @@ use tokio_stream::wrappers::UnixListenerStream;
 use tokio_stream::StreamExt;
 
 use crate::agentpb::agent_server::AgentServer;
+use crate::agentpb::peer_server::PeerServer;
 use crate::config::{AgentResolver, ConfigError, DriverKind, LvmConfig, Mode, RunArgs};
 use crate::core::locks::OpLocks;
 use crate::core::node::NodeOps;
@@ -31,6 +32,7 @@ use crate::lvm::agent::{Agent, AgentOptions, LocalAgent};
 use crate::lvm::controller::LvmController;
 use crate::lvm::detached::Detached;
 use crate::lvm::node::LvmNode;
+use crate::lvm::pull::PeerService;
 use crate::lvm::remote::Deadlines;
 use crate::lvm::resolver::{Directory, Resolver};
 use crate::lvm::rpc::AgentService;
@@ -180,6 +182,11 @@ async fn serve_agent(args: &RunArgs, agent: Arc<LocalAgent>) -> Result<(), Serve
             address: args.agent_listen.clone(),
             source,
         })?;
+    // Its own certificate also opens its reads from other agents.
+    agent.set_peer_tls(tls.clone());
+    let peer = PeerServer::new(PeerService {
+        agent: agent.clone(),
+    });
     let service = AgentServer::with_interceptor(
         AgentService {
             agent: Arc::new(Detached::new(agent)),
@@ -188,7 +195,8 @@ async fn serve_agent(args: &RunArgs, agent: Arc<LocalAgent>) -> Result<(), Serve
     );
     let server = tonic::transport::Server::builder()
         .layer(RunToEndLayer)
-        .add_service(service);
+        .add_service(service)
+        .add_service(peer);
     tracing::info!(listen = %args.agent_listen, controller = %args.controller_identity,
         "serving the LVM agent API (mutual TLS)");
     tokio::spawn(async move {

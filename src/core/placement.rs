@@ -8,6 +8,14 @@
 //! state always lands on the same node. The rule that decided is returned so
 //! it can be logged.
 //!
+//! A source whose data can move to another node (a snapshot the backend can
+//! copy across nodes) still prefers its own node; when that node is
+//! excluded or full, the volume goes where the copy is cheapest. Every
+//! other node receives the same bytes (the snapshot's allocated ranges), so
+//! "cheapest" falls back to the same order as a new volume: the
+//! orchestrator's preference, then room (rules `cross-node-preferred` and
+//! `cross-node-capacity`).
+//!
 //! Placement never reads every candidate: it asks [`Candidates`] for the
 //! best one, for one by name, or for a term's matches, so a backend with
 //! thousands of nodes answers from an index kept in order.
@@ -86,6 +94,7 @@ pub(crate) fn place<C: Candidates + ?Sized>(
     candidates: &C,
     size: u64,
     source_node: Option<&str>,
+    movable: bool,
 ) -> Result<Decision> {
     // The union of the requisite terms; None: no requisite, all allowed.
     let permitted: Option<BTreeMap<&str, Candidate>> = match requirement {
@@ -110,21 +119,46 @@ pub(crate) fn place<C: Candidates + ?Sized>(
     };
 
     if let Some(source) = source_node {
-        return match candidates.named(source).filter(|c| allowed(c.name)) {
-            Some(c) if c.available >= size => Ok(Decision {
-                node: c.name.to_string(),
-                rule: "source-locality",
-            }),
-            Some(c) => Err(Error::ResourceExhausted(format!(
+        let at_source = candidates.named(source).filter(|c| allowed(c.name));
+        let refusal = match at_source {
+            Some(c) if c.available >= size => {
+                return Ok(Decision {
+                    node: c.name.to_string(),
+                    rule: "source-locality",
+                })
+            }
+            Some(c) => Error::ResourceExhausted(format!(
                 "the source's node {} has {} bytes available, {size} are needed",
                 c.name, c.available
-            ))),
-            None => Err(Error::ResourceExhausted(format!(
+            )),
+            None => Error::ResourceExhausted(format!(
                 "the source's data lives on node {source}, which the requested topology excludes"
-            ))),
+            )),
         };
+        if !movable {
+            return Err(refusal);
+        }
+        return elsewhere(requirement, candidates, &allowed, &best, size).map(|d| Decision {
+            rule: if d.rule == "preferred-topology" {
+                "cross-node-preferred"
+            } else {
+                "cross-node-capacity"
+            },
+            ..d
+        });
     }
+    elsewhere(requirement, candidates, &allowed, &best, size)
+}
 
+/// A volume without a source (or whose source's data moves): the
+/// orchestrator's preferred order, then the most room.
+fn elsewhere<C: Candidates + ?Sized>(
+    requirement: Option<&csi::TopologyRequirement>,
+    candidates: &C,
+    allowed: &dyn Fn(&str) -> bool,
+    best: &Candidate,
+    size: u64,
+) -> Result<Decision> {
     if best.available < size {
         return Err(Error::ResourceExhausted(format!(
             "no allowed node has {size} bytes available (best: {} bytes)",
@@ -179,12 +213,15 @@ mod tests {
             requisite: vec![topo("a"), topo("b"), topo("c")],
             preferred: vec![topo("a"), topo("b")],
         };
-        assert_eq!(place(Some(&req), &nodes[..], 5, None).unwrap().node, "a");
+        assert_eq!(
+            place(Some(&req), &nodes[..], 5, None, false).unwrap().node,
+            "a"
+        );
         // "a" does not fit: next preferred.
-        let d = place(Some(&req), &nodes[..], 20, None).unwrap();
+        let d = place(Some(&req), &nodes[..], 20, None, false).unwrap();
         assert_eq!((d.node.as_str(), d.rule), ("b", "preferred-topology"));
         // No requirement: most capacity, ties broken by name.
-        let d = place(None, &nodes[..], 20, None).unwrap();
+        let d = place(None, &nodes[..], 20, None, false).unwrap();
         assert_eq!((d.node.as_str(), d.rule), ("b", "most-capacity"));
     }
 
@@ -196,7 +233,7 @@ mod tests {
             preferred: vec![],
         };
         assert!(matches!(
-            place(Some(&req), &nodes[..], 20, None),
+            place(Some(&req), &nodes[..], 20, None, false),
             Err(Error::ResourceExhausted(_))
         ));
         let req = csi::TopologyRequirement {
@@ -204,7 +241,7 @@ mod tests {
             preferred: vec![],
         };
         assert!(matches!(
-            place(Some(&req), &nodes[..], 1, None),
+            place(Some(&req), &nodes[..], 1, None, false),
             Err(Error::ResourceExhausted(_))
         ));
     }
@@ -216,14 +253,28 @@ mod tests {
             requisite: vec![topo("a"), topo("b")],
             preferred: vec![topo("a")],
         };
-        let d = place(Some(&req), &nodes[..], 10, Some("b")).unwrap();
+        let d = place(Some(&req), &nodes[..], 10, Some("b"), false).unwrap();
         assert_eq!((d.node.as_str(), d.rule), ("b", "source-locality"));
         let req = csi::TopologyRequirement {
             requisite: vec![topo("a")],
             preferred: vec![],
         };
-        let err = place(Some(&req), &nodes[..], 10, Some("b")).unwrap_err();
+        let err = place(Some(&req), &nodes[..], 10, Some("b"), false).unwrap_err();
         assert!(err.to_string().contains("node b"));
+        // A snapshot's data can move: the next best node, by the rules of
+        // a new volume, with a rule that says the data is copied.
+        let d = place(Some(&req), &nodes[..], 10, Some("b"), true).unwrap();
+        assert_eq!((d.node.as_str(), d.rule), ("a", "cross-node-capacity"));
+        let nodes = [node("a", 100), node("b", 5), node("c", 100)];
+        let req = csi::TopologyRequirement {
+            requisite: vec![topo("a"), topo("b"), topo("c")],
+            preferred: vec![topo("b"), topo("c")],
+        };
+        let d = place(Some(&req), &nodes[..], 10, Some("b"), true).unwrap();
+        assert_eq!((d.node.as_str(), d.rule), ("c", "cross-node-preferred"));
+        // Room at the source: it stays there, movable or not.
+        let d = place(Some(&req), &nodes[..], 5, Some("b"), true).unwrap();
+        assert_eq!((d.node.as_str(), d.rule), ("b", "source-locality"));
     }
 
     /// Answers node terms by lookup, as the LVM index does.
@@ -262,7 +313,7 @@ mod tests {
             preferred,
         };
         let started = std::time::Instant::now();
-        let d = place(Some(&req), &nodes, 5, None).unwrap();
+        let d = place(Some(&req), &nodes, 5, None, false).unwrap();
         assert_eq!((d.node.as_str(), d.rule), ("n4321", "preferred-topology"));
         assert!(started.elapsed() < std::time::Duration::from_millis(500));
     }
@@ -284,6 +335,9 @@ mod tests {
             requisite: vec![zone],
             preferred: vec![],
         };
-        assert_eq!(place(Some(&req), &[a, b][..], 5, None).unwrap().node, "b");
+        assert_eq!(
+            place(Some(&req), &[a, b][..], 5, None, false).unwrap().node,
+            "b"
+        );
     }
 }

@@ -111,8 +111,16 @@ fn libc_o_excl() -> i32 {
 /// unmap with zeroing, or plain writes). Blocking: call from spawn_blocking.
 pub(crate) fn zero_all(f: &File, path: &Path) -> Result<u64> {
     let total = size_of(f, path)?;
+    zero_range(f, path, 0, total)?;
+    Ok(total)
+}
+
+/// Zeroes `len` bytes from `start` through BLKZEROOUT (see [`zero_all`]).
+/// Blocking.
+pub(crate) fn zero_range(f: &File, path: &Path, start: u64, len: u64) -> Result<()> {
     const CHUNK: u64 = 1 << 30;
-    let mut offset = 0;
+    let total = start + len;
+    let mut offset = start;
     while offset < total {
         let len = CHUNK.min(total - offset);
         let range = [offset, len];
@@ -127,7 +135,7 @@ pub(crate) fn zero_all(f: &File, path: &Path) -> Result<u64> {
         })?;
         offset += len;
     }
-    Ok(total)
+    Ok(())
 }
 
 /// Copies every byte of `src` into `dst` (both block devices of at least

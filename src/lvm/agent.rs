@@ -30,8 +30,21 @@ pub struct LvSpec {
     pub tags: Vec<String>,
     /// Where the data comes from: None for a blank volume.
     pub origin: Option<Origin>,
+    /// A restore from a snapshot on another node (instead of `origin`).
+    pub pull: Option<Pull>,
     /// A snapshot: read-only (thin snapshots also stay inactive).
     pub read_only: bool,
+}
+
+/// A snapshot on another node that a new LV is filled from, through that
+/// node's agent (see [`crate::lvm::pull`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pull {
+    pub node: String,
+    /// host:port of the source node's agent.
+    pub address: String,
+    pub class: String,
+    pub lv: String,
 }
 
 /// The LV a snapshot, restore or clone takes its data from, on the same node.
@@ -101,7 +114,14 @@ pub trait Agent: Send + Sync + 'static {
     /// For an LV whose full copy is incomplete: makes sure the copy runs (it
     /// restarts after a crash or a failure), waits briefly, and returns the
     /// LV as it is then.
-    async fn resume(&self, class: &str, lv: &str) -> Result<Stamped<Option<Lv>>>;
+    /// `pull`: where a cross-node copy reads from (the agent keeps no
+    /// addresses).
+    async fn resume(
+        &self,
+        class: &str,
+        lv: &str,
+        pull: Option<&Pull>,
+    ) -> Result<Stamped<Option<Lv>>>;
     /// What a running or failed copy into the LV has to say, if anything,
     /// and whether it failed for good.
     async fn copy_progress(&self, class: &str, lv: &str) -> Option<(String, bool)>;
@@ -110,6 +130,19 @@ pub trait Agent: Send + Sync + 'static {
     /// The ranges of LV `lv` that hold data or, with `base`, that differ
     /// from `base` (see [`crate::lvm::blockmap`]).
     async fn block_map(&self, class: &str, lv: &str, base: Option<&str>) -> Result<BlockMap>;
+    /// Lets the agent of `node` read snapshot `lv` for a while (see
+    /// [`crate::lvm::pull`]).
+    async fn grant(&self, class: &str, lv: &str, node: &str) -> Result<()> {
+        let _ = (class, lv, node);
+        Err(LvmError::Unavailable(format!(
+            "node {} cannot serve its snapshots to other nodes",
+            self.node()
+        )))
+    }
+    /// host:port where other agents reach this one, when they can.
+    fn address(&self) -> Option<&str> {
+        None
+    }
 }
 
 /// The in-memory copy of LVM's state: one full report, plus the changes
@@ -308,6 +341,9 @@ pub struct LocalAgent {
     /// Held while a pool's metadata snapshot is reserved (a pool has one
     /// at most).
     pub(super) metadata_snap: tokio::sync::Mutex<()>,
+    /// Cross-node copies: grants to read snapshots, streams being served,
+    /// and the TLS material to reach other agents.
+    pub(super) peers: super::pull::Peers,
 }
 
 /// How an agent runs LVM.
@@ -359,6 +395,7 @@ impl LocalAgent {
             copy_wait: opts.copy_wait,
             changes: tokio::sync::watch::channel(0).0,
             metadata_snap: tokio::sync::Mutex::new(()),
+            peers: Default::default(),
         })
     }
 
@@ -1207,6 +1244,9 @@ impl LocalAgent {
             )));
         }
         self.ensure_pool_safe(&class).await?;
+        if let Some(pull) = &spec.pull {
+            return self.create_pull(&class, spec, pull).await;
+        }
         match &spec.origin {
             None => self.create_blank(&class, spec).await,
             Some(o) if class.is_thin() && o.class == class.name => {
@@ -1235,8 +1275,9 @@ impl LocalAgent {
             }
         }
         // A copy into this LV stops first (and removes its own temporary
-        // snapshot); the caller retries.
+        // snapshot); the caller retries. Not while another node reads it.
         self.cancel_copy(&lv)?;
+        let _removal = self.begin_removal(&lv)?;
         if !class.is_thin() {
             self.remove_cuts_of(&lv).await?;
             // Zero the data before the extents go back to the VG (a
@@ -1374,9 +1415,14 @@ impl Agent for LocalAgent {
         }
     }
 
-    async fn resume(&self, class: &str, lv: &str) -> Result<Stamped<Option<Lv>>> {
+    async fn resume(
+        &self,
+        class: &str,
+        lv: &str,
+        pull: Option<&Pull>,
+    ) -> Result<Stamped<Option<Lv>>> {
         let vg = self.class(class)?.volume_group.clone();
-        Ok(match self.resume_copy(class, lv).await? {
+        Ok(match self.resume_copy(class, lv, pull).await? {
             Some(found) => {
                 let done = self.stamped_lv(found);
                 Stamped {
@@ -1424,6 +1470,10 @@ impl Agent for LocalAgent {
 
     async fn block_map(&self, class: &str, lv: &str, base: Option<&str>) -> Result<BlockMap> {
         self.read_block_map(class, lv, base).await
+    }
+
+    async fn grant(&self, class: &str, lv: &str, node: &str) -> Result<()> {
+        self.grant_read(class, lv, node).await
     }
 }
 

@@ -31,7 +31,7 @@ use crate::core::placement::{self, Candidates};
 use crate::core::request::{topology_matches, Access, FsType};
 use crate::csi;
 use crate::error::{Error, Result};
-use crate::lvm::agent::{Agent, ClassCapacity, LvSpec, Origin};
+use crate::lvm::agent::{Agent, ClassCapacity, LvSpec, Origin, Pull};
 use crate::lvm::ids::{self, Kind, LvId, LvmKind, TAG_COPYING};
 use crate::lvm::index::{self, Health, Index, Ranked};
 use crate::lvm::inventory::Stamp;
@@ -172,6 +172,7 @@ fn new_volume_spec(
             lv: lv.name.clone(),
             frozen: sid.kind == Kind::Snapshot,
         }),
+        pull: None,
         read_only: false,
     }
 }
@@ -471,7 +472,29 @@ impl LvmController {
             return Ok((lv, None));
         }
         let agent = self.agent_for_change(&id.node)?;
-        let done = agent.resume(&id.class, &lv.name).await?;
+        // A copy from another node: its source's agent is asked again to
+        // let this node read (a restarted agent forgot), and the target is
+        // told where the source is now.
+        let pull = match (
+            ids::tagged_from(&lv.tags),
+            ids::tagged_source(&lv.tags, &id.node),
+        ) {
+            (Some(_), Some(src)) => match self.pull_from(&src, &id.node).await {
+                Ok(pull) => Some(pull),
+                Err(Error::NotFound(m)) => {
+                    // The snapshot is gone: this copy can never complete,
+                    // and it was never reported, so it goes.
+                    self.remove(id, &lv).await?;
+                    return Err(Error::NotFound(format!(
+                        "the source snapshot {} no longer exists ({m}); the unfinished copy was                          removed",
+                        src.encode()
+                    )));
+                }
+                Err(e) => return Err(e),
+            },
+            _ => None,
+        };
+        let done = agent.resume(&id.class, &lv.name, pull.as_ref()).await?;
         self.index.record(
             &id.node,
             &id.class,
@@ -552,6 +575,35 @@ impl LvmController {
         Ok((lid, lv))
     }
 
+    /// Whether a restore from `source` may be copied to another node: its
+    /// node's agent can be reached by other agents.
+    fn can_pull(&self, source: &LvId) -> bool {
+        source.kind == Kind::Snapshot
+            && self
+                .agent(&source.node)
+                .is_some_and(|a| a.address().is_some())
+    }
+
+    /// Where the agent of `target` reads snapshot `source` from, once the
+    /// source's agent has granted it (renewed at each call).
+    async fn pull_from(&self, source: &LvId, target: &str) -> Result<Pull> {
+        let agent = self.agent_for_change(&source.node)?;
+        let address = agent.address().map(str::to_string).ok_or_else(|| {
+            Error::FailedPrecondition(format!(
+                "node {} cannot serve its snapshots to other nodes",
+                source.node
+            ))
+        })?;
+        let lv = source.lv_name();
+        agent.grant(&source.class, &lv, target).await?;
+        Ok(Pull {
+            node: source.node.clone(),
+            address,
+            class: source.class.clone(),
+            lv,
+        })
+    }
+
     /// The source of a restore or clone, which must exist and be complete.
     async fn source_of(&self, source: &Source) -> Result<(LvId, Lv)> {
         let (kind, id, what) = match source {
@@ -623,6 +675,7 @@ impl LvmController {
         class: &DeviceClass,
         sizing: &Sizing,
         source_node: Option<&str>,
+        movable: bool,
     ) -> Result<((placement::Decision, u64), Reserved)> {
         let started = Instant::now();
         let placed = self.index.place(&class.name, |ranked| {
@@ -638,14 +691,20 @@ impl LvmController {
                     class.name
                 )));
             };
-            let decision = placement::place(req.requirement.as_ref(), ranked, largest, source_node)
-                .map_err(|e| match e {
-                    Error::ResourceExhausted(m) => match full_pools(class, ranked) {
-                        full if full.is_empty() => Error::ResourceExhausted(m),
-                        full => Error::ResourceExhausted(format!("{m}; {}", full.join("; "))),
-                    },
-                    e => e,
-                })?;
+            let decision = placement::place(
+                req.requirement.as_ref(),
+                ranked,
+                largest,
+                source_node,
+                movable,
+            )
+            .map_err(|e| match e {
+                Error::ResourceExhausted(m) => match full_pools(class, ranked) {
+                    full if full.is_empty() => Error::ResourceExhausted(m),
+                    full => Error::ResourceExhausted(format!("{m}; {}", full.join("; "))),
+                },
+                e => e,
+            })?;
             let cap = ranked
                 .capacity(&decision.node)
                 .expect("the decision is a candidate");
@@ -751,8 +810,10 @@ impl ControllerBackend for LvmController {
         }
         let sizing = Sizing::of(req, class, source.as_ref().map(|(_, lv)| lv))?;
         let source_node = source.as_ref().map(|(sid, _)| sid.node.as_str());
+        let movable = source.as_ref().is_some_and(|(sid, _)| self.can_pull(sid));
         let deciding = Instant::now();
-        let ((decision, size), reservation) = self.place(req, class, &sizing, source_node)?;
+        let ((decision, size), reservation) =
+            self.place(req, class, &sizing, source_node, movable)?;
         let placement_us = deciding.elapsed().as_micros() as u64;
         tracing::info!(
             name = %req.name, node = %decision.node, rule = decision.rule, class = %class.name,
@@ -764,7 +825,15 @@ impl ControllerBackend for LvmController {
             class: class.name.clone(),
             key,
         };
-        let spec = new_volume_spec(req, &id, size, &digest, source.as_ref());
+        let mut spec = new_volume_spec(req, &id, size, &digest, source.as_ref());
+        if let Some((sid, _)) = source.as_ref().filter(|(sid, _)| sid.node != id.node) {
+            // A restore on another node than its snapshot's: the new node
+            // reads the snapshot's data from the snapshot's node.
+            spec.origin = None;
+            spec.pull = Some(self.pull_from(sid, &id.node).await?);
+            spec.tags.push(ids::from_tag(&sid.node));
+            spec.tags.push(TAG_COPYING.to_string());
+        }
         self.create_on_node(req, &id, &spec, reservation).await
     }
 
@@ -901,6 +970,7 @@ impl ControllerBackend for LvmController {
                 lv: src_lv.name.clone(),
                 frozen: false,
             }),
+            pull: None,
             read_only: true,
         };
         let agent = self.agent_for_change(&src.node)?;
@@ -914,6 +984,16 @@ impl ControllerBackend for LvmController {
     async fn delete_snapshot(&self, id: &str, _: &Secrets) -> Result<()> {
         match self.resolve(Kind::Snapshot, id).await? {
             Some((lid, lv)) => {
+                // A restore on another node reads it until it is complete
+                // (and resumes from its checkpoint after a crash).
+                let readers = self.index.copies_from(&lid);
+                if !readers.is_empty() {
+                    return Err(Error::FailedPrecondition(format!(
+                        "snapshot {id} is being copied to {}; retry when that restore is done \
+                         or deleted",
+                        readers.join(", ")
+                    )));
+                }
                 self.remove(&lid, &lv).await?;
                 self.forget_attempt(&lid.key);
                 Ok(())

@@ -201,7 +201,7 @@ impl Agent for FakeNode {
         Ok(self.full().classes.remove(0).1)
     }
 
-    async fn resume(&self, _: &str, lv: &str) -> LvmResult<Stamped<Option<Lv>>> {
+    async fn resume(&self, _: &str, lv: &str, _: Option<&Pull>) -> LvmResult<Stamped<Option<Lv>>> {
         self.count("resume");
         let st = self.state.lock().unwrap();
         Ok(Stamped {

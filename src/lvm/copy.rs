@@ -24,7 +24,7 @@ use serde::Deserialize;
 use crate::config::DeviceClass;
 use crate::error::Error;
 use crate::host::blockdev;
-use crate::lvm::agent::{LocalAgent, LvSpec, Origin};
+use crate::lvm::agent::{LocalAgent, LvSpec, Origin, Pull};
 use crate::lvm::error::{LvmError, Result};
 use crate::lvm::ids::{self, Kind, LvmKind, TAG_COPYING, TAG_COPY_FAILED};
 use crate::lvm::report::Lv;
@@ -46,6 +46,14 @@ pub(crate) enum CopyEntry {
         /// state, so the copy stays failed until the LV is deleted.
         permanent: bool,
     },
+}
+
+/// Where a copy reads from: an LV of this node, or a snapshot of another
+/// node (see [`crate::lvm::pull`]).
+#[derive(Debug, Clone)]
+pub(super) enum Job {
+    Local(Origin),
+    Pull(Pull),
 }
 
 /// Whether a failed copy would fail again however often it is retried: the
@@ -135,7 +143,7 @@ impl LocalAgent {
             }
         };
         crate::fail_point!("lvm.copy.after_target");
-        self.start_copy(&lv, origin.clone(), spec.read_only, true)?;
+        self.start_copy(&lv, Job::Local(origin.clone()), spec.read_only, true)?;
         self.wait_copy(&lv, self.copy_wait).await;
         Ok(self.lookup(&lv.vg, &lv.name).await?.unwrap_or(lv))
     }
@@ -157,11 +165,36 @@ impl LocalAgent {
         })
     }
 
-    pub(super) async fn resume_copy(&self, class: &str, name: &str) -> Result<Option<Lv>> {
+    pub(super) async fn resume_copy(
+        &self,
+        class: &str,
+        name: &str,
+        pull: Option<&Pull>,
+    ) -> Result<Option<Lv>> {
         let class = self.class(class)?.clone();
         let Some(lv) = self.lookup(&class.volume_group, name).await? else {
             return Ok(None);
         };
+        if let Some(from) = ids::tagged_from(&lv.tags) {
+            // A copy from another node: it resumes from its checkpoint when
+            // the controller says where the source is now.
+            let incomplete =
+                ids::has_tag(&lv.tags, TAG_COPYING) && !ids::has_tag(&lv.tags, TAG_COPY_FAILED);
+            match pull {
+                Some(p) if incomplete && p.node == from => {
+                    self.start_copy(&lv, Job::Pull(p.clone()), false, false)?;
+                    self.wait_copy(&lv, self.copy_wait).await;
+                    return self.lookup(&lv.vg, &lv.name).await;
+                }
+                Some(p) if incomplete => {
+                    return Err(LvmError::BadRequest(format!(
+                        "{}/{} is copied from node {from}, not {}",
+                        lv.vg, lv.name, p.node
+                    )))
+                }
+                _ => return Ok(Some(lv)),
+            }
+        }
         if !ids::has_tag(&lv.tags, TAG_COPYING) {
             // Complete; a crash may have left its temporary snapshot behind.
             let temp = temp_for(&lv);
@@ -180,7 +213,7 @@ impl LocalAgent {
         }
         let origin = self.origin_of(&lv)?;
         let read_only = ids::has_tag(&lv.tags, Kind::Snapshot.tag());
-        self.start_copy(&lv, origin, read_only, false)?;
+        self.start_copy(&lv, Job::Local(origin), read_only, false)?;
         self.wait_copy(&lv, self.copy_wait).await;
         self.lookup(&lv.vg, &lv.name).await
     }
@@ -240,7 +273,13 @@ impl LocalAgent {
     /// the target was just created and never written (so a thin target reads
     /// zeroes where the source has zeroes); any later pass writes every
     /// block, so no block of an earlier pass survives.
-    fn start_copy(&self, target: &Lv, origin: Origin, read_only: bool, fresh: bool) -> Result<()> {
+    pub(super) fn start_copy(
+        &self,
+        target: &Lv,
+        job: Job,
+        read_only: bool,
+        fresh: bool,
+    ) -> Result<()> {
         let k = key(&target.vg, &target.name);
         let (done, cancel) = {
             let mut copies = self.copies.lock().expect("copies poisoned");
@@ -253,9 +292,12 @@ impl LocalAgent {
             }
             let done = Arc::new(AtomicU64::new(0));
             let cancel = Arc::new(AtomicBool::new(false));
-            let origin_key = match self.class(&origin.class) {
-                Ok(c) => key(&c.volume_group, &origin.lv),
-                Err(_) => String::new(),
+            let origin_key = match &job {
+                Job::Local(origin) => match self.class(&origin.class) {
+                    Ok(c) => key(&c.volume_group, &origin.lv),
+                    Err(_) => String::new(),
+                },
+                Job::Pull(_) => String::new(),
             };
             copies.insert(
                 k.clone(),
@@ -275,9 +317,14 @@ impl LocalAgent {
         let target = target.clone();
         tokio::spawn(async move {
             let started = Instant::now();
-            let result = agent
-                .run_copy(&target, &origin, read_only, fresh, &done, &cancel)
-                .await;
+            let result = match &job {
+                Job::Local(origin) => {
+                    agent
+                        .run_copy(&target, origin, read_only, fresh, &done, &cancel)
+                        .await
+                }
+                Job::Pull(pull) => agent.run_pull(&target, pull, &done, &cancel).await,
+            };
             let permanent =
                 result.as_ref().is_err_and(is_permanent) && !cancel.load(Ordering::Relaxed);
             let volume = ids::has_tag(&target.tags, Kind::Volume.tag());

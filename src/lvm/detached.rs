@@ -13,7 +13,7 @@ use std::ops::Deref;
 use std::sync::Arc;
 
 use crate::core::blockmap::BlockMap;
-use crate::lvm::agent::{Agent, ClassCapacity, LvSpec};
+use crate::lvm::agent::{Agent, ClassCapacity, LvSpec, Pull};
 use crate::lvm::error::{LvmError, Result};
 use crate::lvm::inventory::{Stamp, Stamped, Updates, WatchRequest};
 use crate::lvm::report::Lv;
@@ -95,9 +95,18 @@ impl<A: Agent> Agent for Detached<A> {
         self.0.capacity(class).await
     }
 
-    async fn resume(&self, class: &str, lv: &str) -> Result<Stamped<Option<Lv>>> {
+    async fn resume(
+        &self,
+        class: &str,
+        lv: &str,
+        pull: Option<&Pull>,
+    ) -> Result<Stamped<Option<Lv>>> {
         let (agent, class, lv) = (self.0.clone(), class.to_string(), lv.to_string());
-        detach("resume", async move { agent.resume(&class, &lv).await }).await
+        let pull = pull.cloned();
+        detach("resume", async move {
+            agent.resume(&class, &lv, pull.as_ref()).await
+        })
+        .await
     }
 
     async fn copy_progress(&self, class: &str, lv: &str) -> Option<(String, bool)> {
@@ -113,6 +122,11 @@ impl<A: Agent> Agent for Detached<A> {
     /// caller leaves).
     async fn block_map(&self, class: &str, lv: &str, base: Option<&str>) -> Result<BlockMap> {
         self.0.block_map(class, lv, base).await
+    }
+
+    /// Memory only: nothing to detach.
+    async fn grant(&self, class: &str, lv: &str, node: &str) -> Result<()> {
+        self.0.grant(class, lv, node).await
     }
 }
 
@@ -183,7 +197,7 @@ mod tests {
         async fn capacity(&self, _: &str) -> Result<ClassCapacity> {
             Err(LvmError::Unavailable("none".into()))
         }
-        async fn resume(&self, _: &str, lv: &str) -> Result<Stamped<Option<Lv>>> {
+        async fn resume(&self, _: &str, lv: &str, _: Option<&Pull>) -> Result<Stamped<Option<Lv>>> {
             self.mutate(format!("resume {lv}")).await;
             Ok(stamped(None))
         }
@@ -212,6 +226,7 @@ mod tests {
             size: 4 << 20,
             tags: Vec::new(),
             origin: None,
+            pull: None,
             read_only: false,
         }
     }
@@ -231,7 +246,7 @@ mod tests {
             give_up(agent.create(&spec)),
             give_up(agent.remove("c", "b")),
             give_up(agent.extend("c", "a", 8 << 20)),
-            give_up(agent.resume("c", "a")),
+            give_up(agent.resume("c", "a", None)),
         );
         assert!(fake.done.lock().unwrap().is_empty());
         tokio::time::sleep(Duration::from_millis(600)).await;

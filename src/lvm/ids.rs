@@ -27,6 +27,14 @@ const SOURCE_TAG: &str = "lodestone.v1.src";
 const SIZE_TAG: &str = "lodestone.v1.size";
 /// Tag present while a full copy into the LV is incomplete.
 pub const TAG_COPYING: &str = "lodestone.v1.copying";
+/// Tag key: the node a cross-node copy reads its source from (a restore on
+/// another node than its snapshot's). Without it, the source is on the
+/// LV's own node.
+const FROM_TAG: &str = "lodestone.v1.from";
+/// Tag key: how far a cross-node copy got, in bytes of the source: below
+/// this offset the target holds its final data (the checkpoint a resumed
+/// copy starts from).
+const COPIED_TAG: &str = "lodestone.v1.copied";
 /// Tag on a copy target whose copy failed for good (its point in time is
 /// lost): kept in LVM so that no later attempt, in this process or after a
 /// restart, copies a later state under the old identity.
@@ -143,8 +151,10 @@ impl LvId {
     }
 }
 
-/// The origin recorded in an LV's tags, on `node`.
+/// The origin recorded in an LV's tags: on `node`, the LV's own, unless the
+/// LV was copied from another node.
 pub fn tagged_source(tags: &[String], node: &str) -> Option<LvId> {
+    let node = tagged_from(tags).unwrap_or(node);
     let value = tag_value(tags, SOURCE_TAG)?;
     let mut parts = value.split(':');
     let kind = match parts.next()? {
@@ -225,6 +235,36 @@ pub fn size_tag(size: u64) -> String {
     tag(SIZE_TAG, &size.to_string())
 }
 
+/// The tag naming the node a cross-node copy reads from.
+pub fn from_tag(node: &str) -> String {
+    tag(FROM_TAG, node)
+}
+
+/// The node a cross-node copy reads from, if the LV is one.
+pub fn tagged_from(tags: &[String]) -> Option<&str> {
+    tag_value(tags, FROM_TAG)
+}
+
+/// The checkpoint tag of a cross-node copy.
+pub fn copied_tag(offset: u64) -> String {
+    tag(COPIED_TAG, &offset.to_string())
+}
+
+/// How far a cross-node copy got (0 before its first checkpoint).
+pub fn tagged_copied(tags: &[String]) -> u64 {
+    tag_value(tags, COPIED_TAG)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Every checkpoint tag an LV carries (one, normally).
+pub fn copied_tags(tags: &[String]) -> Vec<String> {
+    tags.iter()
+        .filter(|t| t.starts_with(COPIED_TAG) && t[COPIED_TAG.len()..].starts_with('='))
+        .cloned()
+        .collect()
+}
+
 pub fn has_tag(tags: &[String], tag: &str) -> bool {
     tags.iter().any(|t| t == tag)
 }
@@ -297,12 +337,21 @@ mod tests {
         let tags = tags(Kind::Volume, "pvc/ü 1", &d, Some(&src), true);
         assert_eq!(tagged_name(&tags).as_deref(), Some("pvc/ü 1"));
         assert_eq!(tagged_digest(&tags), Some(d.as_str()));
-        assert_eq!(tagged_source(&tags, "n1"), Some(src));
+        assert_eq!(tagged_source(&tags, "n1"), Some(src.clone()));
         assert!(has_tag(&tags, TAG_COPYING) && has_tag(&tags, Kind::Volume.tag()));
         let mut grown = tags.clone();
         assert_eq!(tagged_size(&grown), None);
         grown.push(size_tag(3 << 30));
         assert_eq!(tagged_size(&grown), Some(3 << 30));
+        // A cross-node copy names its source's node, and its checkpoint.
+        assert_eq!(tagged_copied(&grown), 0);
+        grown.push(from_tag("node-b.example"));
+        grown.push(copied_tag(64 << 20));
+        let mut moved = src.clone();
+        moved.node = "node-b.example".into();
+        assert_eq!(tagged_source(&grown, "n1"), Some(moved));
+        assert_eq!(tagged_copied(&grown), 64 << 20);
+        assert_eq!(copied_tags(&grown), vec![copied_tag(64 << 20)]);
         // Only LVM's tag characters.
         for t in tags.iter().chain(&grown) {
             assert!(t

@@ -24,7 +24,7 @@ use crate::core::request::topology_matches;
 use crate::csi;
 use crate::lvm::agent::{Agent, ClassCapacity};
 use crate::lvm::error::LvmError;
-use crate::lvm::ids::{Kind, LvId, LvmKind};
+use crate::lvm::ids::{self, Kind, LvId, LvmKind, TAG_COPYING};
 use crate::lvm::inventory::{Stamp, Update, WatchRequest, DOWN_AFTER_HEARTBEATS};
 use crate::lvm::report::Lv;
 
@@ -195,6 +195,9 @@ struct Inner {
     /// Where each request key's LVs are: (kind, key) -> {(node, class)}.
     /// A key is 32 hex digits: kept as the number they spell.
     by_key: HashMap<(Kind, u128), Vec<Place>>,
+    /// The LVs still being filled from a snapshot on another node, by
+    /// that snapshot's id: (node, LV name).
+    pulls: HashMap<String, Vec<(Arc<str>, Box<str>)>>,
     /// The live nodes of each class by room, for placement.
     ranking: HashMap<Arc<str>, Ranking>,
     strings: Strings,
@@ -211,6 +214,18 @@ fn kind_and_key(name: &str) -> Option<(Kind, u128)> {
 
 fn key_bits(key: &str) -> Option<u128> {
     u128::from_str_radix(key, 16).ok()
+}
+
+/// The id of the snapshot on another node that the LV on `node` is still
+/// being filled from, if it is.
+fn pull_source(node: &str, e: &Entry) -> Option<String> {
+    let lv = e.lv.as_ref()?;
+    if !lv.tags.split(',').any(|t| t == TAG_COPYING) {
+        return None;
+    }
+    let tags: Vec<String> = lv.tags.split(',').map(String::from).collect();
+    ids::tagged_from(&tags)?;
+    Some(ids::tagged_source(&tags, node)?.encode())
 }
 
 impl Inner {
@@ -232,6 +247,13 @@ impl Inner {
     /// Sets (or clears) one LV's entry and keeps `by_key` in step.
     fn set(&mut self, node: &str, class: &str, name: &str, entry: Option<Entry>) {
         let present = entry.as_ref().is_some_and(|e| e.lv.is_some());
+        let was_pulling = (self.nodes.get(node))
+            .and_then(|v| v.entry(class, name))
+            .and_then(|e| pull_source(node, e));
+        let pulling = entry.as_ref().and_then(|e| pull_source(node, e));
+        if was_pulling != pulling {
+            self.track_pull(node, name, was_pulling, pulling);
+        }
         let class = self.strings.get(class);
         let view = self.view(node);
         match entry {
@@ -261,6 +283,24 @@ impl Inner {
                     self.by_key.remove(&k);
                 }
             }
+        }
+    }
+
+    fn track_pull(&mut self, node: &str, name: &str, was: Option<String>, is: Option<String>) {
+        if let Some(source) = was {
+            if let Some(targets) = self.pulls.get_mut(&source) {
+                targets.retain(|(n, l)| !(**n == *node && **l == *name));
+                if targets.is_empty() {
+                    self.pulls.remove(&source);
+                }
+            }
+        }
+        if let Some(source) = is {
+            let node = self.strings.get(node);
+            self.pulls
+                .entry(source)
+                .or_default()
+                .push((node, name.into()));
         }
     }
 
@@ -648,6 +688,19 @@ impl Index {
             }
         }
         out
+    }
+
+    /// The volumes still being filled from `source` by a copy on another
+    /// node, as "node/lv" (kept up to date with the entries: a lookup).
+    pub(crate) fn copies_from(&self, source: &LvId) -> Vec<String> {
+        let inner = self.read();
+        inner
+            .pulls
+            .get(&source.encode())
+            .into_iter()
+            .flatten()
+            .map(|(node, lv)| format!("{node}/{lv}"))
+            .collect()
     }
 
     /// The nodes that are not live.
@@ -1065,6 +1118,39 @@ mod tests {
         assert_eq!(ranked.named("b").map(|c| c.available), Some(500));
         assert!(ranked.named("c").is_none(), "a down node is no candidate");
         assert_eq!(ranked.extent_sizes().collect::<Vec<_>>(), [1]);
+    }
+
+    #[test]
+    fn copies_from_another_node_are_found_by_their_source() {
+        let ix = Index::default();
+        let snap = LvId {
+            kind: Kind::Snapshot,
+            node: "node-a".into(),
+            class: "thin".into(),
+            key: format!("{:032x}", 7),
+        };
+        let mut target = lv(&name(1), 10);
+        target.tags = vec![
+            TAG_COPYING.to_string(),
+            ids::from_tag("node-a"),
+            snap.source_tag(),
+        ];
+        let mut u = update("e1", 1, true);
+        u.lvs.push(("thin".into(), target.clone()));
+        ix.apply("node-b", u).unwrap();
+        assert_eq!(ix.copies_from(&snap), vec![format!("node-b/{}", name(1))]);
+        // The same snapshot id on another node is another snapshot.
+        let elsewhere = LvId {
+            node: "node-c".into(),
+            ..snap.clone()
+        };
+        assert!(ix.copies_from(&elsewhere).is_empty());
+        // Complete: no longer a reader.
+        target.tags.retain(|t| t != TAG_COPYING);
+        let mut u = update("e1", 2, false);
+        u.lvs.push(("thin".into(), target));
+        ix.apply("node-b", u).unwrap();
+        assert!(ix.copies_from(&snap).is_empty());
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub(crate) mod index;
 pub mod inventory;
 pub(crate) mod node;
 pub(crate) mod params;
+pub mod pull;
 pub mod remote;
 pub(crate) mod report;
 pub(crate) mod resolver;

@@ -15,7 +15,7 @@ use tonic::Request;
 use crate::agentpb as pb;
 use crate::agentpb::agent_client::AgentClient;
 use crate::core::blockmap::BlockMap;
-use crate::lvm::agent::{Agent, ClassCapacity, LvSpec};
+use crate::lvm::agent::{Agent, ClassCapacity, LvSpec, Pull};
 use crate::lvm::error::{LvmError, Result};
 use crate::lvm::inventory::{Stamp, Stamped, Update, Updates, WatchRequest};
 use crate::lvm::report::Lv;
@@ -34,6 +34,7 @@ pub struct Deadlines {
 
 pub struct RemoteAgent {
     node: String,
+    address: String,
     client: AgentClient<Channel>,
     deadlines: Deadlines,
 }
@@ -62,6 +63,7 @@ impl RemoteAgent {
             .keep_alive_timeout(Duration::from_secs(10));
         Ok(RemoteAgent {
             node: node.to_string(),
+            address: address.to_string(),
             client: AgentClient::new(
                 endpoint.connect_with_connector_lazy(tls.connector(node, deadlines.connect)),
             ),
@@ -211,10 +213,21 @@ impl Agent for RemoteAgent {
         Ok(reply.into())
     }
 
-    async fn resume(&self, class: &str, lv: &str) -> Result<Stamped<Option<Lv>>> {
+    async fn resume(
+        &self,
+        class: &str,
+        lv: &str,
+        pull: Option<&Pull>,
+    ) -> Result<Stamped<Option<Lv>>> {
         let d = self.deadlines.write;
-        let mut r = self.lv_ref(class, lv);
-        r.set_timeout(d);
+        let r = self.request(
+            pb::ResumeRequest {
+                class: class.to_string(),
+                name: lv.to_string(),
+                pull: pull.map(Into::into),
+            },
+            d,
+        );
         let reply = self.within(d, self.client.clone().resume(r)).await?;
         Ok(Stamped {
             value: reply.lv.map(Into::into),
@@ -272,5 +285,23 @@ impl Agent for RemoteAgent {
         };
         let pieces = self.within(d, collect).await?;
         block_map_of(&pieces)
+    }
+
+    async fn grant(&self, class: &str, lv: &str, node: &str) -> Result<()> {
+        let d = self.deadlines.read;
+        let r = self.request(
+            pb::GrantRequest {
+                class: class.to_string(),
+                name: lv.to_string(),
+                node: node.to_string(),
+            },
+            d,
+        );
+        self.within(d, self.client.clone().grant(r)).await?;
+        Ok(())
+    }
+
+    fn address(&self) -> Option<&str> {
+        Some(&self.address)
     }
 }

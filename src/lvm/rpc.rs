@@ -9,7 +9,7 @@ use tonic::{Code, Request, Response, Status};
 use crate::agentpb as pb;
 use crate::core::blockmap::{BlockMap, Extent};
 use crate::error::Error;
-use crate::lvm::agent::{Agent, ClassCapacity, LocalAgent, LvSpec, Origin};
+use crate::lvm::agent::{Agent, ClassCapacity, LocalAgent, LvSpec, Origin, Pull};
 use crate::lvm::error::LvmError;
 use crate::lvm::ids::{has_tag, Kind, LvmKind};
 use crate::lvm::inventory::{Stamp, Update, WatchRequest};
@@ -64,6 +64,29 @@ impl From<&LvSpec> for pb::CreateRequest {
                 frozen: o.frozen,
             }),
             read_only: s.read_only,
+            pull: s.pull.as_ref().map(Into::into),
+        }
+    }
+}
+
+impl From<&Pull> for pb::Pull {
+    fn from(p: &Pull) -> Self {
+        pb::Pull {
+            node: p.node.clone(),
+            address: p.address.clone(),
+            class: p.class.clone(),
+            lv: p.lv.clone(),
+        }
+    }
+}
+
+impl From<pb::Pull> for Pull {
+    fn from(p: pb::Pull) -> Self {
+        Pull {
+            node: p.node,
+            address: p.address,
+            class: p.class,
+            lv: p.lv,
         }
     }
 }
@@ -80,6 +103,7 @@ impl From<pb::CreateRequest> for LvSpec {
                 lv: o.lv,
                 frozen: o.frozen,
             }),
+            pull: r.pull.map(Into::into),
             read_only: r.read_only,
         }
     }
@@ -512,14 +536,18 @@ impl pb::agent_server::Agent for AgentService {
         Ok(Response::new(cap.into()))
     }
 
-    async fn resume(&self, r: Request<pb::LvRef>) -> Result<Response<pb::FindReply>, Status> {
-        let r = lv_ref(r);
+    async fn resume(
+        &self,
+        r: Request<pb::ResumeRequest>,
+    ) -> Result<Response<pb::FindReply>, Status> {
+        let r = r.into_inner();
         self.own_lv(&r.class, &r.name)
             .await
             .map_err(status_from_error)?;
+        let pull = r.pull.map(Pull::from);
         let done = self
             .agent
-            .resume(&r.class, &r.name)
+            .resume(&r.class, &r.name, pull.as_ref())
             .await
             .map_err(status_from_error)?;
         Ok(Response::new(pb::FindReply {
@@ -589,6 +617,30 @@ impl pb::agent_server::Agent for AgentService {
             .map_err(status_from_error)?;
         let pieces = block_map_pieces(&map).into_iter().map(Ok);
         Ok(Response::new(Box::pin(tokio_stream::iter(pieces))))
+    }
+
+    /// Only for snapshots of ours.
+    async fn grant(
+        &self,
+        r: Request<pb::GrantRequest>,
+    ) -> Result<Response<pb::GrantReply>, Status> {
+        let r = r.into_inner();
+        if self
+            .own_lv(&r.class, &r.name)
+            .await
+            .map_err(status_from_error)?
+            .is_none()
+        {
+            return Err(Status::not_found(format!("{} does not exist", r.name)));
+        }
+        tracing::info!(class = %r.class, lv = %r.name, to = %r.node, "agent: grant");
+        self.agent
+            .grant(&r.class, &r.name, &r.node)
+            .await
+            .map_err(status_from_error)?;
+        Ok(Response::new(pb::GrantReply {
+            ttl_seconds: crate::lvm::pull::GRANT_TTL.as_secs(),
+        }))
     }
 }
 

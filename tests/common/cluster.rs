@@ -40,9 +40,22 @@ fn agent_builder(
 impl NodeAgent {
     /// Starts the node `node` with its agent on `ip` (a loopback address).
     pub async fn start(ca: &Ca, node: &str, ip: &str, class_args: &[String]) -> NodeAgent {
+        Self::start_armed(ca, node, ip, class_args, "").await
+    }
+
+    /// Starts the node with `failpoints` armed (see LODESTONE_FAILPOINTS);
+    /// a restart arms none.
+    pub async fn start_armed(
+        ca: &Ca,
+        node: &str,
+        ip: &str,
+        class_args: &[String],
+        failpoints: &str,
+    ) -> NodeAgent {
         let tls = ca.issue(node);
         let address = format!("{ip}:{}", super::pki::free_port(ip));
         let driver = agent_builder(node, &address, &tls, class_args)
+            .env("LODESTONE_FAILPOINTS", failpoints)
             .start()
             .await;
         NodeAgent {

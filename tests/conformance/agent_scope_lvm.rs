@@ -6,7 +6,8 @@
 use std::process::Command;
 
 use lodestone::agentpb::{
-    BlockMapRequest, CreateRequest, ExtendRequest, ListRequest, LvRef, Origin,
+    BlockMapRequest, CreateRequest, ExtendRequest, GrantRequest, ListRequest, LvRef, Origin,
+    ResumeRequest,
 };
 use tonic::Code;
 
@@ -95,7 +96,14 @@ async fn agent_api_acts_only_on_lodestone_lvs() {
             .await
             .expect_err(name);
         assert_eq!(e.code(), Code::PermissionDenied, "extend {name}: {e:?}");
-        let e = c.resume(r(name)).await.expect_err(name);
+        let e = c
+            .resume(ResumeRequest {
+                class: THIN.into(),
+                name: name.into(),
+                pull: None,
+            })
+            .await
+            .expect_err(name);
         assert_eq!(e.code(), Code::PermissionDenied, "resume {name}: {e:?}");
         let e = c
             .create(CreateRequest {
@@ -109,10 +117,20 @@ async fn agent_api_acts_only_on_lodestone_lvs() {
                     frozen: false,
                 }),
                 read_only: false,
+                pull: None,
             })
             .await
             .expect_err(name);
         assert_eq!(e.code(), Code::PermissionDenied, "clone of {name}: {e:?}");
+        let e = c
+            .grant(GrantRequest {
+                class: THIN.into(),
+                name: name.into(),
+                node: "node-b".into(),
+            })
+            .await
+            .expect_err(name);
+        assert_eq!(e.code(), Code::PermissionDenied, "grant of {name}: {e:?}");
         let map = |name: &str, base: Option<&str>| BlockMapRequest {
             class: THIN.into(),
             name: name.into(),

@@ -5,7 +5,9 @@
 use std::time::Duration;
 
 use lodestone::agentpb::agent_client::AgentClient;
-use lodestone::agentpb::{CreateRequest, DescribeRequest, ExtendRequest, LvRef, Origin};
+use lodestone::agentpb::{
+    CreateRequest, DescribeRequest, ExtendRequest, LvRef, Origin, ResumeRequest,
+};
 use lodestone::lvm::agent::Agent as _;
 use lodestone::lvm::remote::{Deadlines, RemoteAgent};
 use lodestone::tls::TlsMaterial;
@@ -409,7 +411,13 @@ async fn agent_refuses_lvs_that_are_not_lodestones() {
             .await
             .map(drop),
             c.find(r(name)).await.map(drop),
-            c.resume(r(name)).await.map(drop),
+            c.resume(ResumeRequest {
+                class: THIN.into(),
+                name: name.into(),
+                pull: None,
+            })
+            .await
+            .map(drop),
             c.copy_progress(r(name)).await.map(drop),
             c.create(CreateRequest {
                 name: name.into(),

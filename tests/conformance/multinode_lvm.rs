@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use lodestone::csi;
 use lodestone::csi::volume_content_source::{SnapshotSource, Type as SourceType};
+use lodestone::lvm::ids::{Kind, LvmKind};
 use tonic::Code;
 
 use crate::common::cluster::{start_controller, start_controller_with, NodeAgent, Relay};
@@ -191,7 +192,7 @@ async fn placement_and_data_gravity_across_two_nodes() {
     })
     .await;
 
-    // A requisite without node-b: a clear error naming node-b.
+    // A requisite without node-b: the snapshot's data is copied to node-a.
     let mut r = req(
         &unique_name("mn-excluded"),
         THIN,
@@ -199,10 +200,45 @@ async fn placement_and_data_gravity_across_two_nodes() {
         requirement(&[A], &[A]),
     );
     r.volume_content_source = Some(source);
+    let moved = create_until_ok(&c.ctl, r).await;
+    assert_eq!(volume_nodes(&moved), vec![A.to_string()], "{moved:?}");
+    assert!(c.ctl.log().contains("cross-node-preferred"));
+    assert_eq!(
+        moved
+            .content_source
+            .as_ref()
+            .and_then(|s| s.r#type.as_ref()),
+        Some(&SourceType::Snapshot(SnapshotSource {
+            snapshot_id: snap.snapshot_id.clone(),
+        })),
+        "a moved restore still names its snapshot"
+    );
+    with_device(&c.a.driver, &moved.volume_id, |dev| {
+        let mut got = vec![0u8; DATA];
+        dev.read_exact(&mut got).unwrap();
+        assert!(got == data, "the restore on node-a does not hold the data");
+    })
+    .await;
+    c.ctl.delete(&moved.volume_id).await;
+
+    // A clone's source is live: it cannot move, and the error names node-b.
+    let mut r = req(
+        &unique_name("mn-clone-excluded"),
+        THIN,
+        0,
+        requirement(&[A], &[A]),
+    );
+    r.volume_content_source = Some(csi::VolumeContentSource {
+        r#type: Some(SourceType::Volume(
+            csi::volume_content_source::VolumeSource {
+                volume_id: v.volume_id.clone(),
+            },
+        )),
+    });
     let e = expect_code(
         c.ctl.controller().create_volume(r).await,
         Code::ResourceExhausted,
-        "restore with node-b excluded",
+        "clone with node-b excluded",
     );
     assert!(e.message().contains(B), "{}", e.message());
 
@@ -368,6 +404,47 @@ async fn agent_killed_mid_create_leaves_one_volume() {
         lvs_with_key(&key)
     );
     drop(b);
+}
+
+/// CreateVolume again while it answers "in progress" (ABORTED) or a node
+/// is away (UNAVAILABLE), for up to five minutes.
+async fn create_until_ok(ctl: &Driver, request: csi::CreateVolumeRequest) -> csi::Volume {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        match create_once(ctl, &request).await {
+            Ok(r) => {
+                let v = r.into_inner().volume.expect("volume");
+                ctl.track(&v.volume_id);
+                return v;
+            }
+            Err(e)
+                if Instant::now() < deadline
+                    && matches!(e.code(), Code::Aborted | Code::Unavailable) =>
+            {
+                tokio::time::sleep(Duration::from_millis(500)).await
+            }
+            Err(e) => panic!(
+                "CreateVolume {}: {:?}: {}",
+                request.name,
+                e.code(),
+                e.message()
+            ),
+        }
+    }
+}
+
+/// One CreateVolume, which must answer within a minute (the controller
+/// waits on an agent for at most its --agent-timeout-seconds).
+async fn create_once(
+    ctl: &Driver,
+    request: &csi::CreateVolumeRequest,
+) -> Result<tonic::Response<csi::CreateVolumeResponse>, tonic::Status> {
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        ctl.controller().create_volume(request.clone()),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("CreateVolume {} did not answer within 60 s", request.name))
 }
 
 /// Every volume and snapshot the controller answers for, by id.
@@ -741,4 +818,309 @@ async fn block_maps_come_from_the_snapshots_node() {
         expect_ok(r, "DeleteSnapshot");
     }
     c.ctl.delete(&v.volume_id).await;
+}
+
+/// Where known bytes go in the cross-node tests: (offset, length, seed).
+type Regions = [(u64, u64, u8)];
+
+fn region_bytes(len: u64, seed: u8) -> Vec<u8> {
+    let p = pattern(seed);
+    let mut out = Vec::with_capacity(len as usize);
+    while out.len() < len as usize {
+        let n = DATA.min(len as usize - out.len());
+        out.extend_from_slice(&p[..n]);
+    }
+    out
+}
+
+fn write_regions(regions: &Regions) -> impl FnOnce(&mut File) + '_ {
+    move |dev: &mut File| {
+        for &(at, len, seed) in regions {
+            dev.seek(SeekFrom::Start(at)).unwrap();
+            dev.write_all(&region_bytes(len, seed)).unwrap();
+        }
+        dev.sync_all().unwrap();
+    }
+}
+
+/// The whole device holds the regions and zeroes everywhere else.
+fn check_regions(regions: &Regions, size: u64) -> impl FnOnce(&mut File) + '_ {
+    move |dev: &mut File| {
+        let mut expected = vec![0u8; size as usize];
+        for &(at, len, seed) in regions {
+            expected[at as usize..(at + len) as usize].copy_from_slice(&region_bytes(len, seed));
+        }
+        let mut got = vec![0u8; size as usize];
+        dev.seek(SeekFrom::Start(0)).unwrap();
+        dev.read_exact(&mut got).unwrap();
+        // Slice comparisons (memcmp): quick in a debug build too.
+        const MIB: usize = 1 << 20;
+        let first = (0..got.len()).step_by(MIB).find(|&at| {
+            got[at..(at + MIB).min(got.len())] != expected[at..(at + MIB).min(got.len())]
+        });
+        assert!(first.is_none(), "the copy differs in the MiB at {first:?}");
+    }
+}
+
+/// A number logged as ` key=N`, in the last line that has `message`.
+fn logged(log: &str, message: &str, key: &str) -> Option<u64> {
+    let line = log.lines().rev().find(|l| l.contains(message))?;
+    let at = line.find(&format!(" {key}="))? + key.len() + 2;
+    line[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+async fn snapshot_of(ctl: &Driver, volume_id: &str) -> String {
+    expect_ok(
+        ctl.controller()
+            .create_snapshot(snapshot_req(&unique_name("mn-xsnap"), volume_id))
+            .await,
+        "CreateSnapshot",
+    )
+    .snapshot
+    .expect("snapshot")
+    .snapshot_id
+}
+
+fn restore_req(name: &str, class: &str, snapshot_id: &str, node: &str) -> csi::CreateVolumeRequest {
+    let mut r = req(name, class, 0, requirement(&[node], &[node]));
+    r.volume_content_source = Some(csi::VolumeContentSource {
+        r#type: Some(SourceType::Snapshot(SnapshotSource {
+            snapshot_id: snapshot_id.to_string(),
+        })),
+    });
+    r
+}
+
+async fn delete_snapshot(ctl: &Driver, id: &str) -> Result<(), tonic::Status> {
+    ctl.controller()
+        .delete_snapshot(csi::DeleteSnapshotRequest {
+            snapshot_id: id.to_string(),
+            ..Default::default()
+        })
+        .await
+        .map(drop)
+}
+
+/// A restore on another node than its snapshot's: node-b's agent reads the
+/// snapshot from node-a's agent, and only its allocated ranges travel (the
+/// bytes on the wire within 1% of them, far below the volume's size). Into
+/// a thin and a thick volume, each identical to the snapshot: its data, and
+/// zeroes everywhere else.
+#[tokio::test]
+async fn a_restore_on_another_node_sends_only_the_data() {
+    if skip_without_lvm() {
+        return;
+    }
+    let c = cluster().await;
+    const SIZE: u64 = 256 << 20;
+    let regions: &Regions = &[
+        (0, 4 << 20, 1),
+        (100 << 20, 8 << 20, 2),
+        ((200 << 20) + (64 << 10), 4 << 20, 3),
+    ];
+    let v = c
+        .ctl
+        .create_ok(req(
+            &unique_name("mn-xsrc"),
+            THIN,
+            SIZE as i64,
+            requirement(&[A], &[A]),
+        ))
+        .await;
+    with_device(&c.a.driver, &v.volume_id, write_regions(regions)).await;
+    let snap = snapshot_of(&c.ctl, &v.volume_id).await;
+    let allocated: i64 = block_map(&c.ctl, None, &snap)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.1)
+        .sum();
+    let written: u64 = regions.iter().map(|r| r.1).sum();
+    eprintln!("snapshot: {allocated} bytes allocated, {written} written");
+
+    for class in [THIN, THICK] {
+        let started = Instant::now();
+        let r = create_until_ok(&c.ctl, restore_req(&unique_name("mn-xr"), class, &snap, B)).await;
+        eprintln!("{class} restore on node-b: {:?}", started.elapsed());
+        assert_eq!(volume_nodes(&r), vec![B.to_string()], "{r:?}");
+        let log = c.a.driver.log();
+        let (sent, wire, header) = (
+            logged(&log, "snapshot served", "bytes").expect("served bytes"),
+            logged(&log, "snapshot served", "wire").expect("wire bytes"),
+            logged(&log, "snapshot served", "allocated").expect("allocated"),
+        );
+        eprintln!("{class}: data {sent}, on the wire {wire}, allocated {header}");
+        assert_eq!(header, allocated as u64);
+        assert_eq!(sent, written, "every written byte, and nothing else");
+        assert!(
+            wire as f64 <= allocated as f64 * 1.01,
+            "{wire} bytes sent for {allocated} allocated"
+        );
+        assert!(wire < SIZE / 10);
+        with_device(&c.b.driver, &r.volume_id, check_regions(regions, SIZE)).await;
+        let key = r.volume_id.rsplit(':').next().unwrap().to_string();
+        let lv = &lvs_with_key(&key)[0];
+        assert!(
+            !lv.tags
+                .iter()
+                .any(|t| t.contains("copying") || t.contains("copied")),
+            "{:?}",
+            lv.tags
+        );
+        c.ctl.delete(&r.volume_id).await;
+    }
+    delete_snapshot(&c.ctl, &snap)
+        .await
+        .expect("DeleteSnapshot");
+    c.ctl.delete(&v.volume_id).await;
+}
+
+/// A cross-node restore survives a kill of each process it involves, and
+/// each resumes from the checkpoint in LVM, never from zero: node-b's agent
+/// dies right after its first checkpoint (fail point), node-a's agent dies
+/// when the resumed stream starts (fail point), and the controller is
+/// killed while the copy runs. Meanwhile the snapshot cannot be deleted,
+/// and the volume is never reported before its data is complete.
+#[tokio::test]
+async fn a_cross_node_restore_resumes_from_its_checkpoint() {
+    if skip_without_lvm() {
+        return;
+    }
+    let dir = new_temp_dir();
+    let ca = Ca::new(dir.path(), "cluster");
+    // A short copy wait: CreateVolume answers "in progress" within a second.
+    let wait = ["--copy-wait-seconds".to_string(), "1".to_string()];
+    let a_args: Vec<String> = default_class_args()
+        .into_iter()
+        .chain(wait.clone())
+        .collect();
+    let b_args: Vec<String> = b_class_args().into_iter().chain(wait).collect();
+    let a = NodeAgent::start_armed(&ca, A, "127.0.0.1", &a_args, "lvm.serve.resumed_stream").await;
+    let b = NodeAgent::start_armed(&ca, B, "127.0.0.2", &b_args, "lvm.pull.after_checkpoint").await;
+    let mut ctl = start_controller(&ca, &[&a, &b], &default_class_args()).await;
+
+    const SIZE: u64 = 256 << 20;
+    let regions: Vec<(u64, u64, u8)> = (0..40).map(|i| (i << 22, 4 << 20, i as u8)).collect();
+    let v = ctl
+        .create_ok(req(
+            &unique_name("mn-ksrc"),
+            THIN,
+            SIZE as i64,
+            requirement(&[A], &[A]),
+        ))
+        .await;
+    with_device(&a.driver, &v.volume_id, write_regions(&regions)).await;
+    let snap = snapshot_of(&ctl, &v.volume_id).await;
+    let request = restore_req(&unique_name("mn-kr"), THIN, &snap, B);
+
+    // 1. node-b's agent dies right after its first checkpoint.
+    let first = create_once(&ctl, &request).await;
+    eprintln!("first attempt: {:?}", first.as_ref().map(|_| ()));
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !b
+        .driver
+        .log()
+        .contains("fail point lvm.pull.after_checkpoint reached")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "node-b never reached its checkpoint"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let key = Kind::Volume.key_for_name(&request.name);
+    let lvs = lvs_with_key(&key);
+    assert_eq!(lvs.len(), 1, "{lvs:#?}");
+    assert_eq!(lvs[0].vg, NODE2_VG);
+    assert!(
+        lvs[0].tags.iter().any(|t| t.ends_with("copying")),
+        "{:?}",
+        lvs[0].tags
+    );
+    assert!(
+        lvs[0]
+            .tags
+            .iter()
+            .any(|t| t.ends_with(&format!("copied={}", 64 << 20))),
+        "{:?}",
+        lvs[0].tags
+    );
+    let e = delete_snapshot(&ctl, &snap)
+        .await
+        .expect_err("snapshot in use");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    let b = b.restart().await;
+
+    // 2. node-a's agent dies when node-b's resumed stream starts; node-b
+    // keeps its checkpoint and is told to retry.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !a
+        .driver
+        .log()
+        .contains("fail point lvm.serve.resumed_stream reached")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "node-b never resumed: {}",
+            b.driver.log()
+        );
+        let r = create_once(&ctl, &request).await;
+        assert!(r.is_err(), "reported before node-a served the rest");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // (node-b may or may not have read the header node-a sent before it died.)
+    let resumes = |log: &str| log.matches(&format!("resume_at={}", 64 << 20)).count();
+    let before = resumes(&b.driver.log());
+    let a = a.restart().await;
+
+    // 3. The controller dies while the copy runs.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while resumes(&b.driver.log()) <= before {
+        assert!(Instant::now() < deadline, "node-b never resumed again");
+        let _ = create_once(&ctl, &request).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(ctl.pid()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    ctl = start_controller(&ca, &[&a, &b], &default_class_args()).await;
+    let r = create_until_ok(&ctl, request.clone()).await;
+    assert_eq!(volume_nodes(&r), vec![B.to_string()]);
+
+    let log = b.driver.log();
+    let starts: Vec<u64> = log
+        .lines()
+        .filter(|l| l.contains("copying from another node"))
+        .filter_map(|l| logged(l, "copying", "resume_at"))
+        .collect();
+    eprintln!("node-b's streams started at {starts:?}");
+    assert!(starts.len() >= 2 && starts[0] == 0, "{starts:?}");
+    assert!(
+        starts[1..].iter().all(|&s| s == 64 << 20),
+        "a resumed copy started over: {starts:?}"
+    );
+    eprintln!(
+        "node-b: last stream resumed at {:?}, received {:?} bytes",
+        logged(&log, "copy from another node complete", "resumed_at"),
+        logged(&log, "copy from another node complete", "bytes"),
+    );
+    with_device(&b.driver, &r.volume_id, check_regions(&regions, SIZE)).await;
+    let lv = &lvs_with_key(&key)[0];
+    assert!(
+        !lv.tags
+            .iter()
+            .any(|t| t.contains("copying") || t.contains("copied")),
+        "{:?}",
+        lv.tags
+    );
+    ctl.delete(&r.volume_id).await;
+    delete_snapshot(&ctl, &snap).await.expect("DeleteSnapshot");
+    ctl.delete(&v.volume_id).await;
+    assert!(lvs_with_key(&key).is_empty());
 }

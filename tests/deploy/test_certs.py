@@ -59,7 +59,10 @@ def test_certificates_verify_for_their_purpose_and_name(pki):
     assert openssl_verify(pki, _node(pki, "node-b.example.com"), "sslserver",
                           "node-b.example.com")
     assert not openssl_verify(pki, node, "sslserver", "node-b.example.com")
-    assert not openssl_verify(pki, node, "sslclient", "node-a"), "a node cannot act as controller"
+    # A node is a client too (it reads snapshots from other nodes), but only
+    # under its own name: the agents admit the controller by name.
+    assert openssl_verify(pki, node, "sslclient", "node-a")
+    assert not openssl_verify(pki, node, "sslclient", "lodestone-controller")
     assert not openssl_verify(pki, ctrl, "sslserver", "lodestone-controller")
     for key in [pki / "controller.key", *sorted((pki / "nodes").glob("*/tls.key")),
                 pki / "ca.key"]:
@@ -283,7 +286,7 @@ def test_cert_manager_node_certificates(fake_kubectl):
     for d in docs:
         assert schema_errors(d) == [], d
         assert d["spec"]["issuerRef"]["name"] == "lodestone-lvm-ca"
-        assert d["spec"]["usages"] == ["digital signature", "server auth"]
+        assert d["spec"]["usages"] == ["digital signature", "server auth", "client auth"]
     issuers = load_docs(CERTS / "cert-manager" / "ca.yaml")
     assert "lodestone-lvm-ca" in {i["metadata"]["name"] for i in issuers if i["kind"] == "Issuer"}
 

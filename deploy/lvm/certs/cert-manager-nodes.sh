@@ -76,6 +76,7 @@ spec:
   usages:
     - digital signature
     - server auth
+    - client auth
   duration: 8760h
   renewBefore: 720h
   privateKey:

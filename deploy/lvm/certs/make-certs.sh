@@ -85,7 +85,7 @@ if [[ ! -s "$out/ca.key" || ! -s "$out/ca.crt" ]]; then
 fi
 
 # issue NAME PURPOSE FILE_BASE: a P-256 key and a certificate for DNS name
-# NAME, signed by the CA, for TLS PURPOSE (serverAuth or clientAuth).
+# NAME, signed by the CA, for TLS PURPOSE (serverAuth, clientAuth or both).
 issue() {
   local name=$1 purpose=$2 base=$3 ext
   [[ -s "$base.key" && -s "$base.crt" ]] && return 0
@@ -110,7 +110,9 @@ issue() {
 issue "$identity" clientAuth "$out/controller"
 for node in "${nodes[@]}"; do
   mkdir -p "$out/nodes/$node"
-  issue "$node" serverAuth "$out/nodes/$node/tls"
+  # Server for the controller and other agents; client when it reads a
+  # snapshot from another node (cross-node restores).
+  issue "$node" serverAuth,clientAuth "$out/nodes/$node/tls"
   cp "$out/ca.crt" "$out/nodes/$node/ca.crt"
 done
 
