@@ -8,8 +8,8 @@
 # For a 1 GiB thin volume with 10% and then 90% of it written, it snapshots
 # it on node-a and restores the snapshot on node-b, and reports the time,
 # the bytes on the wire and the stream's throughput, beside what a plain
-# TLS stream (openssl s_server / s_client, same link) reaches, shaped and
-# unshaped. The markdown report goes to stdout (and target/bench/xnode.md),
+# TLS stream with the driver's TLS stack (benches/tls_stream.rs, same
+# link) reaches, shaped and unshaped. The markdown report goes to stdout (and target/bench/xnode.md),
 # progress to stderr. About 10 minutes under TCG after the build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,12 +25,13 @@ if [[ "${LODESTONE_VM_GUEST:-}" != 1 ]]; then
     || source_rev+=" with uncommitted changes in src/ or Cargo.toml"
   echo "bench-xnode.sh: building the release driver" >&2
   cargo build --release --locked --bin lodestone >&2
+  tls_stream=$(bash scripts/bench-binary.sh tls_stream)
   mkdir -p target/bench
   started=$(date +%s)
   # Two 1 GiB volumes' worth of written blocks live in the guest's RAM.
   report=$(LODESTONE_VM_MEM=${LODESTONE_VM_MEM:-6144M} \
     LODESTONE_VM_TIMEOUT=${LODESTONE_VM_TIMEOUT:-2400} \
-    bash tests/vm/run-in-guest.sh bash scripts/bench-xnode.sh "$rate")
+    bash tests/vm/run-in-guest.sh bash scripts/bench-xnode.sh "$rate" "$tls_stream")
   ended=$(date +%s)
   {
     printf '%s\n' "$report"
@@ -44,6 +45,7 @@ fi
 
 # ---------------------------------------------------------------- the guest
 rate=$1
+tls_stream=$2
 bin=$PWD/target/release/lodestone
 work=/tmp/xnode
 log() { echo "bench-xnode: $*" >&2; }
@@ -88,19 +90,19 @@ shape() { # shape on|off: the same rate both ways
   return 0
 }
 
-tls() { # tls SIZE_MIB: seconds for openssl to send SIZE_MIB over TLS a->b
-  local mib=$1 t0 t1
-  ip netns exec ldb openssl s_server -accept 10.213.0.2:4433 -naccept 1 -quiet \
-    -cert "$work/pki/nodes/node-b/tls.crt" -key "$work/pki/nodes/node-b/tls.key" \
-    >/dev/null 2>&1 &
+tls() { # tls SIZE_MIB: "BYTES SECONDS" of one TLS stream a->b, the driver's TLS stack
+  local pki=$work/pki out
+  ip netns exec ldb "$tls_stream" serve 10.213.0.2:4433 \
+    "$pki/nodes/node-b/tls.crt" "$pki/nodes/node-b/tls.key" "$pki/ca.crt" >"$work/tls.out" &
   local server=$!
-  sleep 1
-  t0=$(date +%s.%N)
-  head -c "$((mib << 20))" /dev/zero | ip netns exec lda openssl s_client -quiet \
-    -connect 10.213.0.2:4433 >/dev/null 2>&1 || true
-  wait "$server" 2>/dev/null || true
-  t1=$(date +%s.%N)
-  python3 -c "print(f'{$t1 - $t0:.2f}')"
+  for _ in $(seq 50); do
+    ip netns exec ldb ss -ltn 2>/dev/null | grep -q 10.213.0.2:4433 && break
+    sleep 0.2
+  done
+  ip netns exec lda "$tls_stream" send 10.213.0.2:4433 node-b "$1" \
+    "$pki/nodes/node-a/tls.crt" "$pki/nodes/node-a/tls.key" "$pki/ca.crt"
+  wait "$server"
+  cat "$work/tls.out"
 }
 
 classes=(--device-class thin=lodestone-thin/pool0)
@@ -198,9 +200,8 @@ EOF
     target=$(lv_path lodestone-node2 "$dst")
     cmp "$dev" "$target" || { log "the restore differs from its source"; exit 1; }
     read -r secs data wire allocated < <(stream_figures "$(basename "$target")")
-    tls_mib=$(( wire >> 20 )); ((tls_mib < 64)) && tls_mib=64
-    tls_s=$(tls "$tls_mib")
-    tls_mbs=$(mb "$((tls_mib << 20))" "$tls_s")
+    read -r tls_bytes tls_s < <(tls "$(( (wire >> 20) + 1 ))")
+    tls_mbs=$(mb "$tls_bytes" "$tls_s")
     stream_mbs=$(mb "$wire" "$secs")
     if [[ $link == shaped ]]; then
       of_link=$(python3 -c "print(f'{$stream_mbs / $link_mbs:.0%}')"); label="$rate"
@@ -217,4 +218,4 @@ done
 echo
 echo "- link: a veth pair between two network namespaces, tbf at $rate (${link_mbs} MB/s) each way; \"unshaped\": the same pair without tbf"
 echo "- restore: the first CreateVolume until the one that returns the volume (placement, grant, lvcreate, stream, syncs, tags; ctl polls every 0.5 s); stream: node-b's log, header to end"
-echo "- plain TLS: openssl s_server / s_client (TLS 1.3) sending as many bytes as the stream put on the wire, from node-a's namespace to node-b's"
+echo "- plain TLS: benches/tls_stream.rs, one TLS 1.3 stream with the driver's TLS stack (rustls, ring) and the node certificates, as many bytes as the restore put on the wire, node-a's namespace to node-b's: no gRPC, no checksums, no disks"

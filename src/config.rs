@@ -184,6 +184,17 @@ pub struct RunArgs {
     )]
     pub copy_wait_seconds: u64,
 
+    /// How often a restore copied from another node records how far it
+    /// got (an LV tag, one lvchange), once at least 64 MiB arrived since
+    /// the last record: a crash costs at most this much of the copy.
+    #[arg(
+        long,
+        env = "LODESTONE_COPY_CHECKPOINT_SECONDS",
+        default_value_t = 10,
+        global = true
+    )]
+    pub copy_checkpoint_seconds: u64,
+
     /// `--mode node` (LVM): where the node's LVM agent API listens for the
     /// controller (host:port, on the node's network).
     #[arg(

@@ -151,6 +151,7 @@ async fn start_local_agent(
         AgentOptions {
             udev: args.lvm_udev,
             copy_wait: Duration::from_secs(args.copy_wait_seconds),
+            checkpoint_every: Duration::from_secs(args.copy_checkpoint_seconds),
         },
     );
     if let Err(e) = agent.start().await {

@@ -338,6 +338,8 @@ pub struct LocalAgent {
     /// How long a call that starts or resumes a full copy waits for it
     /// before answering "in progress".
     pub(super) copy_wait: Duration,
+    /// How often a cross-node copy records its checkpoint (at least).
+    pub(super) checkpoint_every: Duration,
     /// Held while a pool's metadata snapshot is reserved (a pool has one
     /// at most).
     pub(super) metadata_snap: tokio::sync::Mutex<()>,
@@ -353,6 +355,8 @@ pub struct AgentOptions {
     pub udev: bool,
     /// See [`LocalAgent::copy_wait`].
     pub copy_wait: Duration,
+    /// See [`LocalAgent::checkpoint_every`].
+    pub checkpoint_every: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -393,6 +397,7 @@ impl LocalAgent {
             removing: Default::default(),
             me: me.clone(),
             copy_wait: opts.copy_wait,
+            checkpoint_every: opts.checkpoint_every,
             changes: tokio::sync::watch::channel(0).0,
             metadata_snap: tokio::sync::Mutex::new(()),
             peers: Default::default(),
@@ -1611,6 +1616,7 @@ mod metrics_tests {
         let options = AgentOptions {
             udev: false,
             copy_wait: Duration::from_secs(1),
+            checkpoint_every: Duration::from_secs(1),
         };
         let agent = LocalAgent::new("n1".into(), config.unwrap(), runner.clone(), options);
         let mut registry = prometheus_client::registry::Registry::default();
@@ -1707,6 +1713,7 @@ mod tests {
         let options = AgentOptions {
             udev: false,
             copy_wait: Duration::from_secs(1),
+            checkpoint_every: Duration::from_secs(1),
         };
         let agent = LocalAgent::new("n1".into(), config.unwrap(), runner, options);
         {
@@ -1958,6 +1965,7 @@ mod tests {
             AgentOptions {
                 udev: false,
                 copy_wait: Duration::from_secs(1),
+                checkpoint_every: Duration::from_secs(1),
             },
         );
         // Before any report: the classes, nothing known about them.

@@ -189,6 +189,9 @@ struct Ranking {
 /// follows from the kind and key.
 type Place = (Arc<str>, Arc<str>);
 
+/// A copy target: (node, LV name).
+type PullTarget = (Arc<str>, Box<str>);
+
 #[derive(Debug, Default)]
 struct Inner {
     nodes: HashMap<Arc<str>, NodeView>,
@@ -197,7 +200,7 @@ struct Inner {
     by_key: HashMap<(Kind, u128), Vec<Place>>,
     /// The LVs still being filled from a snapshot on another node, by
     /// that snapshot's id: (node, LV name).
-    pulls: HashMap<String, Vec<(Arc<str>, Box<str>)>>,
+    pulls: HashMap<String, Vec<PullTarget>>,
     /// The live nodes of each class by room, for placement.
     ranking: HashMap<Arc<str>, Ranking>,
     strings: Strings,

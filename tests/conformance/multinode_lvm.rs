@@ -992,8 +992,14 @@ async fn a_cross_node_restore_resumes_from_its_checkpoint() {
     }
     let dir = new_temp_dir();
     let ca = Ca::new(dir.path(), "cluster");
-    // A short copy wait: CreateVolume answers "in progress" within a second.
-    let wait = ["--copy-wait-seconds".to_string(), "1".to_string()];
+    // A short copy wait: CreateVolume answers "in progress" within a second;
+    // a checkpoint once 64 MiB arrived and a second passed.
+    let wait = [
+        "--copy-wait-seconds".to_string(),
+        "1".to_string(),
+        "--copy-checkpoint-seconds".to_string(),
+        "1".to_string(),
+    ];
     let a_args: Vec<String> = default_class_args()
         .into_iter()
         .chain(wait.clone())
@@ -1041,13 +1047,15 @@ async fn a_cross_node_restore_resumes_from_its_checkpoint() {
         "{:?}",
         lvs[0].tags
     );
+    // The checkpoint: every byte below it is on node-b's disk.
+    let checkpoint: u64 = lvs[0]
+        .tags
+        .iter()
+        .find_map(|t| t.rsplit_once("copied=")?.1.parse().ok())
+        .unwrap_or_else(|| panic!("no checkpoint tag: {:?}", lvs[0].tags));
     assert!(
-        lvs[0]
-            .tags
-            .iter()
-            .any(|t| t.ends_with(&format!("copied={}", 64 << 20))),
-        "{:?}",
-        lvs[0].tags
+        checkpoint >= 64 << 20 && checkpoint % (1 << 20) == 0,
+        "{checkpoint}"
     );
     let e = delete_snapshot(&ctl, &snap)
         .await
@@ -1073,7 +1081,7 @@ async fn a_cross_node_restore_resumes_from_its_checkpoint() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // (node-b may or may not have read the header node-a sent before it died.)
-    let resumes = |log: &str| log.matches(&format!("resume_at={}", 64 << 20)).count();
+    let resumes = |log: &str| log.matches(&format!("resume_at={checkpoint}")).count();
     let before = resumes(&b.driver.log());
     let a = a.restart().await;
 
@@ -1102,7 +1110,7 @@ async fn a_cross_node_restore_resumes_from_its_checkpoint() {
     eprintln!("node-b's streams started at {starts:?}");
     assert!(starts.len() >= 2 && starts[0] == 0, "{starts:?}");
     assert!(
-        starts[1..].iter().all(|&s| s == 64 << 20),
+        starts[1..].iter().all(|&s| s == checkpoint),
         "a resumed copy started over: {starts:?}"
     );
     eprintln!(
