@@ -177,8 +177,15 @@ def test_tls_handshake_between_controller_and_node(pki):
     assert _handshake(pki, "nodes/node-a/tls", "controller", "node-a") is None
     assert "node-a" in (_handshake(pki, "nodes/node-b.example.com/tls", "controller", "node-a")
                         or "")
-    # a node's certificate cannot be used as the controller's
+    # a node's certificate is a client certificate too (a node reads
+    # snapshots from another node's agent for cross-node restores): TLS
+    # accepts it; the agent then checks the name it carries (the controller
+    # for the agent API, a granted node for snapshot reads; see
+    # tests/conformance/agent_tls.rs and agent_scope_lvm.rs)
     assert _handshake(pki, "nodes/node-a/tls", "nodes/node-b.example.com/tls", "node-a") \
+        is None
+    # the controller's certificate is a client certificate only
+    assert _handshake(pki, "controller", "nodes/node-a/tls", "lodestone-controller") \
         is not None
 
 
