@@ -1018,11 +1018,13 @@ async fn crash_during_copy_never_ready_thick() {
         return;
     }
     let class = THICK;
-    // The driver answers "in progress" after 1 s, long before a 512 MiB
-    // copy under TCG can finish, so the kill always lands mid-copy.
+    // The driver answers "in progress" as soon as the copy has started
+    // (no wait: a 512 MiB copy under TCG took under a second in one CI
+    // run), and the kill follows the answer at once, so it always lands
+    // mid-copy.
     let d = Driver::builder()
         .arg("--copy-wait-seconds")
-        .arg("1")
+        .arg("0")
         .start()
         .await;
     let cl = Cleanup::new(&d);
