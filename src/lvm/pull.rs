@@ -279,14 +279,11 @@ impl LocalAgent {
             })),
         };
         let _ = tx.send(Ok(header)).await;
-        if from > 0 {
-            crate::fail_point!("lvm.serve.resumed_stream");
-        }
         tracing::info!(lv = %k, to = %node, from, allocated, "serving a snapshot to another node");
         tokio::task::spawn_blocking(move || {
             let _serving = serving;
             let started = Instant::now();
-            match send_pieces(&file, &dev, &extents, &tx) {
+            match send_pieces(&file, &dev, &extents, &tx, from > 0) {
                 Ok(Some((pieces, bytes, wire))) => tracing::info!(lv = %k, to = %node, pieces,
                     bytes, wire, allocated, elapsed = ?started.elapsed(), "snapshot served"),
                 Ok(None) => tracing::info!(lv = %k, to = %node, "the reader went away"),
@@ -539,12 +536,14 @@ fn source_error(node: &str, s: Status) -> LvmError {
 
 /// Reads the pieces of `extents` from `dev` and sends those that hold
 /// anything but zeroes. Some((pieces, bytes, bytes on the wire)), or None
-/// when the reader went away. Blocking.
+/// when the reader went away. Blocking. (`resumed`: the stream starts at
+/// a checkpoint; a fail point stops this process a few pieces into it.)
 fn send_pieces(
     file: &File,
     dev: &Path,
     extents: &[Extent],
     tx: &mpsc::Sender<Result<pb::BlockData>>,
+    resumed: bool,
 ) -> Result<Option<(u64, u64, u64)>> {
     use prost::Message;
     let zeroes = vec![0u8; PIECE];
@@ -569,6 +568,9 @@ fn send_pieces(
         bytes += p.length;
         if tx.blocking_send(Ok(msg)).is_err() {
             return Ok(None);
+        }
+        if resumed && pieces == 8 {
+            crate::fail_point!("lvm.serve.resumed_stream");
         }
     }
     let end = pb::BlockData {

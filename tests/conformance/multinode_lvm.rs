@@ -982,7 +982,8 @@ async fn a_restore_on_another_node_sends_only_the_data() {
 /// A cross-node restore survives a kill of each process it involves, and
 /// each resumes from the checkpoint in LVM, never from zero: node-b's agent
 /// dies right after its first checkpoint (fail point), node-a's agent dies
-/// when the resumed stream starts (fail point), and the controller is
+/// 8 pieces into the resumed stream (fail point; what node-b received past
+/// its checkpoint is sent again), and the controller is
 /// killed while the copy runs. Meanwhile the snapshot cannot be deleted,
 /// and the volume is never reported before its data is complete.
 #[tokio::test]
@@ -1063,7 +1064,7 @@ async fn a_cross_node_restore_resumes_from_its_checkpoint() {
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     let b = b.restart().await;
 
-    // 2. node-a's agent dies when node-b's resumed stream starts; node-b
+    // 2. node-a's agent dies 8 pieces into node-b's resumed stream; node-b
     // keeps its checkpoint and is told to retry.
     let deadline = Instant::now() + Duration::from_secs(300);
     while !a
@@ -1080,7 +1081,7 @@ async fn a_cross_node_restore_resumes_from_its_checkpoint() {
         assert!(r.is_err(), "reported before node-a served the rest");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    // (node-b may or may not have read the header node-a sent before it died.)
+    // (node-b has read the header of that stream, most likely: counted.)
     let resumes = |log: &str| log.matches(&format!("resume_at={checkpoint}")).count();
     let before = resumes(&b.driver.log());
     let a = a.restart().await;
