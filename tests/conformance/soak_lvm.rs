@@ -470,20 +470,57 @@ impl Soak {
         }
     }
 
+    /// Deletes what the trials left. ABORTED is retried, as a CO does: a
+    /// restarted driver may still be removing a temporary snapshot a crash
+    /// left behind.
     async fn delete_everything(&mut self) {
         for s in std::mem::take(&mut self.snapshots) {
-            let r = self
-                .d()
-                .controller()
-                .delete_snapshot(csi::DeleteSnapshotRequest {
-                    snapshot_id: s.id.clone(),
-                    ..Default::default()
-                })
-                .await;
-            expect_ok(r, &format!("DeleteSnapshot({})", s.id));
+            let deadline = Instant::now() + Duration::from_secs(120);
+            loop {
+                let r = self
+                    .d()
+                    .controller()
+                    .delete_snapshot(csi::DeleteSnapshotRequest {
+                        snapshot_id: s.id.clone(),
+                        ..Default::default()
+                    })
+                    .await;
+                match r {
+                    Err(e) if e.code() == Code::Aborted && Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(500)).await
+                    }
+                    r => {
+                        break expect_ok(
+                            r.map(|r| r.map(|_| ())),
+                            &format!("DeleteSnapshot({})", s.id),
+                        )
+                    }
+                }
+            }
         }
         for v in std::mem::take(&mut self.volumes) {
-            self.d().delete(&v.id).await;
+            let deadline = Instant::now() + Duration::from_secs(120);
+            loop {
+                let r = self
+                    .d()
+                    .controller()
+                    .delete_volume(csi::DeleteVolumeRequest {
+                        volume_id: v.id.clone(),
+                        ..Default::default()
+                    })
+                    .await;
+                match r {
+                    Err(e) if e.code() == Code::Aborted && Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(500)).await
+                    }
+                    r => {
+                        break expect_ok(
+                            r.map(|r| r.map(|_| ())),
+                            &format!("DeleteVolume({})", v.id),
+                        )
+                    }
+                }
+            }
         }
     }
 }
