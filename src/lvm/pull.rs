@@ -42,7 +42,6 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
-use tonic::transport::Endpoint;
 use tonic::{Request, Response, Status};
 
 use crate::agentpb as pb;
@@ -426,19 +425,8 @@ impl LocalAgent {
                     .into(),
             )
         })?;
-        if !crate::tls::valid_server_name(&pull.node) {
-            return Err(LvmError::BadRequest(format!(
-                "node name {:?} cannot be checked against a certificate",
-                pull.node
-            )));
-        }
-        let endpoint = Endpoint::from_shared(format!("http://{}", pull.address))
-            .map_err(|e| LvmError::BadRequest(format!("bad address {:?}: {e}", pull.address)))?
-            .connect_timeout(CONNECT)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(20));
-        let channel = endpoint
+        let channel = crate::lvm::remote::agent_endpoint(&pull.node, &pull.address, CONNECT)
+            .map_err(LvmError::BadRequest)?
             .connect_with_connector(tls.connector(&pull.node, CONNECT))
             .await
             .map_err(|e| {

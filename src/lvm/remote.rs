@@ -32,6 +32,28 @@ pub struct Deadlines {
     pub write: Duration,
 }
 
+/// How anything reaches the agent of `node` at `address`: the controller,
+/// and another agent reading a snapshot. TLS comes from the connector
+/// (`TlsMaterial::connector`), with the certificates current at each new
+/// connection.
+pub(super) fn agent_endpoint(
+    node: &str,
+    address: &str,
+    connect: Duration,
+) -> std::result::Result<Endpoint, String> {
+    if !crate::tls::valid_server_name(node) {
+        return Err(format!(
+            "node name {node:?} cannot be checked against a certificate (not a DNS name)"
+        ));
+    }
+    Ok(Endpoint::from_shared(format!("http://{address}"))
+        .map_err(|e| format!("bad agent address {address:?} for node {node}: {e}"))?
+        .connect_timeout(connect)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10)))
+}
+
 pub struct RemoteAgent {
     node: String,
     address: String,
@@ -48,19 +70,7 @@ impl RemoteAgent {
         tls: &TlsMaterial,
         deadlines: Deadlines,
     ) -> std::result::Result<Self, String> {
-        if !crate::tls::valid_server_name(node) {
-            return Err(format!(
-                "node name {node:?} cannot be checked against a certificate (not a DNS name)"
-            ));
-        }
-        // TLS comes from the connector, with the certificates current at
-        // each new connection.
-        let endpoint = Endpoint::from_shared(format!("http://{address}"))
-            .map_err(|e| format!("bad agent address {address:?} for node {node}: {e}"))?
-            .connect_timeout(deadlines.connect)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10));
+        let endpoint = agent_endpoint(node, address, deadlines.connect)?;
         Ok(RemoteAgent {
             node: node.to_string(),
             address: address.to_string(),

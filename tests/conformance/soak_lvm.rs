@@ -475,52 +475,28 @@ impl Soak {
     /// left behind.
     async fn delete_everything(&mut self) {
         for s in std::mem::take(&mut self.snapshots) {
-            let deadline = Instant::now() + Duration::from_secs(120);
-            loop {
-                let r = self
-                    .d()
-                    .controller()
-                    .delete_snapshot(csi::DeleteSnapshotRequest {
-                        snapshot_id: s.id.clone(),
-                        ..Default::default()
-                    })
-                    .await;
-                match r {
-                    Err(e) if e.code() == Code::Aborted && Instant::now() < deadline => {
-                        tokio::time::sleep(Duration::from_millis(500)).await
-                    }
-                    r => {
-                        break expect_ok(
-                            r.map(|r| r.map(|_| ())),
-                            &format!("DeleteSnapshot({})", s.id),
-                        )
-                    }
-                }
-            }
+            let req = csi::DeleteSnapshotRequest {
+                snapshot_id: s.id.clone(),
+                ..Default::default()
+            };
+            let r = retry_aborted(|| async {
+                let r = self.d().controller().delete_snapshot(req.clone()).await;
+                r.map(|r| r.map(|_| ()))
+            })
+            .await;
+            expect_ok(r, &format!("DeleteSnapshot({})", s.id));
         }
         for v in std::mem::take(&mut self.volumes) {
-            let deadline = Instant::now() + Duration::from_secs(120);
-            loop {
-                let r = self
-                    .d()
-                    .controller()
-                    .delete_volume(csi::DeleteVolumeRequest {
-                        volume_id: v.id.clone(),
-                        ..Default::default()
-                    })
-                    .await;
-                match r {
-                    Err(e) if e.code() == Code::Aborted && Instant::now() < deadline => {
-                        tokio::time::sleep(Duration::from_millis(500)).await
-                    }
-                    r => {
-                        break expect_ok(
-                            r.map(|r| r.map(|_| ())),
-                            &format!("DeleteVolume({})", v.id),
-                        )
-                    }
-                }
-            }
+            let req = csi::DeleteVolumeRequest {
+                volume_id: v.id.clone(),
+                ..Default::default()
+            };
+            let r = retry_aborted(|| async {
+                let r = self.d().controller().delete_volume(req.clone()).await;
+                r.map(|r| r.map(|_| ()))
+            })
+            .await;
+            expect_ok(r, &format!("DeleteVolume({})", v.id));
         }
     }
 }
@@ -581,4 +557,22 @@ async fn crash_soak() {
         .filter(|l| l.contains("lodestone-ct-") || l.contains(THIN_VG) || l.contains(THICK_VG))
         .collect();
     assert!(mounted.is_empty(), "mounts left behind: {mounted:#?}");
+}
+
+/// Calls `call` until it answers something other than ABORTED, for at
+/// most two minutes.
+async fn retry_aborted<F, Fut>(mut call: F) -> Result<tonic::Response<()>, tonic::Status>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<()>, tonic::Status>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        match call().await {
+            Err(e) if e.code() == Code::Aborted && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(500)).await
+            }
+            r => return r,
+        }
+    }
 }
