@@ -177,6 +177,7 @@ impl Sim {
                 })
                 .collect(),
             problems: Vec::new(),
+            more: false,
         }
     }
 
@@ -388,8 +389,11 @@ impl Agent for Served {
                     sim.update(&m, since)
                 };
                 since = Some(update.generation);
-                if tx.send(Ok(update)).await.is_err() {
-                    return;
+                // In parts, as the controller asks (the real agent's rule).
+                for part in lodestone::lvm::rpc::split_update(update, r.part_bytes) {
+                    if tx.send(Ok(part)).await.is_err() {
+                        return;
+                    }
                 }
                 tokio::select! {
                     _ = changes.changed() => {}

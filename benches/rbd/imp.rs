@@ -10,6 +10,9 @@ use lodestone::csi::volume_capability::{access_mode, AccessMode, MountVolume};
 use lodestone::csi::*;
 use lodestone::rbd::{ConnectOptions, ConnectionPool, Credentials, ImageOptions, Secret};
 
+#[path = "cephcsi.rs"]
+mod cephcsi;
+
 type R<T> = Result<T, String>;
 
 const MIB: i64 = 1 << 20;
@@ -803,6 +806,11 @@ async fn run() -> R<String> {
             node_libs.join(", ")
         }
     ));
+    if let Ok(bin) = std::env::var("LODESTONE_BENCH_CEPHCSI") {
+        let report =
+            cephcsi::side_by_side(&env, &run, &d.client, || d.memory(), node_mem, &bin).await?;
+        out.push_str(&report);
+    }
     Ok(out)
 }
 

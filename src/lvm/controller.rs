@@ -353,7 +353,8 @@ impl LvmController {
     async fn find_anywhere(&self, kind: Kind, key: &str) -> Result<Option<(LvId, Lv)>> {
         let found = self.index.find_key(kind, key);
         if found.len() > 1 {
-            self.report_duplicates(kind, &found);
+            let places: Vec<LvId> = found.iter().map(|(id, _)| id.clone()).collect();
+            self.report_places(kind, &places);
         }
         if let Some(hit) = found.into_iter().next() {
             return Ok(Some(hit));
@@ -414,18 +415,25 @@ impl LvmController {
     /// Logs (and counts) every LV key that exists on more than one node or
     /// in more than one class: a duplicate left by a retry during a window
     /// this controller could not see (see docs). Nothing is deleted.
-    fn report_duplicates(&self, kind: Kind, found: &[(LvId, Lv)]) {
-        let mut seen: BTreeMap<&str, &LvId> = BTreeMap::new();
-        for (id, _) in found {
-            if let Some(first) = seen.insert(id.key.as_str(), id) {
-                self.duplicates.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(
-                    kind = ?kind, first = %first.encode(), second = %id.encode(),
-                    "the same request's {} exists twice; nothing was deleted: keep the one in \
-                     use and delete the other",
-                    if kind == Kind::Volume { "volume" } else { "snapshot" }
-                );
-            }
+    fn report_duplicates(&self, kind: Kind) {
+        for places in self.index.duplicates(kind) {
+            self.report_places(kind, &places);
+        }
+    }
+
+    /// Logs (and counts) every place of one request key after the first.
+    fn report_places(&self, kind: Kind, places: &[LvId]) {
+        let Some((first, others)) = places.split_first() else {
+            return;
+        };
+        for second in others {
+            self.duplicates.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(
+                kind = ?kind, first = %first.encode(), second = %second.encode(),
+                "the same request's {} exists twice; nothing was deleted: keep the one in \
+                 use and delete the other",
+                if kind == Kind::Volume { "volume" } else { "snapshot" }
+            );
         }
     }
 
@@ -526,7 +534,7 @@ impl LvmController {
                 tick.tick().await;
                 let Some(me) = me.upgrade() else { return };
                 for kind in [Kind::Volume, Kind::Snapshot] {
-                    me.list_kind(kind);
+                    me.report_duplicates(kind);
                 }
             }
         });
@@ -773,9 +781,8 @@ impl LvmController {
 
     /// Every LV of the kind, from the index (duplicates are reported).
     fn list_kind(&self, kind: Kind) -> Vec<(LvId, Lv)> {
-        let out = self.index.list(kind);
-        self.report_duplicates(kind, &out);
-        out
+        self.report_duplicates(kind);
+        self.index.list(kind)
     }
 }
 

@@ -278,6 +278,9 @@ impl Inner {
             if present {
                 let places = self.by_key.entry(k).or_default();
                 if !places.contains(&at) {
+                    // Nearly every key has one place: no spare room (a
+                    // first push would reserve four).
+                    places.reserve_exact(1);
                     places.push(at);
                 }
             } else if let Some(set) = self.by_key.get_mut(&k) {
@@ -693,6 +696,26 @@ impl Index {
         out
     }
 
+    /// The request keys of that kind held in more than one place (node and
+    /// class), with every place: a lookup of the key map, no copy of the
+    /// LVs (the controller checks this every minute).
+    pub(crate) fn duplicates(&self, kind: Kind) -> Vec<Vec<LvId>> {
+        let inner = self.read();
+        (inner.by_key.iter())
+            .filter(|((k, _), places)| *k == kind && places.len() > 1)
+            .map(|((_, key), places)| {
+                (places.iter())
+                    .map(|(node, class)| LvId {
+                        kind,
+                        node: node.to_string(),
+                        class: class.to_string(),
+                        key: format!("{key:032x}"),
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
     /// The volumes still being filled from `source` by a copy on another
     /// node, as "node/lv" (kept up to date with the entries: a lookup).
     pub(crate) fn copies_from(&self, source: &LvId) -> Vec<String> {
@@ -1036,6 +1059,25 @@ mod tests {
         // A reply the stream already covers changes nothing.
         ix.record("n1", "thin", &name(2), None, stamp("e", 6));
         assert_eq!(names(&ix), [name(2)]);
+    }
+
+    #[test]
+    fn duplicates_are_the_keys_held_in_two_places() {
+        let ix = Index::default();
+        let mut u = update("e", 1, true);
+        u.lvs.push(("thin".into(), lv(&name(1), 1)));
+        u.lvs.push(("thin".into(), lv(&name(2), 1)));
+        ix.apply("n1", u).unwrap();
+        let mut u = update("f", 1, true);
+        u.lvs.push(("thin".into(), lv(&name(2), 1)));
+        ix.apply("n2", u).unwrap();
+        let dups = ix.duplicates(Kind::Volume);
+        assert_eq!(dups.len(), 1, "{dups:?}");
+        let mut nodes: Vec<&str> = dups[0].iter().map(|id| id.node.as_str()).collect();
+        nodes.sort();
+        assert_eq!(nodes, ["n1", "n2"]);
+        assert!(dups[0].iter().all(|id| id.lv_name() == name(2)));
+        assert!(ix.duplicates(Kind::Snapshot).is_empty());
     }
 
     #[test]

@@ -30,6 +30,14 @@
 //!
 //!   Every update carries each class's capacity and the problems as of its
 //!   generation, so capacity never needs a call of its own.
+//! - **Parts.** A receiver may ask for updates in parts of a few KiB (the
+//!   controller asks for 4 KiB): the agent then sends an update with many
+//!   LVs as several messages of the same epoch and generation, all but the
+//!   last marked `more`, and the receiver applies them together once the
+//!   last is in (`rpc::split_update`, `rpc::Parts`). A stream cut between
+//!   parts applies nothing of that update. This keeps the receiver's
+//!   per-stream read buffers at their initial size: they grow to the
+//!   largest message seen and stay there, once per node.
 //! - **Applying.** The receiver keeps per LV the generation it last learnt
 //!   it at. A delta or full update at generation `g` changes an LV only if
 //!   the receiver holds nothing newer for it (a mutation's reply stamped

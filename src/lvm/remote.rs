@@ -19,7 +19,7 @@ use crate::lvm::agent::{Agent, ClassCapacity, LvSpec, Pull};
 use crate::lvm::error::{LvmError, Result};
 use crate::lvm::inventory::{Stamp, Stamped, Update, Updates, WatchRequest};
 use crate::lvm::report::Lv;
-use crate::lvm::rpc::{block_map_of, error_from_status};
+use crate::lvm::rpc::{block_map_of, error_from_status, Parts};
 use crate::tls::TlsMaterial;
 
 /// Deadlines of agent calls.
@@ -53,6 +53,11 @@ pub(super) fn agent_endpoint(
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(10)))
 }
+
+/// The size of the parts an agent sends its inventory in (see
+/// [`crate::lvm::rpc::split_update`]): under the 8 KiB that the gRPC and
+/// HTTP/2 read buffers of each stream start with, so they never grow.
+const WATCH_PART_BYTES: u32 = 4096;
 
 pub struct RemoteAgent {
     node: String,
@@ -261,14 +266,23 @@ impl Agent for RemoteAgent {
     /// controller judges the stream by its heartbeats).
     async fn watch(&self, request: WatchRequest) -> Result<Updates> {
         use tokio_stream::StreamExt;
-        let r = Request::new(pb::WatchRequest::from(&request));
+        let r = Request::new(pb::WatchRequest {
+            part_bytes: WATCH_PART_BYTES,
+            ..pb::WatchRequest::from(&request)
+        });
         let updates = self
             .within(self.deadlines.read, self.client.clone().watch(r))
             .await?;
         let node = self.node.clone();
-        Ok(Box::pin(updates.map(move |item| match item {
-            Ok(u) => Update::try_from(u),
-            Err(s) => Err(error_from_status(&node, s)),
+        let mut parts = Parts::default();
+        Ok(Box::pin(updates.filter_map(move |item| {
+            match item {
+                Ok(part) => parts
+                    .push(part)
+                    .transpose()
+                    .map(|u| u.and_then(Update::try_from)),
+                Err(s) => Some(Err(error_from_status(&node, s))),
+            }
         })))
     }
 

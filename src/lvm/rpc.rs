@@ -155,6 +155,7 @@ impl From<Update> for pb::InventoryUpdate {
                 })
                 .collect(),
             problems: u.problems,
+            more: false,
         }
     }
 }
@@ -190,6 +191,97 @@ impl TryFrom<pb::InventoryUpdate> for Update {
     }
 }
 
+/// An update's parts on the wire, when the receiver asked for parts of at
+/// most `budget` bytes of LVs and removals (`WatchRequest.part_bytes`). The
+/// first part carries the capacity and the problems; every part the same
+/// epoch, generation and `full`; all but the last `more`.
+///
+/// Why: a receiver keeps, per stream, buffers as large as the largest
+/// message it has read. The controller holds one stream per node, so one
+/// message with a node's whole inventory would cost it that size per node
+/// for as long as the stream lives.
+pub fn split_update(u: pb::InventoryUpdate, budget: u32) -> Vec<pb::InventoryUpdate> {
+    use prost::Message;
+    let budget = budget as usize;
+    if budget == 0 {
+        return vec![u];
+    }
+    let pb::InventoryUpdate {
+        epoch,
+        generation,
+        full,
+        lvs,
+        removed,
+        classes,
+        problems,
+        more: _,
+    } = u;
+    let empty = |classes, problems| pb::InventoryUpdate {
+        epoch: epoch.clone(),
+        generation,
+        full,
+        classes,
+        problems,
+        ..Default::default()
+    };
+    let mut parts = vec![empty(classes, problems)];
+    let mut used = 0;
+    let mut room = |parts: &mut Vec<pb::InventoryUpdate>, len: usize| {
+        let last = parts.last().expect("one part at least");
+        if used > 0 && used + len > budget && !(last.lvs.is_empty() && last.removed.is_empty()) {
+            parts.push(empty(Vec::new(), Vec::new()));
+            used = 0;
+        }
+        used += len;
+    };
+    for lv in lvs {
+        room(&mut parts, lv.encoded_len());
+        parts.last_mut().expect("one part").lvs.push(lv);
+    }
+    for r in removed {
+        room(&mut parts, r.encoded_len());
+        parts.last_mut().expect("one part").removed.push(r);
+    }
+    let last = parts.len() - 1;
+    for p in &mut parts[..last] {
+        p.more = true;
+    }
+    parts
+}
+
+/// Puts an update sent in parts ([`split_update`]) back together.
+#[derive(Debug, Default)]
+pub struct Parts(Option<pb::InventoryUpdate>);
+
+impl Parts {
+    /// The whole update once its last part is in.
+    pub fn push(
+        &mut self,
+        part: pb::InventoryUpdate,
+    ) -> Result<Option<pb::InventoryUpdate>, LvmError> {
+        let whole = match self.0.take() {
+            None => part,
+            Some(mut so_far) => {
+                if (&so_far.epoch, so_far.generation) != (&part.epoch, part.generation) {
+                    return Err(LvmError::Internal(format!(
+                        "a part of the inventory update {}/{} came with {}/{}",
+                        so_far.epoch, so_far.generation, part.epoch, part.generation
+                    )));
+                }
+                so_far.lvs.extend(part.lvs);
+                so_far.removed.extend(part.removed);
+                so_far.more = part.more;
+                so_far
+            }
+        };
+        if whole.more {
+            self.0 = Some(whole);
+            return Ok(None);
+        }
+        Ok(Some(whole))
+    }
+}
+
 impl From<&WatchRequest> for pb::WatchRequest {
     fn from(w: &WatchRequest) -> Self {
         let cursor = w.cursor.clone().unwrap_or_default();
@@ -197,6 +289,7 @@ impl From<&WatchRequest> for pb::WatchRequest {
             epoch: cursor.epoch,
             generation: cursor.generation,
             heartbeat_ms: w.heartbeat.as_millis().min(u32::MAX as u128) as u32,
+            part_bytes: 0,
         }
     }
 }
@@ -582,11 +675,40 @@ impl pb::agent_server::Agent for AgentService {
         r: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         use tokio_stream::StreamExt;
-        let request = WatchRequest::from(r.into_inner());
-        let updates = self.agent.watch(request).await.map_err(status_from_error)?;
-        Ok(Response::new(Box::pin(updates.map(|u| {
-            u.map(pb::InventoryUpdate::from).map_err(status_from_error)
-        }))))
+        let r = r.into_inner();
+        let part_bytes = r.part_bytes;
+        let mut updates = self
+            .agent
+            .watch(WatchRequest::from(r))
+            .await
+            .map_err(status_from_error)?;
+        // Each update goes out in parts, as the receiver asked; the task
+        // ends with the stream or with the receiver.
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    next = updates.next() => next,
+                    _ = tx.closed() => return,
+                };
+                let parts = match next {
+                    None => return,
+                    Some(Ok(u)) => split_update(u.into(), part_bytes),
+                    Some(Err(e)) => {
+                        let _ = tx.send(Err(status_from_error(e))).await;
+                        return;
+                    }
+                };
+                for p in parts {
+                    if tx.send(Ok(p)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     type BlockMapStream = std::pin::Pin<
@@ -703,6 +825,60 @@ mod tests {
             zeroing: false,
             created: None,
         }
+    }
+
+    #[test]
+    fn an_update_in_parts_is_put_back_together_as_it_was() {
+        use prost::Message;
+        let whole = pb::InventoryUpdate {
+            epoch: "e".into(),
+            generation: 7,
+            full: true,
+            lvs: (0..40)
+                .map(|n| pb::ClassLv {
+                    class: "thin".into(),
+                    lv: Some(lv(&format!("lds-{n:032x}"), &["lodestone.v1.vol"]).into()),
+                })
+                .collect(),
+            removed: vec![pb::LvRef {
+                class: "thin".into(),
+                name: "gone".into(),
+            }],
+            classes: vec![pb::ClassInventory {
+                class: "thin".into(),
+                capacity: None,
+            }],
+            problems: vec!["a problem".into()],
+            more: false,
+        };
+        assert_eq!(split_update(whole.clone(), 0), std::slice::from_ref(&whole));
+        let parts = split_update(whole.clone(), 1024);
+        assert!(parts.len() > 3, "{} parts", parts.len());
+        for (n, p) in parts.iter().enumerate() {
+            assert_eq!(p.more, n + 1 < parts.len());
+            assert!((&p.epoch, p.generation, p.full) == (&whole.epoch, 7, true));
+            assert!(
+                p.encoded_len() < 1024 + 200,
+                "part {n}: {} bytes",
+                p.encoded_len()
+            );
+            assert_eq!(p.classes.is_empty(), n > 0);
+        }
+        let mut joined = Parts::default();
+        let last = parts.len() - 1;
+        for (n, p) in parts.into_iter().enumerate() {
+            let out = joined.push(p).unwrap();
+            assert_eq!(out.is_some(), n == last);
+            if let Some(out) = out {
+                assert_eq!(out, whole);
+            }
+        }
+        // A part of another generation is an error, not a merge.
+        let mut parts = split_update(whole.clone(), 1024);
+        parts[1].generation = 8;
+        let mut joined = Parts::default();
+        joined.push(parts.remove(0)).unwrap();
+        assert!(joined.push(parts.remove(0)).is_err());
     }
 
     #[test]

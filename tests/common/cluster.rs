@@ -84,6 +84,11 @@ impl NodeAgent {
     /// Starts the node again (same address, certificate and classes) after
     /// it died or was stopped.
     pub async fn restart(self) -> NodeAgent {
+        self.restart_armed("").await
+    }
+
+    /// [`NodeAgent::restart`] with `failpoints` armed.
+    pub async fn restart_armed(self, failpoints: &str) -> NodeAgent {
         let NodeAgent {
             node,
             address,
@@ -93,6 +98,7 @@ impl NodeAgent {
         } = self;
         let (_, dir) = driver.stop_and_keep_dir();
         let driver = agent_builder(&node, &address, &tls, &class_args)
+            .env("LODESTONE_FAILPOINTS", failpoints)
             .start_in(dir)
             .await;
         NodeAgent {

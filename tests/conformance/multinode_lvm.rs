@@ -979,6 +979,94 @@ async fn a_restore_on_another_node_sends_only_the_data() {
     c.ctl.delete(&v.volume_id).await;
 }
 
+/// The target agent of a cross-node restore dies at the two step boundaries
+/// the checkpoint test does not reach (fail points): right after it made
+/// the empty target LV, and after all the data is written and synced but
+/// before the LV is marked complete. Each retry finds the unfinished LV
+/// (never a second one), never reports it before it is complete, and the
+/// final volume (thick: gaps and tail zeroed by the target) holds exactly
+/// the snapshot's data.
+#[tokio::test]
+async fn a_cross_node_restore_survives_its_target_dying_before_and_after_the_data() {
+    if skip_without_lvm() {
+        return;
+    }
+    let dir = new_temp_dir();
+    let ca = Ca::new(dir.path(), "cluster");
+    let wait = ["--copy-wait-seconds".to_string(), "1".to_string()];
+    let b_args: Vec<String> = b_class_args().into_iter().chain(wait).collect();
+    let a = NodeAgent::start(&ca, A, "127.0.0.1", &default_class_args()).await;
+    let b = NodeAgent::start_armed(&ca, B, "127.0.0.2", &b_args, "lvm.pull.after_target").await;
+    let mut ctl = start_controller(&ca, &[&a, &b], &default_class_args()).await;
+
+    const SIZE: u64 = 32 << 20;
+    let regions: Vec<(u64, u64, u8)> = (0..6)
+        .map(|i| (i * (5 << 20), 1 << 20, 0x40 + i as u8))
+        .collect();
+    let (v, snap) = written_snapshot_on_a(&ctl, &a, SIZE, &regions).await;
+    let request = restore_req(&unique_name("mn-tr"), THICK, &snap, B);
+    let key = Kind::Volume.key_for_name(&request.name);
+    let unfinished = || {
+        let lvs = lvs_with_key(&key);
+        assert_eq!(lvs.len(), 1, "{lvs:#?}");
+        assert_eq!(lvs[0].vg, NODE2_VG);
+        assert!(
+            lvs[0].tags.iter().any(|t| t.ends_with("copying")),
+            "{:?}",
+            lvs[0].tags
+        );
+        lvs[0].clone()
+    };
+    let wait_for = |b: &NodeAgent, point: &str| {
+        let log = b.driver.log();
+        log.contains(&format!("fail point {point} reached"))
+    };
+
+    // 1. Dies right after making the target: an empty LV marked copying.
+    let first = create_once(&ctl, &request).await;
+    assert!(first.is_err(), "reported a restore whose agent died");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !wait_for(&b, "lvm.pull.after_target") {
+        assert!(
+            Instant::now() < deadline,
+            "no fail point: {}",
+            b.driver.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let lv = unfinished();
+    assert!(
+        !lv.tags.iter().any(|t| t.contains("copied=")),
+        "{:?}",
+        lv.tags
+    );
+    let b = b.restart_armed("lvm.pull.after_data").await;
+
+    // 2. Dies with every byte written and synced, before the LV is marked
+    // complete: still unfinished, still not reported.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !wait_for(&b, "lvm.pull.after_data") {
+        assert!(
+            Instant::now() < deadline,
+            "no fail point: {}",
+            b.driver.log()
+        );
+        let r = create_once(&ctl, &request).await;
+        assert!(r.is_err(), "reported before the copy was marked complete");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    unfinished();
+    let b = b.restart().await;
+    // The controller too, for good measure: its index is rebuilt from the
+    // streams and the unfinished LV is found again, not made twice.
+    ctl = kill_and_restart_controller(ctl, &ca, &[&a, &b]).await;
+
+    // 3. Converges: the copy runs once more and completes.
+    let r = create_until_ok(&ctl, request.clone()).await;
+    assert_eq!(volume_nodes(&r), vec![B.to_string()]);
+    check_copy_and_clean_up(&ctl, &b, &r, &key, (&v, &snap), &regions, SIZE).await;
+}
+
 /// A cross-node restore survives a kill of each process it involves, and
 /// each resumes from the checkpoint in LVM, never from zero: node-b's agent
 /// dies right after its first checkpoint (fail point), node-a's agent dies
@@ -1012,16 +1100,7 @@ async fn a_cross_node_restore_resumes_from_its_checkpoint() {
 
     const SIZE: u64 = 256 << 20;
     let regions: Vec<(u64, u64, u8)> = (0..40).map(|i| (i << 22, 4 << 20, i as u8)).collect();
-    let v = ctl
-        .create_ok(req(
-            &unique_name("mn-ksrc"),
-            THIN,
-            SIZE as i64,
-            requirement(&[A], &[A]),
-        ))
-        .await;
-    with_device(&a.driver, &v.volume_id, write_regions(&regions)).await;
-    let snap = snapshot_of(&ctl, &v.volume_id).await;
+    let (v, snap) = written_snapshot_on_a(&ctl, &a, SIZE, &regions).await;
     let request = restore_req(&unique_name("mn-kr"), THIN, &snap, B);
 
     // 1. node-b's agent dies right after its first checkpoint.
@@ -1093,12 +1172,7 @@ async fn a_cross_node_restore_resumes_from_its_checkpoint() {
         let _ = create_once(&ctl, &request).await;
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(ctl.pid()),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    ctl = start_controller(&ca, &[&a, &b], &default_class_args()).await;
+    ctl = kill_and_restart_controller(ctl, &ca, &[&a, &b]).await;
     let r = create_until_ok(&ctl, request.clone()).await;
     assert_eq!(volume_nodes(&r), vec![B.to_string()]);
 
@@ -1119,17 +1193,66 @@ async fn a_cross_node_restore_resumes_from_its_checkpoint() {
         logged(&log, "copy from another node complete", "resumed_at"),
         logged(&log, "copy from another node complete", "bytes"),
     );
-    with_device(&b.driver, &r.volume_id, check_regions(&regions, SIZE)).await;
-    let lv = &lvs_with_key(&key)[0];
+    check_copy_and_clean_up(&ctl, &b, &r, &key, (&v, &snap), &regions, SIZE).await;
+}
+
+/// A thin volume on node-a with `regions` written, and a snapshot of it.
+async fn written_snapshot_on_a(
+    ctl: &Driver,
+    a: &NodeAgent,
+    size: u64,
+    regions: &Regions,
+) -> (csi::Volume, String) {
+    let v = ctl
+        .create_ok(req(
+            &unique_name("mn-xsrc"),
+            THIN,
+            size as i64,
+            requirement(&[A], &[A]),
+        ))
+        .await;
+    with_device(&a.driver, &v.volume_id, write_regions(regions)).await;
+    let snap = snapshot_of(ctl, &v.volume_id).await;
+    (v, snap)
+}
+
+/// SIGKILLs the controller and starts a new one for the same agents.
+async fn kill_and_restart_controller(ctl: Driver, ca: &Ca, agents: &[&NodeAgent]) -> Driver {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(ctl.pid()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    drop(ctl);
+    start_controller(ca, agents, &default_class_args()).await
+}
+
+/// The end of a cross-node restore: node-b's volume `r` (request key
+/// `key`) holds exactly `regions`, is the only LV of its key and carries
+/// no copy tag; then it, the snapshot and its source volume are deleted
+/// and nothing of the key is left.
+async fn check_copy_and_clean_up(
+    ctl: &Driver,
+    b: &NodeAgent,
+    r: &csi::Volume,
+    key: &str,
+    (source, snap): (&csi::Volume, &str),
+    regions: &Regions,
+    size: u64,
+) {
+    with_device(&b.driver, &r.volume_id, check_regions(regions, size)).await;
+    let lvs = lvs_with_key(key);
+    assert_eq!(lvs.len(), 1, "{lvs:#?}");
     assert!(
-        !lv.tags
+        !lvs[0]
+            .tags
             .iter()
             .any(|t| t.contains("copying") || t.contains("copied")),
         "{:?}",
-        lv.tags
+        lvs[0].tags
     );
     ctl.delete(&r.volume_id).await;
-    delete_snapshot(&ctl, &snap).await.expect("DeleteSnapshot");
-    ctl.delete(&v.volume_id).await;
-    assert!(lvs_with_key(&key).is_empty());
+    delete_snapshot(ctl, snap).await.expect("DeleteSnapshot");
+    ctl.delete(&source.volume_id).await;
+    assert!(lvs_with_key(key).is_empty());
 }
