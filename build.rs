@@ -4,6 +4,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
-        .compile_protos(&["proto/csi.proto", "proto/agent.proto"], &["proto"])?;
+        .compile_protos(&["proto/csi.proto"], &["proto"])?;
+    // The agent API reads its streams with a smaller starting buffer
+    // (src/lvm/codec.rs): the controller keeps one stream per node.
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .codec_path("crate::lvm::codec::AgentCodec")
+        .compile_protos(&["proto/agent.proto"], &["proto"])?;
     Ok(())
 }

@@ -31,7 +31,7 @@
 //!   Every update carries each class's capacity and the problems as of its
 //!   generation, so capacity never needs a call of its own.
 //! - **Parts.** A receiver may ask for updates in parts of a few KiB (the
-//!   controller asks for 4 KiB): the agent then sends an update with many
+//!   controller asks for 1 KiB): the agent then sends an update with many
 //!   LVs as several messages of the same epoch and generation, all but the
 //!   last marked `more`, and the receiver applies them together once the
 //!   last is in (`rpc::split_update`, `rpc::Parts`). A stream cut between

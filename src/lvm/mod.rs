@@ -4,6 +4,8 @@
 
 pub mod agent;
 pub(crate) mod blockmap;
+pub(crate) mod channel;
+pub(crate) mod codec;
 pub(crate) mod controller;
 pub(crate) mod copy;
 pub(crate) mod detached;

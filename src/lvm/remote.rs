@@ -9,13 +9,14 @@
 
 use std::time::Duration;
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 use tonic::Request;
 
 use crate::agentpb as pb;
 use crate::agentpb::agent_client::AgentClient;
 use crate::core::blockmap::BlockMap;
 use crate::lvm::agent::{Agent, ClassCapacity, LvSpec, Pull};
+use crate::lvm::channel::AgentChannel;
 use crate::lvm::error::{LvmError, Result};
 use crate::lvm::inventory::{Stamp, Stamped, Update, Updates, WatchRequest};
 use crate::lvm::report::Lv;
@@ -55,14 +56,15 @@ pub(super) fn agent_endpoint(
 }
 
 /// The size of the parts an agent sends its inventory in (see
-/// [`crate::lvm::rpc::split_update`]): under the 8 KiB that the gRPC and
-/// HTTP/2 read buffers of each stream start with, so they never grow.
-const WATCH_PART_BYTES: u32 = 4096;
+/// [`crate::lvm::rpc::split_update`]): within the 2 KiB the stream's read
+/// buffer starts with ([`crate::lvm::codec`]) and the 8 KiB of HTTP/2's,
+/// so neither grows.
+const WATCH_PART_BYTES: u32 = 1024;
 
 pub struct RemoteAgent {
     node: String,
     address: String,
-    client: AgentClient<Channel>,
+    client: AgentClient<AgentChannel>,
     deadlines: Deadlines,
 }
 
@@ -75,13 +77,17 @@ impl RemoteAgent {
         tls: &TlsMaterial,
         deadlines: Deadlines,
     ) -> std::result::Result<Self, String> {
-        let endpoint = agent_endpoint(node, address, deadlines.connect)?;
+        if !crate::tls::valid_server_name(node) {
+            return Err(format!(
+                "node name {node:?} cannot be checked against a certificate (not a DNS name)"
+            ));
+        }
+        let channel = AgentChannel::new(address, tls.connector(node, deadlines.connect))
+            .map_err(|e| format!("{e} for node {node}"))?;
         Ok(RemoteAgent {
             node: node.to_string(),
             address: address.to_string(),
-            client: AgentClient::new(
-                endpoint.connect_with_connector_lazy(tls.connector(node, deadlines.connect)),
-            ),
+            client: AgentClient::new(channel),
             deadlines,
         })
     }
