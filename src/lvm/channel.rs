@@ -66,18 +66,16 @@ impl Inner {
             .path_and_query("/")
             .build()
             .map_err(|e| Status::internal(e.to_string()))?;
-        let unreachable =
-            |e: &dyn std::fmt::Display| Status::unavailable(format!("transport error: {e}"));
         let io = tower::Service::call(&mut self.connector.clone(), uri)
             .await
-            .map_err(|e| unreachable(&e))?;
+            .map_err(unreachable)?;
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(10))
             .handshake(io)
             .await
-            .map_err(|e| unreachable(&e))?;
+            .map_err(unreachable)?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "agent connection ended");
@@ -107,10 +105,14 @@ impl tower::Service<http::Request<Body>> for AgentChannel {
             *req.uri_mut() =
                 http::Uri::from_parts(parts).map_err(|e| Status::internal(e.to_string()))?;
             let mut sender = inner.sender().await?;
-            let unreachable =
-                |e: hyper::Error| Status::unavailable(format!("transport error: {e}"));
             sender.ready().await.map_err(unreachable)?;
             sender.send_request(req).await.map_err(unreachable)
         })
     }
+}
+
+/// A connection that could not be made or broke: the agent is unreachable
+/// (UNAVAILABLE, as tonic's own transport answers).
+fn unreachable(e: impl std::fmt::Display) -> Status {
+    Status::unavailable(format!("transport error: {e}"))
 }

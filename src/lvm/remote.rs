@@ -33,6 +33,17 @@ pub struct Deadlines {
     pub write: Duration,
 }
 
+/// An agent's certificate must name its node: the name must be one a
+/// certificate can hold.
+fn checked_node_name(node: &str) -> std::result::Result<(), String> {
+    if crate::tls::valid_server_name(node) {
+        return Ok(());
+    }
+    Err(format!(
+        "node name {node:?} cannot be checked against a certificate (not a DNS name)"
+    ))
+}
+
 /// How anything reaches the agent of `node` at `address`: the controller,
 /// and another agent reading a snapshot. TLS comes from the connector
 /// (`TlsMaterial::connector`), with the certificates current at each new
@@ -42,11 +53,7 @@ pub(super) fn agent_endpoint(
     address: &str,
     connect: Duration,
 ) -> std::result::Result<Endpoint, String> {
-    if !crate::tls::valid_server_name(node) {
-        return Err(format!(
-            "node name {node:?} cannot be checked against a certificate (not a DNS name)"
-        ));
-    }
+    checked_node_name(node)?;
     Ok(Endpoint::from_shared(format!("http://{address}"))
         .map_err(|e| format!("bad agent address {address:?} for node {node}: {e}"))?
         .connect_timeout(connect)
@@ -77,11 +84,7 @@ impl RemoteAgent {
         tls: &TlsMaterial,
         deadlines: Deadlines,
     ) -> std::result::Result<Self, String> {
-        if !crate::tls::valid_server_name(node) {
-            return Err(format!(
-                "node name {node:?} cannot be checked against a certificate (not a DNS name)"
-            ));
-        }
+        checked_node_name(node)?;
         let channel = AgentChannel::new(address, tls.connector(node, deadlines.connect))
             .map_err(|e| format!("{e} for node {node}"))?;
         Ok(RemoteAgent {

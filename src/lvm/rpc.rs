@@ -226,9 +226,9 @@ pub fn split_update(u: pb::InventoryUpdate, budget: u32) -> Vec<pb::InventoryUpd
     };
     let mut parts = vec![empty(classes, problems)];
     let mut used = 0;
+    // `used` > 0: the last part holds something (never an empty part).
     let mut room = |parts: &mut Vec<pb::InventoryUpdate>, len: usize| {
-        let last = parts.last().expect("one part at least");
-        if used > 0 && used + len > budget && !(last.lvs.is_empty() && last.removed.is_empty()) {
+        if used > 0 && used + len > budget {
             parts.push(empty(Vec::new(), Vec::new()));
             used = 0;
         }
