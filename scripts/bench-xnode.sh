@@ -6,7 +6,8 @@
 # two network namespaces joined by a veth pair shaped with tc (tbf) to RATE
 # (default 200mbit, tc syntax), with the central controller beside node-a.
 # For a 1 GiB thin volume with 10% and then 90% of it written, it snapshots
-# it on node-a and restores the snapshot on node-b, and reports the time,
+# it on node-a and restores the snapshot on node-b (and clones the volume
+# to node-b, shaped link), and reports the time,
 # the bytes on the wire and the stream's throughput, beside what a plain
 # TLS stream with the driver's TLS stack (benches/tls_stream.rs, same
 # link) reaches, shaped and unshaped. The markdown report goes to stdout (and target/bench/xnode.md),
@@ -161,8 +162,8 @@ print(f"{end - start:.2f} {s['bytes']} {s['wire']} {s['allocated']}")
 EOF
 }
 
-echo "| 1 GiB thin volume | link | restore on node-b, s | data sent | on the wire | stream s | stream MB/s | of the link | plain TLS MB/s (same link) | of plain TLS |"
-echo "|---|---|---|---|---|---|---|---|---|---|"
+echo "| 1 GiB thin volume | copy | link | on node-b after, s | data sent | on the wire | stream s | stream MB/s | of the link | plain TLS MB/s (same link) | of plain TLS |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|"
 mb() { python3 -c "print(f'{$1 / $2 / 1e6:.1f}')"; }
 link_mbs=$(python3 -c "
 import re; m = re.match(r'(\d+)([kmg])bit', '$rate')
@@ -185,20 +186,26 @@ os.fsync(fd)
 os.close(fd)
 EOF
   snap=$(ctl create-snapshot "xsnap-$share" "$src" | field snapshot snapshot_id)
-  for link in shaped unshaped; do
+  for run in restore:shaped restore:unshaped clone:shaped; do
+    what=${run%%:*} link=${run#*:}
     [[ $link == shaped ]] && shape on || shape off
-    name="xdst-$share-$link"
-    log "restoring $snap on node-b ($link link)"
+    name="xdst-$share-$what-$link"
+    if [[ $what == restore ]]; then
+      from=(--snapshot-source "$snap")
+    else
+      from=(--volume-source "$src")
+    fi
+    log "$what of ${from[1]} on node-b ($link link)"
     t0=$(date +%s.%N)
     until out=$(ctl create-volume "$name" --size 1Gi --param deviceClass=thin --block \
-      --snapshot-source "$snap" --topology topology.lodestone.dev/node=node-b 2>&1); do
-      [[ "$out" == *ABORTED* ]] || { log "restore failed: $out"; exit 1; }
+      "${from[@]}" --topology topology.lodestone.dev/node=node-b 2>&1); do
+      [[ "$out" == *ABORTED* ]] || { log "$what failed: $out"; exit 1; }
       sleep 0.5
     done
     t1=$(date +%s.%N)
     dst=$(printf '%s' "$out" | field volume volume_id)
     target=$(lv_path lodestone-node2 "$dst")
-    cmp "$dev" "$target" || { log "the restore differs from its source"; exit 1; }
+    cmp "$dev" "$target" || { log "the $what differs from its source"; exit 1; }
     read -r secs data wire allocated < <(stream_figures "$(basename "$target")")
     read -r tls_bytes tls_s < <(tls "$(( (wire >> 20) + 1 ))")
     tls_mbs=$(mb "$tls_bytes" "$tls_s")
@@ -209,7 +216,7 @@ EOF
       of_link="-"; label="unshaped"
     fi
     of_tls=$(python3 -c "print(f'{$stream_mbs / $tls_mbs:.0%}')")
-    echo "| $share% written ($((allocated >> 20)) MiB allocated) | $label | $(python3 -c "print(f'{$t1 - $t0:.1f}')") | $data | $wire | $secs | $stream_mbs | $of_link | $tls_mbs | $of_tls |"
+    echo "| $share% written ($((allocated >> 20)) MiB allocated) | $what | $label | $(python3 -c "print(f'{$t1 - $t0:.1f}')") | $data | $wire | $secs | $stream_mbs | $of_link | $tls_mbs | $of_tls |"
     ctl delete-volume "$dst" >/dev/null
   done
   ctl delete-snapshot "$snap" >/dev/null
@@ -217,5 +224,5 @@ EOF
 done
 echo
 echo "- link: a veth pair between two network namespaces, tbf at $rate (${link_mbs} MB/s) each way; \"unshaped\": the same pair without tbf"
-echo "- restore: the first CreateVolume until the one that returns the volume (placement, grant, lvcreate, stream, syncs, tags; ctl polls every 0.5 s); stream: node-b's log, header to end"
+echo "- restore: the first CreateVolume until the one that returns the volume (placement, grant, lvcreate, stream, syncs, tags; ctl polls every 0.5 s); clone: the same from the source volume, plus the hidden snapshot taken on node-a first and removed at the end; stream: node-b's log, header to end"
 echo "- plain TLS: benches/tls_stream.rs, one TLS 1.3 stream with the driver's TLS stack (rustls, ring) and the node certificates, as many bytes as the restore put on the wire, node-a's namespace to node-b's: no gRPC, no checksums, no disks"

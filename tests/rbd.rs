@@ -1888,8 +1888,10 @@ fn merged(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
 /// included): 1 MiB written from the start before, 4 MiB after, the map is
 /// the first MiB, and `rbd diff` of the snapshot image agrees. (librbd
 /// reports a new object's extent from the object's start: a map is exact
-/// for sequential writes like these, and object-granular for sparse ones.) A delta between two RBD
-/// snapshots is FAILED_PRECONDITION (not tracked); unknown ids NOT_FOUND.
+/// for sequential writes like these, and object-granular for sparse ones.)
+/// A delta between two RBD snapshots (computed by comparing them) holds
+/// what changed, and A's bytes plus the delta rebuild B exactly; snapshots
+/// of two volumes are INVALID_ARGUMENT, unknown ids NOT_FOUND.
 #[tokio::test]
 async fn block_maps_of_rbd_snapshots() {
     let Some(ceph) = ceph() else { return };
@@ -1948,12 +1950,52 @@ async fn block_maps_of_rbd_snapshots() {
         "rbd diff of the snapshot image"
     );
 
-    let delta = BlockQuery::Delta {
+    // The delta: every chunk the second write reached beyond the first
+    // (the first MiB was written again, with data that may or may not
+    // differ), and nothing past it.
+    let query = BlockQuery::Delta {
         base: &s.snapshot_id,
         target: &s2.snapshot_id,
     };
-    let delta = block_map(&d, &ceph, delta).await;
-    assert_eq!(delta.unwrap_err().code(), Code::FailedPrecondition);
+    let delta = block_map(&d, &ceph, query).await.unwrap();
+    let mib = MIB as u64;
+    eprintln!("delta(A, B): {delta:?}");
+    assert!(
+        delta.iter().any(|&(o, l)| o <= mib && 4 * mib <= o + l),
+        "delta {delta:?}"
+    );
+    assert!(
+        delta.iter().all(|&(o, l)| o + l <= 4 * mib),
+        "delta {delta:?}"
+    );
+    // A backup tool rebuilds B from A's bytes and the delta: identical.
+    let export = |id: &str| {
+        let at = format!("{}/{}@csi", ceph.pool, image_of(id));
+        ceph.admin("rbd", &["export", "--no-progress", &at, "-"])
+    };
+    let (a, b) = (export(&s.snapshot_id), export(&s2.snapshot_id));
+    let mut rebuilt = a.clone();
+    rebuilt.resize(b.len(), 0);
+    for &(o, l) in &delta {
+        let r = o as usize..(o + l) as usize;
+        rebuilt[r.clone()].copy_from_slice(&b[r]);
+    }
+    assert!(rebuilt == b, "A plus the delta is not B");
+    // Snapshots of two volumes: INVALID_ARGUMENT.
+    let other = d
+        .create_ok(ceph.create_req(&unique_name("rbd-cbt-o"), 32 * MIB))
+        .await;
+    let s3 = snapshot(&d, &ceph, &unique_name("rbd-cbt-c"), &other.volume_id).await;
+    let query = BlockQuery::Delta {
+        base: &s.snapshot_id,
+        target: &s3.snapshot_id,
+    };
+    assert_eq!(
+        block_map(&d, &ceph, query).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    delete_snapshot(&d, &ceph, &s3.snapshot_id).await;
+    delete_volume(&d, &ceph, &other.volume_id).await;
     let (head, last) = s.snapshot_id.split_at(s.snapshot_id.len() - 1);
     let gone = format!("{head}{}", if last == "0" { "1" } else { "0" });
     assert_eq!(

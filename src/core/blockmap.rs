@@ -3,6 +3,9 @@
 //! metadata, from RBD object maps); the CSI SnapshotMetadata service pages
 //! them out; cross-node copies send only these ranges.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 /// One byte range of a volume.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Extent {
@@ -95,6 +98,87 @@ impl BlockMap {
     }
 }
 
+/// The unit a delta computed by comparing data is reported in.
+pub(crate) const COMPARE_CHUNK: u64 = 64 << 10;
+/// How much of each side one read takes when comparing.
+pub(crate) const COMPARE_READ: usize = 1 << 20;
+
+/// Set when dropped: tells a comparison running on a blocking thread that
+/// its caller went away (see `check` of [`differing_chunks`]).
+#[derive(Default)]
+pub(crate) struct StopOnDrop(Arc<AtomicBool>);
+
+impl StopOnDrop {
+    /// The flag to check, for the blocking thread.
+    pub(crate) fn flag(&self) -> Arc<AtomicBool> {
+        self.0.clone()
+    }
+}
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Which snapshot a [`differing_chunks`] read is of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Side {
+    Base,
+    Target,
+}
+
+/// A delta where no backend tracks one: the [`COMPARE_CHUNK`] chunks of a
+/// `size`-byte target that differ from the base, looking only within
+/// `ranges` (outside them both are known to read alike, e.g. as zeroes).
+/// `read(side, offset, buf)` fills `buf` exactly; the base is read only
+/// below `base_size`, and a chunk that reaches past it counts as changed.
+/// `check` runs before each read and ends the comparison with its error
+/// (the caller went away).
+pub(crate) fn differing_chunks<E>(
+    ranges: &[Extent],
+    base_size: u64,
+    size: u64,
+    mut read: impl FnMut(Side, u64, &mut [u8]) -> Result<(), E>,
+    check: impl Fn() -> Result<(), E>,
+) -> Result<Vec<Extent>, E> {
+    let chunk = COMPARE_CHUNK;
+    let aligned = ranges.iter().map(|e| {
+        let offset = e.offset - e.offset % chunk;
+        let end = e.end().div_ceil(chunk) * chunk;
+        Extent {
+            offset,
+            length: end - offset,
+        }
+    });
+    let todo = BlockMap::new(size, chunk, aligned);
+    let (mut bbuf, mut tbuf) = (vec![0u8; COMPARE_READ], vec![0u8; COMPARE_READ]);
+    let mut out = Vec::new();
+    for range in todo.extents() {
+        let mut at = range.offset;
+        while at < range.end() {
+            check()?;
+            let len = (range.end() - at).min(COMPARE_READ as u64) as usize;
+            read(Side::Target, at, &mut tbuf[..len])?;
+            let from_base = base_size.saturating_sub(at).min(len as u64) as usize;
+            if from_base > 0 {
+                read(Side::Base, at, &mut bbuf[..from_base])?;
+            }
+            for start in (0..len).step_by(chunk as usize) {
+                let end = (start + chunk as usize).min(len);
+                if end > from_base || bbuf[start..end] != tbuf[start..end] {
+                    out.push(Extent {
+                        offset: at + start as u64,
+                        length: (end - start) as u64,
+                    });
+                }
+            }
+            at += len as u64;
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,6 +206,49 @@ mod tests {
         assert_eq!(m.bytes(), 45);
         assert_eq!(BlockMap::whole(64, 16).extents(), &[ext(0, 64)]);
         assert!(BlockMap::whole(0, 16).extents().is_empty());
+    }
+
+    #[test]
+    fn a_compared_delta_is_the_chunks_that_differ_within_the_ranges() {
+        const C: u64 = COMPARE_CHUNK;
+        let size = 40 * C;
+        let base_size = 30 * C;
+        let mut base = vec![0u8; base_size as usize];
+        let mut target = vec![0u8; size as usize];
+        for (i, b) in base.iter_mut().enumerate() {
+            *b = (i % 251) as u8;
+        }
+        target[..base_size as usize].copy_from_slice(&base);
+        // Changed: one byte of chunk 3, chunk 20 (spanning a 1 MiB read),
+        // and chunk 35 (past the base's end). Chunk 25 changed but lies
+        // outside the ranges looked at.
+        target[(3 * C + 7) as usize] ^= 1;
+        target[(20 * C) as usize] ^= 1;
+        target[(25 * C) as usize] ^= 1;
+        target[(35 * C) as usize] = 9;
+        let ranges = [ext(0, 4 * C), ext(10 * C + 5, 12 * C), ext(32 * C, 6 * C)];
+        let mut reads = 0;
+        let got = differing_chunks(
+            &ranges,
+            base_size,
+            size,
+            |side, at, buf: &mut [u8]| {
+                reads += 1;
+                let from = if side == Side::Base { &base } else { &target };
+                buf.copy_from_slice(&from[at as usize..at as usize + buf.len()]);
+                Ok::<(), ()>(())
+            },
+            || Ok(()),
+        )
+        .unwrap();
+        // 32..38 lies past the base's end: changed whatever it holds.
+        let mut want = vec![ext(3 * C, C), ext(20 * C, C)];
+        want.extend((32..38).map(|i| ext(i * C, C)));
+        assert_eq!(got, want);
+        assert!(reads > 0);
+        // A caller that went away stops the comparison.
+        let stopped = differing_chunks(&ranges, base_size, size, |_, _, _| Ok(()), || Err("gone"));
+        assert_eq!(stopped, Err("gone"));
     }
 
     #[test]

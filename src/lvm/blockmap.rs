@@ -20,7 +20,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use quick_xml::events::{BytesStart, Event};
@@ -28,7 +27,9 @@ use quick_xml::Reader;
 use serde::Deserialize;
 
 use crate::config::DeviceClass;
-use crate::core::blockmap::{BlockMap, Extent};
+#[cfg(test)]
+use crate::core::blockmap::COMPARE_READ;
+use crate::core::blockmap::{self, BlockMap, Extent, Side, StopOnDrop, COMPARE_CHUNK};
 use crate::host::blockdev;
 use crate::lvm::agent::LocalAgent;
 use crate::lvm::detached::detach;
@@ -40,10 +41,6 @@ use crate::runner::{Cmd, RunError};
 /// of mappings, not with data).
 const METADATA_READ_TIMEOUT: Duration = Duration::from_secs(300);
 const SECTOR: u64 = 512;
-/// The unit two thick snapshots are compared in.
-const COMPARE_CHUNK: u64 = 64 << 10;
-/// How much of each is read at a time.
-const COMPARE_READ: usize = 1 << 20;
 
 impl LocalAgent {
     /// The chunks of LV `lv` that hold data, or, with `base`, the chunks
@@ -149,15 +146,8 @@ impl LocalAgent {
             Self::device_path(vg, &target.name),
         );
         let (base_size, size) = (base.size, target.size);
-        let stop = Arc::new(AtomicBool::new(false));
-        /// Tells the reading thread to stop when the call is dropped.
-        struct StopOnDrop(Arc<AtomicBool>);
-        impl Drop for StopOnDrop {
-            fn drop(&mut self) {
-                self.0.store(true, Ordering::Relaxed);
-            }
-        }
-        let _stop = StopOnDrop(stop.clone());
+        let _stop = StopOnDrop::default();
+        let stop = _stop.flag();
         let started = Instant::now();
         let ranges = tokio::task::spawn_blocking(move || {
             differing_chunks(&paths.0, base_size, &paths.1, size, &stop)
@@ -271,35 +261,29 @@ fn differing_chunks(
     // exclusive open first) waits for the comparison instead of zeroing
     // what it reads.
     let open = |p: &Path| blockdev::open_exclusive_read(p).map_err(LvmError::Host);
-    let read = |f: &std::fs::File, p: &Path, buf: &mut [u8], at: u64| {
-        f.read_exact_at(buf, at)
-            .map_err(|e| LvmError::Internal(format!("cannot read {} at {at}: {e}", p.display())))
-    };
     let (b, t) = (open(base)?, open(target)?);
-    let (mut bbuf, mut tbuf) = (vec![0u8; COMPARE_READ], vec![0u8; COMPARE_READ]);
-    let mut out = Vec::new();
-    let mut at = 0;
-    while at < size {
-        if stop.load(Ordering::Relaxed) {
-            return Err(LvmError::Internal("the comparison was abandoned".into()));
-        }
-        let len = (size - at).min(COMPARE_READ as u64) as usize;
-        read(&t, target, &mut tbuf[..len], at)?;
-        let from_base = base_size.saturating_sub(at).min(len as u64) as usize;
-        read(&b, base, &mut bbuf[..from_base], at)?;
-        for start in (0..len).step_by(COMPARE_CHUNK as usize) {
-            let end = (start + COMPARE_CHUNK as usize).min(len);
-            let same = end <= from_base && bbuf[start..end] == tbuf[start..end];
-            if !same {
-                out.push(Extent {
-                    offset: at + start as u64,
-                    length: (end - start) as u64,
-                });
-            }
-        }
-        at += len as u64;
-    }
-    Ok(out)
+    let whole = [Extent {
+        offset: 0,
+        length: size,
+    }];
+    blockmap::differing_chunks(
+        &whole,
+        base_size,
+        size,
+        |side, at, buf| {
+            let (f, p) = match side {
+                Side::Base => (&b, base),
+                Side::Target => (&t, target),
+            };
+            f.read_exact_at(buf, at).map_err(|e| {
+                LvmError::Internal(format!("cannot read {} at {at}: {e}", p.display()))
+            })
+        },
+        || match stop.load(Ordering::Relaxed) {
+            true => Err(LvmError::Internal("the comparison was abandoned".into())),
+            false => Ok(()),
+        },
+    )
 }
 
 fn dm_message(device: &str, message: &str) -> Cmd {

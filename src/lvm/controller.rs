@@ -148,6 +148,17 @@ impl Sizing {
     }
 }
 
+/// The hidden snapshot clone `id` reads: on the source volume's node and
+/// in its class.
+fn hidden_source_of(id: &LvId, source: &LvId) -> LvId {
+    LvId {
+        kind: Kind::Snapshot,
+        node: source.node.clone(),
+        class: source.class.clone(),
+        key: ids::hidden_source_key(&id.key),
+    }
+}
+
 /// What the node is asked to create for a new volume.
 fn new_volume_spec(
     req: &CreateVolume,
@@ -334,7 +345,9 @@ impl LvmController {
             )));
         }
         let lv = self.index.get(&id.node, &id.class, &id.lv_name());
-        Ok(lv.filter(|l| ids::has_tag(&l.tags, id.kind.tag())))
+        // A hidden snapshot is not one by any id.
+        Ok(lv
+            .filter(|l| ids::has_tag(&l.tags, id.kind.tag()) && ids::tagged_for(&l.tags).is_none()))
     }
 
     async fn resolve(&self, kind: Kind, id: &str) -> Result<Option<(LvId, Lv)>> {
@@ -479,30 +492,57 @@ impl LvmController {
         if !is_copying(&lv) {
             return Ok((lv, None));
         }
-        let agent = self.agent_for_change(&id.node)?;
         // A copy from another node: its source's agent is asked again to
         // let this node read (a restarted agent forgot), and the target is
-        // told where the source is now.
+        // told where the source is now. A clone reads the hidden snapshot
+        // that holds its source volume's point in time.
         let pull = match (
             ids::tagged_from(&lv.tags),
             ids::tagged_source(&lv.tags, &id.node),
         ) {
-            (Some(_), Some(src)) => match self.pull_from(&src, &id.node).await {
-                Ok(pull) => Some(pull),
-                Err(Error::NotFound(m)) => {
-                    // The snapshot is gone: this copy can never complete,
-                    // and it was never reported, so it goes.
-                    self.remove(id, &lv).await?;
-                    return Err(Error::NotFound(format!(
-                        "the source snapshot {} no longer exists ({m}); the unfinished copy was                          removed",
-                        src.encode()
-                    )));
+            (Some(_), Some(src)) => {
+                let snapshot = match src.kind {
+                    Kind::Snapshot => src,
+                    Kind::Volume => match self.point_in_time(id, &lv, &src).await? {
+                        Ok(hidden) => hidden,
+                        Err(progress) => return Ok((lv, Some(progress))),
+                    },
+                };
+                match self.pull_from(&snapshot, &id.node).await {
+                    Ok(pull) => Some(pull),
+                    Err(Error::NotFound(m)) => {
+                        // The snapshot is gone: this copy can never complete,
+                        // and it was never reported, so it goes.
+                        self.remove(id, &lv).await?;
+                        return Err(Error::NotFound(format!(
+                            "the source snapshot {} no longer exists ({m}); the unfinished copy \
+                             was removed",
+                            snapshot.encode()
+                        )));
+                    }
+                    Err(e) => return Err(e),
                 }
-                Err(e) => return Err(e),
-            },
+            }
             _ => None,
         };
-        let done = agent.resume(&id.class, &lv.name, pull.as_ref()).await?;
+        let (lv, progress) = self.advance(id, lv, pull.as_ref()).await?;
+        if progress.is_none() {
+            self.drop_point_in_time(id, &lv).await;
+        }
+        Ok((lv, progress))
+    }
+
+    /// Makes sure the copy into an LV runs (on its node), and returns the
+    /// LV as it is after a moment, with the copy's progress while it is
+    /// incomplete; FAILED_PRECONDITION once it failed for good.
+    async fn advance(
+        &self,
+        id: &LvId,
+        lv: Lv,
+        pull: Option<&Pull>,
+    ) -> Result<(Lv, Option<String>)> {
+        let agent = self.agent_for_change(&id.node)?;
+        let done = agent.resume(&id.class, &lv.name, pull).await?;
         self.index.record(
             &id.node,
             &id.class,
@@ -521,6 +561,154 @@ impl LvmController {
         }
     }
 
+    /// The hidden snapshot a clone on another node reads (see
+    /// [`ids::FOR_TAG`]): made on the source volume's node the first time
+    /// the clone settles, after the clone's LV exists (so the sweep can
+    /// always tell whether a hidden snapshot is still needed). Ok(Err)
+    /// with its progress while a thick one is still being copied.
+    async fn point_in_time(
+        &self,
+        id: &LvId,
+        lv: &Lv,
+        source: &LvId,
+    ) -> Result<std::result::Result<LvId, String>> {
+        let hidden = hidden_source_of(id, source);
+        let found = self
+            .index
+            .get(&hidden.node, &hidden.class, &hidden.lv_name())
+            .filter(|h| ids::tagged_for(&h.tags).is_some());
+        let h = match found {
+            Some(h) => h,
+            None => self.make_point_in_time(id, lv, source, &hidden).await?,
+        };
+        if !is_copying(&h) {
+            return Ok(Ok(hidden));
+        }
+        match self.advance(&hidden, h.clone(), None).await {
+            Ok((_, None)) => Ok(Ok(hidden)),
+            Ok((_, Some(progress))) => Ok(Err(format!(
+                "taking the source volume's point in time on node {}: {progress}",
+                hidden.node
+            ))),
+            Err(Error::FailedPrecondition(m)) => {
+                // Nothing was read from it yet (a grant needs it complete):
+                // the next attempt takes the point in time again.
+                self.remove(&hidden, &h).await?;
+                Err(Error::Aborted(format!(
+                    "the copy of the source volume on node {} failed ({m}) and was removed; \
+                     retry",
+                    hidden.node
+                )))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn make_point_in_time(
+        &self,
+        id: &LvId,
+        lv: &Lv,
+        source: &LvId,
+        hidden: &LvId,
+    ) -> Result<Lv> {
+        if ids::tagged_copied(&lv.tags) > 0 {
+            // Data from a point in time that no longer exists: start over.
+            self.remove(id, lv).await?;
+            return Err(Error::Aborted(format!(
+                "the point in time volume {} was being cloned from is gone; the unfinished \
+                 clone was removed; retry",
+                source.encode()
+            )));
+        }
+        let Some(src_lv) = self.find(source).await? else {
+            self.remove(id, lv).await?;
+            return Err(Error::NotFound(format!(
+                "source volume {} does not exist; the unfinished clone was removed",
+                source.encode()
+            )));
+        };
+        let mut tags = ids::tags(
+            Kind::Snapshot,
+            &ids::tagged_name(&lv.tags).unwrap_or_default(),
+            ids::tagged_digest(&lv.tags).unwrap_or_default(),
+            Some(source),
+            false,
+        );
+        tags.push(ids::for_tag(&id.node, &id.key));
+        let spec = LvSpec {
+            class: source.class.clone(),
+            name: hidden.lv_name(),
+            size: src_lv.size,
+            tags,
+            origin: Some(Origin {
+                class: source.class.clone(),
+                lv: src_lv.name.clone(),
+                frozen: false,
+            }),
+            pull: None,
+            read_only: true,
+        };
+        let agent = self.agent_for_change(&source.node)?;
+        let done = agent.create(&spec).await?;
+        self.record(hidden, &done.value, done.stamp);
+        tracing::info!(clone = %id.encode(), source = %source.encode(), hidden = %hidden.encode(),
+            "took the source volume's point in time for a clone on another node");
+        Ok(done.value)
+    }
+
+    /// Removes the hidden snapshot of a clone on another node, if it has
+    /// one: once the clone is complete or deleted. A failure is logged; the
+    /// sweep ([`Self::sweep_points_in_time`]) removes it later.
+    async fn drop_point_in_time(&self, id: &LvId, lv: &Lv) {
+        let Some(source) = ids::tagged_source(&lv.tags, &id.node)
+            .filter(|s| s.kind == Kind::Volume && ids::tagged_from(&lv.tags).is_some())
+        else {
+            return;
+        };
+        let hidden = hidden_source_of(id, &source);
+        let Some(h) = self
+            .index
+            .get(&hidden.node, &hidden.class, &hidden.lv_name())
+        else {
+            return;
+        };
+        match self.remove(&hidden, &h).await {
+            Ok(()) => tracing::info!(clone = %id.encode(), hidden = %hidden.encode(),
+                "removed the hidden snapshot of a clone"),
+            Err(e) => tracing::warn!(clone = %id.encode(), hidden = %hidden.encode(), error = %e,
+                "could not remove the hidden snapshot of a clone; the sweep will"),
+        }
+    }
+
+    /// Removes every hidden snapshot whose clone is complete or gone (a
+    /// crash between the clone's end and the removal, a delete racing a
+    /// copy). Judged only from the clone's node's inventory: while that
+    /// node is not live, its hidden snapshots stay.
+    pub(crate) async fn sweep_points_in_time(&self) {
+        for (hidden, h) in self.index.list_tagged(Kind::Snapshot, ids::FOR_TAG) {
+            let Some((node, key)) = ids::tagged_for(&h.tags) else {
+                continue;
+            };
+            if self.index.health(node) != Some(Health::Live) {
+                continue;
+            }
+            let needed = self
+                .index
+                .find_key(Kind::Volume, key)
+                .iter()
+                .any(|(vid, v)| vid.node == node && is_copying(v));
+            if needed {
+                continue;
+            }
+            match self.remove(&hidden, &h).await {
+                Ok(()) => tracing::info!(hidden = %hidden.encode(),
+                    "removed a hidden snapshot whose clone is complete or gone"),
+                Err(e) => tracing::warn!(hidden = %hidden.encode(), error = %e,
+                    "could not remove a hidden snapshot; next sweep"),
+            }
+        }
+    }
+
     /// Every `every`, looks through the index for duplicates, e.g. after a
     /// node that was down comes back.
     pub(crate) fn spawn_duplicate_scan(self: &Arc<Self>, every: Duration) {
@@ -536,6 +724,7 @@ impl LvmController {
                 for kind in [Kind::Volume, Kind::Snapshot] {
                     me.report_duplicates(kind);
                 }
+                me.sweep_points_in_time().await;
             }
         });
     }
@@ -583,13 +772,11 @@ impl LvmController {
         Ok((lid, lv))
     }
 
-    /// Whether a restore from `source` may be copied to another node: its
-    /// node's agent can be reached by other agents.
+    /// Whether a restore or clone from `source` may be copied to another
+    /// node: its node's agent can be reached by other agents.
     fn can_pull(&self, source: &LvId) -> bool {
-        source.kind == Kind::Snapshot
-            && self
-                .agent(&source.node)
-                .is_some_and(|a| a.address().is_some())
+        self.agent(&source.node)
+            .is_some_and(|a| a.address().is_some())
     }
 
     /// Where the agent of `target` reads snapshot `source` from, once the
@@ -635,11 +822,39 @@ impl LvmController {
     fn class_of_new_volume(
         &self,
         params: &LvmParams,
-        source: Option<&(LvId, Lv)>,
+        source: Option<&LvId>,
     ) -> Result<&DeviceClass> {
         match (&params.device_class, source) {
-            (None, Some((sid, _))) => self.named_class(&sid.class),
+            (None, Some(sid)) => self.named_class(&sid.class),
             _ => self.class_for(params),
+        }
+    }
+
+    /// A CreateVolume whose source no longer exists: the retry of a restore
+    /// or clone made before its source was deleted (a clone even while it
+    /// copies: it reads its own point in time, see [`Self::point_in_time`])
+    /// is answered as any retry; anything else is NOT_FOUND.
+    async fn answer_sourceless_retry(
+        &self,
+        req: &CreateVolume,
+        params: &LvmParams,
+        source: &Source,
+        missing: String,
+    ) -> Result<VolumeInfo> {
+        let Some(sid) = (match source {
+            Source::Volume(id) => LvId::parse(Kind::Volume, id),
+            Source::Snapshot(id) => LvId::parse(Kind::Snapshot, id),
+        }) else {
+            return Err(Error::NotFound(missing));
+        };
+        let class = self.class_of_new_volume(params, Some(&sid))?;
+        let digest = ids::params_digest(&LvmParams::digest_input(&class.name, Some(&sid.encode())));
+        match self
+            .find_anywhere(Kind::Volume, &Kind::Volume.key_for_name(&req.name))
+            .await?
+        {
+            Some((id, lv)) => self.answer_retry(req, class, &digest, id, lv).await,
+            None => Err(Error::NotFound(missing)),
         }
     }
 
@@ -803,10 +1018,16 @@ impl ControllerBackend for LvmController {
     async fn create_volume(&self, req: &CreateVolume) -> Result<VolumeInfo> {
         let params = LvmParams::parse(&req.params)?;
         let source = match &req.source {
-            Some(s) => Some(self.source_of(s).await?),
+            Some(s) => match self.source_of(s).await {
+                Ok(found) => Some(found),
+                Err(Error::NotFound(m)) => {
+                    return self.answer_sourceless_retry(req, &params, s, m).await
+                }
+                Err(e) => return Err(e),
+            },
             None => None,
         };
-        let class = self.class_of_new_volume(&params, source.as_ref())?;
+        let class = self.class_of_new_volume(&params, source.as_ref().map(|(sid, _)| sid))?;
         let source_id = source.as_ref().map(|(sid, _)| sid.encode());
         let digest =
             ids::params_digest(&LvmParams::digest_input(&class.name, source_id.as_deref()));
@@ -834,10 +1055,14 @@ impl ControllerBackend for LvmController {
         };
         let mut spec = new_volume_spec(req, &id, size, &digest, source.as_ref());
         if let Some((sid, _)) = source.as_ref().filter(|(sid, _)| sid.node != id.node) {
-            // A restore on another node than its snapshot's: the new node
-            // reads the snapshot's data from the snapshot's node.
+            // A restore or clone on another node than its source's: the new
+            // node reads the data from the source's node. A restore starts
+            // reading at once; a clone's LV is made first, and its first
+            // settle takes the source volume's point in time to read from.
             spec.origin = None;
-            spec.pull = Some(self.pull_from(sid, &id.node).await?);
+            if sid.kind == Kind::Snapshot {
+                spec.pull = Some(self.pull_from(sid, &id.node).await?);
+            }
             spec.tags.push(ids::from_tag(&sid.node));
             spec.tags.push(TAG_COPYING.to_string());
         }
@@ -849,6 +1074,7 @@ impl ControllerBackend for LvmController {
             Some((lid, lv)) => {
                 self.remove(&lid, &lv).await?;
                 self.forget_attempt(&lid.key);
+                self.drop_point_in_time(&lid, &lv).await;
                 Ok(())
             }
             None => Ok(()),
@@ -1020,6 +1246,7 @@ impl ControllerBackend for LvmController {
         let mut out: Vec<SnapshotInfo> = self
             .list_kind(Kind::Snapshot)
             .iter()
+            .filter(|(_, lv)| ids::tagged_for(&lv.tags).is_none())
             .map(|(id, lv)| Self::snapshot_info(id, lv))
             .collect();
         out.sort_by(|a, b| a.id.cmp(&b.id));

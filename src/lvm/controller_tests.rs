@@ -33,6 +33,10 @@ struct FakeNode {
     /// Creates never answer (the rest does).
     stall_creates: AtomicBool,
     creates: AtomicU64,
+    /// A resume with a source on another node completes the copy.
+    complete_pulls: AtomicBool,
+    /// What each pull read (node, LV).
+    pulled: Mutex<Vec<(String, String)>>,
 }
 
 impl FakeNode {
@@ -46,6 +50,8 @@ impl FakeNode {
             hung: Arc::default(),
             stall_creates: AtomicBool::new(false),
             creates: AtomicU64::new(0),
+            complete_pulls: AtomicBool::new(false),
+            pulled: Mutex::default(),
         })
     }
 
@@ -201,8 +207,26 @@ impl Agent for FakeNode {
         Ok(self.full().classes.remove(0).1)
     }
 
-    async fn resume(&self, _: &str, lv: &str, _: Option<&Pull>) -> LvmResult<Stamped<Option<Lv>>> {
+    async fn resume(
+        &self,
+        _: &str,
+        lv: &str,
+        pull: Option<&Pull>,
+    ) -> LvmResult<Stamped<Option<Lv>>> {
         self.count("resume");
+        if let Some(p) = pull {
+            self.pulled
+                .lock()
+                .unwrap()
+                .push((p.node.clone(), p.lv.clone()));
+            if self.complete_pulls.load(Ordering::SeqCst) {
+                self.change(|lvs| {
+                    if let Some(l) = lvs.get_mut(lv) {
+                        l.tags.retain(|t| t != TAG_COPYING);
+                    }
+                });
+            }
+        }
         let st = self.state.lock().unwrap();
         Ok(Stamped {
             value: st.1.get(lv).cloned(),
@@ -211,6 +235,15 @@ impl Agent for FakeNode {
                 generation: st.0,
             },
         })
+    }
+
+    async fn grant(&self, _: &str, _: &str, _: &str) -> LvmResult<()> {
+        self.count("grant");
+        Ok(())
+    }
+
+    fn address(&self) -> Option<&str> {
+        Some("fake:1")
     }
 
     async fn copy_progress(&self, _: &str, _: &str) -> Option<(String, bool)> {
@@ -429,6 +462,108 @@ async fn a_create_whose_caller_left_frees_its_reservation() {
     .await;
     assert!(r.is_err(), "the stalled create answered");
     assert_eq!(c.index.room("n0", "thin").unwrap().reserved, 0);
+}
+
+fn on_node(node: &str) -> Option<csi::TopologyRequirement> {
+    let topology = csi::Topology {
+        segments: node_segments(node).into_iter().collect(),
+    };
+    Some(csi::TopologyRequirement {
+        requisite: vec![topology.clone()],
+        preferred: vec![topology],
+    })
+}
+
+/// LV names on a fake node.
+fn names(node: &FakeNode) -> Vec<String> {
+    node.state.lock().unwrap().1.keys().cloned().collect()
+}
+
+/// A clone placed on another node than its source volume reads a hidden
+/// snapshot of the source (its point in time, on the source's node), which
+/// no snapshot call shows and which goes once the clone is complete or
+/// deleted; the sweep removes one whose clone is gone.
+#[tokio::test]
+async fn a_clone_on_another_node_reads_a_hidden_snapshot_that_goes_afterwards() {
+    let nodes = vec![FakeNode::new("n0", 10 * GIB), FakeNode::new("n1", 10 * GIB)];
+    let c = controller(&nodes).await;
+    let mut r = request("pvc-src", GIB);
+    r.requirement = on_node("n0");
+    let v = c.create_volume(&r).await.unwrap();
+    let clone_of = |name: &str| {
+        let mut r = request(name, GIB);
+        r.requirement = on_node("n1");
+        r.source = Some(Source::Volume(v.id.clone()));
+        r
+    };
+    let hidden_of = |name: &str| {
+        Kind::Snapshot.lv_name(&ids::hidden_source_key(&Kind::Volume.key_for_name(name)))
+    };
+
+    // 1. Incomplete: the clone exists on n1, marked copying, and reads
+    // n0's hidden snapshot, which nobody sees as a snapshot.
+    let err = c.create_volume(&clone_of("pvc-c1")).await.unwrap_err();
+    assert!(matches!(&err, Error::Aborted(_)), "{err:?}");
+    let hidden = hidden_of("pvc-c1");
+    assert!(names(&nodes[0]).contains(&hidden), "{:?}", names(&nodes[0]));
+    assert_eq!(
+        nodes[1].pulled.lock().unwrap().last(),
+        Some(&("n0".to_string(), hidden.clone()))
+    );
+    assert!(c.list_snapshots().await.unwrap().is_empty());
+    let hidden_id = format!(
+        "lvs1:n0:thin:{}",
+        ids::hidden_source_key(&Kind::Volume.key_for_name("pvc-c1"))
+    );
+    assert!(c.get_snapshot(&hidden_id).await.unwrap().is_none());
+    assert!(
+        c.list_volumes().await.unwrap().len() == 1,
+        "not listed while copying"
+    );
+
+    // 2. Complete: the retry answers the clone and the hidden snapshot goes.
+    nodes[1].complete_pulls.store(true, Ordering::SeqCst);
+    let done = c.create_volume(&clone_of("pvc-c1")).await.unwrap();
+    assert!(done.id.starts_with("lvm1:n1:"), "{}", done.id);
+    assert_eq!(done.source, Some(Source::Volume(v.id.clone())));
+    assert!(!names(&nodes[0]).contains(&hidden));
+
+    // 3. Deleted while copying: the hidden snapshot goes with it.
+    nodes[1].complete_pulls.store(false, Ordering::SeqCst);
+    let _ = c.create_volume(&clone_of("pvc-c2")).await.unwrap_err();
+    assert!(names(&nodes[0]).contains(&hidden_of("pvc-c2")));
+    let id2 = format!("lvm1:n1:thin:{}", Kind::Volume.key_for_name("pvc-c2"));
+    c.delete_volume(&id2, &Default::default()).await.unwrap();
+    assert!(!names(&nodes[0]).contains(&hidden_of("pvc-c2")));
+
+    // 4. A clone that vanished without the controller (a crash between
+    // its removal and the hidden snapshot's): the sweep removes it, and
+    // keeps the hidden snapshot of a clone still copying.
+    let _ = c.create_volume(&clone_of("pvc-c3")).await.unwrap_err();
+    let _ = c.create_volume(&clone_of("pvc-c4")).await.unwrap_err();
+    let c3 = Kind::Volume.lv_name(&Kind::Volume.key_for_name("pvc-c3"));
+    nodes[1].change(|lvs| {
+        lvs.remove(&c3);
+    });
+    let end = Instant::now() + Duration::from_secs(5);
+    while c.index.get("n1", "thin", &c3).is_some() {
+        assert!(Instant::now() < end, "the removal never reached the index");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    c.sweep_points_in_time().await;
+    assert!(!names(&nodes[0]).contains(&hidden_of("pvc-c3")));
+    assert!(names(&nodes[0]).contains(&hidden_of("pvc-c4")));
+
+    // 5. The source volume goes while pvc-c4 copies: the retry still
+    // completes it from its hidden snapshot, then removes that.
+    c.delete_volume(&v.id, &Default::default()).await.unwrap();
+    nodes[1].complete_pulls.store(true, Ordering::SeqCst);
+    let done = c.create_volume(&clone_of("pvc-c4")).await.unwrap();
+    assert_eq!(done.source, Some(Source::Volume(v.id.clone())));
+    assert_eq!(names(&nodes[0]), Vec::<String>::new());
+    // A new clone of the deleted source: NOT_FOUND.
+    let err = c.create_volume(&clone_of("pvc-c5")).await.unwrap_err();
+    assert!(matches!(&err, Error::NotFound(_)), "{err:?}");
 }
 
 async fn futures_join_all<F>(futures: impl Iterator<Item = F>) -> Vec<F::Output>

@@ -39,6 +39,11 @@ const COPIED_TAG: &str = "lodestone.v1.copied";
 /// lost): kept in LVM so that no later attempt, in this process or after a
 /// restart, copies a later state under the old identity.
 pub const TAG_COPY_FAILED: &str = "lodestone.v1.copyfailed";
+/// Tag key on a hidden snapshot (the point in time a clone on another node
+/// reads): `<target node>:<target volume key>`. Such a snapshot is no CSI
+/// snapshot: it is never listed or found by id, and it goes when its clone
+/// is complete or gone.
+pub const FOR_TAG: &str = "lodestone.v1.for";
 
 /// What LVM adds to a [`Kind`].
 pub trait LvmKind: Copy {
@@ -245,6 +250,27 @@ pub fn tagged_from(tags: &[String]) -> Option<&str> {
     tag_value(tags, FROM_TAG)
 }
 
+/// The key of the hidden snapshot a clone on another node reads (see
+/// [`FOR_TAG`]): derived from the clone's key in its own namespace, so no
+/// request name ever maps to it.
+pub fn hidden_source_key(volume_key: &str) -> String {
+    let ns = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_DNS, b"source.lvm.lodestone.dev");
+    uuid::Uuid::new_v5(&ns, volume_key.as_bytes())
+        .simple()
+        .to_string()
+}
+
+/// The tag naming the clone a hidden snapshot is for.
+pub fn for_tag(node: &str, volume_key: &str) -> String {
+    tag(FOR_TAG, &format!("{node}:{volume_key}"))
+}
+
+/// (target node, target volume key) of a hidden snapshot; None for every
+/// other LV.
+pub fn tagged_for(tags: &[String]) -> Option<(&str, &str)> {
+    tag_value(tags, FOR_TAG)?.split_once(':')
+}
+
 /// The checkpoint tag of a cross-node copy.
 pub fn copied_tag(offset: u64) -> String {
     tag(COPIED_TAG, &offset.to_string())
@@ -360,6 +386,26 @@ mod tests {
         }
         p.insert("deviceClass".to_string(), "thick".to_string());
         assert_ne!(params_digest(&p), d);
+    }
+
+    #[test]
+    fn a_hidden_source_has_its_own_key_and_names_its_clone() {
+        let key = Kind::Volume.key_for_name("pvc-1");
+        let hidden = hidden_source_key(&key);
+        assert!(is_key(&hidden));
+        assert_eq!(hidden, hidden_source_key(&key), "deterministic");
+        assert_ne!(hidden, Kind::Snapshot.key_for_name(&key));
+        assert_ne!(
+            hidden,
+            hidden_source_key(&Kind::Volume.key_for_name("pvc-2"))
+        );
+        let tags = vec![Kind::Snapshot.tag().to_string(), for_tag("node-b.x", &key)];
+        assert_eq!(tagged_for(&tags), Some(("node-b.x", key.as_str())));
+        assert_eq!(tagged_for(&tags[..1]), None);
+        assert_eq!(
+            hidden_source_key("68895271c1c95cddb5fabda9f84e4b8e"),
+            "579c1bcf2e8d55228a43af253d377ebf"
+        );
     }
 
     /// What is in LVM stays readable: keys, digests and tags of existing

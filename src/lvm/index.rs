@@ -675,6 +675,12 @@ impl Index {
 
     /// Every LV of that kind, on every node, as last known.
     pub(crate) fn list(&self, kind: Kind) -> Vec<(LvId, Lv)> {
+        self.list_tagged(kind, "")
+    }
+
+    /// Every LV of that kind one of whose tags contains `tag` (copies only
+    /// of those).
+    pub(crate) fn list_tagged(&self, kind: Kind, tag: &str) -> Vec<(LvId, Lv)> {
         let inner = self.read();
         let mut out = Vec::new();
         for (node, view) in &inner.nodes {
@@ -682,6 +688,9 @@ impl Index {
                 let (Some(lv), Some(key)) = (&e.lv, kind.key_of_lv(name)) else {
                     continue;
                 };
+                if !lv.tags.contains(tag) {
+                    continue;
+                }
                 out.push((
                     LvId {
                         kind,

@@ -1271,6 +1271,32 @@ impl Image<'_> {
         Ok(out)
     }
 
+    /// Fills `buf` from `offset` of the image as opened (at its snapshot, if
+    /// opened at one), parent included; returns the bytes read, fewer only
+    /// at the image's end.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> RbdResult<usize> {
+        let what = || self.what("rbd_read");
+        let mut done = 0;
+        while done < buf.len() {
+            let rest = &mut buf[done..];
+            // SAFETY: open image; `rest` is valid for `rest.len()` bytes of
+            // writes and outlives the call, which does not keep it.
+            let ret = unsafe {
+                ffi::rbd_read(
+                    self.handle,
+                    offset + done as u64,
+                    rest.len(),
+                    rest.as_mut_ptr() as *mut c_char,
+                )
+            };
+            match check(ret as i64, what)? {
+                0 => break,
+                n => done += n as usize,
+            }
+        }
+        Ok(done)
+    }
+
     /// Removes a snapshot. With clone v2 children it moves to the trash
     /// namespace and goes away with the last child.
     pub fn snap_remove(&self, snap: &str) -> RbdResult<()> {

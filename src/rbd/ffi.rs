@@ -439,6 +439,7 @@ ceph_api! {
             max_images: *mut usize,
         ) -> c_int;
         fn rbd_flatten(image: rbd_image_t) -> c_int;
+        fn rbd_read(image: rbd_image_t, ofs: u64, len: usize, buf: *mut c_char) -> isize;
         fn rbd_diff_iterate2(
             image: rbd_image_t,
             fromsnapname: *const c_char,

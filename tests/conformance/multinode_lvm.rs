@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use lodestone::csi;
 use lodestone::csi::volume_content_source::{SnapshotSource, Type as SourceType};
-use lodestone::lvm::ids::{Kind, LvmKind};
+use lodestone::lvm::ids::{self, Kind, LvmKind};
 use tonic::Code;
 
 use crate::common::cluster::{start_controller, start_controller_with, NodeAgent, Relay};
@@ -116,8 +116,8 @@ fn lvs_with_key(key: &str) -> Vec<Lv> {
 }
 
 /// Placement by the orchestrator's preferred order, data gravity for a
-/// restore (even against the preferred node), a clear error when the
-/// source's node is excluded, a fallback when the preferred node has no
+/// restore (even against the preferred node), a restore and a clone copied
+/// to the other node when the source's node is excluded, a fallback when the preferred node has no
 /// room, and GetCapacity per node exact right after each mutation.
 #[tokio::test]
 async fn placement_and_data_gravity_across_two_nodes() {
@@ -221,26 +221,29 @@ async fn placement_and_data_gravity_across_two_nodes() {
     .await;
     c.ctl.delete(&moved.volume_id).await;
 
-    // A clone's source is live: it cannot move, and the error names node-b.
+    // A clone whose requisite excludes node-b: the source volume's point in
+    // time (a hidden snapshot on node-b) is copied to node-a.
     let mut r = req(
-        &unique_name("mn-clone-excluded"),
+        &unique_name("mn-clone-moved"),
         THIN,
         0,
         requirement(&[A], &[A]),
     );
-    r.volume_content_source = Some(csi::VolumeContentSource {
-        r#type: Some(SourceType::Volume(
-            csi::volume_content_source::VolumeSource {
-                volume_id: v.volume_id.clone(),
-            },
-        )),
-    });
-    let e = expect_code(
-        c.ctl.controller().create_volume(r).await,
-        Code::ResourceExhausted,
-        "clone with node-b excluded",
+    r.volume_content_source = Some(clone_source(&v.volume_id));
+    let cloned = create_until_ok(&c.ctl, r).await;
+    assert_eq!(volume_nodes(&cloned), vec![A.to_string()], "{cloned:?}");
+    assert_eq!(
+        cloned.content_source,
+        Some(clone_source(&v.volume_id)),
+        "a moved clone still names its source volume"
     );
-    assert!(e.message().contains(B), "{}", e.message());
+    with_device(&c.a.driver, &cloned.volume_id, |dev| {
+        let mut got = vec![0u8; DATA];
+        dev.read_exact(&mut got).unwrap();
+        assert!(got == data, "the clone on node-a does not hold the data");
+    })
+    .await;
+    c.ctl.delete(&cloned.volume_id).await;
 
     // GetCapacity of node-b's thick space is exact right after a create
     // and a delete (no refresh, no lag).
@@ -1025,15 +1028,7 @@ async fn a_cross_node_restore_survives_its_target_dying_before_and_after_the_dat
     // 1. Dies right after making the target: an empty LV marked copying.
     let first = create_once(&ctl, &request).await;
     assert!(first.is_err(), "reported a restore whose agent died");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !wait_for(&b, "lvm.pull.after_target") {
-        assert!(
-            Instant::now() < deadline,
-            "no fail point: {}",
-            b.driver.log()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    reaches(&b, "lvm.pull.after_target").await;
     let lv = unfinished();
     assert!(
         !lv.tags.iter().any(|t| t.contains("copied=")),
@@ -1203,6 +1198,18 @@ async fn written_snapshot_on_a(
     size: u64,
     regions: &Regions,
 ) -> (csi::Volume, String) {
+    let v = written_volume_on_a(ctl, &a.driver, size, regions).await;
+    let snap = snapshot_of(ctl, &v.volume_id).await;
+    (v, snap)
+}
+
+/// A thin volume on node-a (`a`: its node plugin) with `regions` written.
+async fn written_volume_on_a(
+    ctl: &Driver,
+    a: &Driver,
+    size: u64,
+    regions: &Regions,
+) -> csi::Volume {
     let v = ctl
         .create_ok(req(
             &unique_name("mn-xsrc"),
@@ -1211,9 +1218,8 @@ async fn written_snapshot_on_a(
             requirement(&[A], &[A]),
         ))
         .await;
-    with_device(&a.driver, &v.volume_id, write_regions(regions)).await;
-    let snap = snapshot_of(ctl, &v.volume_id).await;
-    (v, snap)
+    with_device(a, &v.volume_id, write_regions(regions)).await;
+    v
 }
 
 /// SIGKILLs the controller and starts a new one for the same agents.
@@ -1255,4 +1261,156 @@ async fn check_copy_and_clean_up(
     delete_snapshot(ctl, snap).await.expect("DeleteSnapshot");
     ctl.delete(&source.volume_id).await;
     assert!(lvs_with_key(key).is_empty());
+}
+
+fn clone_source(volume_id: &str) -> csi::VolumeContentSource {
+    csi::VolumeContentSource {
+        r#type: Some(SourceType::Volume(
+            csi::volume_content_source::VolumeSource {
+                volume_id: volume_id.to_string(),
+            },
+        )),
+    }
+}
+
+fn clone_req(name: &str, class: &str, volume_id: &str, node: &str) -> csi::CreateVolumeRequest {
+    let mut r = req(name, class, 0, requirement(&[node], &[node]));
+    r.volume_content_source = Some(clone_source(volume_id));
+    r
+}
+
+/// The LV name suffix of the hidden snapshot a clone request reads.
+fn hidden_key(request: &csi::CreateVolumeRequest) -> String {
+    ids::hidden_source_key(&Kind::Volume.key_for_name(&request.name))
+}
+
+/// A clone of a live volume on another node holds the source as it was
+/// when the clone was asked for: the first call takes a hidden snapshot on
+/// the source's node, and what is written to the source afterwards is not
+/// in the clone. The hidden snapshot is no CSI snapshot (ListSnapshots
+/// never shows it) and it is gone once the clone is complete. Into a thick
+/// volume (gaps zeroed by the target) and a thin one.
+#[tokio::test]
+async fn a_clone_on_another_node_holds_its_source_as_it_was_when_asked() {
+    if skip_without_lvm() {
+        return;
+    }
+    let c = cluster().await;
+    const SIZE: u64 = 64 << 20;
+    let before: &Regions = &[
+        (0, 2 << 20, 0x11),
+        (20 << 20, 4 << 20, 0x12),
+        (60 << 20, 1 << 20, 0x13),
+    ];
+    let after: &Regions = &[(0, 2 << 20, 0x21), (40 << 20, 4 << 20, 0x22)];
+    for class in [THICK, THIN] {
+        let v = written_volume_on_a(&c.ctl, &c.a.driver, SIZE, before).await;
+        let request = clone_req(&unique_name("mn-xc"), class, &v.volume_id, B);
+        let hidden = hidden_key(&request);
+        let started = Instant::now();
+        let first = create_once(&c.ctl, &request).await;
+        eprintln!("{class} clone, first call: {:?}", first.as_ref().map(drop));
+        let (_, listed) = inventory_of(&c.ctl).await;
+        assert!(
+            !listed.iter().any(|s| s.contains(&hidden)),
+            "the hidden snapshot is listed: {listed:?}"
+        );
+        // Written after the request: not part of the clone.
+        with_device(&c.a.driver, &v.volume_id, write_regions(after)).await;
+        let r = create_until_ok(&c.ctl, request.clone()).await;
+        eprintln!("{class} clone on node-b: {:?}", started.elapsed());
+        assert_eq!(volume_nodes(&r), vec![B.to_string()], "{r:?}");
+        with_device(&c.b.driver, &r.volume_id, check_regions(before, SIZE)).await;
+        assert!(
+            lvs_with_key(&hidden).is_empty(),
+            "the hidden snapshot outlived its clone"
+        );
+        c.ctl.delete(&r.volume_id).await;
+        c.ctl.delete(&v.volume_id).await;
+    }
+}
+
+/// The two ends of a clone's hidden snapshot when things go wrong: a clone
+/// deleted before its copy completed takes its hidden snapshot with it, and
+/// a clone whose source volume is overwritten and deleted mid-copy still
+/// completes, with the data of its own point in time. node-b's agent dies each time with every byte
+/// written but the copy not marked complete (fail point).
+#[tokio::test]
+async fn a_clone_on_another_node_outlives_its_source_and_a_delete_mid_copy_leaves_nothing() {
+    if skip_without_lvm() {
+        return;
+    }
+    let dir = new_temp_dir();
+    let ca = Ca::new(dir.path(), "cluster");
+    let a = NodeAgent::start(&ca, A, "127.0.0.1", &default_class_args()).await;
+    let point = "lvm.pull.after_data";
+    let b = NodeAgent::start_armed(&ca, B, "127.0.0.2", &b_class_args(), point).await;
+    let ctl = start_controller(&ca, &[&a, &b], &default_class_args()).await;
+    const SIZE: u64 = 32 << 20;
+    let regions: &Regions = &[(0, 1 << 20, 0x31), (17 << 20, 3 << 20, 0x32)];
+    let v = written_volume_on_a(&ctl, &a.driver, SIZE, regions).await;
+
+    // 1. Deleted mid-copy: the clone and its hidden snapshot both go.
+    let first = clone_req(&unique_name("mn-cdel"), THICK, &v.volume_id, B);
+    assert!(create_once(&ctl, &first).await.is_err());
+    reaches(&b, point).await;
+    assert_eq!(lvs_with_key(&hidden_key(&first)).len(), 1);
+    let b = b.restart_armed(point).await;
+    let key = Kind::Volume.key_for_name(&first.name);
+    let id = format!("lvm1:{B}:{THICK}:{key}");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let r = ctl
+            .controller()
+            .delete_volume(csi::DeleteVolumeRequest {
+                volume_id: id.clone(),
+                ..Default::default()
+            })
+            .await;
+        match r {
+            Ok(_) => break,
+            Err(e) if Instant::now() < deadline && e.code() == Code::Unavailable => {
+                tokio::time::sleep(Duration::from_millis(300)).await
+            }
+            Err(e) => panic!("DeleteVolume {id}: {e:?}"),
+        }
+    }
+    assert!(lvs_with_key(&key).is_empty());
+    assert!(lvs_with_key(&hidden_key(&first)).is_empty());
+
+    // 2. The source changes, then goes, mid-copy: the resumed copy reads
+    // everything again (no checkpoint yet), from the hidden snapshot, so the
+    // clone holds the source as it was when asked for; then the hidden
+    // snapshot goes too.
+    let second = clone_req(&unique_name("mn-corph"), THICK, &v.volume_id, B);
+    assert!(create_once(&ctl, &second).await.is_err());
+    reaches(&b, point).await;
+    let later: &Regions = &[(0, 1 << 20, 0x41), (8 << 20, 1 << 20, 0x42)];
+    with_device(&a.driver, &v.volume_id, write_regions(later)).await;
+    ctl.delete(&v.volume_id).await;
+    let b = b.restart().await;
+    let r = create_until_ok(&ctl, second.clone()).await;
+    assert_eq!(volume_nodes(&r), vec![B.to_string()]);
+    with_device(&b.driver, &r.volume_id, check_regions(regions, SIZE)).await;
+    assert!(lvs_with_key(&hidden_key(&second)).is_empty());
+    ctl.delete(&r.volume_id).await;
+    drop(a);
+}
+
+/// Waits (up to three minutes) until the agent's log says it reached the
+/// fail point.
+async fn reaches(b: &NodeAgent, point: &str) {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while !b
+        .driver
+        .log()
+        .contains(&format!("fail point {point} reached"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no fail point: {}",
+            b.driver.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
