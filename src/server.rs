@@ -349,8 +349,10 @@ pub async fn rbd_services(args: &RunArgs) -> Result<Services, ServerError> {
             soft_depth: args.rbd_soft_clone_depth,
             hard_depth: args.rbd_hard_clone_depth,
         };
+        let backend = Arc::new(RbdController::new(config.clone(), pool, policy));
+        backend.spawn_trash_sweep(Duration::from_secs(600));
         ControllerService {
-            backend: Arc::new(RbdController::new(config.clone(), pool, policy)),
+            backend,
             locks: locks.clone(),
         }
     });

@@ -1023,6 +1023,11 @@ impl IoCtx {
         self.open_with(id, None, true, true)
     }
 
+    /// Opens the image with id `id` read-write (works for trashed images).
+    pub fn open_by_id(&self, id: &str) -> RbdResult<Image<'_>> {
+        self.open_with(id, None, false, true)
+    }
+
     fn open_with(
         &self,
         name: &str,
@@ -1044,12 +1049,15 @@ impl IoCtx {
         // NULL for "no snapshot".
         let ret = unsafe {
             match (by_id, read_only) {
-                (true, _) => ffi::rbd_open_by_id_read_only(
+                (true, true) => ffi::rbd_open_by_id_read_only(
                     self.handle,
                     c_name.as_ptr(),
                     &mut image,
                     snap_ptr,
                 ),
+                (true, false) => {
+                    ffi::rbd_open_by_id(self.handle, c_name.as_ptr(), &mut image, snap_ptr)
+                }
                 (false, true) => {
                     ffi::rbd_open_read_only(self.handle, c_name.as_ptr(), &mut image, snap_ptr)
                 }

@@ -13,8 +13,8 @@
 //! have clone children when deleted go to the trash, so nothing in use is
 //! lost.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
@@ -74,6 +74,8 @@ pub(crate) struct RbdController {
     config: RbdConfig,
     pool: Arc<ConnectionPool>,
     flatten: FlattenPolicy,
+    /// Pools whose trash this process swept (see `purge_later`).
+    swept: Mutex<HashSet<i64>>,
 }
 
 /// Where a new volume goes: pool, data pool and its accessible topology.
@@ -251,8 +253,13 @@ fn remove_checked(io: &IoCtx, image: &str, ancestors: Vec<(i64, String, String)>
         }
     }
     crate::fail_point!("rbd.trash.after_remove");
-    // Ancestors of ours that waited in the trash for their last child:
-    // gone for good now, unless another child still needs them.
+    purge_ancestors(io, ancestors);
+    Ok(())
+}
+
+/// Ancestors of ours that waited in the trash for their last child (just
+/// removed): gone for good now, unless another child still needs them.
+fn purge_ancestors(io: &IoCtx, ancestors: Vec<(i64, String, String)>) {
     for (pool_id, id, name) in ancestors {
         crate::fail_point!("rbd.trash.before_purge");
         let r = io
@@ -265,7 +272,57 @@ fn remove_checked(io: &IoCtx, image: &str, ancestors: Vec<(i64, String, String)>
             Err(_) => break,
         }
     }
-    Ok(())
+}
+
+/// A snapshot's hidden image that DeleteSnapshot moved to the trash: its
+/// snapshot `csi` goes (into the trash namespace while restores still use
+/// it), then the image with its trashed ancestors, unless clones still
+/// need it: it then waits in the trash for its last child, whose removal
+/// purges it ([`trashed_ancestors`]). Returns whether it is gone.
+fn purge_trashed_snapshot(io: &IoCtx, id: &str) -> RbdResult<bool> {
+    let img = match io.open_by_id(id) {
+        Ok(img) => img,
+        Err(e) if e.is_not_found() => return Ok(true),
+        Err(e) => return Err(e),
+    };
+    ignore_missing(img.snap_remove(ids::SNAP_NAME))?;
+    crate::fail_point!("rbd.snapshot.purge_after_snap_remove");
+    let parent = img.parent()?;
+    drop(img);
+    let ancestors = trashed_ancestors(io, parent)?;
+    match io.trash_remove(id, true) {
+        Ok(()) => {}
+        Err(e) if e.is_not_found() => return Ok(true),
+        Err(RbdError::NotEmpty { .. } | RbdError::Busy { .. }) => return Ok(false),
+        Err(e) => return Err(e),
+    }
+    purge_ancestors(io, ancestors);
+    Ok(true)
+}
+
+/// Purges every snapshot image of ours that DeleteSnapshot left in the
+/// pool's trash (a controller that died before its purge ran); those that
+/// restores still need stay. Returns how many went.
+fn sweep_trashed_snapshots(io: &IoCtx) -> RbdResult<usize> {
+    let mut purged = 0;
+    for e in io.trash_list()? {
+        if e.source != ffi::RBD_TRASH_IMAGE_SOURCE_USER
+            || Kind::Snapshot.key_of_image(&e.name).is_none()
+        {
+            continue;
+        }
+        match purge_trashed_snapshot(io, &e.id) {
+            Ok(true) => {
+                tracing::info!(pool = %io.pool(), image = %e.name,
+                    "purged a deleted snapshot's image from the trash");
+                purged += 1;
+            }
+            Ok(false) => {}
+            Err(err) => tracing::warn!(pool = %io.pool(), image = %e.name, error = %err,
+                "cannot purge a deleted snapshot's image from the trash yet"),
+        }
+    }
+    Ok(purged)
 }
 
 /// The trash entries `rbd_remove` left for `image` (source REMOVING).
@@ -800,6 +857,7 @@ impl RbdController {
             config,
             pool,
             flatten,
+            swept: Mutex::default(),
         }
     }
 
@@ -970,6 +1028,62 @@ impl RbdController {
                 Err(e) => tracing::warn!(image = %what, error = %e, "background flatten failed"),
             }
         });
+    }
+
+    /// Purges a deleted snapshot's image from the trash on a background
+    /// task (see [`purge_trashed_snapshot`]); the first time in this
+    /// process for its pool, sweeps the pool's trash too.
+    fn purge_later(&self, creds: Credentials, pool_id: i64, image_id: String, image: String) {
+        let pool = self.pool.clone();
+        let sweep = self.swept.lock().expect("swept poisoned").insert(pool_id);
+        tokio::spawn(async move {
+            let r = pool
+                .run_background_by_id(&creds, pool_id, move |io| {
+                    let gone = purge_trashed_snapshot(io, &image_id)?;
+                    if sweep {
+                        sweep_trashed_snapshots(io)?;
+                    }
+                    Ok(gone)
+                })
+                .await;
+            match r {
+                Ok(true) => tracing::info!(image = %image, "deleted snapshot's image purged"),
+                Ok(false) => tracing::info!(image = %image,
+                    "deleted snapshot's image waits in the trash for the restores that use it"),
+                Err(e) => tracing::warn!(image = %image, error = %e,
+                    "purging a deleted snapshot's image failed; the next sweep retries"),
+            }
+        });
+    }
+
+    /// Sweeps the trash of every listed pool now and every `every`: the
+    /// images of snapshots deleted by a controller that died before it
+    /// purged them.
+    pub(crate) fn spawn_trash_sweep(self: &Arc<Self>, every: Duration) {
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                let Some(me) = me.upgrade() else { return };
+                me.sweep_listed_pools().await;
+            }
+        });
+    }
+
+    async fn sweep_listed_pools(&self) {
+        for cluster in &self.config.clusters {
+            let Ok(creds) = self.creds(cluster, &Secrets::default()) else {
+                continue;
+            };
+            for name in &cluster.pools {
+                let r = self.pool.run(&creds, name, sweep_trashed_snapshots).await;
+                if let Err(e) = r {
+                    tracing::warn!(cluster = %cluster.cluster_id, pool = %name, error = %e,
+                        "cannot sweep the pool's trash");
+                }
+            }
+        }
     }
 
     /// What pool `pool` can still take, in bytes, as Ceph computes it for
@@ -1362,6 +1476,17 @@ impl ControllerBackend for RbdController {
     }
 
     async fn delete_snapshot(&self, id: &str, secrets: &Secrets) -> Result<()> {
+        // What Ceph is asked before the answer: rbd.get_id (one small
+        // object-class call) and rbd_trash_move of the hidden image (a few
+        // ms). From then on nothing finds the snapshot by name: it is gone
+        // for CSI. Its snapshot `csi` and the image itself (each a monitor
+        // round trip, about 100 ms apiece) are removed right after, on a
+        // background slot (`purge_trashed_snapshot`), as ceph-csi leaves
+        // them to the mgr; a controller that dies first leaves the image
+        // in the trash, and the sweep at the next start (and every ten
+        // minutes, and at the first DeleteSnapshot in a pool) purges it.
+        // Only when the image is not found: rbd_trash_list, to finish a
+        // removal an older version left halfway.
         let Some((sid, cluster)) = self.known_id(Kind::Snapshot, id) else {
             return Ok(());
         };
@@ -1370,21 +1495,34 @@ impl ControllerBackend for RbdController {
         let r = self
             .pool
             .run_by_id(&creds, sid.pool_id, move |io| {
-                let img = match io.open(&hidden) {
+                let image_id = match io.image_id(&hidden) {
                     Ok(i) => i,
-                    Err(e) if e.is_not_found() => return Ok(()),
+                    Err(e) if e.is_not_found() => {
+                        return finish_removal(io, &hidden).map(|()| None)
+                    }
                     Err(e) => return Err(e),
                 };
-                // With clone v2, a snapshot that restores still use moves
-                // to the trash namespace; the image then goes to the trash.
-                ignore_missing(img.snap_remove(ids::SNAP_NAME))?;
-                drop(img);
-                remove_or_trash(io, &hidden)
+                match io.trash_move(&hidden, Duration::ZERO) {
+                    Ok(()) => {}
+                    Err(e) if e.is_not_found() => {
+                        return finish_removal(io, &hidden).map(|()| None)
+                    }
+                    Err(e) => return Err(e),
+                }
+                crate::fail_point!("rbd.snapshot.after_trash_move");
+                Ok(Some(image_id))
             })
             .await;
         match r {
             Err(e) if e.is_not_found() => Ok(()),
-            r => Ok(r?),
+            Err(RbdError::Busy { what }) => Err(Error::Aborted(format!(
+                "{what}: the snapshot's image is busy (a background flatten); retry"
+            ))),
+            Ok(Some(image_id)) => {
+                self.purge_later(creds, sid.pool_id, image_id, sid.image());
+                Ok(())
+            }
+            r => Ok(r.map(drop)?),
         }
     }
 
@@ -1560,11 +1698,11 @@ mod tests {
 
     #[test]
     fn places_by_topology_and_source() {
-        let c = RbdController {
-            config: RbdConfig::default(),
-            pool: unreachable_pool(),
-            flatten: FlattenPolicy::default(),
-        };
+        let c = RbdController::new(
+            RbdConfig::default(),
+            unreachable_pool(),
+            FlattenPolicy::default(),
+        );
         let pools = r#"[
           {"poolName":"pa","domainSegments":[{"domainLabel":"topology.kubernetes.io/zone","value":"a"}]},
           {"poolName":"pb","domainSegments":[{"domainLabel":"topology.kubernetes.io/zone","value":"b"}]}]"#;
@@ -1601,11 +1739,11 @@ mod tests {
     /// served), not a volume no node could use.
     #[test]
     fn plain_pool_honours_requisite_keys() {
-        let c = RbdController {
-            config: RbdConfig::default(),
-            pool: unreachable_pool(),
-            flatten: FlattenPolicy::default(),
-        };
+        let c = RbdController::new(
+            RbdConfig::default(),
+            unreachable_pool(),
+            FlattenPolicy::default(),
+        );
         let cluster: Cluster =
             serde_json::from_str(r#"{"clusterID":"c","monitors":["m"]}"#).unwrap();
         let plain: BTreeMap<String, String> = [(P_POOL.to_string(), "rbd".to_string())].into();

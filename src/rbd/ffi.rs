@@ -420,6 +420,12 @@ ceph_api! {
             image: *mut rbd_image_t,
             snap_name: *const c_char,
         ) -> c_int;
+        fn rbd_open_by_id(
+            io: rados_ioctx_t,
+            id: *const c_char,
+            image: *mut rbd_image_t,
+            snap_name: *const c_char,
+        ) -> c_int;
         fn rbd_close(image: rbd_image_t) -> c_int;
         fn rbd_resize(image: rbd_image_t, size: u64) -> c_int;
         fn rbd_update_features(image: rbd_image_t, features: u64, enabled: u8) -> c_int;
