@@ -1230,6 +1230,9 @@ async fn create_killed_at_each_step_converges() {
 
 /// A snapshot whose creation died before its own snapshot exists is listed
 /// as not ready; the retry finishes it (ready, same id, one hidden image).
+/// A DeleteSnapshot that dies after moving the image to the trash (before
+/// its purge) has deleted the snapshot: the retry answers OK and the
+/// restarted controller's sweep purges the image.
 #[tokio::test]
 async fn snapshot_killed_halfway_is_not_ready_until_retried() {
     let Some(ceph) = ceph() else { return };
@@ -2004,6 +2007,19 @@ async fn block_maps_of_rbd_snapshots() {
     assert!(
         delta.iter().all(|&(o, l)| o + l <= 4 * mib),
         "delta {delta:?}"
+    );
+    // Resumed inside the delta, one range per message: from there on.
+    let mut client =
+        lodestone::csi::snapshot_metadata_client::SnapshotMetadataClient::new(d.channel());
+    let pages = block_pages(&mut client, query, 2 * MIB + 1000, 1, ceph.secrets())
+        .await
+        .unwrap();
+    let resumed: Vec<(i64, i64)> = pages.into_iter().flat_map(|p| p.ranges).collect();
+    let last = delta.last().unwrap();
+    assert_eq!(
+        resumed.last(),
+        Some(&(2 * MIB, (last.0 + last.1) as i64 - 2 * MIB)),
+        "resumed at 2 MiB + 1000: {resumed:?}"
     );
     // A backup tool rebuilds B from A's bytes and the delta: identical.
     let export = |id: &str| {
