@@ -847,7 +847,10 @@ impl LvmController {
         }) else {
             return Err(Error::NotFound(missing));
         };
-        let class = self.class_of_new_volume(params, Some(&sid))?;
+        // A source id naming a class that is not configured names nothing.
+        let Ok(class) = self.class_of_new_volume(params, Some(&sid)) else {
+            return Err(Error::NotFound(missing));
+        };
         let digest = ids::params_digest(&LvmParams::digest_input(&class.name, Some(&sid.encode())));
         match self
             .find_anywhere(Kind::Volume, &Kind::Volume.key_for_name(&req.name))
