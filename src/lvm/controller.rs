@@ -148,6 +148,14 @@ impl Sizing {
     }
 }
 
+/// Where a clone on another node stands with its source's point in time.
+enum PointInTime {
+    /// The hidden snapshot to read, complete.
+    Ready(LvId),
+    /// A thick hidden snapshot still being copied: its progress.
+    Copying(String),
+}
+
 /// The hidden snapshot clone `id` reads: on the source volume's node and
 /// in its class.
 fn hidden_source_of(id: &LvId, source: &LvId) -> LvId {
@@ -504,8 +512,8 @@ impl LvmController {
                 let snapshot = match src.kind {
                     Kind::Snapshot => src,
                     Kind::Volume => match self.point_in_time(id, &lv, &src).await? {
-                        Ok(hidden) => hidden,
-                        Err(progress) => return Ok((lv, Some(progress))),
+                        PointInTime::Ready(hidden) => hidden,
+                        PointInTime::Copying(progress) => return Ok((lv, Some(progress))),
                     },
                 };
                 match self.pull_from(&snapshot, &id.node).await {
@@ -564,14 +572,8 @@ impl LvmController {
     /// The hidden snapshot a clone on another node reads (see
     /// [`ids::FOR_TAG`]): made on the source volume's node the first time
     /// the clone settles, after the clone's LV exists (so the sweep can
-    /// always tell whether a hidden snapshot is still needed). Ok(Err)
-    /// with its progress while a thick one is still being copied.
-    async fn point_in_time(
-        &self,
-        id: &LvId,
-        lv: &Lv,
-        source: &LvId,
-    ) -> Result<std::result::Result<LvId, String>> {
+    /// always tell whether a hidden snapshot is still needed).
+    async fn point_in_time(&self, id: &LvId, lv: &Lv, source: &LvId) -> Result<PointInTime> {
         let hidden = hidden_source_of(id, source);
         let found = self
             .index
@@ -582,11 +584,11 @@ impl LvmController {
             None => self.make_point_in_time(id, lv, source, &hidden).await?,
         };
         if !is_copying(&h) {
-            return Ok(Ok(hidden));
+            return Ok(PointInTime::Ready(hidden));
         }
         match self.advance(&hidden, h.clone(), None).await {
-            Ok((_, None)) => Ok(Ok(hidden)),
-            Ok((_, Some(progress))) => Ok(Err(format!(
+            Ok((_, None)) => Ok(PointInTime::Ready(hidden)),
+            Ok((_, Some(progress))) => Ok(PointInTime::Copying(format!(
                 "taking the source volume's point in time on node {}: {progress}",
                 hidden.node
             ))),
