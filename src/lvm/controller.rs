@@ -535,6 +535,7 @@ impl LvmController {
         };
         let (lv, progress) = self.advance(id, lv, pull.as_ref()).await?;
         if progress.is_none() {
+            crate::fail_point!("lvm.clone.before_dropping_point_in_time");
             self.drop_point_in_time(id, &lv).await;
         }
         Ok((lv, progress))
@@ -655,6 +656,7 @@ impl LvmController {
         self.record(hidden, &done.value, done.stamp);
         tracing::info!(clone = %id.encode(), source = %source.encode(), hidden = %hidden.encode(),
             "took the source volume's point in time for a clone on another node");
+        crate::fail_point!("lvm.clone.after_point_in_time");
         Ok(done.value)
     }
 

@@ -117,6 +117,26 @@ pub async fn start_controller(ca: &Ca, agents: &[&NodeAgent], class_args: &[Stri
     start_controller_with(ca, &flags, class_args, &[]).await
 }
 
+/// The central controller for `agents`, armed with fail point `point`.
+pub async fn start_controller_armed(
+    ca: &Ca,
+    agents: &[&NodeAgent],
+    class_args: &[String],
+    point: &str,
+) -> Driver {
+    let tls = ca.issue(CONTROLLER_IDENTITY);
+    let mut b = Driver::builder()
+        .mode("controller")
+        .node_id("controller")
+        .class_args(class_args.to_vec())
+        .args(tls.args())
+        .env("LODESTONE_FAILPOINTS", point);
+    for a in agents {
+        b = b.args(["--agent".to_string(), a.agent_flag()]);
+    }
+    b.start_in(new_temp_dir()).await
+}
+
 /// The central controller for `--agent` flags (NODE=HOST:PORT), with more
 /// arguments.
 pub async fn start_controller_with(

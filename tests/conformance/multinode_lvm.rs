@@ -13,7 +13,9 @@ use lodestone::csi::volume_content_source::{SnapshotSource, Type as SourceType};
 use lodestone::lvm::ids::{self, Kind, LvmKind};
 use tonic::Code;
 
-use crate::common::cluster::{start_controller, start_controller_with, NodeAgent, Relay};
+use crate::common::cluster::{
+    start_controller, start_controller_armed, start_controller_with, NodeAgent, Relay,
+};
 use crate::common::pki::Ca;
 use crate::common::*;
 
@@ -1413,4 +1415,80 @@ async fn reaches(b: &NodeAgent, point: &str) {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// The controller dies at the two step boundaries a clone on another node
+/// adds (fail points): right after it took the hidden snapshot (before any
+/// stream), and once the copy is complete but before the hidden snapshot
+/// is removed. Each restarted controller carries on from what is in LVM:
+/// the first restart starts the stream from the same hidden snapshot, the
+/// last answers the clone, and its sweep (every minute) removes the hidden
+/// snapshot nobody else would.
+#[tokio::test]
+async fn a_clone_on_another_node_survives_its_controller_dying_at_each_step() {
+    if skip_without_lvm() {
+        return;
+    }
+    let dir = new_temp_dir();
+    let ca = Ca::new(dir.path(), "cluster");
+    let a = NodeAgent::start(&ca, A, "127.0.0.1", &default_class_args()).await;
+    let b = NodeAgent::start(&ca, B, "127.0.0.2", &b_class_args()).await;
+    let classes = default_class_args();
+    let first_point = "lvm.clone.after_point_in_time";
+    let ctl = start_controller_armed(&ca, &[&a, &b], &classes, first_point).await;
+    const SIZE: u64 = 32 << 20;
+    let regions: &Regions = &[(0, 1 << 20, 0x51), (9 << 20, 2 << 20, 0x52)];
+    let v = written_volume_on_a(&ctl, &a.driver, SIZE, regions).await;
+    let request = clone_req(&unique_name("mn-cctl"), THIN, &v.volume_id, B);
+    let key = Kind::Volume.key_for_name(&request.name);
+    let hidden = hidden_key(&request);
+    let died_at =
+        |ctl: &Driver, point: &str| ctl.log().contains(&format!("fail point {point} reached"));
+
+    // 1. Dies right after taking the point in time: the clone's LV and the
+    // hidden snapshot exist, nothing was streamed.
+    assert!(create_once(&ctl, &request).await.is_err());
+    assert!(died_at(&ctl, first_point), "{}", ctl.log());
+    assert_eq!(lvs_with_key(&hidden).len(), 1);
+    let target = lvs_with_key(&key);
+    assert_eq!(target.len(), 1);
+    assert!(target[0].tags.iter().any(|t| t.ends_with("copying")));
+    drop(ctl);
+
+    // 2. Dies once the copy is complete, before removing the hidden
+    // snapshot: never reported before that.
+    let last_point = "lvm.clone.before_dropping_point_in_time";
+    let ctl = start_controller_armed(&ca, &[&a, &b], &classes, last_point).await;
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while !died_at(&ctl, last_point) {
+        assert!(Instant::now() < deadline, "no fail point: {}", ctl.log());
+        assert!(
+            create_once(&ctl, &request).await.is_err(),
+            "reported before the controller died"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(lvs_with_key(&hidden).len(), 1);
+    drop(ctl);
+
+    // 3. A clean controller answers the clone; its sweep removes the
+    // hidden snapshot within a minute or so.
+    let ctl = start_controller(&ca, &[&a, &b], &classes).await;
+    let r = create_until_ok(&ctl, request.clone()).await;
+    assert_eq!(volume_nodes(&r), vec![B.to_string()]);
+    with_device(&b.driver, &r.volume_id, check_regions(regions, SIZE)).await;
+    let deadline = Instant::now() + Duration::from_secs(150);
+    while !lvs_with_key(&hidden).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the sweep left the hidden snapshot: {}",
+            ctl.log()
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert!(ctl
+        .log()
+        .contains("removed a hidden snapshot whose clone is complete or gone"));
+    ctl.delete(&r.volume_id).await;
+    ctl.delete(&v.volume_id).await;
 }
