@@ -7,5 +7,6 @@ pub(crate) mod capacity;
 pub(crate) mod ids;
 pub(crate) mod locks;
 pub(crate) mod node;
+pub(crate) mod periodic;
 pub(crate) mod placement;
 pub(crate) mod request;

@@ -27,6 +27,7 @@ use crate::core::backend::{
 };
 use crate::core::blockmap::BlockMap;
 use crate::core::capacity::Range;
+use crate::core::periodic;
 use crate::core::placement::{self, Candidates};
 use crate::core::request::{topology_matches, Access, FsType};
 use crate::csi;
@@ -713,23 +714,18 @@ impl LvmController {
         }
     }
 
-    /// Every `every`, looks through the index for duplicates, e.g. after a
-    /// node that was down comes back.
+    /// Every `every`, looks through the index for duplicates (e.g. after a
+    /// node that was down comes back) and sweeps hidden snapshots no clone
+    /// needs any more.
     pub(crate) fn spawn_duplicate_scan(self: &Arc<Self>, every: Duration) {
         if every.is_zero() {
             return;
         }
-        let me = Arc::downgrade(self);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            loop {
-                tick.tick().await;
-                let Some(me) = me.upgrade() else { return };
-                for kind in [Kind::Volume, Kind::Snapshot] {
-                    me.report_duplicates(kind);
-                }
-                me.sweep_points_in_time().await;
+        periodic::spawn_every(self, every, |me: Arc<Self>| async move {
+            for kind in [Kind::Volume, Kind::Snapshot] {
+                me.report_duplicates(kind);
             }
+            me.sweep_points_in_time().await;
         });
     }
 

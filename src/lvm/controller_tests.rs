@@ -564,6 +564,14 @@ async fn a_clone_on_another_node_reads_a_hidden_snapshot_that_goes_afterwards() 
     // A new clone of the deleted source: NOT_FOUND.
     let err = c.create_volume(&clone_of("pvc-c5")).await.unwrap_err();
     assert!(matches!(&err, Error::NotFound(_)), "{err:?}");
+    // So is one of a well-formed id in a class that is not configured.
+    let mut r = request("pvc-c6", GIB);
+    r.source = Some(Source::Volume(format!(
+        "lvm1:n0:nosuch:{}",
+        Kind::Volume.key_for_name("x")
+    )));
+    let err = c.create_volume(&r).await.unwrap_err();
+    assert!(matches!(&err, Error::NotFound(_)), "{err:?}");
 }
 
 async fn futures_join_all<F>(futures: impl Iterator<Item = F>) -> Vec<F::Output>

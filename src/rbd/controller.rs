@@ -25,6 +25,7 @@ use crate::core::backend::{
 };
 use crate::core::blockmap::{self, BlockMap, Extent, Side, StopOnDrop, COMPARE_CHUNK};
 use crate::core::capacity::Range;
+use crate::core::periodic;
 use crate::csi;
 use crate::error::{Error, Result};
 use crate::rbd::config::{Cluster, RbdConfig};
@@ -1060,14 +1061,8 @@ impl RbdController {
     /// images of snapshots deleted by a controller that died before it
     /// purged them.
     pub(crate) fn spawn_trash_sweep(self: &Arc<Self>, every: Duration) {
-        let me = Arc::downgrade(self);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            loop {
-                tick.tick().await;
-                let Some(me) = me.upgrade() else { return };
-                me.sweep_listed_pools().await;
-            }
+        periodic::spawn_every(self, every, |me: Arc<Self>| async move {
+            me.sweep_listed_pools().await
         });
     }
 

@@ -124,17 +124,11 @@ pub async fn start_controller_armed(
     class_args: &[String],
     point: &str,
 ) -> Driver {
-    let tls = ca.issue(CONTROLLER_IDENTITY);
-    let mut b = Driver::builder()
-        .mode("controller")
-        .node_id("controller")
-        .class_args(class_args.to_vec())
-        .args(tls.args())
-        .env("LODESTONE_FAILPOINTS", point);
-    for a in agents {
-        b = b.args(["--agent".to_string(), a.agent_flag()]);
-    }
-    b.start_in(new_temp_dir()).await
+    let flags: Vec<String> = agents.iter().map(|a| a.agent_flag()).collect();
+    controller_builder(ca, &flags, class_args)
+        .env("LODESTONE_FAILPOINTS", point)
+        .start_in(new_temp_dir())
+        .await
 }
 
 /// The central controller for `--agent` flags (NODE=HOST:PORT), with more
@@ -145,17 +139,28 @@ pub async fn start_controller_with(
     class_args: &[String],
     extra: &[&str],
 ) -> Driver {
+    controller_builder(ca, agent_flags, class_args)
+        .args(extra.iter().copied())
+        .start_in(new_temp_dir())
+        .await
+}
+
+/// The central controller's command line: its certificate and the agents.
+fn controller_builder(
+    ca: &Ca,
+    agent_flags: &[String],
+    class_args: &[String],
+) -> super::DriverBuilder {
     let tls = ca.issue(CONTROLLER_IDENTITY);
     let mut b = Driver::builder()
         .mode("controller")
         .node_id("controller")
         .class_args(class_args.to_vec())
-        .args(tls.args())
-        .args(extra.iter().copied());
+        .args(tls.args());
     for flag in agent_flags {
         b = b.args(["--agent".to_string(), flag.clone()]);
     }
-    b.start_in(new_temp_dir()).await
+    b
 }
 
 /// A TCP relay between the controller and one agent that can cut every
