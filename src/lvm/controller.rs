@@ -157,6 +157,14 @@ enum PointInTime {
     Copying(String),
 }
 
+/// (kind, id, what to call it) of a restore's or clone's source.
+fn source_parts(source: &Source) -> (Kind, &str, &'static str) {
+    match source {
+        Source::Snapshot(id) => (Kind::Snapshot, id, "snapshot"),
+        Source::Volume(id) => (Kind::Volume, id, "volume"),
+    }
+}
+
 /// The hidden snapshot clone `id` reads: on the source volume's node and
 /// in its class.
 fn hidden_source_of(id: &LvId, source: &LvId) -> LvId {
@@ -799,14 +807,22 @@ impl LvmController {
         })
     }
 
-    /// The source of a restore or clone, which must exist and be complete.
-    async fn source_of(&self, source: &Source) -> Result<(LvId, Lv)> {
-        let (kind, id, what) = match source {
-            Source::Snapshot(id) => (Kind::Snapshot, id, "snapshot"),
-            Source::Volume(id) => (Kind::Volume, id, "volume"),
-        };
-        let (lid, lv) = self
-            .resolve(kind, id)
+    /// The place a restore's or clone's source id names (no lookup):
+    /// NOT_FOUND for an id this driver never issues, or of a class that is
+    /// not configured.
+    fn source_id(&self, source: &Source) -> Result<LvId> {
+        let (kind, id, what) = source_parts(source);
+        LvId::parse(kind, id)
+            .filter(|sid| self.config.class(&sid.class).is_some())
+            .ok_or_else(|| Error::NotFound(format!("source {what} {id} does not exist")))
+    }
+
+    /// The source of a new restore or clone, which must exist and be
+    /// complete.
+    async fn source_of(&self, source: &Source, sid: LvId) -> Result<(LvId, Lv)> {
+        let (_, id, what) = source_parts(source);
+        let lv = self
+            .find(&sid)
             .await?
             .ok_or_else(|| Error::NotFound(format!("source {what} {id} does not exist")))?;
         if is_copying(&lv) {
@@ -814,7 +830,7 @@ impl LvmController {
                 "source {what} {id} is still being copied; retry when it is ready"
             )));
         }
-        Ok((lid, lv))
+        Ok((sid, lv))
     }
 
     /// The class a new volume goes to: the StorageClass's, else its
@@ -827,37 +843,6 @@ impl LvmController {
         match (&params.device_class, source) {
             (None, Some(sid)) => self.named_class(&sid.class),
             _ => self.class_for(params),
-        }
-    }
-
-    /// A CreateVolume whose source no longer exists: the retry of a restore
-    /// or clone made before its source was deleted (a clone even while it
-    /// copies: it reads its own point in time, see [`Self::point_in_time`])
-    /// is answered as any retry; anything else is NOT_FOUND.
-    async fn answer_sourceless_retry(
-        &self,
-        req: &CreateVolume,
-        params: &LvmParams,
-        source: &Source,
-        missing: String,
-    ) -> Result<VolumeInfo> {
-        let Some(sid) = (match source {
-            Source::Volume(id) => LvId::parse(Kind::Volume, id),
-            Source::Snapshot(id) => LvId::parse(Kind::Snapshot, id),
-        }) else {
-            return Err(Error::NotFound(missing));
-        };
-        // A source id naming a class that is not configured names nothing.
-        let Ok(class) = self.class_of_new_volume(params, Some(&sid)) else {
-            return Err(Error::NotFound(missing));
-        };
-        let digest = ids::params_digest(&LvmParams::digest_input(&class.name, Some(&sid.encode())));
-        match self
-            .find_anywhere(Kind::Volume, &Kind::Volume.key_for_name(&req.name))
-            .await?
-        {
-            Some((id, lv)) => self.answer_retry(req, class, &digest, id, lv).await,
-            None => Err(Error::NotFound(missing)),
         }
     }
 
@@ -1020,18 +1005,13 @@ impl ControllerBackend for LvmController {
 
     async fn create_volume(&self, req: &CreateVolume) -> Result<VolumeInfo> {
         let params = LvmParams::parse(&req.params)?;
-        let source = match &req.source {
-            Some(s) => match self.source_of(s).await {
-                Ok(found) => Some(found),
-                Err(Error::NotFound(m)) => {
-                    return self.answer_sourceless_retry(req, &params, s, m).await
-                }
-                Err(e) => return Err(e),
-            },
-            None => None,
-        };
-        let class = self.class_of_new_volume(&params, source.as_ref().map(|(sid, _)| sid))?;
-        let source_id = source.as_ref().map(|(sid, _)| sid.encode());
+        // The source's id is all the request's identity needs (its class,
+        // the digest): a retry is answered without looking the source up,
+        // so also after the source is gone (a clone copies from its own
+        // point in time). Only a new volume needs the source's LV.
+        let sid = req.source.as_ref().map(|s| self.source_id(s)).transpose()?;
+        let class = self.class_of_new_volume(&params, sid.as_ref())?;
+        let source_id = sid.as_ref().map(LvId::encode);
         let digest =
             ids::params_digest(&LvmParams::digest_input(&class.name, source_id.as_deref()));
         let key = Kind::Volume.key_for_name(&req.name);
@@ -1039,6 +1019,10 @@ impl ControllerBackend for LvmController {
         if let Some((id, lv)) = self.find_anywhere(Kind::Volume, &key).await? {
             return self.answer_retry(req, class, &digest, id, lv).await;
         }
+        let source = match (&req.source, sid) {
+            (Some(s), Some(sid)) => Some(self.source_of(s, sid).await?),
+            _ => None,
+        };
         let sizing = Sizing::of(req, class, source.as_ref().map(|(_, lv)| lv))?;
         let source_node = source.as_ref().map(|(sid, _)| sid.node.as_str());
         let movable = source.as_ref().is_some_and(|(sid, _)| self.can_pull(sid));
