@@ -38,6 +38,7 @@ use lodestone::agentpb::agent_server::{Agent, AgentServer};
 use lodestone::client::{self, Client};
 use lodestone::csi;
 use lodestone::lvm::ids::{self, Kind, LvmKind};
+use lodestone::lvm::wire;
 use lodestone::tls::{require_peer, TlsMaterial};
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -512,10 +513,14 @@ async fn start_fleet(pki: &Pki, n: usize, volumes: usize) -> R<Fleet> {
         addresses.push(format!("{node}={}", listener.local_addr().unwrap()));
         let service =
             AgentServer::with_interceptor(Served(sim.clone()), require_peer(CONTROLLER.into()));
+        // The inventory stream over its own transport, as a real agent
+        // serves it.
+        let api = Arc::new(Served(sim.clone()));
         tokio::spawn(async move {
+            let incoming = wire::route(tls.incoming(listener), api, CONTROLLER.into());
             let _ = tonic::transport::Server::builder()
                 .add_service(service)
-                .serve_with_incoming(tls.incoming(listener))
+                .serve_with_incoming(incoming)
                 .await;
         });
         sims.push(sim);

@@ -36,6 +36,7 @@ use crate::lvm::pull::PeerService;
 use crate::lvm::remote::Deadlines;
 use crate::lvm::resolver::{Directory, Resolver};
 use crate::lvm::rpc::AgentService;
+use crate::lvm::wire;
 use crate::metrics::{BuildInfo, Endpoint};
 use crate::runner::Runner;
 use crate::tls::{require_peer, TlsError, TlsMaterial};
@@ -188,10 +189,11 @@ async fn serve_agent(args: &RunArgs, agent: Arc<LocalAgent>) -> Result<(), Serve
     let peer = PeerServer::new(PeerService {
         agent: agent.clone(),
     });
-    let service = AgentServer::with_interceptor(
-        AgentService {
-            agent: Arc::new(Detached::new(agent)),
-        },
+    let api = Arc::new(AgentService {
+        agent: Arc::new(Detached::new(agent)),
+    });
+    let service = tonic::service::interceptor::InterceptedService::new(
+        AgentServer::from_arc(api.clone()),
         require_peer(args.controller_identity.clone()),
     );
     let server = tonic::transport::Server::builder()
@@ -200,8 +202,11 @@ async fn serve_agent(args: &RunArgs, agent: Arc<LocalAgent>) -> Result<(), Serve
         .add_service(peer);
     tracing::info!(listen = %args.agent_listen, controller = %args.controller_identity,
         "serving the LVM agent API (mutual TLS)");
+    let controller = args.controller_identity.clone();
     tokio::spawn(async move {
-        if let Err(e) = server.serve_with_incoming(tls.incoming(listener)).await {
+        // The inventory streams have their own transport on this port.
+        let incoming = wire::route(tls.incoming(listener), api, controller);
+        if let Err(e) = server.serve_with_incoming(incoming).await {
             tracing::error!(error = %e, "the agent API server failed");
         }
     });

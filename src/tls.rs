@@ -66,6 +66,11 @@ pub enum TlsError {
 /// How long a TLS handshake may take before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The application protocol (ALPN) of the agent's inventory stream, beside
+/// HTTP/2 (`h2`) on the same port (the protocol is in
+/// `crate::lvm::inventory`).
+pub const INVENTORY_ALPN: &[u8] = b"lodestone-inventory/1";
+
 /// The PEM files of one end.
 #[derive(Debug, Clone)]
 pub struct TlsFiles {
@@ -79,6 +84,8 @@ pub struct TlsFiles {
 struct Loaded {
     server: Arc<ServerConfig>,
     client: Arc<ClientConfig>,
+    /// The client's, offering the inventory protocol instead of HTTP/2.
+    inventory_client: Arc<ClientConfig>,
 }
 
 /// Identity of the three files' current contents, without reading them.
@@ -161,17 +168,20 @@ impl Loaded {
             .with_client_cert_verifier(verifier)
             .with_single_cert(chain.clone(), key.clone_key())
             .map_err(TlsError::KeyMismatch)?;
-        server.alpn_protocols = vec![b"h2".to_vec()];
+        server.alpn_protocols = vec![b"h2".to_vec(), INVENTORY_ALPN.to_vec()];
         let mut client = ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(TlsError::Setup)?
             .with_root_certificates(roots)
             .with_client_auth_cert(chain, key)
             .map_err(TlsError::KeyMismatch)?;
+        let mut inventory_client = client.clone();
         client.alpn_protocols = vec![b"h2".to_vec()];
+        inventory_client.alpn_protocols = vec![INVENTORY_ALPN.to_vec()];
         Ok(Loaded {
             server: Arc::new(server),
             client: Arc::new(client),
+            inventory_client: Arc::new(inventory_client),
         })
     }
 
@@ -285,12 +295,25 @@ impl TlsMaterial {
     /// address of the URI and makes a TLS handshake with the current
     /// material, in which the agent must prove it is `node`; both within
     /// `deadline` (a peer that accepts and never answers fails then).
-    pub fn connector(&self, node: &str, deadline: std::time::Duration) -> AgentConnector {
+    pub fn connector(&self, node: &str, deadline: Duration) -> AgentConnector {
         AgentConnector {
             tls: self.clone(),
             node: node.to_string(),
             deadline,
         }
+    }
+
+    /// Controller side: a connection to the agent of `node` at `address`
+    /// for its inventory stream (TCP and TLS as [`Self::connector`]'s,
+    /// offering [`INVENTORY_ALPN`] instead of HTTP/2).
+    pub async fn connect_inventory(
+        &self,
+        node: &str,
+        address: &str,
+        deadline: Duration,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let config = self.current().inventory_client.clone();
+        connect(config, node, address, deadline).await
     }
 }
 
@@ -322,28 +345,40 @@ impl tower::Service<http::Uri> for AgentConnector {
         let config = self.tls.current().client.clone();
         let node = self.node.clone();
         let deadline = self.deadline;
-        let connect = async move {
+        Box::pin(async move {
             let address = uri
                 .authority()
                 .map(|a| a.as_str().to_string())
                 .ok_or_else(|| std::io::Error::other(format!("no address in {uri}")))?;
-            let name = ServerName::try_from(node.clone()).map_err(|_| {
-                std::io::Error::other(format!("node name {node:?} is not a DNS name"))
-            })?;
-            let tcp = TcpStream::connect(&address).await?;
-            let _ = tcp.set_nodelay(true);
-            let tls = TlsConnector::from(config).connect(name, tcp).await?;
-            Ok(TokioIo::new(tls))
-        };
-        Box::pin(async move {
-            tokio::time::timeout(deadline, connect).await.map_err(|_| {
-                std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("no TLS connection within {deadline:?}"),
-                )
-            })?
+            Ok(TokioIo::new(
+                connect(config, &node, &address, deadline).await?,
+            ))
         })
     }
+}
+
+/// TCP to `address` and a TLS handshake in which the peer must prove it is
+/// `node`, both within `deadline` (a peer that accepts and never answers
+/// fails then).
+async fn connect(
+    config: Arc<ClientConfig>,
+    node: &str,
+    address: &str,
+    deadline: Duration,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let name = ServerName::try_from(node.to_string())
+        .map_err(|_| std::io::Error::other(format!("node name {node:?} is not a DNS name")))?;
+    let connect = async move {
+        let tcp = TcpStream::connect(address).await?;
+        let _ = tcp.set_nodelay(true);
+        TlsConnector::from(config).connect(name, tcp).await
+    };
+    tokio::time::timeout(deadline, connect).await.map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no TLS connection within {deadline:?}"),
+        )
+    })?
 }
 
 /// Whether a DER certificate is valid for `name` (a DNS subject alternative
@@ -392,6 +427,25 @@ pub fn valid_server_name(node: &str) -> bool {
     ServerName::try_from(node)
         .map(|n| matches!(n, ServerName::DnsName(_)))
         .unwrap_or(false)
+}
+
+/// For tests: a new CA's PEM, and a certificate and key (PEM) it issued
+/// for each name (server and client use).
+#[cfg(test)]
+pub(crate) fn test_pki(names: &[&str]) -> (String, Vec<(String, String)>) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+    let issued = (names.iter())
+        .map(|name| {
+            let key = KeyPair::generate().unwrap();
+            let params = CertificateParams::new(vec![name.to_string()]).unwrap();
+            let cert = params.signed_by(&key, &ca).unwrap();
+            (cert.pem(), key.serialize_pem())
+        })
+        .collect();
+    (ca.pem(), issued)
 }
 
 #[cfg(test)]

@@ -49,70 +49,92 @@ struct Entry {
 }
 
 /// An [`Lv`] as the index keeps it. A cluster holds 100,000 of them, so
-/// the strings many LVs share (VG, pool, attributes) are held once per
-/// index and the tags as one string; the name is the entry's key.
+/// what many LVs share (VG, attributes, pool, policy) is held once per
+/// index, the tags as one string, and the name is the entry's key.
 #[derive(Debug, Clone)]
 struct Kept {
-    vg: Arc<str>,
-    attr: Arc<str>,
-    pool: Option<Arc<str>>,
+    shape: Arc<Shape>,
     /// The tags joined by commas (no LVM tag holds one).
     tags: Box<str>,
     size: u64,
-    data_percent: Option<f64>,
-    metadata_percent: Option<f64>,
-    when_full: Box<str>,
-    zeroing: bool,
+    /// LVM reports these with two decimals: an f32 holds them.
+    data_percent: Option<f32>,
+    metadata_percent: Option<f32>,
     created: Option<i64>,
+    zeroing: bool,
+}
+
+/// The fields of an LV that recur across LVs and nodes.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct Shape {
+    vg: Box<str>,
+    attr: Box<str>,
+    pool: Option<Box<str>>,
+    when_full: Box<str>,
 }
 
 impl Kept {
     fn lv(&self, name: &str) -> Lv {
+        let percent = |p: Option<f32>| p.map(|p| (f64::from(p) * 100.0).round() / 100.0);
         Lv {
-            vg: self.vg.to_string(),
+            vg: self.shape.vg.to_string(),
             name: name.to_string(),
             size: self.size,
-            attr: self.attr.to_string(),
+            attr: self.shape.attr.to_string(),
             tags: match &*self.tags {
                 "" => Vec::new(),
                 t => t.split(',').map(str::to_string).collect(),
             },
-            pool: self.pool.as_deref().map(str::to_string),
-            data_percent: self.data_percent,
-            metadata_percent: self.metadata_percent,
-            when_full: self.when_full.to_string(),
+            pool: self.shape.pool.as_deref().map(str::to_string),
+            data_percent: percent(self.data_percent),
+            metadata_percent: percent(self.metadata_percent),
+            when_full: self.shape.when_full.to_string(),
             zeroing: self.zeroing,
             created: self.created,
         }
     }
 }
 
-/// Shared copies of strings that recur across LVs and nodes.
+/// Shared copies of strings and shapes that recur across LVs and nodes.
 #[derive(Debug, Default)]
-struct Strings(std::collections::HashSet<Arc<str>>);
+struct Strings {
+    strings: std::collections::HashSet<Arc<str>>,
+    shapes: std::collections::HashSet<Arc<Shape>>,
+}
 
 impl Strings {
     fn get(&mut self, s: &str) -> Arc<str> {
-        if let Some(a) = self.0.get(s) {
+        if let Some(a) = self.strings.get(s) {
             return a.clone();
         }
         let a: Arc<str> = Arc::from(s);
-        self.0.insert(a.clone());
+        self.strings.insert(a.clone());
         a
     }
 
     fn keep(&mut self, lv: Lv) -> Kept {
+        let shape = Shape {
+            vg: lv.vg.into(),
+            attr: lv.attr.into(),
+            pool: lv.pool.map(Into::into),
+            when_full: lv.when_full.into(),
+        };
+        let shape = match self.shapes.get(&shape) {
+            Some(s) => s.clone(),
+            None => {
+                let s = Arc::new(shape);
+                self.shapes.insert(s.clone());
+                s
+            }
+        };
         Kept {
-            vg: self.get(&lv.vg),
-            attr: self.get(&lv.attr),
-            pool: lv.pool.as_deref().map(|p| self.get(p)),
+            shape,
             tags: lv.tags.join(",").into(),
             size: lv.size,
-            data_percent: lv.data_percent,
-            metadata_percent: lv.metadata_percent,
-            when_full: lv.when_full.into(),
-            zeroing: lv.zeroing,
+            data_percent: lv.data_percent.map(|p| p as f32),
+            metadata_percent: lv.metadata_percent.map(|p| p as f32),
             created: lv.created,
+            zeroing: lv.zeroing,
         }
     }
 }
@@ -197,7 +219,7 @@ struct Inner {
     nodes: HashMap<Arc<str>, NodeView>,
     /// Where each request key's LVs are: (kind, key) -> {(node, class)}.
     /// A key is 32 hex digits: kept as the number they spell.
-    by_key: HashMap<(Kind, u128), Vec<Place>>,
+    by_key: HashMap<(Kind, KeyBits), Places>,
     /// The LVs still being filled from a snapshot on another node, by
     /// that snapshot's id: (node, LV name).
     pulls: HashMap<String, Vec<PullTarget>>,
@@ -208,15 +230,70 @@ struct Inner {
     next_reservation: u64,
 }
 
+/// A request key, 32 hex digits, as the number they spell (in two halves:
+/// eight-byte aligned, so a key map's entry takes 24 bytes, not 32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct KeyBits([u64; 2]);
+
+impl std::fmt::Display for KeyBits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}{:016x}", self.0[0], self.0[1])
+    }
+}
+
 /// The kind and request key of one of our LV names.
-fn kind_and_key(name: &str) -> Option<(Kind, u128)> {
+fn kind_and_key(name: &str) -> Option<(Kind, KeyBits)> {
     [Kind::Volume, Kind::Snapshot]
         .into_iter()
         .find_map(|k| Some((k, key_bits(k.key_of_lv(name)?)?)))
 }
 
-fn key_bits(key: &str) -> Option<u128> {
-    u128::from_str_radix(key, 16).ok()
+fn key_bits(key: &str) -> Option<KeyBits> {
+    let k = u128::from_str_radix(key, 16).ok()?;
+    Some(KeyBits([(k >> 64) as u64, k as u64]))
+}
+
+/// The places of one key: nearly always one, held without a list.
+#[derive(Debug)]
+enum Places {
+    One(Place),
+    Many(Vec<Place>),
+}
+
+impl Places {
+    fn as_slice(&self) -> &[Place] {
+        match self {
+            Places::One(p) => std::slice::from_ref(p),
+            Places::Many(v) => v,
+        }
+    }
+
+    fn add(&mut self, at: Place) {
+        if self.as_slice().contains(&at) {
+            return;
+        }
+        *self = match std::mem::replace(self, Places::Many(Vec::new())) {
+            Places::One(p) => Places::Many(vec![p, at]),
+            Places::Many(mut v) => {
+                v.push(at);
+                Places::Many(v)
+            }
+        };
+    }
+
+    /// Removes `at`; false when no place is left.
+    fn remove(&mut self, at: &Place) -> bool {
+        match self {
+            Places::One(p) => p != at,
+            Places::Many(v) => {
+                v.retain(|p| p != at);
+                if v.len() == 1 {
+                    *self = Places::One(v.pop().expect("one left"));
+                }
+                !self.as_slice().is_empty()
+            }
+        }
+    }
 }
 
 /// The id of the snapshot on another node that the LV on `node` is still
@@ -276,16 +353,14 @@ impl Inner {
             let (node, _) = self.nodes.get_key_value(node).expect("viewed above");
             let at = (node.clone(), class);
             if present {
-                let places = self.by_key.entry(k).or_default();
-                if !places.contains(&at) {
-                    // Nearly every key has one place: no spare room (a
-                    // first push would reserve four).
-                    places.reserve_exact(1);
-                    places.push(at);
+                match self.by_key.get_mut(&k) {
+                    Some(places) => places.add(at),
+                    None => {
+                        self.by_key.insert(k, Places::One(at));
+                    }
                 }
-            } else if let Some(set) = self.by_key.get_mut(&k) {
-                set.retain(|p| *p != at);
-                if set.is_empty() {
+            } else if let Some(places) = self.by_key.get_mut(&k) {
+                if !places.remove(&at) {
                     self.by_key.remove(&k);
                 }
             }
@@ -649,7 +724,7 @@ impl Index {
             return Vec::new();
         };
         let name = kind.lv_name(key);
-        at.iter()
+        (at.as_slice().iter())
             .filter_map(|(node, class)| {
                 let view = inner.nodes.get(node)?;
                 let lv = view.entry(class, &name)?.lv.as_ref()?.lv(&name);
@@ -711,14 +786,14 @@ impl Index {
     pub(crate) fn duplicates(&self, kind: Kind) -> Vec<Vec<LvId>> {
         let inner = self.read();
         (inner.by_key.iter())
-            .filter(|((k, _), places)| *k == kind && places.len() > 1)
+            .filter(|((k, _), places)| *k == kind && places.as_slice().len() > 1)
             .map(|((_, key), places)| {
-                (places.iter())
+                (places.as_slice().iter())
                     .map(|(node, class)| LvId {
                         kind,
                         node: node.to_string(),
                         class: class.to_string(),
-                        key: format!("{key:032x}"),
+                        key: key.to_string(),
                     })
                     .collect()
             })
@@ -930,7 +1005,12 @@ pub(crate) fn follow(
                     }
                 }
             };
-            drop(first);
+            if first.take().is_some() && last_error.as_deref() != Some(why.as_str()) {
+                // Refused or cut before any update (the agent's answer to
+                // the request comes on the stream).
+                tracing::warn!(node = %node, error = %why, "agent not reachable yet");
+                last_error = Some(why.clone());
+            }
             down(&index, &node, why);
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(10));
@@ -1017,13 +1097,14 @@ mod tests {
         let mut a = lv(&name(1), 5);
         assert_eq!(strings.keep(a.clone()).lv(&a.name), a);
         a.tags = vec!["lodestone.v1.vol".into(), "lodestone.v1.name=6162".into()];
-        a.data_percent = Some(12.5);
+        a.data_percent = Some(12.34);
+        a.metadata_percent = Some(99.99);
         a.created = Some(7);
         let kept = strings.keep(a.clone());
         assert_eq!(kept.lv(&a.name), a);
         // The VG, pool and attributes of the next LV are the same strings.
         let b = strings.keep(lv(&name(2), 6));
-        assert!(Arc::ptr_eq(&kept.vg, &b.vg) && Arc::ptr_eq(&kept.attr, &b.attr));
+        assert!(Arc::ptr_eq(&kept.shape, &b.shape));
     }
 
     #[test]

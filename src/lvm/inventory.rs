@@ -13,6 +13,10 @@
 //!   tag changed, a pool's usage moved). A generation names the whole copy
 //!   as it was then. Every mutation's reply carries the [`Stamp`] that
 //!   includes it.
+//! - **Transport.** `Watch` is an RPC of the agent API, and it is also
+//!   served on its own connection without HTTP/2 ([`crate::lvm::wire`]),
+//!   which the controller uses (one stream per node, always open: HTTP/2
+//!   would cost five times the memory). Both carry the same messages.
 //! - **Watch.** The controller opens `Watch` with its cursor (the epoch and
 //!   generation it has applied, or none). The agent answers with:
 //!   1. a *full* update (every LV of ours, each class's capacity, the

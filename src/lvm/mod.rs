@@ -20,3 +20,4 @@ pub mod remote;
 pub(crate) mod report;
 pub(crate) mod resolver;
 pub mod rpc;
+pub mod wire;

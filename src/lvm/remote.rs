@@ -7,7 +7,10 @@
 //! agent's service runs mutations detached from the RPC
 //! ([`crate::lvm::detached`]).
 
+use std::pin::Pin;
 use std::time::Duration;
+
+use tokio_stream::Stream;
 
 use tonic::transport::Endpoint;
 use tonic::Request;
@@ -21,6 +24,7 @@ use crate::lvm::error::{LvmError, Result};
 use crate::lvm::inventory::{Stamp, Stamped, Update, Updates, WatchRequest};
 use crate::lvm::report::Lv;
 use crate::lvm::rpc::{block_map_of, error_from_status, Parts};
+use crate::lvm::wire;
 use crate::tls::TlsMaterial;
 
 /// Deadlines of agent calls.
@@ -72,6 +76,8 @@ pub struct RemoteAgent {
     node: String,
     address: String,
     client: AgentClient<AgentChannel>,
+    /// For the inventory stream's own connection ([`crate::lvm::wire`]).
+    tls: TlsMaterial,
     deadlines: Deadlines,
 }
 
@@ -91,6 +97,7 @@ impl RemoteAgent {
             node: node.to_string(),
             address: address.to_string(),
             client: AgentClient::new(channel),
+            tls: tls.clone(),
             deadlines,
         })
     }
@@ -270,23 +277,37 @@ impl Agent for RemoteAgent {
         }
     }
 
-    /// Opens the stream: its set-up (connection, TLS handshake, the
-    /// answer's headers) within the read deadline; then no deadline (the
-    /// controller judges the stream by its heartbeats).
+    /// Opens the stream over its own connection ([`crate::lvm::wire`]),
+    /// or over gRPC for an agent that does not offer that: its set-up
+    /// (connection, TLS handshake, the request) within the read deadline;
+    /// then no deadline (the controller judges the stream by its
+    /// heartbeats).
     async fn watch(&self, request: WatchRequest) -> Result<Updates> {
         use tokio_stream::StreamExt;
-        let r = Request::new(pb::WatchRequest {
+        let request = pb::WatchRequest {
             part_bytes: WATCH_PART_BYTES,
             ..pb::WatchRequest::from(&request)
-        });
-        let updates = self
-            .within(self.deadlines.read, self.client.clone().watch(r))
-            .await?;
+        };
+        let d = self.deadlines.read;
+        let parts: Pin<Box<dyn Stream<Item = _> + Send>> =
+            match wire::watch(&self.tls, &self.node, &self.address, d, request.clone()).await {
+                Ok(s) => Box::pin(s),
+                Err(e) if wire::not_offered(&e) => {
+                    let r = Request::new(request);
+                    Box::pin(self.within(d, self.client.clone().watch(r)).await?)
+                }
+                Err(e) => {
+                    return Err(LvmError::Unavailable(format!(
+                        "node {}: no inventory stream: {e}",
+                        self.node
+                    )))
+                }
+            };
         let node = self.node.clone();
-        let mut parts = Parts::default();
-        Ok(Box::pin(updates.filter_map(move |item| {
+        let mut pending = Parts::default();
+        Ok(Box::pin(parts.filter_map(move |item| {
             match item {
-                Ok(part) => parts
+                Ok(part) => pending
                     .push(part)
                     .transpose()
                     .map(|u| u.and_then(Update::try_from)),

@@ -166,6 +166,81 @@ async fn controller_refuses_an_agent_that_is_another_node() {
     assert_eq!(right.describe().await.expect("describe").node, "node-a");
 }
 
+/// The inventory stream has its own transport on the agent's port (ALPN
+/// `lodestone-inventory/1`, no HTTP/2): the controller's certificate gets
+/// the node's full inventory and then heartbeats; another certificate of
+/// the same CA gets PERMISSION_DENIED and nothing of the inventory; gRPC
+/// on the same port still answers.
+#[tokio::test]
+async fn the_inventory_stream_has_its_own_transport_for_the_controller_only() {
+    use lodestone::agentpb::WatchRequest;
+    use tokio_stream::StreamExt;
+    let dir = new_temp_dir();
+    let ca = Ca::new(dir.path(), "good");
+    let a = agent(&ca).await;
+    let request = WatchRequest {
+        heartbeat_ms: 200,
+        part_bytes: 1024,
+        ..Default::default()
+    };
+    let watch = |m: TlsMaterial| {
+        let (address, request) = (a.address.clone(), request.clone());
+        async move {
+            lodestone::lvm::wire::watch(&m, "node-a", &address, Duration::from_secs(5), request)
+                .await
+        }
+    };
+    let ctl = material(&ca.issue(CONTROLLER_IDENTITY));
+    let mut updates = Box::pin(watch(ctl.clone()).await.expect("the controller's watch"));
+    let first = updates
+        .next()
+        .await
+        .expect("an update")
+        .expect("not an error");
+    assert!(first.full && !first.epoch.is_empty(), "{first:?}");
+    // Heartbeats follow: the same epoch, nothing new.
+    let mut last = first;
+    while last.more {
+        last = updates
+            .next()
+            .await
+            .expect("the parts")
+            .expect("not an error");
+    }
+    let beat = tokio::time::timeout(Duration::from_secs(5), updates.next())
+        .await
+        .expect("a heartbeat within 5 s")
+        .expect("the stream goes on")
+        .expect("not an error");
+    assert_eq!(
+        (beat.epoch.as_str(), beat.full, beat.lvs.len()),
+        (last.epoch.as_str(), false, 0)
+    );
+
+    let other = material(&ca.issue("node-b"));
+    let mut refused = Box::pin(
+        watch(other)
+            .await
+            .expect("the TLS handshake itself succeeds"),
+    );
+    let e = refused
+        .next()
+        .await
+        .expect("an answer")
+        .expect_err("node-b's certificate was sent the inventory");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains(CONTROLLER_IDENTITY), "{e:?}");
+    assert!(refused.next().await.is_none(), "the stream ends there");
+
+    let deadlines = Deadlines {
+        connect: Duration::from_secs(5),
+        read: Duration::from_secs(10),
+        write: Duration::from_secs(10),
+    };
+    let right = RemoteAgent::new("node-a", &a.address, &ctl, deadlines).unwrap();
+    assert_eq!(right.describe().await.expect("gRPC too").node, "node-a");
+}
+
 /// A controller without TLS files or without agents, or a node without TLS
 /// files, refuses to start with a message saying what is missing.
 #[test]
