@@ -661,8 +661,18 @@ impl LvmController {
             read_only: true,
         };
         let agent = self.agent_for_change(&source.node)?;
+        // A thick source's point in time is a full copy: its size is
+        // promised on the source's node, so that creates placed there
+        // meanwhile do not count the same space.
+        let reserved = match src_lv.pool {
+            Some(_) => None,
+            None => Some(self.reserve_on(&source.node, &source.class, src_lv.size)?),
+        };
         let done = agent.create(&spec).await?;
-        self.record(hidden, &done.value, done.stamp);
+        self.record(hidden, &done.value, done.stamp.clone());
+        if let Some(r) = reserved {
+            r.held_until(done.stamp);
+        }
         tracing::info!(clone = %id.encode(), source = %source.encode(), hidden = %hidden.encode(),
             "took the source volume's point in time for a clone on another node");
         crate::fail_point!("lvm.clone.after_point_in_time");
@@ -940,6 +950,22 @@ impl LvmController {
                 open: true,
             },
         ))
+    }
+
+    /// Reserves `bytes` of `class` on `node` for an LV that placement did
+    /// not choose the node of: RESOURCE_EXHAUSTED when its room is short.
+    fn reserve_on(&self, node: &str, class: &str, bytes: u64) -> Result<Reserved> {
+        let id = self.index.reserve(node, class, bytes).ok_or_else(|| {
+            Error::ResourceExhausted(format!(
+                "node {node} has no room for {bytes} more bytes in device class {class} \
+                 (the copy of the source volume a clone on another node reads)"
+            ))
+        })?;
+        Ok(Reserved {
+            index: self.index.clone(),
+            id,
+            open: true,
+        })
     }
 
     /// Creates the LV on its node and answers once its data is complete

@@ -37,6 +37,10 @@ struct FakeNode {
     complete_pulls: AtomicBool,
     /// What each pull read (node, LV).
     pulled: Mutex<Vec<(String, String)>>,
+    /// Its LVs are thick (no pool).
+    thick: AtomicBool,
+    /// The state as last pushed: what heartbeats repeat.
+    latest: Arc<Mutex<Update>>,
 }
 
 impl FakeNode {
@@ -52,6 +56,8 @@ impl FakeNode {
             creates: AtomicU64::new(0),
             complete_pulls: AtomicBool::new(false),
             pulled: Mutex::default(),
+            thick: AtomicBool::new(false),
+            latest: Arc::default(),
         })
     }
 
@@ -100,6 +106,7 @@ impl FakeNode {
     /// for this fake's purpose; the real agent sends changes only).
     fn push(&self) {
         let update = self.full();
+        *self.latest.lock().unwrap() = update.clone();
         self.watchers
             .lock()
             .unwrap()
@@ -121,14 +128,14 @@ impl FakeNode {
     }
 }
 
-fn new_lv(spec: &LvSpec) -> Lv {
+fn new_lv(spec: &LvSpec, thick: bool) -> Lv {
     Lv {
         vg: "vg".into(),
         name: spec.name.clone(),
         size: spec.size,
         attr: "Vwi-a-tz--".into(),
         tags: spec.tags.clone(),
-        pool: Some("pool".into()),
+        pool: (!thick).then(|| "pool".into()),
         data_percent: None,
         metadata_percent: None,
         when_full: String::new(),
@@ -152,7 +159,7 @@ impl Agent for FakeNode {
         self.creates.fetch_add(1, Ordering::SeqCst);
         // The call takes a while, as lvcreate does: creates overlap.
         tokio::time::sleep(Duration::from_millis(20)).await;
-        let lv = new_lv(spec);
+        let lv = new_lv(spec, self.thick.load(Ordering::SeqCst));
         let mut full = false;
         let stamp = self.change(|lvs| {
             if Self::used(lvs) + spec.size > self.room && !lvs.contains_key(&spec.name) {
@@ -261,9 +268,10 @@ impl Agent for FakeNode {
         self.hang_if_asked().await;
         let (tx, rx) = mpsc::channel(1024);
         tx.try_send(Ok(self.full())).unwrap();
-        // Heartbeats (full updates, here) at the period asked.
+        // Heartbeats at the period asked, as of the latest generation.
         let beat = tx.clone();
-        let me = self.full();
+        *self.latest.lock().unwrap() = self.full();
+        let latest = self.latest.clone();
         let hung = self.hung.clone();
         tokio::spawn(async move {
             loop {
@@ -272,7 +280,7 @@ impl Agent for FakeNode {
                     // A hung host: the stream stays open and says nothing.
                     continue;
                 }
-                let mut hb = me.clone();
+                let mut hb = latest.lock().unwrap().clone();
                 hb.full = false;
                 hb.lvs.clear();
                 if beat.send(Ok(hb)).await.is_err() {
@@ -477,6 +485,65 @@ fn on_node(node: &str) -> Option<csi::TopologyRequirement> {
 /// LV names on a fake node.
 fn names(node: &FakeNode) -> Vec<String> {
     node.state.lock().unwrap().1.keys().cloned().collect()
+}
+
+/// A thick source's point in time is a full copy on the source's node:
+/// its size is reserved there like a placed create's while it is made,
+/// and a node without the room refuses the clone before any LVM work.
+#[tokio::test]
+async fn a_thick_sources_point_in_time_is_reserved_on_its_node() {
+    let nodes = vec![FakeNode::new("n0", 5 * GIB), FakeNode::new("n1", 10 * GIB)];
+    nodes[0].thick.store(true, Ordering::SeqCst);
+    let c = controller(&nodes).await;
+    let on_n0 = |name: &str, size: u64| {
+        let mut r = request(name, size);
+        r.requirement = on_node("n0");
+        r
+    };
+    let clone_of = |name: &str, source: &str| {
+        let mut r = request(name, 2 * GIB);
+        r.requirement = on_node("n1");
+        r.source = Some(Source::Volume(source.to_string()));
+        r
+    };
+    let a = c.create_volume(&on_n0("pvc-a", 2 * GIB)).await.unwrap();
+    let creates_on_n0 = || nodes[0].calls.lock().unwrap().get("create").copied();
+
+    // 1. While n0 makes the copy, its 2 GiB are promised: a 2 GiB create
+    // there is refused (3 GiB free, 2 promised). Abandoned, it is freed.
+    nodes[0].stall_creates.store(true, Ordering::SeqCst);
+    let before = creates_on_n0();
+    let task = tokio::spawn({
+        let (c, r) = (c.clone(), clone_of("pvc-c1", &a.id));
+        async move { c.create_volume(&r).await }
+    });
+    let end = Instant::now() + Duration::from_secs(5);
+    while creates_on_n0() == before {
+        assert!(Instant::now() < end, "the copy was never asked for");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(c.index.room("n0", "thin").unwrap().reserved, 2 * GIB);
+    let err = c.create_volume(&on_n0("pvc-b", 2 * GIB)).await.unwrap_err();
+    assert!(matches!(err, Error::ResourceExhausted(_)), "{err:?}");
+    task.abort();
+    let _ = task.await;
+    assert_eq!(c.index.room("n0", "thin").unwrap().reserved, 0);
+    nodes[0].stall_creates.store(false, Ordering::SeqCst);
+
+    // 2. Without the room (1 GiB free for a 2 GiB copy): refused, and n0
+    // is not asked.
+    let b = c.create_volume(&on_n0("pvc-b", 2 * GIB)).await.unwrap();
+    let before = creates_on_n0();
+    let err = c
+        .create_volume(&clone_of("pvc-c2", &b.id))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::ResourceExhausted(m) if m.contains("node n0 has no room")),
+        "{err:?}"
+    );
+    assert_eq!(creates_on_n0(), before, "no LVM work");
+    assert_eq!(c.index.room("n0", "thin").unwrap().reserved, 0);
 }
 
 /// A clone placed on another node than its source volume reads a hidden

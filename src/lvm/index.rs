@@ -470,6 +470,22 @@ impl Inner {
         rooms
     }
 
+    fn reserve(&mut self, node: &str, class: &str, bytes: u64) -> u64 {
+        self.next_reservation += 1;
+        let id = self.next_reservation;
+        self.reservations.insert(
+            id,
+            Reservation {
+                node: node.to_string(),
+                class: class.to_string(),
+                bytes,
+                until: None,
+            },
+        );
+        self.rerank(node);
+        id
+    }
+
     fn reserved(&self, node: &str, class: &str) -> u64 {
         self.reservations
             .values()
@@ -618,7 +634,10 @@ impl Index {
                 inner.set(node, &class, &name, Some(e));
             }
         } else {
-            let follows = view.cursor.as_ref().is_some_and(|c| c.epoch == u.epoch);
+            // A delta continues the stream: same epoch, never older than
+            // what was applied (its capacity would undo newer truth).
+            let follows = (view.cursor.as_ref())
+                .is_some_and(|c| c.epoch == u.epoch && c.generation <= u.generation);
             if !follows {
                 return Err(format!(
                     "node {node} sent changes of epoch {} that do not follow what this \
@@ -869,19 +888,19 @@ impl Index {
     ) -> crate::error::Result<(T, u64)> {
         let mut inner = self.write();
         let (decision, node, bytes) = decide(&inner.ranked(class))?;
-        inner.next_reservation += 1;
-        let id = inner.next_reservation;
-        inner.reservations.insert(
-            id,
-            Reservation {
-                node: node.clone(),
-                class: class.to_string(),
-                bytes,
-                until: None,
-            },
-        );
-        inner.rerank(&node);
-        Ok((decision, id))
+        Ok((decision, inner.reserve(&node, class, bytes)))
+    }
+
+    /// Reserves `bytes` of `class` on `node` (an LV made there for another
+    /// reason than placement), if its room holds them; None if not, or if
+    /// its capacity is not known. Ends as [`Self::place`]'s do.
+    pub(crate) fn reserve(&self, node: &str, class: &str, bytes: u64) -> Option<u64> {
+        let mut inner = self.write();
+        let available = inner.nodes.get(node)?.classes.get(class)?.available;
+        if available.saturating_sub(inner.reserved(node, class)) < bytes {
+            return None;
+        }
+        Some(inner.reserve(node, class, bytes))
     }
 
     /// Every live node that has `class`, with its room.
@@ -1183,6 +1202,12 @@ mod tests {
         ix.apply("n1", u).unwrap();
         assert_eq!(names(&ix), [name(2)]);
         assert_eq!(ix.cursor("n1"), Some(stamp("new", 1)));
+        // A delta older than what was applied (its capacity would undo a
+        // newer one) is refused too.
+        ix.apply("n1", update("new", 3, false)).unwrap();
+        let err = ix.apply("n1", update("new", 2, false)).unwrap_err();
+        assert!(err.contains("do not follow"), "{err}");
+        assert_eq!(ix.cursor("n1"), Some(stamp("new", 3)));
     }
 
     #[test]
@@ -1211,6 +1236,15 @@ mod tests {
         assert_eq!(ix.room("n1", "thin").unwrap().reserved, 60);
         ix.apply("n1", update("e", 2, false)).unwrap();
         assert_eq!(ix.room("n1", "thin").unwrap().reserved, 0);
+
+        // A reservation on a named node (not placed) counts the same way,
+        // and is refused when the room is short.
+        let c = ix.reserve("n1", "thin", 60).expect("room for 60");
+        assert!(ix.reserve("n1", "thin", 60).is_none(), "promised twice");
+        assert!(take(&ix, 60).is_err(), "placement counts it");
+        assert!(ix.reserve("n9", "thin", 1).is_none(), "an unknown node");
+        ix.settle(c, None);
+        assert!(take(&ix, 60).is_ok());
     }
 
     #[test]

@@ -47,7 +47,9 @@
 //!   the receiver holds nothing newer for it (a mutation's reply stamped
 //!   after `g`); a full update removes every LV it does not list, except
 //!   those. So a reply and a stream that race each other converge on the
-//!   newer truth, in either order.
+//!   newer truth, in either order. A delta of another epoch, or older than
+//!   the last update applied, is refused: the receiver watches again from
+//!   scratch.
 //! - **Reconnect.** After a cut the controller opens `Watch` again with its
 //!   cursor. The same agent process resumes from it; a restarted agent (a
 //!   new epoch) sends a full update, which replaces the node's entries.
