@@ -400,24 +400,31 @@ pub fn require_peer(
 ) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone + Send + Sync + 'static {
     let identity = Arc::new(identity);
     move |req: Request<()>| {
-        let certs = req.peer_certs().ok_or_else(|| {
-            Status::unauthenticated("the agent API needs a client certificate (mutual TLS)")
-        })?;
-        match certs.first() {
-            Some(leaf) if cert_names(leaf, &identity) => Ok(req),
-            Some(_) => {
-                tracing::warn!(
-                    expected = %identity,
-                    "refused an agent API call: the client certificate does not name the controller"
-                );
-                Err(Status::permission_denied(format!(
-                    "the client certificate does not name {identity}"
-                )))
-            }
-            None => Err(Status::unauthenticated(
-                "the agent API needs a client certificate (mutual TLS)",
-            )),
+        let certs = req.peer_certs();
+        admit_peer(certs.as_deref().map(Vec::as_slice), &identity)?;
+        Ok(req)
+    }
+}
+
+/// Admits a peer whose client certificate (the first of `certs`, already
+/// verified against the CA by the handshake) names `identity`:
+/// UNAUTHENTICATED without one, PERMISSION_DENIED for another name. The
+/// agent API's one check, for its gRPC calls and its inventory stream.
+pub fn admit_peer(certs: Option<&[CertificateDer<'_>]>, identity: &str) -> Result<(), Status> {
+    match certs.and_then(|c| c.first()) {
+        Some(leaf) if cert_names(leaf, identity) => Ok(()),
+        Some(_) => {
+            tracing::warn!(
+                expected = %identity,
+                "refused an agent API peer: the client certificate does not name the controller"
+            );
+            Err(Status::permission_denied(format!(
+                "the client certificate does not name {identity}"
+            )))
         }
+        None => Err(Status::unauthenticated(
+            "the agent API needs a client certificate (mutual TLS)",
+        )),
     }
 }
 

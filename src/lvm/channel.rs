@@ -128,9 +128,7 @@ impl Inner {
         *slot = Some(sender.clone());
         Ok(sender)
     }
-}
 
-impl Inner {
     /// Forgets the connection if no call used it for [`IDLE_CLOSE`]; its
     /// task then drops it, which closes it. Decided under the slot's lock,
     /// which a call takes after counting itself in, so a call never gets a

@@ -74,6 +74,14 @@ struct Reserved {
 }
 
 impl Reserved {
+    fn new(index: Arc<Index>, id: u64) -> Self {
+        Reserved {
+            index,
+            id,
+            open: true,
+        }
+    }
+
     fn held_until(mut self, stamp: Stamp) {
         self.open = false;
         self.index.settle(self.id, Some(stamp));
@@ -942,14 +950,7 @@ impl LvmController {
                 "placement skipped the nodes that are not live");
         }
         let (decided, id) = placed?;
-        Ok((
-            decided,
-            Reserved {
-                index: self.index.clone(),
-                id,
-                open: true,
-            },
-        ))
+        Ok((decided, Reserved::new(self.index.clone(), id)))
     }
 
     /// Reserves `bytes` of `class` on `node` for an LV that placement did
@@ -961,11 +962,7 @@ impl LvmController {
                  (the copy of the source volume a clone on another node reads)"
             ))
         })?;
-        Ok(Reserved {
-            index: self.index.clone(),
-            id,
-            open: true,
-        })
+        Ok(Reserved::new(self.index.clone(), id))
     }
 
     /// Creates the LV on its node and answers once its data is complete

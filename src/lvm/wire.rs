@@ -26,7 +26,7 @@ use tonic::{Code, Status};
 
 use crate::agentpb as pb;
 use crate::agentpb::agent_server::Agent as AgentApi;
-use crate::tls::{cert_names, TlsMaterial, INVENTORY_ALPN};
+use crate::tls::{admit_peer, TlsMaterial, INVENTORY_ALPN};
 
 /// The largest message either end accepts (an update part holds a few KiB;
 /// one LV with its tags may exceed a part, never this).
@@ -97,14 +97,7 @@ pub fn route<A: AgentApi>(
 
 /// One inventory connection, until either end closes it.
 async fn serve<A: AgentApi>(api: Arc<A>, controller: Arc<str>, mut io: ServerIo) {
-    let named = (io.get_ref().1.peer_certificates())
-        .and_then(|c| c.first())
-        .is_some_and(|leaf| cert_names(leaf, &controller));
-    if !named {
-        tracing::warn!(expected = %controller,
-            "refused an inventory stream: the client certificate does not name the controller");
-        let refused =
-            Status::permission_denied(format!("the client certificate does not name {controller}"));
+    if let Err(refused) = admit_peer(io.get_ref().1.peer_certificates(), &controller) {
         let _ = write_message(&mut io, &error_frame(&refused)).await;
         return;
     }
