@@ -1774,6 +1774,17 @@ fn ceph_libraries(pid: i32) -> Vec<String> {
     libs
 }
 
+/// Resident KiB of the main thread's stack (`[stack]` in smaps).
+fn main_stack_kib(pid: i32) -> u64 {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).expect("smaps");
+    let mut lines = smaps.lines().skip_while(|l| !l.ends_with("[stack]"));
+    lines
+        .find_map(|l| l.strip_prefix("Rss:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("[stack] Rss in smaps")
+}
+
 async fn rbd_driver_without_cluster(mode: &str) -> Driver {
     let dir = new_temp_dir();
     let config = dir.path().join("rbd-config.json");
@@ -1807,6 +1818,11 @@ async fn only_the_controller_maps_librbd() {
             "controller lacks {lib}: {libs:?}"
         );
     }
+    // libceph-common's initialisers use about 1 MiB of the loading
+    // thread's stack: a thread of its own loads it, so the main thread's
+    // stack does not keep that resident.
+    let stack = main_stack_kib(controller.pid());
+    assert!(stack < 900, "the main thread's stack holds {stack} KiB");
 }
 
 /// A node plugin process of its own (`--mode node`) maps 20 volumes: it

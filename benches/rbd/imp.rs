@@ -53,7 +53,38 @@ fn env() -> R<Env> {
 struct Driver {
     child: Child,
     client: Client,
+    /// The driver's log (a file: a pipe would wake this process on every
+    /// line, just before the reply it is waiting for).
+    log: std::path::PathBuf,
     _dir: tempfile::TempDir,
+}
+
+/// The handler's own time of each call that succeeded, from the driver's
+/// log (`elapsed_ms` of lodestone::driver's "ok" lines), by subject (the
+/// request name or volume id). Other lines go on to stderr, but for the
+/// bench's own refused calls.
+fn handled(log: &std::path::Path) -> HashMap<String, f64> {
+    let field = |line: &str, key: &str| {
+        let rest = &line[line.find(key)? + key.len()..];
+        let rest = rest.trim_start_matches('"');
+        let end = rest.find(['"', ' ']).unwrap_or(rest.len());
+        Some(rest[..end].to_string())
+    };
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let mut out = HashMap::new();
+    for line in text.lines() {
+        let ok = line.contains("lodestone::driver: ok ");
+        let subject = field(line, "subject=");
+        let elapsed = field(line, "elapsed_ms=").and_then(|v| v.parse::<f64>().ok());
+        match (ok, subject, elapsed) {
+            (true, Some(s), Some(t)) => {
+                out.insert(s, t);
+            }
+            _ if line.contains("-refused-") => {}
+            _ => eprintln!("{line}"),
+        }
+    }
+    out
 }
 
 impl Driver {
@@ -71,6 +102,7 @@ impl Driver {
         std::fs::write(secrets.join("userID"), &env.user).map_err(|e| e.to_string())?;
         std::fs::write(secrets.join("userKey"), &env.key).map_err(|e| e.to_string())?;
         let socket = dir.path().join("csi.sock");
+        let log = dir.path().join("driver.log");
         let bin = std::env::var("LODESTONE_BENCH_BIN")
             .unwrap_or_else(|_| "target/rbd/release/lodestone".into());
         let child = Command::new(&bin)
@@ -88,9 +120,12 @@ impl Driver {
             .arg(&config)
             .arg("--rbd-secret-dir")
             .arg(&secrets)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", "warn,lodestone::driver=info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::File::create(&log).map_err(|e| e.to_string())?,
+            ))
             .spawn()
             .map_err(|e| format!("start {bin}: {e}"))?;
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -101,6 +136,7 @@ impl Driver {
                         return Ok(Driver {
                             child,
                             client: c,
+                            log,
                             _dir: dir,
                         });
                     }
@@ -145,6 +181,41 @@ impl Mem {
             hwm: field("VmHWM:"),
             threads: field("Threads:"),
         }
+    }
+
+    /// The process's resident memory by mapping (KiB): the file's name, or
+    /// `[heap]`, `[stack]`, `anonymous`; largest first, with how much of it
+    /// is anonymous (written by the process: heap, stacks, and a library's
+    /// pages changed by relocation or its writable data).
+    fn by_mapping(pid: u32) -> Vec<(String, u64, u64)> {
+        let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+        let mut sums: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
+        let mut current = String::new();
+        for line in smaps.lines() {
+            let mut words = line.split_whitespace();
+            let first = words.next().unwrap_or("");
+            if first.contains('-') && !first.ends_with(':') {
+                let name = line.split_whitespace().nth(5).unwrap_or("anonymous");
+                current = name.rsplit('/').next().unwrap_or(name).to_string();
+                continue;
+            }
+            let kib = || {
+                words
+                    .clone()
+                    .next()
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            let entry = sums.entry(current.clone()).or_default();
+            match first {
+                "Rss:" => entry.0 += kib(),
+                "Anonymous:" => entry.1 += kib(),
+                _ => {}
+            }
+        }
+        let mut rows: Vec<_> = sums.into_iter().map(|(n, (r, d))| (n, r, d)).collect();
+        rows.sort_by_key(|r| std::cmp::Reverse(r.1));
+        rows
     }
 
     fn row(&self, when: &str) -> String {
@@ -351,6 +422,15 @@ struct Paired {
     checked_delete: Vec<f64>,
     create_steps: Vec<Steps>,
     delete_steps: Vec<Steps>,
+    /// A Probe through the same client: the gRPC round trip alone.
+    probe: Vec<f64>,
+    /// The driver handler's own time (its log's elapsed_ms) of the paired
+    /// driver calls.
+    handler_create: Vec<f64>,
+    handler_delete: Vec<f64>,
+    /// The same CreateVolume with an unknown clusterID: refused by the
+    /// backend after the CSI layer's checks and lock, before any Ceph call.
+    refused_create: Vec<f64>,
 }
 
 /// p50 of each step over the rounds, in order.
@@ -401,6 +481,8 @@ impl Paired {
                          call: &str,
                          driver: &[f64],
                          direct: &[f64],
+                         handler: &[f64],
+                         without_ceph: Option<&[f64]>,
                          steps: &[Steps]| {
             let steps = step_p50s(steps);
             let inside = steps.last().map(|s| s.1).unwrap_or(0.0);
@@ -409,6 +491,23 @@ impl Paired {
                 "| driver's own share: gRPC over the socket, validation, locks, reply (driver − direct) | {:.2} |\n",
                 p50(driver) - p50(direct)
             ));
+            out.push_str(&format!(
+                "| of it, a bare gRPC round trip over the same socket (Probe) | {:.2} |\n",
+                p50(&self.probe)
+            ));
+            if !handler.is_empty() {
+                out.push_str(&format!(
+                    "| of it, outside the driver's handler: client, socket, HTTP/2, tonic (driver − the handler's own elapsed_ms, {:.2}) | {:.2} |\n",
+                    p50(handler),
+                    p50(driver) - p50(handler)
+                ));
+            }
+            if let Some(t) = without_ceph {
+                out.push_str(&format!(
+                    "| of it, the same call refused before any Ceph call (unknown clusterID): gRPC, decoding, validation, lock | {:.2} |\n",
+                    p50(t)
+                ));
+            }
             out.push_str(&format!(
                 "| pool: I/O context lookup, call slot, hop to the blocking thread and back (direct − inside) | {:.2} |\n",
                 p50(direct) - inside
@@ -422,6 +521,8 @@ impl Paired {
             "CreateVolume",
             &self.driver_create,
             &self.direct_create,
+            &self.handler_create,
+            Some(&self.refused_create),
             &self.create_steps,
         );
         breakdown(
@@ -429,6 +530,8 @@ impl Paired {
             "DeleteVolume",
             &self.driver_delete,
             &self.checked_delete,
+            &self.handler_delete,
+            None,
             &self.delete_steps,
         );
         out
@@ -633,6 +736,7 @@ async fn run() -> R<String> {
     // directly, then deletes both; the order flips every round so drift
     // (the cluster's own noise, cache warmth) falls on both sides alike.
     let mut p = Paired::default();
+    let mut paired_ids = Vec::new();
     for i in 0..SEQUENTIAL {
         let driver_first = i % 2 == 0;
         let raw_name = format!("bench-{run}-raw-{i}");
@@ -649,6 +753,7 @@ async fn run() -> R<String> {
                 )
                 .await?;
                 vol_id = r.into_inner().volume.unwrap().volume_id;
+                paired_ids.push((format!("bench-{run}-seq-{i}"), vol_id.clone()));
                 p.driver_create.push(t);
             } else {
                 let (total, steps) = direct.create(&raw_name).await?;
@@ -671,12 +776,29 @@ async fn run() -> R<String> {
                 p.direct_delete.push(direct.remove(&raw_name).await?);
             }
         }
+        p.probe
+            .push(timed("Probe", c.identity.probe(ProbeRequest {})).await?.1);
+        let mut refused = create_req(&env, &format!("bench-{run}-refused-{i}"), None);
+        refused
+            .parameters
+            .insert("clusterID".into(), "bench-unknown".into());
+        let t = Instant::now();
+        match c.controller.create_volume(refused).await {
+            Err(_) => p.refused_create.push(ms(t.elapsed())),
+            Ok(_) => return Err("CreateVolume with an unknown clusterID succeeded".into()),
+        }
         // The driver's delete steps, one by one, on a third image.
         let checked = format!("bench-{run}-chk-{i}");
         direct.create(&checked).await?;
         let (total, steps) = direct.checked_remove(&checked).await?;
         p.checked_delete.push(total);
         p.delete_steps.push(steps);
+    }
+
+    let handled = handled(&d.log);
+    for (name, id) in &paired_ids {
+        p.handler_create.extend(handled.get(name));
+        p.handler_delete.extend(handled.get(id));
     }
 
     // Bursts: n concurrent driver calls, then n concurrent direct calls on
@@ -755,6 +877,7 @@ async fn run() -> R<String> {
     // The pool hands freed heap back once calls stop (checked each second).
     tokio::time::sleep(Duration::from_secs(3)).await;
     let settled_mem = d.memory();
+    let settled_maps = Mem::by_mapping(d.child.id());
     let node = NodePlugin::start(&env).await?;
     let node_mem = node.memory();
     let node_libs = node.ceph_libraries();
@@ -798,6 +921,15 @@ async fn run() -> R<String> {
     out.push_str(&burst_mem.row("controller, right after the bursts"));
     out.push_str(&settled_mem.row("controller, 3 s later"));
     out.push_str(&node_mem.row("RBD node plugin, idle"));
+    out.push_str("\nWhere the controller's resident memory is, 3 s after the bursts (the eight largest mappings):\n\n| mapping | RSS (MiB) | of it anonymous |\n|---|--:|--:|\n");
+    for (name, rss, dirty) in settled_maps.iter().take(8) {
+        let mib = |k: u64| k as f64 / 1024.0;
+        out.push_str(&format!(
+            "| {name} | {:.1} | {:.1} |\n",
+            mib(*rss),
+            mib(*dirty)
+        ));
+    }
     out.push_str(&format!(
         "\nCeph libraries mapped by the RBD node plugin: {}.\n",
         if node_libs.is_empty() {
