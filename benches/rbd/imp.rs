@@ -199,17 +199,14 @@ impl Mem {
                 current = name.rsplit('/').next().unwrap_or(name).to_string();
                 continue;
             }
-            let kib = || {
-                words
-                    .clone()
-                    .next()
-                    .and_then(|v| v.parse::<u64>().ok())
-                    .unwrap_or(0)
-            };
+            let kib = words
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
             let entry = sums.entry(current.clone()).or_default();
             match first {
-                "Rss:" => entry.0 += kib(),
-                "Anonymous:" => entry.1 += kib(),
+                "Rss:" => entry.0 += kib,
+                "Anonymous:" => entry.1 += kib,
                 _ => {}
             }
         }

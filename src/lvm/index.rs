@@ -102,14 +102,23 @@ struct Strings {
     shapes: std::collections::HashSet<Arc<Shape>>,
 }
 
+/// The shared copy of `v` in `set`, added if missing.
+fn intern<T, V>(set: &mut std::collections::HashSet<Arc<T>>, v: V) -> Arc<T>
+where
+    T: ?Sized + Eq + std::hash::Hash,
+    V: std::borrow::Borrow<T> + Into<Arc<T>>,
+{
+    if let Some(a) = set.get(v.borrow()) {
+        return a.clone();
+    }
+    let a = v.into();
+    set.insert(a.clone());
+    a
+}
+
 impl Strings {
     fn get(&mut self, s: &str) -> Arc<str> {
-        if let Some(a) = self.strings.get(s) {
-            return a.clone();
-        }
-        let a: Arc<str> = Arc::from(s);
-        self.strings.insert(a.clone());
-        a
+        intern(&mut self.strings, s)
     }
 
     fn keep(&mut self, lv: Lv) -> Kept {
@@ -119,14 +128,7 @@ impl Strings {
             pool: lv.pool.map(Into::into),
             when_full: lv.when_full.into(),
         };
-        let shape = match self.shapes.get(&shape) {
-            Some(s) => s.clone(),
-            None => {
-                let s = Arc::new(shape);
-                self.shapes.insert(s.clone());
-                s
-            }
-        };
+        let shape = intern(&mut self.shapes, shape);
         Kept {
             shape,
             tags: lv.tags.join(",").into(),
@@ -269,16 +271,12 @@ impl Places {
     }
 
     fn add(&mut self, at: Place) {
-        if self.as_slice().contains(&at) {
-            return;
+        match self {
+            Places::One(p) if *p == at => {}
+            Places::One(p) => *self = Places::Many(vec![p.clone(), at]),
+            Places::Many(v) if v.contains(&at) => {}
+            Places::Many(v) => v.push(at),
         }
-        *self = match std::mem::replace(self, Places::Many(Vec::new())) {
-            Places::One(p) => Places::Many(vec![p, at]),
-            Places::Many(mut v) => {
-                v.push(at);
-                Places::Many(v)
-            }
-        };
     }
 
     /// Removes `at`; false when no place is left.

@@ -226,16 +226,17 @@ mod tests {
             ca.into_bytes(),
         )
         .unwrap();
-        let request = pb::WatchRequest::default();
-        let Err(e) = watch(
-            &controller,
-            "node-a",
-            &address,
-            Duration::from_secs(5),
-            request,
-        )
-        .await
-        else {
+        let open = |address: String| {
+            let controller = controller.clone();
+            async move {
+                let deadline = Duration::from_secs(5);
+                let request = pb::WatchRequest::default();
+                watch(&controller, "node-a", &address, deadline, request)
+                    .await
+                    .map(|_| ())
+            }
+        };
+        let Err(e) = open(address).await else {
             panic!("an agent without the protocol streamed");
         };
         assert!(not_offered(&e), "{e:?}");
@@ -243,16 +244,7 @@ mod tests {
         let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let gone = closed.local_addr().unwrap().to_string();
         drop(closed);
-        let request = pb::WatchRequest::default();
-        let Err(e) = watch(
-            &controller,
-            "node-a",
-            &gone,
-            Duration::from_secs(5),
-            request,
-        )
-        .await
-        else {
+        let Err(e) = open(gone).await else {
             panic!("streamed from a closed port");
         };
         assert!(!not_offered(&e), "{e:?}");
